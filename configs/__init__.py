@@ -1,0 +1,148 @@
+"""The run configuration: every component's typed config composed into one, loaded from YAML.
+
+A run YAML may start with `defaults: [model/tiny.yaml, ...]`: each listed file (relative to this folder or
+to the run file) is merged into the section named by its folder before the run file itself, then the
+command-line dotlist overrides (`model.n_layers=4`). Unknown keys and wrong types are errors that name the
+key, the file, and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from data.config import DataConfig
+from launch.config import GenerateConfig, LaunchConfig
+from model.config import ModelConfig
+from tokenizer.config import TokenizerConfig
+from train.config import DeepSpeedConfig, LoggingConfig, OptimConfig, TrainConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    seed: int = 1234
+    corpora_dir: str = "${oc.env:ONDOL_CORPORA,../shared/corpora}"
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, with a one-line message naming the file and key."""
+
+
+def _valid_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key path of a dataclass type, for 'did you mean' suggestions."""
+    keys = []
+    for f in fields(node):
+        path = f"{prefix}{f.name}"
+        keys.append(path)
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        if is_dataclass(default):
+            keys.extend(_valid_keys(type(default), path + "."))
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or ""
+    msg = getattr(err, "msg", str(err)).splitlines()[0]
+    if isinstance(err, ConfigKeyError) or "not in" in msg:
+        # OmegaConf reports the parent in full_key for some merges; recover the offending leaf from msg.
+        leaf = msg.split("'")[1] if msg.count("'") >= 2 else key
+        if key and not key.endswith(leaf):
+            key = f"{key}.{leaf}" if key else leaf
+        key = key or leaf
+        close = difflib.get_close_matches(key, _valid_keys(RunConfig), n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return ConfigError(f"{origin}: unknown key '{key}'{hint}")
+    if isinstance(err, ValidationError):
+        return ConfigError(f"{origin}: wrong type for key '{key}': {msg}")
+    return ConfigError(f"{origin}: bad value for key '{key}': {msg}")
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (give a YAML file, e.g. configs/tiny-ko.yaml)")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError carries a line number in its message
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    return node
+
+
+def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+    except OmegaConfBaseException as e:
+        raise _explain(e, origin) from None
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a run YAML, apply its `defaults` presets and the dotlist overrides, and validate every key."""
+    path = Path(path)
+    user = _read_yaml(path)
+    schema = OmegaConf.structured(RunConfig)
+    for preset in user.pop("defaults", []) or []:
+        section = Path(preset).parent.name
+        candidates = [path.parent / preset, CONFIG_DIR / preset]
+        preset_path = next((c for c in candidates if c.is_file()), candidates[-1])
+        if section not in RunConfig.__dataclass_fields__:
+            raise ConfigError(f"{path}: defaults entry '{preset}' must live in a folder named after a section")
+        schema = _merge(schema, {section: _read_yaml(preset_path)}, str(preset_path))
+    schema = _merge(schema, user, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': write overrides as key=value, e.g. model.n_layers=4")
+        try:
+            dot = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override '{item}': {str(e).splitlines()[0]}") from None
+        schema = _merge(schema, dot, f"override '{item}'")
+    try:
+        cfg = OmegaConf.to_object(schema)  # resolves interpolations, runs each dataclass's checks
+    except OmegaConfBaseException as e:
+        raise _explain(e, str(path)) from None
+    assert isinstance(cfg, RunConfig)
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The fully resolved config as YAML (written into each run directory)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """A plain dict of a (sub)config, for manifests and hashes."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def tokenizer_dir(cfg: RunConfig) -> Path:
+    """Where the run's tokenizer lives: `tokenizer.path` when given, else RUN_DIR/tokenizer."""
+    return Path(cfg.tokenizer.path) if cfg.tokenizer.path else Path(cfg.run_dir) / "tokenizer"
+
+
+def data_dir(cfg: RunConfig) -> Path:
+    """Where the run's prepared token shards and manifest live."""
+    return Path(cfg.run_dir) / "data"
+
+
+def model_dir(cfg: RunConfig) -> Path:
+    """Where the trainer writes the final weights in Ondol's format (read by export and generate)."""
+    return Path(cfg.run_dir) / "model"

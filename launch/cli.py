@@ -1,0 +1,46 @@
+"""The `ondol` command: a thin shell over each package's API; each package registers its own subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """The CONFIG positional and dotlist overrides shared by every config-driven subcommand."""
+    p.add_argument("config", help="run config YAML, e.g. configs/tiny-ko.yaml")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides such as model.n_layers=4 train.steps=50")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from data.cli import register as register_data
+    from launch.launcher_cli import register as register_launch
+    from launch.pipeline import register as register_run
+    from model.cli import register as register_model
+    from tokenizer.cli import register as register_tokenizer
+    from train.cli import register as register_train
+
+    parser = argparse.ArgumentParser(
+        prog="ondol",
+        description="Korean-first foundation-model training: tokenizer -> data -> model -> train -> export.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in (register_run, register_tokenizer, register_data, register_train, register_launch,
+                     register_model):
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from configs import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"ondol: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
