@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import difflib
 import os
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from data.config import DataConfig
@@ -49,13 +50,36 @@ class ConfigError(ValueError):
 def _valid_keys(node: Any, prefix: str = "") -> list[str]:
     """Every dotted key path of a dataclass type, for 'did you mean' suggestions."""
     keys = []
-    for f in fields(node):
-        path = f"{prefix}{f.name}"
-        keys.append(path)
-        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
-        if is_dataclass(default):
-            keys.extend(_valid_keys(type(default), path + "."))
+    for name, hint in typing.get_type_hints(node).items():
+        keys.append(f"{prefix}{name}")
+        if is_dataclass(hint):
+            keys.extend(_valid_keys(hint, f"{prefix}{name}."))
     return keys
+
+
+def _unknown_key(key: str, choices: list[str], origin: str) -> "ConfigError":
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{origin}: unknown key '{key}'{hint}")
+
+
+def _check_keys(node: Any, schema: type, origin: str, prefix: str = "") -> None:
+    """Reject keys the dataclass schema does not have, naming the full path (lists of configs included)."""
+    if not isinstance(node, DictConfig):
+        return
+    hints = typing.get_type_hints(schema)
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            raise _unknown_key(path, [f"{prefix}{k}" for k in _valid_keys(schema)], origin)
+        hint, value = hints[key], node._get_node(key)
+        if is_dataclass(hint):
+            _check_keys(value, hint, origin, path + ".")
+        elif typing.get_origin(hint) is list and isinstance(value, ListConfig):
+            (item,) = typing.get_args(hint)
+            if is_dataclass(item):
+                for i, entry in enumerate(value):
+                    _check_keys(entry, item, origin, f"{path}[{i}].")
 
 
 def _explain(err: OmegaConfBaseException, origin: str) -> ConfigError:
@@ -67,9 +91,7 @@ def _explain(err: OmegaConfBaseException, origin: str) -> ConfigError:
         if key and not key.endswith(leaf):
             key = f"{key}.{leaf}" if key else leaf
         key = key or leaf
-        close = difflib.get_close_matches(key, _valid_keys(RunConfig), n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return ConfigError(f"{origin}: unknown key '{key}'{hint}")
+        return _unknown_key(key, _valid_keys(RunConfig), origin)
     if isinstance(err, ValidationError):
         return ConfigError(f"{origin}: wrong type for key '{key}': {msg}")
     return ConfigError(f"{origin}: bad value for key '{key}': {msg}")
@@ -102,10 +124,15 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     for preset in user.pop("defaults", []) or []:
         section = Path(preset).parent.name
         candidates = [path.parent / preset, CONFIG_DIR / preset]
-        preset_path = next((c for c in candidates if c.is_file()), candidates[-1])
+        preset_path = next((c for c in candidates if c.is_file()), None)
         if section not in RunConfig.__dataclass_fields__:
             raise ConfigError(f"{path}: defaults entry '{preset}' must live in a folder named after a section")
-        schema = _merge(schema, {section: _read_yaml(preset_path)}, str(preset_path))
+        if preset_path is None:
+            raise ConfigError(f"{path}: defaults entry '{preset}' not found next to it or in {CONFIG_DIR}")
+        preset_node = _read_yaml(preset_path)
+        _check_keys(preset_node, typing.get_type_hints(RunConfig)[section], str(preset_path), section + ".")
+        schema = _merge(schema, {section: preset_node}, str(preset_path))
+    _check_keys(user, RunConfig, str(path))
     schema = _merge(schema, user, str(path))
     for item in overrides:
         if "=" not in item:

@@ -1,0 +1,89 @@
+"""Config loading: composition, overrides, and errors that name the key, the file and the fix."""
+
+from pathlib import Path
+
+import pytest
+
+from configs import ConfigError, RunConfig, load_config, to_yaml
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-ko.yaml"
+
+
+def test_tiny_config_composes_preset_file_and_overrides():
+    cfg = load_config(TINY, ["model.n_layers=8", "train.steps=7"])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.model.d_model == 128  # from configs/model/tiny.yaml via `defaults`
+    assert cfg.model.n_layers == 8 and cfg.train.steps == 7  # overrides win
+    assert [s.name for s in cfg.data.sources] == ["ko_reviews", "ko_docs"]
+
+
+def test_corpora_dir_comes_from_env_or_override(monkeypatch, tmp_path):
+    monkeypatch.setenv("ONDOL_CORPORA", str(tmp_path))
+    assert load_config(TINY).data.sources[0].path == f"{tmp_path}/ko_reviews.jsonl.gz"
+    cfg = load_config(TINY, ["corpora_dir=/data/nsmc"])
+    assert cfg.data.sources[1].path == "/data/nsmc/ko_docs.jsonl.gz"
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config(TINY, ["seed=7"])
+    out = tmp_path / "config.yaml"
+    out.write_text(to_yaml(cfg))
+    assert load_config(out) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.n_layer=3", "override 'model.n_layer=3': unknown key 'model.n_layer' (did you mean 'model.n_layers'?)"),
+        ("optim.lrr=1e-3", "unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        ("model.n_layers=four", "wrong type for key 'model.n_layers'"),
+        ("train.steps", "write overrides as key=value"),
+    ],
+)
+def test_bad_override_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(TINY, [override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_key_in_yaml_file_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert str(info.value) == f"{bad}: unknown key 'train.stepz' (did you mean 'train.steps'?)"
+
+
+def test_unknown_key_inside_a_source_entry(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  sources:\n    - name: a\n      path: x.jsonl\n      text_feild: body\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert str(info.value) == (
+        f"{bad}: unknown key 'data.sources[0].text_feild' (did you mean 'data.sources[0].text_field'?)"
+    )
+
+
+def test_missing_preset_names_the_run_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("defaults: [model/nope.yaml]\n")
+    with pytest.raises(ConfigError, match=f"{bad}: defaults entry 'model/nope.yaml' not found"):
+        load_config(bad)
+
+
+def test_wrong_type_in_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  window: [1, 2]\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad)
+    assert str(info.value).startswith(f"{bad}: wrong type for key 'model.window'")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: {d_model: 3\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(broken)
