@@ -1,0 +1,130 @@
+"""`ondol run`: the whole pipeline in one process (tokenizer -> data -> train -> eval -> generate), and
+`ondol generate`: a continuation of a prompt from a finished run.
+
+Each stage is the package's own API; finished stages are reused (the tokenizer and the shards are kept in the
+run directory and checked by hash, training resumes from its latest checkpoint), so an interrupted run picks up
+where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from configs import RunConfig, data_dir, load_config, model_dir, to_yaml, tokenizer_dir
+
+
+def _stage(index: int, name: str) -> float:
+    print(f"\n== [{index}/5] {name}", flush=True)
+    return time.perf_counter()
+
+
+def _done(start: float, what: str) -> None:
+    print(f"   {what} ({time.perf_counter() - start:.1f} s)", flush=True)
+
+
+def prompt_from_validation(cfg: RunConfig, tokenizer) -> str:
+    """The first words of the first held-out document: a real Korean prompt the model never trained on."""
+    from data import first_documents
+
+    (text,) = first_documents(data_dir(cfg), "val", tokenizer, 1)
+    return " ".join(text.split()[: cfg.generate.prompt_words])
+
+
+def continue_prompt(cfg: RunConfig, prompt: str | None = None) -> tuple[str, str]:
+    """Greedy (or sampled, per `generate`) continuation of `prompt` by the run's final model."""
+    from model.generate import generate
+    from model.io import load_pretrained
+    from tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tokenizer_dir(cfg))
+    model = load_pretrained(model_dir(cfg)).eval()
+    prompt = prompt if prompt is not None else (cfg.generate.prompt or prompt_from_validation(cfg, tokenizer))
+    ids = generate(
+        model,
+        [tokenizer.bos_id, *tokenizer.encode(prompt)],
+        max_new_tokens=cfg.generate.max_new_tokens,
+        temperature=cfg.generate.temperature,
+        top_k=cfg.generate.top_k,
+        eos_id=tokenizer.eos_id,
+    )
+    return prompt, tokenizer.decode(ids)
+
+
+def run_pipeline(cfg: RunConfig) -> dict:
+    """Run every stage of a tiny-to-large training job described by one config; returns the summary."""
+    from data import prepare
+    from tokenizer import Tokenizer, train_tokenizer
+    from train import Trainer
+
+    started = time.perf_counter()
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+    print(f"Ondol run -> {run_dir.resolve()}")
+
+    t = _stage(1, "tokenizer")
+    if cfg.tokenizer.path:
+        tokenizer = Tokenizer.load(tokenizer_dir(cfg))
+    else:
+        tokenizer = train_tokenizer(cfg.tokenizer, cfg.tokenizer.sources or cfg.data.sources, tokenizer_dir(cfg),
+                                    cfg.seed)
+    _done(t, f"vocabulary {tokenizer.vocab_size} at {tokenizer_dir(cfg)}")
+
+    t = _stage(2, "data")
+    manifest = prepare(cfg.data, tokenizer, data_dir(cfg), cfg.seed)
+    totals = manifest["totals"]
+    _done(t, f"{totals['train_tokens']:,} train / {totals['val_tokens']:,} validation tokens at {data_dir(cfg)}")
+
+    t = _stage(3, "train")
+    summary = Trainer(cfg).fit()
+    _done(t, f"{summary['steps']} steps, metrics in {run_dir / 'metrics.jsonl'}, plot {run_dir / 'loss.png'}")
+
+    t = _stage(4, "evaluate")
+    first, final = summary["first_val_loss"], summary["final_val_loss"]
+    _done(t, f"validation loss {first:.3f} -> {final:.3f}")
+
+    t = _stage(5, "generate")
+    prompt, continuation = continue_prompt(cfg)
+    print(f"   prompt:       {prompt}\n   continuation: {continuation}")
+    _done(t, "greedy decoding" if cfg.generate.temperature == 0 else "sampling")
+
+    summary.update(prompt=prompt, continuation=continuation, wall_s=time.perf_counter() - started)
+    print(f"\nDone in {summary['wall_s']:.0f} s. Export: ondol export hf {run_dir} {run_dir}/hf")
+    return summary
+
+
+def _run(args: argparse.Namespace) -> int:
+    run_pipeline(load_config(args.config, args.overrides))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
+    prompt, continuation = continue_prompt(cfg, args.prompt)
+    print(f"{prompt}{continuation}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from launch.cli import add_config_args
+
+    p = sub.add_parser(
+        "run",
+        help="the whole pipeline: train a tokenizer, prepare data, train, evaluate, generate",
+        description="Train a tokenizer, prepare packed data, train the model with DeepSpeed (one process), "
+        "evaluate it and print a continuation of a prompt. Finished stages are reused; training resumes.",
+    )
+    add_config_args(p)
+    p.set_defaults(func=_run)
+
+    g = sub.add_parser(
+        "generate",
+        help="continue a prompt with a finished run's model",
+        description="Continue a prompt with RUN_DIR's final model (greedy unless generate.temperature > 0).",
+    )
+    g.add_argument("run_dir", help="a run directory written by `ondol run` or `ondol train`")
+    g.add_argument("--prompt", help="text to continue (default: generate.prompt, else a held-out document's start)")
+    g.add_argument("overrides", nargs="*", help="overrides such as generate.max_new_tokens=80")
+    g.set_defaults(func=_generate)
