@@ -12,10 +12,21 @@ class SourceConfig:
     path: str = "???"  # file, glob, folder, or a Hugging Face dataset name/path when format == "hf"
     format: str = "auto"  # auto | jsonl | text | parquet | hf (auto: by file suffix)
     text_field: str = "text"
+    text_unit: str = "line"  # plain text only: one document per line | paragraph (blank-line separated) | document (file)
     weight: float = 1.0  # mixture weight (tokenizer sampling and training data share)
     max_docs: Optional[int] = None  # read at most this many documents (None: all)
     hf_split: str = "train"
     hf_config: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.format not in ("auto", "jsonl", "text", "parquet", "hf"):
+            raise ValueError(f"data source '{self.name}': format must be auto | jsonl | text | parquet | hf, "
+                             f"not '{self.format}'")
+        if self.text_unit not in ("line", "paragraph", "document"):
+            raise ValueError(f"data source '{self.name}': text_unit must be line | paragraph | document, "
+                             f"not '{self.text_unit}'")
+        if self.weight < 0:
+            raise ValueError(f"data source '{self.name}': weight must be >= 0, not {self.weight}")
 
 
 @dataclass

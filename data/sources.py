@@ -1,0 +1,277 @@
+"""Reading documents from every supported source, counting (never hiding) bad input.
+
+One entry point, `iter_documents(source)`, shared by the tokenizer trainer and data preparation. It reads
+JSON Lines (plain, .gz, .zst), Parquet, plain text (plain, .gz, .zst) from a file, a glob or a folder, or a
+Hugging Face dataset through `datasets`. Each document carries the file and line it came from, so every later
+error can point at the input. Lines that cannot be documents (malformed JSON, invalid UTF-8, a missing text
+field, an empty text) are counted per reason in a `BadInputLog` and the first few are logged with file:line;
+with `strict=True` the first one raises `BadInputError` instead.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator
+
+from data.config import SourceConfig
+
+log = logging.getLogger("ondol.data")
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+TEXT_SUFFIXES = (".txt", ".text")
+COMPRESSED_SUFFIXES = ("", ".gz", ".zst", ".zstd")
+PARQUET_SUFFIXES = (".parquet",)
+BAD_INPUT_REASONS = ("malformed_json", "invalid_utf8", "missing_text_field", "empty_doc")
+
+
+class BadInputError(ValueError):
+    """A bad input line met with `strict` on; the message names file:line and the fix."""
+
+
+class SourceError(ValueError):
+    """A source that cannot be read at all: missing files, unknown format, no documents."""
+
+
+@dataclass(slots=True)
+class Document:
+    text: str
+    source: str  # the SourceConfig name
+    file: str  # file path (or "hf:NAME[split]")
+    line: int  # 1-based line in the file (row for Parquet and Hugging Face datasets)
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass
+class BadInputLog:
+    """Counts of skipped input per reason, with the first few locations of each kept for the report."""
+
+    strict: bool = False
+    max_examples: int = 5
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, where: str, detail: str) -> None:
+        message = f"{where}: {reason.replace('_', ' ')}: {detail}"
+        if self.strict:
+            raise BadInputError(f"{message} (data.strict is on: fix this line, or set data.strict=false "
+                                f"to count and skip bad lines)")
+        self.counts[reason] += 1
+        shown = self.examples.setdefault(reason, [])
+        if len(shown) < self.max_examples:
+            shown.append(message)
+            log.warning("skipped %s", message)
+
+    def summary(self) -> str:
+        if not self.counts:
+            return "no bad input"
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
+
+
+def detect_format(path: str) -> str:
+    """The reader for a file, from its suffix (compression suffixes allowed after .jsonl and .txt)."""
+    name = path.lower()
+    for base, kind in ((JSONL_SUFFIXES, "jsonl"), (TEXT_SUFFIXES, "text")):
+        if any(name.endswith(b + c) for b in base for c in COMPRESSED_SUFFIXES):
+            return kind
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    return ""
+
+
+def resolve_files(source: SourceConfig) -> list[str]:
+    """The sorted files of a source: a file, a glob (** allowed) or every supported file under a folder."""
+    path = os.path.expanduser(source.path)
+    if os.path.isdir(path):
+        files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and detect_format(str(p)))
+        what = f"folder '{path}' has no .jsonl/.json(.gz/.zst), .txt(.gz/.zst) or .parquet files"
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+        what = (f"path '{path}' matches no file (give a file, glob or folder; for a Hugging Face dataset "
+                f"set format: hf)")
+    if not files:
+        raise SourceError(f"data source '{source.name}': {what}")
+    return files
+
+
+def _open_binary(path: str) -> IO[bytes]:
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith((".zst", ".zstd")):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _decoded_lines(path: str, bad: BadInputLog) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line decoding as UTF-8; the others are counted as invalid_utf8."""
+    with _open_binary(path) as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.add("invalid_utf8", f"{path}:{number}", f"byte {e.start}: {e.reason}")
+
+
+def _text_of(value: object, text_field: str, where: str, bad: BadInputLog) -> str | None:
+    """The document text of a record, or None after counting why it is not one."""
+    if not isinstance(value, str):
+        detail = (f"no field '{text_field}'" if value is None
+                  else f"field '{text_field}' is {type(value).__name__}, not a string")
+        bad.add("missing_text_field", where, f"{detail} (set text_field in the source config)")
+        return None
+    if not value.strip():
+        bad.add("empty_doc", where, f"field '{text_field}' is empty")
+        return None
+    return value
+
+
+def _read_jsonl(path: str, source: SourceConfig, bad: BadInputLog) -> Iterator[Document]:
+    key = source.text_field
+    for number, line in _decoded_lines(path, bad):
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as e:
+            detail = "blank line" if not line.strip() else f"{e.msg} (column {e.colno})"
+            bad.add("malformed_json", where, detail)
+            continue
+        if not isinstance(record, dict):
+            bad.add("malformed_json", where, f"a JSON {type(record).__name__}, not an object")
+            continue
+        text = _text_of(record.get(key), key, where, bad)
+        if text is not None:
+            yield Document(text, source.name, path, number)
+
+
+def _read_text(path: str, source: SourceConfig, bad: BadInputLog) -> Iterator[Document]:
+    """Plain text: one document per line, per blank-line-separated paragraph, or per file (text_unit)."""
+    unit = source.text_unit
+    if unit == "line":
+        for number, line in _decoded_lines(path, bad):
+            text = line.rstrip("\r\n")
+            if text.strip():
+                yield Document(text, source.name, path, number)
+        return
+    lines: list[str] = []
+    start = 1
+    for number, line in _decoded_lines(path, bad):
+        if unit == "paragraph" and not line.strip():
+            if lines:
+                yield Document("".join(lines).rstrip("\r\n"), source.name, path, start)
+            lines = []
+            continue
+        if not lines:
+            start = number
+        lines.append(line)
+    text = "".join(lines)
+    if unit == "paragraph" and lines:
+        yield Document(text.rstrip("\r\n"), source.name, path, start)
+    elif unit == "document":
+        if text.strip():
+            yield Document(text, source.name, path, 1)
+        else:
+            bad.add("empty_doc", f"{path}:1", "the file has no text")
+
+
+def _read_rows(rows: Iterator[object], label: str, source: SourceConfig, bad: BadInputLog) -> Iterator[Document]:
+    for number, value in enumerate(rows, 1):
+        where = f"{label}:{number}"
+        text = _text_of(value, source.text_field, where, bad)
+        if text is not None:
+            yield Document(text, source.name, label, number)
+
+
+def _parquet_column(path: str, source: SourceConfig) -> Iterator[object]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if source.text_field not in names:
+        raise SourceError(f"{path}: no column '{source.text_field}' (columns: {', '.join(names)}); "
+                          f"set text_field in data source '{source.name}'")
+    for batch in pf.iter_batches(batch_size=8192, columns=[source.text_field]):
+        yield from batch.column(0).to_pylist()
+
+
+def _hf_column(source: SourceConfig) -> Iterator[object]:
+    import datasets
+
+    path = os.path.expanduser(source.path)
+    is_saved = os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, n)) for n in ("state.json", "dataset_dict.json"))
+    try:
+        if is_saved:
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[source.hf_split]
+        else:
+            ds = datasets.load_dataset(path, source.hf_config, split=source.hf_split, streaming=True)
+    except KeyError:
+        raise SourceError(f"data source '{source.name}': Hugging Face dataset '{path}' has no split "
+                          f"'{source.hf_split}' (set hf_split)") from None
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise SourceError(f"data source '{source.name}': cannot load Hugging Face dataset '{path}' "
+                          f"(offline: give a local folder or a cached name): {str(e).splitlines()[0]}") from None
+    columns = ds.column_names or []
+    if columns and source.text_field not in columns:
+        raise SourceError(f"data source '{source.name}': Hugging Face dataset '{path}' has no column "
+                          f"'{source.text_field}' (columns: {', '.join(columns)}); set text_field")
+    for row in ds:
+        yield row.get(source.text_field)
+
+
+def _file_documents(path: str, source: SourceConfig, bad: BadInputLog) -> Iterator[Document]:
+    kind = source.format if source.format != "auto" else detect_format(path)
+    if kind == "jsonl":
+        return _read_jsonl(path, source, bad)
+    if kind == "text":
+        return _read_text(path, source, bad)
+    if kind == "parquet":
+        return _read_rows(_parquet_column(path, source), path, source, bad)
+    raise SourceError(f"data source '{source.name}': cannot tell the format of '{path}' from its suffix "
+                      f"(set format: jsonl | text | parquet | hf)")
+
+
+def iter_documents(source: SourceConfig, strict: bool = False, bad: BadInputLog | None = None
+                   ) -> Iterator[Document]:
+    """Every document of a source in a fixed order (files sorted), at most `source.max_docs` of them.
+
+    Bad lines are counted in `bad` (a fresh log when None) and skipped, or raise with `strict`. A source
+    that exists but yields no document at all is an error, as is a missing file.
+    """
+    bad = bad if bad is not None else BadInputLog(strict=strict)
+    bad.strict = bad.strict or strict
+    if source.max_docs is not None and source.max_docs <= 0:
+        return
+    if source.format == "hf":
+        streams: Iterator[Iterator[Document]] = iter(
+            [_read_rows(_hf_column(source), f"hf:{source.path}[{source.hf_split}]", source, bad)])
+    else:
+        files = resolve_files(source)
+        streams = (_file_documents(path, source, bad) for path in files)
+    count = 0
+    for stream in streams:
+        for doc in stream:
+            yield doc
+            count += 1
+            if source.max_docs is not None and count >= source.max_docs:
+                return
+    if count == 0:
+        raise SourceError(f"data source '{source.name}': no documents in '{source.path}' "
+                          f"({bad.summary()}); check the path and text_field '{source.text_field}'")
+    if bad.counts:
+        log.warning("data source '%s': skipped %s", source.name, bad.summary())

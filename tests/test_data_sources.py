@@ -1,0 +1,130 @@
+"""Reading every supported format, and counting each kind of bad input with its file:line."""
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from data.config import SourceConfig
+from data.sources import BadInputError, BadInputLog, SourceError, iter_documents
+from tests.conftest import corpus_texts
+
+TEXTS = corpus_texts("ko_reviews", 40, skip=1000)
+
+
+def _jsonl_bytes(texts, field="text"):
+    return b"".join(json.dumps({"id": i, field: t}, ensure_ascii=False).encode() + b"\n"
+                    for i, t in enumerate(texts))
+
+
+def _texts(source, **kw):
+    return [d.text for d in iter_documents(source, **kw)]
+
+
+@pytest.mark.parametrize("suffix,pack", [
+    (".jsonl", lambda b: b), (".jsonl.gz", gzip.compress), (".jsonl.zst", zstandard.compress)])
+def test_jsonl_plain_gzip_zstd(tmp_path, suffix, pack):
+    path = tmp_path / f"a{suffix}"
+    path.write_bytes(pack(_jsonl_bytes(TEXTS)))
+    docs = list(iter_documents(SourceConfig(name="a", path=str(path))))
+    assert [d.text for d in docs] == TEXTS
+    assert [d.line for d in docs] == list(range(1, len(TEXTS) + 1))
+    assert docs[3].where == f"{path}:4" and docs[3].source == "a"
+
+
+def test_parquet_folder_glob_and_max_docs(tmp_path):
+    (tmp_path / "sub").mkdir()
+    pq.write_table(pa.table({"body": TEXTS[:25]}), tmp_path / "sub" / "b.parquet")
+    (tmp_path / "a.jsonl").write_bytes(_jsonl_bytes(TEXTS[25:], field="body"))
+    (tmp_path / "notes.md").write_text("not a data file")
+    folder = SourceConfig(name="f", path=str(tmp_path), text_field="body")
+    assert _texts(folder) == TEXTS[25:] + TEXTS[:25]  # files in sorted path order: a.jsonl, sub/b.parquet
+    glob = SourceConfig(name="g", path=str(tmp_path / "**" / "*.parquet"), text_field="body", max_docs=7)
+    assert _texts(glob) == TEXTS[:7]
+
+
+def test_parquet_missing_column_is_a_clear_error(tmp_path):
+    pq.write_table(pa.table({"body": TEXTS}), tmp_path / "b.parquet")
+    with pytest.raises(SourceError, match=r"b.parquet: no column 'text' \(columns: body\)"):
+        list(iter_documents(SourceConfig(name="b", path=str(tmp_path / "b.parquet"))))
+
+
+def test_plain_text_units(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text(f"{TEXTS[0]}\n{TEXTS[1]}\n\n\n{TEXTS[2]}\n", encoding="utf-8")
+    assert _texts(SourceConfig(name="t", path=str(path))) == TEXTS[:3]
+    paragraphs = list(iter_documents(SourceConfig(name="t", path=str(path), text_unit="paragraph")))
+    assert [d.text for d in paragraphs] == [f"{TEXTS[0]}\n{TEXTS[1]}", TEXTS[2]]
+    assert [d.line for d in paragraphs] == [1, 5]
+    whole = _texts(SourceConfig(name="t", path=str(path), text_unit="document"))
+    assert whole == [path.read_text(encoding="utf-8")]
+
+
+def test_hugging_face_dataset_saved_and_by_path(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(tmp_path / "saved"))
+    assert _texts(SourceConfig(name="h", path=str(tmp_path / "saved"), format="hf")) == TEXTS
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "train.jsonl").write_bytes(_jsonl_bytes(TEXTS))
+    assert _texts(SourceConfig(name="h", path=str(tmp_path / "raw"), format="hf")) == TEXTS
+
+
+def _good(text):
+    return json.dumps({"text": text}, ensure_ascii=False).encode()
+
+
+BAD_LINES = {  # one bad line of each kind, built from real text
+    "malformed json": b'{"text": "unterminated',
+    "invalid utf8": _good(TEXTS[6])[:-3] + b'\xff"}',
+    "missing text field": json.dumps({"body": TEXTS[7]}, ensure_ascii=False).encode(),
+    "empty doc": b'{"text": "  \\n "}',
+}
+
+
+def test_each_kind_of_bad_input_is_counted_with_file_and_line(tmp_path, caplog):
+    lines = [_good(t) for t in TEXTS[:6]]
+    for i, raw in enumerate(BAD_LINES.values()):
+        lines.insert(2 * i + 1, raw)  # bad lines land on lines 2, 4, 6, 8
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    bad = BadInputLog()
+    docs = list(iter_documents(SourceConfig(name="b", path=str(path)), bad=bad))
+    assert [d.text for d in docs] == TEXTS[:6]
+    assert [d.line for d in docs] == [1, 3, 5, 7, 9, 10]
+    assert dict(bad.counts) == {"malformed_json": 1, "invalid_utf8": 1, "missing_text_field": 1, "empty_doc": 1}
+    assert bad.examples["malformed_json"] == [f"{path}:2: malformed json: Unterminated string starting at (column 10)"]
+    assert bad.examples["invalid_utf8"][0].startswith(f"{path}:4: invalid utf8: byte ")
+    assert bad.examples["missing_text_field"] == [
+        f"{path}:6: missing text field: no field 'text' (set text_field in the source config)"]
+    assert bad.examples["empty_doc"] == [f"{path}:8: empty doc: field 'text' is empty"]
+    assert f"{path}:2" in caplog.text and "skipped 1 empty_doc" in caplog.text
+
+
+@pytest.mark.parametrize("reason", list(BAD_LINES))
+def test_strict_mode_raises_on_each_kind(tmp_path, reason):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b"\n".join([_good(TEXTS[0]), _good(TEXTS[1]), BAD_LINES[reason], _good(TEXTS[2])]))
+    with pytest.raises(BadInputError, match=f"bad.jsonl:3: {reason}: .*data.strict is on"):
+        list(iter_documents(SourceConfig(name="b", path=str(path)), strict=True))
+
+
+def test_missing_and_empty_sources_are_clear_errors(tmp_path):
+    with pytest.raises(SourceError, match="data source 'x': path '.*nope.jsonl' matches no file"):
+        list(iter_documents(SourceConfig(name="x", path=str(tmp_path / "nope.jsonl"))))
+    with pytest.raises(SourceError, match="folder '.*' has no"):
+        list(iter_documents(SourceConfig(name="x", path=str(tmp_path))))
+    (tmp_path / "e.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(SourceError, match=r"no documents in .*\(1 missing_text_field\)"):
+        list(iter_documents(SourceConfig(name="x", path=str(tmp_path / "e.jsonl"))))
+    (tmp_path / "e.csv").write_text("a,b\n")
+    with pytest.raises(SourceError, match="cannot tell the format of .*e.csv"):
+        list(iter_documents(SourceConfig(name="x", path=str(tmp_path / "e.csv"))))
+
+
+def test_real_corpus_reads_every_line():
+    docs = list(iter_documents(SourceConfig(name="ko_docs", path="../shared/corpora/ko_docs.jsonl.gz")))
+    assert [d.text for d in docs] == corpus_texts("ko_docs")
