@@ -2,6 +2,10 @@
 
 from dataclasses import dataclass
 
+ATTN_BACKENDS = ("auto", "sdpa", "flex", "flash")
+ROUTER_SCORES = ("sigmoid", "softmax")
+NORM_PLACEMENTS = ("pre", "post")
+
 
 @dataclass
 class ModelConfig:
@@ -12,7 +16,7 @@ class ModelConfig:
     n_kv_heads: int = 2
     head_dim: int = 64
     attn_pattern: str = "LLLG"  # repeated over layers; L = sliding window, G = global; last layer forced G
-    window: int = 128
+    window: int = 128  # keys a local query sees, itself included (transformers' sliding_window convention)
     rope_theta: float = 10_000.0
     rope_on_global: bool = False  # K-EXAONE: global layers use no positional encoding (NoPE)
     qk_norm: bool = True
@@ -35,3 +39,47 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     max_seq_len: int = 4096
+    # Added by issue 5 (defaults keep every earlier config meaning the same).
+    norm_placement: str = "pre"  # pre: K-EXAONE (ExaoneMoe); post: EXAONE 4.0 (norm on attention/MLP outputs)
+    doc_positions: bool = False  # RoPE positions restart at 0 at each packed document (needs doc_ids)
+    moe_dispatch: str = "auto"  # auto | grouped_mm | loop | bmm_padded: how experts run their sorted tokens
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        need(self.vocab_size >= 0, "model.vocab_size must be >= 0 (0 takes the tokenizer's)")
+        for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "window", "max_seq_len"):
+            need(getattr(self, key) > 0, f"model.{key} must be positive")
+        need(self.n_heads % self.n_kv_heads == 0, "model.n_heads must be divisible by model.n_kv_heads")
+        need(self.head_dim % 2 == 0, "model.head_dim must be even (RoPE rotates pairs)")
+        need(bool(self.attn_pattern) and set(self.attn_pattern) <= {"L", "G"},
+             f"model.attn_pattern must be a string of L and G, got '{self.attn_pattern}'")
+        need(self.attn_backend in ATTN_BACKENDS, f"model.attn_backend must be one of {ATTN_BACKENDS}")
+        need(self.router_score in ROUTER_SCORES, f"model.router_score must be one of {ROUTER_SCORES}")
+        need(self.norm_placement in NORM_PLACEMENTS, f"model.norm_placement must be one of {NORM_PLACEMENTS}")
+        need(self.moe_dispatch in ("auto", "grouped_mm", "loop", "bmm_padded"),
+             "model.moe_dispatch must be one of auto, grouped_mm, loop, bmm_padded")
+        need(self.n_experts >= 0, "model.n_experts must be >= 0 (0: dense model)")
+        need(self.ffn_hidden > 0, "model.ffn_hidden must be positive")
+        if self.n_experts:
+            need(0 < self.top_k <= self.n_experts, "model.top_k must be in 1..model.n_experts")
+            need(self.expert_hidden > 0, "model.expert_hidden must be positive")
+            need(self.n_shared_experts >= 0, "model.n_shared_experts must be >= 0")
+            need(0 <= self.first_k_dense <= self.n_layers, "model.first_k_dense must be in 0..model.n_layers")
+        for key in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
+            need(getattr(self, key) >= 0, f"model.{key} must be >= 0")
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        """'L' (sliding window) or 'G' (global) for each layer: the pattern repeated, the last layer global."""
+        kinds = [self.attn_pattern[i % len(self.attn_pattern)] for i in range(self.n_layers)]
+        kinds[-1] = "G"
+        return kinds
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.n_experts > 0 and i >= self.first_k_dense
+
+    def uses_rope(self, kind: str) -> bool:
+        return kind == "L" or self.rope_on_global

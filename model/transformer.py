@@ -1,0 +1,162 @@
+"""The decoder: embeddings -> blocks (hybrid local/global attention, dense or MoE MLP) -> norm -> LM head.
+
+Plain PyTorch; parallelism, checkpointing and compilation are applied from outside. Module names follow
+transformers' EXAONE models (q_proj, gate, experts.gate_up_proj, ...) so that export is a rename of norms only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention_backends import MaskSpec, select_backend
+from model.config import ModelConfig
+from model.layers import RMSNorm, SwiGLU, apply_rope, document_positions, rope_cos_sin, rope_inv_freq
+from model.moe import MoE
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None
+    aux_loss: torch.Tensor  # weighted sum of MoE balance and z losses (0-dim)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, kind: str) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.use_rope = cfg.uses_rope(kind)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sinks else None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask, backend) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2))
+        k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2))
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = backend.attend(q, k, v, mask, self.sinks)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    """Pre-norm (K-EXAONE: x + f(norm(x))) or post-norm (EXAONE 4.0: x + norm(f(x))) residual block."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.kind = cfg.layer_kinds[layer]
+        self.pre_norm = cfg.norm_placement == "pre"
+        self.self_attn = Attention(cfg, self.kind)
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, x, rope, masks, backend) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        mask = masks[self.kind]
+        if self.pre_norm:
+            x = x + self.self_attn(self.attn_norm(x), rope, mask, backend)
+            h, stats = self._mlp(self.mlp_norm(x))
+            return x + h, stats
+        x = x + self.attn_norm(self.self_attn(x, rope, mask, backend))
+        h, stats = self._mlp(x)
+        return x + self.mlp_norm(h), stats
+
+    def _mlp(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        return self.mlp(x) if isinstance(self.mlp, MoE) else (self.mlp(x), None)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (> 0) before building the model; the trainer fills it "
+                             "from the tokenizer when it is 0")
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+        self._backends: dict = {}
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        std = self.cfg.init_std
+        out_std = std / (2 * self.cfg.n_layers) ** 0.5
+        for name, p in self.named_parameters():
+            if p.is_meta:
+                continue
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith("sinks"):
+                nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+        for moe in self.moe_layers():
+            moe.expert_bias.zero_()
+            moe.tokens_per_expert.zero_()
+
+    def moe_layers(self) -> list[MoE]:
+        return [block.mlp for block in self.layers if isinstance(block.mlp, MoE)]
+
+    @torch.no_grad()
+    def update_router_biases(self) -> None:
+        """Move each MoE layer's expert bias toward balanced load, then reset the load accumulators.
+        Call after all-reducing `tokens_per_expert` across data-parallel ranks."""
+        for moe in self.moe_layers():
+            moe.update_bias()
+
+    def backend(self, device: torch.device, dtype: torch.dtype):
+        key = (device.type, dtype)
+        if key not in self._backends:
+            self._backends[key] = select_backend(self.cfg.attn_backend, device, dtype)
+        return self._backends[key]
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> ModelOutput:
+        cfg = self.cfg
+        B, T = input_ids.shape
+        x = self.embed_tokens(input_ids)
+        backend = self.backend(x.device, x.dtype)
+        docs = doc_ids if cfg.document_masking else None
+        masks = {kind: backend.prepare(MaskSpec(T, cfg.window if kind == "L" else None, docs), x.device)
+                 for kind in set(cfg.layer_kinds)}
+        if cfg.doc_positions and doc_ids is not None:
+            positions = document_positions(doc_ids)
+        else:
+            positions = torch.arange(T, device=x.device)[None]
+        rope = rope_cos_sin(positions, self.inv_freq, x.dtype)
+
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        moe_stats: list[dict[str, torch.Tensor]] = []
+        for block in self.layers:
+            x, stats = block(x, rope, masks, backend)
+            if stats is not None:
+                aux_loss = aux_loss + stats.pop("aux_loss")
+                moe_stats.append(stats)
+        logits = self.lm_head(self.norm(x))
+
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        metrics = {f"moe/{k}": torch.stack([s[k] for s in moe_stats]).mean() for k in (moe_stats[0] if moe_stats
+                                                                                          else {})}
+        metrics["moe/aux_loss"] = aux_loss.detach()
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, metrics=metrics)
