@@ -21,3 +21,48 @@ class TokenizerConfig:
     )
     reserved_special_tokens: int = 8
     num_threads: int = 2
+    hangul_syllables: str = "common"  # which syllables hangul_coverage guarantees: common (KS X 1001, 2,350) | all (11,172)
+    jamo_coverage: bool = True  # compatibility jamo (ㅋ, ㅠ, ...) are always pieces, never byte fallback
+    character_coverage: float = 0.9995  # share of training characters kept as pieces; the rest fall back to bytes
+    max_sentence_chars: int = 2000  # documents are cut at line ends into training sentences of at most this size
+    max_piece_chars: int = 16  # longest piece, in characters
+    unk_token: str = "<|unk|>"
+    bos_token: str = "<|bos|>"
+    eos_token: str = "<|eos|>"
+    pad_token: str = "<|pad|>"
+
+    def __post_init__(self) -> None:
+        if self.model_type not in ("bpe", "unigram"):
+            raise ValueError(f"tokenizer.model_type must be bpe or unigram, not {self.model_type!r}")
+        if self.normalization not in ("nfc", "none"):
+            raise ValueError(f"tokenizer.normalization must be nfc or none, not {self.normalization!r}")
+        if self.hangul_syllables not in ("common", "all"):
+            raise ValueError(f"tokenizer.hangul_syllables must be common or all, not {self.hangul_syllables!r}")
+        if not 0.98 <= self.character_coverage <= 1.0:
+            raise ValueError("tokenizer.character_coverage must lie in [0.98, 1.0]")
+        if self.max_sentences < 1 or self.max_sentence_chars < 16 or self.max_piece_chars < 1:
+            raise ValueError("tokenizer.max_sentences, max_sentence_chars (>= 16) and max_piece_chars must be positive")
+        if self.reserved_special_tokens < 0:
+            raise ValueError("tokenizer.reserved_special_tokens must be >= 0")
+        names = self.all_special_tokens()
+        if len(set(names)) != len(names):
+            raise ValueError(f"tokenizer.special_tokens repeat a name: {names}")
+        floor = 256 + len(names) + 512 + (self.required_hangul() if self.hangul_coverage else 0)
+        if self.vocab_size < floor:
+            raise ValueError(
+                f"tokenizer.vocab_size {self.vocab_size} is too small: bytes, special tokens"
+                f"{' and hangul_coverage' if self.hangul_coverage else ''} need at least {floor}"
+                f"{' (or set tokenizer.hangul_coverage=false)' if self.hangul_coverage else ''}"
+            )
+
+    def rounded_vocab_size(self) -> int:
+        """The vocabulary size actually trained: vocab_size rounded up to a multiple of 128."""
+        return -(-self.vocab_size // 128) * 128
+
+    def all_special_tokens(self) -> list[str]:
+        """unk, bos, eos, pad, then the declared tokens, then the reserved slots, in id order."""
+        reserved = [f"<|reserved_{i}|>" for i in range(self.reserved_special_tokens)]
+        return [self.unk_token, self.bos_token, self.eos_token, self.pad_token, *self.special_tokens, *reserved]
+
+    def required_hangul(self) -> int:
+        return 2350 if self.hangul_syllables == "common" else 11172

@@ -1,0 +1,136 @@
+"""Tokenizer contract: lossless round trip, special tokens, Korean coverage, reuse, and the HF export's ids."""
+
+from __future__ import annotations
+
+import dataclasses
+import unicodedata
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from data.config import SourceConfig
+from tests.conftest import CORPORA, corpus_texts
+from tokenizer import Tokenizer, train_tokenizer
+from tokenizer.config import TokenizerConfig
+from tokenizer.korean import compatibility_jamo, hangul_syllables
+
+SOURCES = [
+    SourceConfig(name="ko_reviews", path=str(CORPORA / "ko_reviews.jsonl.gz"), weight=0.5, max_docs=20000),
+    SourceConfig(name="ko_docs", path=str(CORPORA / "ko_docs.jsonl.gz"), weight=0.3, max_docs=300),
+    SourceConfig(name="code_python", path=str(CORPORA / "code_python.jsonl.gz"), weight=0.2, max_docs=40),
+]
+
+
+def small_config(**changes) -> TokenizerConfig:
+    return dataclasses.replace(TokenizerConfig(vocab_size=4000, max_sentences=60000), **changes)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> Tokenizer:
+    return train_tokenizer(small_config(), SOURCES, tmp_path_factory.mktemp("tok"), seed=7)
+
+
+def held_out_texts() -> list[str]:
+    """Documents the fixture never read (past its max_docs), from every corpus."""
+    return (corpus_texts("ko_reviews", 3000, skip=100_000) + corpus_texts("ko_docs", 200, skip=600)
+            + corpus_texts("en_docs", 15, skip=100) + corpus_texts("code_python", 15, skip=400))
+
+
+def test_vocab_rounded_and_special_ids(tok):
+    cfg = small_config()
+    assert tok.vocab_size == 4096 and tok.vocab_size % 128 == 0
+    names = cfg.all_special_tokens()
+    assert [tok.token_to_id(n) for n in names] == list(range(len(names)))
+    assert (tok.unk_id, tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, 3)
+    assert tok.token_to_id("<|user|>") == 5 and tok.token_to_id("<|reserved_7|>") == len(names) - 1
+    assert tok.special_tokens == {n: i for i, n in enumerate(names)}
+    # Special tokens are ids only: the same characters in user text are ordinary text.
+    ids = tok.encode("<|user|><|bos|>")
+    assert not set(ids) & set(range(len(names))) and tok.decode(ids) == "<|user|><|bos|>"
+    with pytest.raises(KeyError):
+        tok.token_to_id("<|not-a-token|>")
+
+
+def test_round_trip_on_held_out_real_documents(tok):
+    texts = held_out_texts()
+    for text, ids in zip(texts, tok.encode_batch(texts)):
+        assert tok.decode(ids) == unicodedata.normalize("NFC", text)
+        assert ids == tok.encode(text)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=200))
+def test_round_trip_arbitrary_unicode(tok, text):
+    assert tok.decode(tok.encode(text)) == unicodedata.normalize("NFC", text)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet=st.sampled_from(" \t\n\r\u3000\u2581\u00a0ab가ㅋ1"), max_size=60))
+def test_round_trip_whitespace_runs(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_normalization_none_keeps_decomposed_text(tmp_path, tok):
+    raw = train_tokenizer(small_config(normalization="none", vocab_size=3200, hangul_coverage=False),
+                                     SOURCES[:1], tmp_path, seed=7)
+    decomposed = unicodedata.normalize("NFD", corpus_texts("ko_reviews", 1, skip=123)[0])
+    assert raw.decode(raw.encode(decomposed)) == decomposed
+    # NFC (the default) reads composed and decomposed Korean as the same tokens.
+    assert tok.encode(decomposed) == tok.encode(unicodedata.normalize("NFC", decomposed))
+    assert raw.fingerprint != tok.fingerprint
+
+
+def test_digits_split_and_unseen_chars_fall_back_to_bytes(tok):
+    for i in range(tok.vocab_size):
+        piece = tok.id_to_token(i)
+        assert sum(c.isdigit() for c in piece) <= 1 or tok.is_byte(i) or piece in tok.special_tokens, piece
+    ids = tok.encode("20240517")
+    assert len(ids) == 8 and tok.decode(ids) == "20240517"
+    rare = "\U0001F9EC\u4E7E"  # a DNA emoji and a rare CJK ideograph, unseen in the sample
+    ids = tok.encode(rare)
+    assert all(tok.is_byte(i) for i in ids) and len(ids) == len(rare.encode()) and tok.decode(ids) == rare
+    assert tok.encode("\u2581") == [tok.token_to_id(f"<0x{b:02X}>") for b in "\u2581".encode()]
+
+
+def test_hangul_and_jamo_coverage(tok):
+    for ch in hangul_syllables("common") + compatibility_jamo():
+        ids = tok.encode(ch)
+        assert len(ids) == 1 and not tok.is_byte(ids[0]), ch
+    assert len(hangul_syllables("all")) == 11172 and len(hangul_syllables("common")) == 2350
+
+
+def test_rerun_reuses_and_changed_config_refuses(tmp_path):
+    cfg = small_config(vocab_size=3200, hangul_coverage=False, max_sentences=5000)
+    first = train_tokenizer(cfg, SOURCES[:1], tmp_path, seed=3)
+    stamp = (tmp_path / "tokenizer.model").stat().st_mtime_ns
+    again = train_tokenizer(cfg, SOURCES[:1], tmp_path, seed=3)
+    assert again.fingerprint == first.fingerprint and (tmp_path / "tokenizer.model").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="another config"):
+        train_tokenizer(cfg, SOURCES[:1], tmp_path, seed=4)
+    # Same inputs in a fresh folder give the same model bit for bit.
+    assert train_tokenizer(cfg, SOURCES[:1], tmp_path / "other", seed=3).fingerprint == first.fingerprint
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="tokenizer.vocab_size"):
+        TokenizerConfig(vocab_size=2048)  # too small for the 2,350 guaranteed syllables
+    with pytest.raises(ValueError, match="tokenizer.normalization"):
+        TokenizerConfig(normalization="nfkc")
+    with pytest.raises(ValueError, match="tokenizer.model_type"):
+        TokenizerConfig(model_type="wordpiece")
+
+
+def test_hf_export_gives_identical_ids(tok, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = tok.directory
+    texts = held_out_texts()
+    ours = tok.encode_batch(texts)
+    hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    assert [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)] == ours
+    auto = AutoTokenizer.from_pretrained(str(folder))
+    assert isinstance(auto, PreTrainedTokenizerFast)
+    assert auto(texts[:200], add_special_tokens=False)["input_ids"] == ours[:200]
+    assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert [auto.decode(i) for i in ours[:200]] == [tok.decode(i) for i in ours[:200]]
