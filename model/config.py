@@ -1,6 +1,10 @@
 """Typed configuration of the hybrid-attention MoE decoder (K-EXAONE family)."""
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 ATTN_BACKENDS = ("auto", "sdpa", "flex", "flash")
 ROUTER_SCORES = ("sigmoid", "softmax")
@@ -83,3 +87,22 @@ class ModelConfig:
 
     def uses_rope(self, kind: str) -> bool:
         return kind == "L" or self.rope_on_global
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
+
+
+def load_preset(name_or_path: str, **overrides: Any) -> ModelConfig:
+    """A model preset (`tiny`, `moe-1b`, `k-exaone-236b` or a YAML path) as a ModelConfig, with overrides."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown model keys {unknown}")
+    return ModelConfig(**{**raw, **overrides})

@@ -27,9 +27,7 @@ def save_pretrained(model: Transformer, cfg: ModelConfig, out_dir: str | Path,
     if cfg.tie_embeddings:
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
     save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(out / WEIGHTS))
-    from configs import config_dict
-
-    (out / CONFIG).write_text(json.dumps(config_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    (out / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
     return out
 
 
