@@ -1,0 +1,93 @@
+"""Cleaning a Korean web corpus: every step configurable, every change and drop counted per source.
+
+Steps, in order: Unicode normalization (the tokenizer's: NFC or none), control-character removal, length
+filters, a Hangul-ratio filter, exact deduplication by content hash. The content hash also decides the
+train/validation split, so a document keeps its split when sources grow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections import Counter
+
+from data.config import CleaningConfig
+
+# Cc characters except tab and newline, plus the byte-order mark; a carriage return becomes a newline.
+_CONTROL = {c: None for c in range(0x20) if chr(c) not in "\t\n"} | {c: None for c in range(0x7F, 0xA0)}
+_CONTROL |= {ord("\r"): "\n", 0xFEFF: None}
+_HANGUL = re.compile("[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff]")
+_SPACE = re.compile(r"\s")
+NFC_PROBE = "\u1100\u1161"  # conjoining jamo that NFC composes into one syllable
+DROP_REASONS = ("too_short", "too_long", "low_hangul", "duplicate")
+
+
+def hangul_ratio(text: str) -> float:
+    """Share of the non-space characters that are Hangul (syllables or jamo)."""
+    visible = len(text) - len(_SPACE.findall(text))
+    return len(_HANGUL.findall(text)) / visible if visible else 0.0
+
+
+def content_hash(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def is_validation(digest: bytes, val_fraction: float, seed: int) -> bool:
+    """Split by document hash (salted with the run seed): stable under any change to the other documents."""
+    salted = hashlib.blake2b(digest, digest_size=8, key=seed.to_bytes(8, "little", signed=True)).digest()
+    return int.from_bytes(salted, "little") < val_fraction * 2**64
+
+
+def check_normalization(cfg: CleaningConfig, tokenizer_normalize) -> None:
+    """Refuse cleaning that normalizes differently from the tokenizer (shards would not round-trip)."""
+    composes = tokenizer_normalize(NFC_PROBE) == unicodedata.normalize("NFC", NFC_PROBE)
+    if (cfg.normalize == "nfc") != composes:
+        declared = "NFC" if composes else "no normalization"
+        raise ValueError(f"data.cleaning.normalize is '{cfg.normalize}' but the tokenizer applies {declared}: "
+                         f"set data.cleaning.normalize={'nfc' if composes else 'none'}")
+
+
+class Cleaner:
+    """Applies the configured steps to documents in order; remembers hashes for exact deduplication."""
+
+    def __init__(self, cfg: CleaningConfig):
+        if cfg.normalize not in ("nfc", "none"):
+            raise ValueError(f"data.cleaning.normalize must be nfc or none, not '{cfg.normalize}'")
+        self.cfg = cfg
+        self.seen: set[bytes] = set()
+        self.dropped: dict[str, Counter] = {}  # source -> reason -> documents
+        self.modified: dict[str, Counter] = {}  # source -> step -> documents it changed
+
+    def clean(self, text: str, source: str) -> tuple[str, bytes] | None:
+        """(cleaned text, content hash), or None after counting why the document was dropped."""
+        cfg, modified = self.cfg, self.modified.setdefault(source, Counter())
+        if cfg.normalize == "nfc" and not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
+            modified["normalized"] += 1
+        if cfg.remove_control:
+            cleaned = text.replace("\r\n", "\n").translate(_CONTROL)
+            if cleaned != text:
+                modified["control_chars_removed"] += 1
+                text = cleaned
+        reason = self._rejected(text, source)
+        digest = b"" if reason else content_hash(text)
+        if not reason and cfg.dedup:
+            reason = "duplicate" if digest in self.seen else ""
+            self.seen.add(digest)
+        if reason:
+            self.dropped.setdefault(source, Counter())[reason] += 1
+            return None
+        return text, digest
+
+    def _rejected(self, text: str, source: str) -> str:
+        """The name of the first filter the text fails, or ''."""
+        cfg = self.cfg
+        if len(text.strip()) < cfg.min_chars:
+            return "too_short"
+        if cfg.max_chars is not None and len(text) > cfg.max_chars:
+            return "too_long"
+        if cfg.min_hangul_ratio > 0 and (not cfg.hangul_ratio_sources or source in cfg.hangul_ratio_sources):
+            if hangul_ratio(text) < cfg.min_hangul_ratio:
+                return "low_hangul"
+        return ""

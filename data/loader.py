@@ -1,0 +1,156 @@
+"""TokenLoader: deterministic, resumable, rank-sharded batches of packed sequences mixed across sources.
+
+Every sequence has a global index g = 0, 1, 2, ...; the k-th batch of rank r holds g in
+[p + r*B, p + (r+1)*B) with p = k*W*B, so the global order never depends on the number of ranks and a run may
+resume on another data-parallel size. g maps to a sequence in closed form (no replay), so state is one int:
+  1. source: a repeating pattern of PATTERN_LEN slots, each source holding a share of slots equal to its
+     weight (largest remainder) spread evenly (smooth weighted round robin), so realised token shares match
+     the weights to within 1/PATTERN_LEN over every whole pattern;
+  2. within a source: the i-th draw is sequence perm_epoch[i mod n] (a seeded permutation per epoch; identity
+     for validation, which has one fixed order), where sequence j of a shard is tokens [j*T, j*T + T + 1).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data.shards import Shard, read_manifest, split_shards
+
+PATTERN_LEN = 10_000
+
+
+def mixture_pattern(weights: list[float], length: int = PATTERN_LEN) -> tuple[np.ndarray, np.ndarray]:
+    """(source index of each slot of the repeating pattern, slots per source)."""
+    share = np.asarray(weights, dtype=np.float64) / sum(weights)
+    counts = np.floor(share * length).astype(np.int64)
+    remainder_order = np.argsort(-(share * length - counts), kind="stable")
+    counts[remainder_order[: length - counts.sum()]] += 1
+    current, pattern = np.zeros(len(counts), dtype=np.int64), np.empty(length, dtype=np.int64)
+    for slot in range(length):
+        current += counts
+        chosen = int(np.argmax(current))
+        current[chosen] -= length
+        pattern[slot] = chosen
+    return pattern, counts
+
+
+@dataclass
+class _SourceSequences:
+    """The seq_len + 1 token windows of one source: window j of a shard starts at token j * seq_len."""
+
+    name: str
+    shards: list[Shard]
+    seq_len: int
+
+    def __post_init__(self) -> None:
+        per_shard = [max(0, (len(s.tokens) - 1) // self.seq_len) for s in self.shards]
+        self.offsets = np.concatenate([[0], np.cumsum(per_shard, dtype=np.int64)])
+        self.count = int(self.offsets[-1])
+
+    def locate(self, j: int) -> tuple[Shard, int]:
+        k = int(np.searchsorted(self.offsets, j, side="right")) - 1
+        return self.shards[k], int(j - self.offsets[k]) * self.seq_len
+
+
+class TokenLoader:
+    """Batches of dict(input_ids, labels, doc_ids), each LongTensor[micro_batch_size, seq_len].
+
+    doc_ids numbers the documents within each row from 0, for document-masked attention. `weights` maps
+    source names to mixture weights (default: the weights in the manifest); a weight of 0 leaves a source out.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, micro_batch_size: int,
+                 rank: int = 0, world_size: int = 1, seed: int = 0, weights: dict[str, float] | None = None):
+        if seq_len < 1 or micro_batch_size < 1:
+            raise ValueError(f"seq_len ({seq_len}) and micro_batch_size ({micro_batch_size}) must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must lie in [0, world_size={world_size})")
+        manifest = read_manifest(data_dir)
+        shards = split_shards(data_dir, split, manifest)
+        weights = dict(manifest["weights"] if weights is None else weights)
+        unknown = sorted(set(weights) - set(shards))
+        if unknown:
+            raise ValueError(f"weights name unknown sources {unknown}; {data_dir} has {sorted(shards)}")
+        self.sources = [_SourceSequences(name, shards[name], seq_len) for name in shards
+                        if weights.get(name, 0) > 0]
+        empty = [s.name for s in self.sources if s.count == 0]
+        if empty and (split == "train" or len(empty) == len(self.sources)):
+            raise ValueError(f"{data_dir}: no {split} sequences of {seq_len + 1} tokens in source(s) {empty}: "
+                             f"add data, lower seq_len, or give them weight 0")
+        self.sources = [s for s in self.sources if s.count > 0]  # validation may lack a small source
+        if not self.sources:
+            raise ValueError(f"{data_dir}: every source has weight 0")
+        self.weights = {s.name: float(weights[s.name]) for s in self.sources}
+        self.pattern, self.slots = mixture_pattern(list(self.weights.values()))
+        slot_rank = np.zeros(PATTERN_LEN, dtype=np.int64)
+        for s in range(len(self.sources)):
+            where = self.pattern == s
+            slot_rank[where] = np.arange(int(where.sum()))
+        self.slot_rank = slot_rank
+        self.split, self.seq_len, self.batch_size = split, seq_len, micro_batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.data_hash = manifest["hash"]
+        self.position = 0  # global sequences consumed by all ranks together
+        self.last_sources: list[str] = []  # the source of each row of the last batch
+        self._permutations: dict[tuple[int, int], np.ndarray] = {}
+
+    def _permutation(self, s: int, epoch: int) -> np.ndarray:
+        key = (s, epoch)
+        if key not in self._permutations:
+            for old in [k for k in self._permutations if k[0] == s and k[1] < epoch - 1]:
+                del self._permutations[old]
+            name_key = zlib.crc32(self.sources[s].name.encode())
+            rng = np.random.default_rng([self.seed, name_key, epoch])
+            self._permutations[key] = rng.permutation(self.sources[s].count)
+        return self._permutations[key]
+
+    def sequence(self, g: int) -> tuple[int, Shard, int]:
+        """(source index, shard, first token) of global sequence g."""
+        slot = g % PATTERN_LEN
+        s = int(self.pattern[slot])
+        draw = (g // PATTERN_LEN) * int(self.slots[s]) + int(self.slot_rank[slot])
+        source = self.sources[s]
+        epoch, j = divmod(draw, source.count)
+        if self.split == "train":
+            j = int(self._permutation(s, epoch)[j])
+        shard, start = source.locate(j)
+        return s, shard, start
+
+    def __iter__(self) -> "TokenLoader":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        B, T = self.batch_size, self.seq_len
+        tokens = np.empty((B, T + 1), dtype=np.int64)
+        boundaries = np.zeros((B, T), dtype=np.int64)
+        first = self.position + self.rank * B
+        sources = []
+        for b in range(B):
+            s, shard, start = self.sequence(first + b)
+            tokens[b] = shard.tokens[start:start + T + 1]
+            lo = np.searchsorted(shard.starts, start, side="right")
+            hi = np.searchsorted(shard.starts, start + T, side="left")
+            boundaries[b, shard.starts[lo:hi] - start] = 1  # a document starts at this position
+            sources.append(self.sources[s].name)
+        self.position += self.world_size * B
+        self.last_sources = sources
+        return {"input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :T])),
+                "labels": torch.from_numpy(np.ascontiguousarray(tokens[:, 1:])),
+                "doc_ids": torch.from_numpy(np.cumsum(boundaries, axis=1))}
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "split": self.split, "seq_len": self.seq_len, "seed": self.seed,
+                "data_hash": self.data_hash, "weights": self.weights}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where `state` was taken (the world size and micro batch size may differ)."""
+        for key in ("split", "seq_len", "seed", "data_hash", "weights"):
+            if state.get(key) != getattr(self, key):
+                raise ValueError(f"loader state was saved with {key}={state.get(key)!r} but this loader has "
+                                 f"{key}={getattr(self, key)!r}: resuming would not continue the same sequence order")
+        self.position = int(state["position"])

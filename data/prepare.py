@@ -1,0 +1,239 @@
+"""`prepare`: sources -> cleaned documents -> tokens (in parallel) -> packed shards and a manifest.
+
+The main process reads, cleans, deduplicates and splits documents (cheap, and order-dependent); worker
+processes tokenize chunks of them (the expensive part) and results come back in submission order, so the
+shards are the same for any `num_proc`. A re-run resumes: finished shards are kept and their documents are
+neither tokenized nor written again; the identity hash of tokenizer + config + input files refuses to mix
+two preparations in one folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import time
+from collections import Counter, deque
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data.clean import Cleaner, check_normalization, is_validation
+from data.config import DataConfig
+from data.shards import IDENTITY, MANIFEST, SPLITS, ShardWriter, token_dtype, write_json
+from data.sources import BadInputLog, iter_documents, resolve_files
+
+FORMAT = "ondol-data/1"
+CHUNK_DOCS, CHUNK_CHARS = 2048, 1 << 20  # documents sent to a worker at a time
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+_worker_tokenizer = None  # set before forking the pool; each worker inherits it
+
+
+def _encode_chunk(texts: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of every text with eos appended, packed into one array, and each document's length."""
+    tok = _worker_tokenizer
+    eos, flat, lengths = tok.eos_id, [], []
+    for ids in tok.encode_batch(texts):
+        flat.extend(ids)
+        flat.append(eos)
+        lengths.append(len(ids) + 1)
+    return np.array(flat, dtype=dtype), np.array(lengths, dtype=np.int64)
+
+
+class _OrderedEncoder:
+    """Tokenizes chunks in a process pool (or inline for num_proc <= 1), delivering results in order."""
+
+    def __init__(self, tokenizer, num_proc: int, dtype: np.dtype, deliver):
+        global _worker_tokenizer
+        _worker_tokenizer = tokenizer
+        self.dtype, self.deliver = dtype.name, deliver
+        self.pool = multiprocessing.get_context("fork").Pool(num_proc) if num_proc > 1 else None
+        self.window = 2 * num_proc
+        self.pending: deque = deque()
+
+    def submit(self, texts: list[str], routes: list) -> None:
+        if self.pool is None:
+            self.deliver(routes, *_encode_chunk(texts, self.dtype))
+            return
+        self.pending.append((routes, self.pool.apply_async(_encode_chunk, (texts, self.dtype))))
+        while len(self.pending) > self.window:
+            self._deliver_oldest()
+
+    def _deliver_oldest(self) -> None:
+        routes, result = self.pending.popleft()
+        self.deliver(routes, *result.get())
+
+    def close(self) -> None:
+        while self.pending:
+            self._deliver_oldest()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+    def terminate(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+
+
+def _identity(cfg: DataConfig, tokenizer, seed: int) -> dict:
+    """Everything that decides the shards' bytes (not weights, seq_len or num_proc: those never change them)."""
+    sources = []
+    for s in cfg.sources:
+        entry = {k: v for k, v in asdict(s).items() if k != "weight"}
+        if s.format != "hf":
+            entry["files"] = [[f, os.path.getsize(f)] for f in resolve_files(s)]
+        sources.append(entry)
+    return {"format": FORMAT, "seed": seed, "sources": sources, "cleaning": asdict(cfg.cleaning),
+            "val_fraction": cfg.val_fraction, "shard_tokens": cfg.shard_tokens,
+            "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+                          "eos_id": tokenizer.eos_id}}
+
+
+def _digest(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_sources(cfg: DataConfig) -> None:
+    if not cfg.sources:
+        raise ValueError("data.sources is empty: list at least one source (name, path)")
+    names = [s.name for s in cfg.sources]
+    for name in names:
+        if not _SAFE_NAME.match(name):
+            raise ValueError(f"data.sources: name '{name}' must be letters, digits, '_', '.' or '-' "
+                             f"(it names a folder of shards)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"data.sources: names must be unique, got {names}")
+
+
+def _refuse_mixing(out_dir: Path, identity: dict, digest: str) -> None:
+    path = out_dir / IDENTITY
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text(encoding="utf-8"))
+    if old.get("hash") == digest:
+        return
+    changed = [k for k in sorted(identity) if old.get("identity", {}).get(k) != identity[k]] or ["format"]
+    raise ValueError(f"{out_dir} holds data prepared with a different {', '.join(changed)} "
+                     f"(hash {old.get('hash')} != {digest}): refusing to mix; delete {out_dir} or use "
+                     f"another run_dir")
+
+
+def _reuse(out_dir: Path, cfg: DataConfig, digest: str) -> dict | None:
+    """The finished manifest for this identity, with the (free to change) mixture weights brought up to date."""
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("hash") != digest:
+        return None
+    weights = {s.name: s.weight for s in cfg.sources}
+    if manifest["weights"] != weights:
+        manifest["weights"] = weights
+        for entry in manifest["sources"]:
+            entry["weight"] = weights[entry["name"]]
+        write_json(path, manifest)
+    return manifest
+
+
+def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, progress: bool = True) -> dict:
+    """Prepare every source into out_dir and return the manifest; finished work is reused, not redone."""
+    out_dir = Path(out_dir)
+    _check_sources(cfg)
+    check_normalization(cfg.cleaning, tokenizer.normalize)
+    identity = _identity(cfg, tokenizer, seed)
+    digest = _digest(identity)
+    _refuse_mixing(out_dir, identity, digest)
+    manifest = _reuse(out_dir, cfg, digest)
+    if manifest is not None:
+        return manifest
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / IDENTITY, {"hash": digest, "identity": identity})
+
+    started = time.perf_counter()
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = {(split, s.name): ShardWriter(out_dir / split / s.name, dtype, cfg.shard_tokens)
+               for split in SPLITS for s in cfg.sources}
+
+    def deliver(routes: list, flat: np.ndarray, lengths: np.ndarray) -> None:
+        for key, tokens in zip(routes, np.split(flat, np.cumsum(lengths)[:-1])):
+            writers[key].add(tokens)
+
+    cleaner = Cleaner(cfg.cleaning)
+    encoder = _OrderedEncoder(tokenizer, cfg.num_proc, dtype, deliver)
+    stats = []
+    try:
+        for source in cfg.sources:
+            stats.append(_prepare_source(source, cfg, seed, cleaner, encoder, writers, progress))
+        encoder.close()
+    except BaseException:
+        encoder.terminate()
+        raise
+    for writer in writers.values():
+        writer.flush()
+    manifest = _manifest(cfg, tokenizer, seed, digest, dtype, stats, cleaner, writers)
+    manifest["seconds"] = round(time.perf_counter() - started, 2)
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def _prepare_source(source, cfg: DataConfig, seed: int, cleaner: Cleaner, encoder: _OrderedEncoder,
+                    writers: dict, progress: bool) -> dict:
+    """Read, clean and split one source, queueing for tokenization what finished shards do not hold yet."""
+    bad = BadInputLog(strict=cfg.strict)
+    kept, chars = Counter(), Counter()
+    texts: list[str] = []
+    routes: list[tuple[str, str]] = []
+    bar = tqdm(desc=f"data: {source.name}", unit=" docs", unit_scale=True, total=source.max_docs,
+               disable=not progress, mininterval=0.5, dynamic_ncols=True)
+    read = chunk_chars = 0
+    for doc in iter_documents(source, bad=bad):
+        read += 1
+        bar.update()
+        cleaned = cleaner.clean(doc.text, source.name)
+        if cleaned is None:
+            continue
+        text, digest = cleaned
+        split = "val" if is_validation(digest, cfg.val_fraction, seed) else "train"
+        key = (split, source.name)
+        kept[split] += 1
+        chars[split] += len(text)
+        if kept[split] <= writers[key].skip_docs:
+            continue  # already in a finished shard from an earlier, interrupted run
+        texts.append(text)
+        routes.append(key)
+        chunk_chars += len(text)
+        if len(texts) >= CHUNK_DOCS or chunk_chars >= CHUNK_CHARS:
+            encoder.submit(texts, routes)
+            texts, routes, chunk_chars = [], [], 0
+    if texts:
+        encoder.submit(texts, routes)
+    bar.close()
+    return {"name": source.name, "path": source.path, "weight": source.weight, "read": read,
+            "bad_input": dict(bad.counts), "bad_input_examples": bad.examples,
+            "kept": {s: kept[s] for s in SPLITS}, "chars": {s: chars[s] for s in SPLITS}}
+
+
+def _manifest(cfg: DataConfig, tokenizer, seed: int, digest: str, dtype: np.dtype, stats: list[dict],
+              cleaner: Cleaner, writers: dict) -> dict:
+    for entry in stats:
+        name = entry["name"]
+        entry["modified"] = dict(cleaner.modified.get(name, {}))
+        entry["dropped"] = dict(cleaner.dropped.get(name, {}))
+        entry["tokens"] = {split: sum(r["tokens"] for r in writers[split, name].records) for split in SPLITS}
+    totals = {f"{split}_{what}": sum(e[key][split] for e in stats)
+              for split in SPLITS for what, key in (("docs", "kept"), ("tokens", "tokens"), ("chars", "chars"))}
+    totals["dropped"] = sum(sum(e["dropped"].values()) for e in stats)
+    totals["bad_input"] = sum(sum(e["bad_input"].values()) for e in stats)
+    return {
+        "format": FORMAT, "hash": digest, "seed": seed, "dtype": dtype.name,
+        "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+                      "eos_id": tokenizer.eos_id},
+        "weights": {s.name: s.weight for s in cfg.sources},
+        "sources": stats, "totals": totals, "config": asdict(cfg),
+        "splits": {split: {s.name: writers[split, s.name].records for s in cfg.sources} for split in SPLITS},
+    }

@@ -1,0 +1,137 @@
+"""The on-disk format of prepared data, written so that an interrupted run never leaves a shard to mistrust.
+
+DATA_DIR/manifest.json        what was prepared (sources, counts, token totals, tokenizer, config, shard list)
+DATA_DIR/prepare.json         the identity hash of a preparation, written first: a changed one refuses to mix
+DATA_DIR/{split}/{source}/NNNNN.bin   packed tokens (uint16, or uint32 for vocabularies over 65,536), eos after
+                                      every document
+DATA_DIR/{split}/{source}/NNNNN.idx   int64 document start offsets into the .bin, then its length
+DATA_DIR/{split}/{source}/NNNNN.json  the shard record; written last, by rename, so it marks a complete shard
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+IDENTITY = "prepare.json"
+SPLITS = ("train", "val")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so that readers see either nothing or all of it (write a temporary, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    write_atomic(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {data_dir}: run `ondol data prepare CONFIG` first "
+                                f"(an interrupted preparation resumes when re-run)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+class ShardWriter:
+    """Packs the documents of one (split, source) stream into shards of about `shard_tokens` tokens.
+
+    On creation it adopts the complete shards an earlier, interrupted run left (a contiguous run of records
+    from 00000) and deletes anything else; `skip_docs` then says how many leading documents they hold, so the
+    caller neither re-tokenizes nor re-writes them.
+    """
+
+    def __init__(self, directory: Path, dtype: np.dtype, shard_tokens: int):
+        self.dir, self.dtype, self.shard_tokens = directory, dtype, shard_tokens
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.records: list[dict] = []
+        while (self.dir / f"{len(self.records):05d}.json").is_file():
+            self.records.append(json.loads((self.dir / f"{len(self.records):05d}.json").read_text()))
+        keep = {f"{i:05d}{ext}" for i in range(len(self.records)) for ext in (".bin", ".idx", ".json")}
+        for stale in self.dir.iterdir():
+            if stale.name not in keep:
+                stale.unlink()
+        self.skip_docs = sum(r["docs"] for r in self.records)
+        self._docs: list[np.ndarray] = []
+        self._tokens = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        """Append one document (its tokens ending in eos); a shard is written once enough are buffered."""
+        self._docs.append(tokens)
+        self._tokens += len(tokens)
+        if self._tokens >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._docs:
+            return
+        stem = f"{len(self.records):05d}"
+        lengths = np.fromiter((len(d) for d in self._docs), np.int64, len(self._docs))
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        write_atomic(self.dir / f"{stem}.bin", np.concatenate(self._docs).astype(self.dtype, copy=False).tobytes())
+        write_atomic(self.dir / f"{stem}.idx", starts.tobytes())
+        record = {"path": str(Path(self.dir.parent.name) / self.dir.name / stem), "tokens": int(starts[-1]),
+                  "docs": len(self._docs)}
+        write_json(self.dir / f"{stem}.json", record)
+        self.records.append(record)
+        self._docs, self._tokens = [], 0
+
+
+@dataclass
+class Shard:
+    tokens: np.ndarray  # read-only memmap of the packed tokens
+    starts: np.ndarray  # document start offsets, then the token count
+
+    @property
+    def docs(self) -> int:
+        return len(self.starts) - 1
+
+    def document(self, i: int) -> np.ndarray:
+        """The tokens of document i without its trailing eos."""
+        return self.tokens[self.starts[i]:self.starts[i + 1] - 1]
+
+
+def open_shard(data_dir: str | os.PathLike, record: dict, dtype: str) -> Shard:
+    stem = Path(data_dir) / record["path"]
+    bin_path = stem.with_suffix(".bin")
+    dtype_ = np.dtype(dtype)
+    if not bin_path.is_file() or bin_path.stat().st_size != record["tokens"] * dtype_.itemsize:
+        raise ValueError(f"{bin_path}: missing or not {record['tokens']} tokens as the manifest says; "
+                         f"re-run `ondol data prepare CONFIG`")
+    starts = np.fromfile(stem.with_suffix(".idx"), dtype=np.int64)
+    tokens = np.memmap(bin_path, dtype=dtype_, mode="r") if record["tokens"] else np.zeros(0, dtype_)
+    return Shard(tokens, starts)
+
+
+def split_shards(data_dir: str | os.PathLike, split: str, manifest: dict | None = None) -> dict[str, list[Shard]]:
+    """Every shard of a split, per source name, in manifest order."""
+    manifest = manifest or read_manifest(data_dir)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not '{split}'")
+    return {name: [open_shard(data_dir, r, manifest["dtype"]) for r in records]
+            for name, records in manifest["splits"][split].items()}
+
+
+def first_documents(data_dir: str | os.PathLike, split: str, tokenizer, n: int) -> list[str]:
+    """The decoded text of the first n documents of a split (sources in manifest order)."""
+    texts: list[str] = []
+    for shards in split_shards(data_dir, split).values():
+        for shard in shards:
+            for i in range(shard.docs):
+                if len(texts) == n:
+                    return texts
+                texts.append(tokenizer.decode(shard.document(i).tolist()))
+    return texts
