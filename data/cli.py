@@ -1,0 +1,112 @@
+"""`ondol data prepare CONFIG` and `ondol data inspect CONFIG`."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def _load(args: argparse.Namespace):
+    from configs import data_dir, load_config, tokenizer_dir
+    from tokenizer import Tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    return cfg, Tokenizer.load(tokenizer_dir(cfg)), data_dir(cfg)
+
+
+def _source_table(manifest: dict) -> Table:
+    table = Table(title=f"prepared data (tokenizer {manifest['tokenizer']['fingerprint']}, {manifest['dtype']})")
+    for column in ("source", "weight", "read", "bad input", "dropped", "train docs", "val docs", "train tokens",
+                   "val tokens", "token share"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    total = max(1, manifest["totals"]["train_tokens"])
+    for s in manifest["sources"]:
+        table.add_row(s["name"], f"{s['weight']:g}", f"{s['read']:,}",
+                      ", ".join(f"{n} {r}" for r, n in s["bad_input"].items()) or "0",
+                      ", ".join(f"{n} {r}" for r, n in s["dropped"].items()) or "0",
+                      f"{s['kept']['train']:,}", f"{s['kept']['val']:,}",
+                      f"{s['tokens']['train']:,}", f"{s['tokens']['val']:,}",
+                      f"{s['tokens']['train'] / total:.1%}")
+    return table
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from data.prepare import prepare
+
+    cfg, tokenizer, out_dir = _load(args)
+    manifest = prepare(cfg.data, tokenizer, out_dir, cfg.seed, progress=not args.no_progress)
+    console.print(_source_table(manifest))
+    for s in manifest["sources"]:
+        for examples in s["bad_input_examples"].values():
+            for line in examples:
+                console.print(f"  skipped {line}", highlight=False, markup=False)
+    console.print(f"data: {out_dir} ({manifest['totals']['train_tokens']:,} train / "
+                  f"{manifest['totals']['val_tokens']:,} validation tokens)")
+    return 0
+
+
+def _histogram(lengths: np.ndarray, width: int = 40) -> Table:
+    """Documents per power-of-two length bucket (tokens, eos included)."""
+    table = Table(title="document length (tokens)")
+    for column in ("tokens", "docs", ""):
+        table.add_column(column, justify="right" if column else "left")
+    buckets = np.floor(np.log2(np.maximum(lengths, 1))).astype(np.int64)
+    counts = np.bincount(buckets)
+    for b, n in enumerate(counts):
+        if n:
+            table.add_row(f"{2**b:,}-{2**(b + 1) - 1:,}", f"{n:,}", "#" * max(1, int(width * n / counts.max())))
+    return table
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from data.shards import read_manifest, split_shards
+
+    cfg, tokenizer, out_dir = _load(args)
+    manifest = read_manifest(out_dir)
+    console.print(_source_table(manifest))
+    shards = split_shards(out_dir, args.split, manifest)
+    for name, source_shards in shards.items():
+        if not source_shards:
+            continue
+        lengths = np.concatenate([np.diff(s.starts) for s in source_shards])
+        console.print(f"\n[bold]{name}[/] ({args.split}): {len(lengths):,} documents, mean {lengths.mean():.1f} "
+                      f"tokens, median {np.median(lengths):.0f}, max {lengths.max():,}")
+        console.print(_histogram(lengths))
+        rng = np.random.default_rng(cfg.seed)
+        for _ in range(args.samples):
+            shard = source_shards[int(rng.integers(len(source_shards)))]
+            text = tokenizer.decode(shard.document(int(rng.integers(shard.docs))).tolist())
+            console.print(f"  sample: {text[:args.chars]!r}", highlight=False, markup=False)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from launch.cli import add_config_args
+
+    data = sub.add_parser("data", help="prepare and inspect packed training data",
+                          description="Clean, deduplicate, split and tokenize the configured sources into packed "
+                          "token shards (RUN_DIR/data), and inspect the result.")
+    commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("prepare", help="tokenize data.sources into RUN_DIR/data (resumes when re-run)",
+                            description="Read data.sources, clean (NFC, control characters, length, Hangul ratio, "
+                            "exact dedup), split train/val by document hash, tokenize in parallel with the run's "
+                            "tokenizer and write packed shards plus manifest.json. Finished shards are kept when "
+                            "re-run; a changed tokenizer or config is refused.")
+    add_config_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_prepare)
+
+    i = commands.add_parser("inspect", help="token counts per source, document lengths, decoded samples",
+                            description="Summarise RUN_DIR/data: counts per source from the manifest, a histogram "
+                            "of document lengths and a few decoded documents.")
+    add_config_args(i)
+    i.add_argument("--split", default="train", choices=("train", "val"), help="which split to look at")
+    i.add_argument("--samples", type=int, default=3, help="decoded documents to show per source")
+    i.add_argument("--chars", type=int, default=200, help="characters shown per sample")
+    i.set_defaults(func=_inspect)
