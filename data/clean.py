@@ -1,6 +1,6 @@
 """Cleaning a Korean web corpus: every step configurable, every change and drop counted per source.
 
-Steps, in order: Unicode normalization (the tokenizer's: NFC or none), control-character removal, length
+Steps, in order: control-character removal, Unicode normalization (the tokenizer's: NFC or none), length
 filters, a Hangul-ratio filter, exact deduplication by content hash. The content hash also decides the
 train/validation split, so a document keeps its split when sources grow.
 """
@@ -62,14 +62,14 @@ class Cleaner:
     def clean(self, text: str, source: str) -> tuple[str, bytes] | None:
         """(cleaned text, content hash), or None after counting why the document was dropped."""
         cfg, modified = self.cfg, self.modified.setdefault(source, Counter())
-        if cfg.normalize == "nfc" and not unicodedata.is_normalized("NFC", text):
-            text = unicodedata.normalize("NFC", text)
-            modified["normalized"] += 1
-        if cfg.remove_control:
+        if cfg.remove_control:  # before NFC: a removed character may sit between two that compose
             cleaned = text.replace("\r\n", "\n").translate(_CONTROL)
             if cleaned != text:
                 modified["control_chars_removed"] += 1
                 text = cleaned
+        if cfg.normalize == "nfc" and not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
+            modified["normalized"] += 1
         reason = self._rejected(text, source)
         digest = b"" if reason else content_hash(text)
         if not reason and cfg.dedup:
