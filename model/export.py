@@ -4,8 +4,8 @@ Exaone4ForCausalLM (post-norm dense), with safetensors weights and the run's tok
 Ondol computes the same function as transformers' EXAONE code for every setting it exports; what transformers
 cannot express is refused (`ExportError`), never silently approximated:
   - attention sinks, QK-norm off, a softmax router, MoE without shared experts, post-norm MoE;
-  - RoPE on global layers of a hybrid model (transformers applies RoPE to sliding layers only when a window is
-    set, and to every layer when none is).
+  - RoPE on global layers, except in an all-global post-norm model (transformers applies RoPE to sliding layers
+    only when a window is set, and to every layer when none is; ExaoneMoe always has a window).
 Training-only options (document masking, per-document positions, balancing, aux/z losses) do not change a
 single-sequence forward and export as is. The expert bias becomes `e_score_correction_bias`.
 """
@@ -41,6 +41,8 @@ def check_exportable(cfg: ModelConfig) -> str:
         (moe and cfg.norm_placement == "post", "model.norm_placement=post with experts: ExaoneMoe is pre-norm"),
         (cfg.rope_on_global and "L" in cfg.layer_kinds,
          "model.rope_on_global=true with sliding layers: transformers' EXAONE uses NoPE on global layers"),
+        (cfg.rope_on_global and cfg.norm_placement == "pre",
+         "model.rope_on_global=true with pre-norm: ExaoneMoe always sets a window, so global layers are NoPE"),
     ]
     for refused, why in refusals:
         if refused:

@@ -1,0 +1,118 @@
+"""`ondol export hf`: transformers loads the folder and computes Ondol's logits and greedy generations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from data.config import SourceConfig
+from model import Transformer
+from model.cli import register
+from model.config import load_preset
+from model.generate import generate
+from model.io import save_pretrained
+from tests.conftest import CORPORA, corpus_texts
+from tokenizer import Tokenizer, train_tokenizer
+from tokenizer.config import TokenizerConfig
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tok")
+    cfg = TokenizerConfig(vocab_size=3456, max_sentences=3000)
+    source = SourceConfig(name="ko_reviews", path=str(CORPORA / "ko_reviews.jsonl.gz"), max_docs=3000)
+    train_tokenizer(cfg, [source], out, seed=0)
+    return out
+
+
+def make_run(tmp_path: Path, tokenizer_dir: Path, **overrides) -> tuple[Path, Transformer]:
+    tok = Tokenizer.load(tokenizer_dir)
+    cfg = load_preset("tiny", vocab_size=tok.vocab_size, **overrides)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():  # non-trivial norms and expert biases, so a wrong mapping cannot hide
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+        for moe in model.moe_layers():
+            moe.expert_bias.normal_(0, 0.02)
+    run = tmp_path / "run"
+    save_pretrained(model, cfg, run / "model")
+    (run / "tokenizer").mkdir()
+    for f in tokenizer_dir.iterdir():
+        (run / "tokenizer" / f.name).write_bytes(f.read_bytes())
+    return run, model.eval()
+
+
+def cli_export(run: Path, out: Path) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["export", "hf", str(run), str(out)])
+    return args.func(args)
+
+
+def korean_ids(tokenizer_dir: Path, n_tokens: int) -> list[int]:
+    tok = Tokenizer.load(tokenizer_dir)
+    text = " ".join(corpus_texts("ko_docs", 3, skip=10))
+    ids = tok.encode(text)[:n_tokens]
+    assert len(ids) == n_tokens
+    return ids
+
+
+VARIANTS = {
+    "moe": ({}, "ExaoneMoeForCausalLM"),
+    "dense_post_norm_tied": (dict(n_experts=0, norm_placement="post", tie_embeddings=True), "Exaone4ForCausalLM"),
+    "dense_pre_norm": (dict(n_experts=0), "ExaoneMoeForCausalLM"),
+    "all_global_nope": (dict(attn_pattern="G", routed_scaling=2.5, norm_topk=False), "ExaoneMoeForCausalLM"),
+    "all_global_rope_post_norm": (dict(attn_pattern="G", rope_on_global=True, n_experts=0, norm_placement="post"),
+                                  "Exaone4ForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_transformers_logits_match(tmp_path, tokenizer_dir, variant):
+    overrides, arch = VARIANTS[variant]
+    run, model = make_run(tmp_path, tokenizer_dir, **overrides)
+    out = tmp_path / "hf"
+    assert cli_export(run, out) == 0
+    assert json.loads((out / "config.json").read_text())["architectures"] == [arch]
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(hf).__name__ == arch
+    ids = torch.tensor([korean_ids(tokenizer_dir, 150)])  # longer than the 64-token window
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_tokenizer_and_greedy_generation_match(tmp_path, tokenizer_dir):
+    run, model = make_run(tmp_path, tokenizer_dir)
+    out = tmp_path / "hf"
+    assert cli_export(run, out) == 0
+    text = corpus_texts("ko_reviews", 1, skip=5000)[0]
+    tok = Tokenizer.load(tokenizer_dir)
+    assert AutoTokenizer.from_pretrained(out)(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    prompt = korean_ids(tokenizer_dir, 56)  # 56 + 20 tokens cross the 64-token window
+    with torch.no_grad():
+        hf_new = hf.generate(torch.tensor([prompt]), max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                             eos_token_id=None, pad_token_id=tok.pad_id)[0, len(prompt):].tolist()
+    assert generate(model, prompt, max_new_tokens=20) == hf_new
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(attn_sinks=True), "model.attn_sinks=true"),
+    (dict(router_score="softmax"), "model.router_score=softmax"),
+    (dict(norm_placement="post"), "model.norm_placement=post with experts"),
+    (dict(rope_on_global=True), "model.rope_on_global=true with sliding layers"),
+    (dict(rope_on_global=True, attn_pattern="G"), "model.rope_on_global=true with pre-norm"),
+])
+def test_inexpressible_options_are_refused(tmp_path, tokenizer_dir, capsys, overrides, message):
+    run, _ = make_run(tmp_path, tokenizer_dir, **overrides)
+    assert cli_export(run, tmp_path / "hf") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "hf" / "model.safetensors").exists()

@@ -1,0 +1,139 @@
+"""The MoE layer against a naive per-token loop; balancing and auxiliary losses against their formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import load_preset
+from model.moe import MoE
+
+
+def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Route and run each token on its own, straight from the definitions."""
+    cfg = moe.cfg
+    out = []
+    for token in x.reshape(-1, x.shape[-1]):
+        logits = moe.gate.weight.float() @ token.float()  # the router runs in fp32
+        scores = logits.sigmoid() if cfg.router_score == "sigmoid" else logits.softmax(-1)
+        chosen = sorted(range(cfg.n_experts), key=lambda e: -float(scores[e].detach() + moe.expert_bias[e]))[:cfg.top_k]
+        w = scores[chosen]
+        if cfg.norm_topk:
+            w = w / w.sum()
+        w = w * cfg.routed_scaling
+        y = torch.zeros_like(token)
+        for weight, e in zip(w, chosen):
+            gate_w, up_w = moe.experts.gate_up_proj[e].chunk(2, dim=0)
+            h = F.silu(gate_w @ token) * (up_w @ token)
+            y = y + weight * (moe.experts.down_proj[e] @ h)
+        if moe.shared_experts is not None:
+            y = y + moe.shared_experts(token)
+        out.append(y)
+    return torch.stack(out).view_as(x)
+
+
+def build(seed=0, **overrides) -> MoE:
+    cfg = load_preset("tiny", vocab_size=256, **overrides)
+    torch.manual_seed(seed)
+    moe = MoE(cfg)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.1)
+        moe.expert_bias.normal_(0, 0.05)
+    return moe
+
+
+VARIANTS = [
+    dict(),
+    dict(router_score="softmax", norm_topk=False, routed_scaling=2.5),
+    dict(top_k=3, n_shared_experts=0, routed_scaling=2.5),
+]
+
+
+@pytest.mark.parametrize("dispatch", ["loop", "bmm_padded", "grouped_mm"])
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
+def test_moe_matches_per_token_loop(dispatch, variant):
+    moe = build(moe_dispatch=dispatch, **VARIANTS[variant])
+    x = torch.randn(3, 10, moe.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    if dispatch != "grouped_mm":  # float64 experts (the router stays fp32 in both) for tight comparisons
+        moe, x = moe.double(), x.double()
+    else:  # torch's CPU grouped_mm has fp32 forward but no fp32 backward
+        with torch.no_grad():
+            out, _ = moe(x)
+        torch.testing.assert_close(out, naive_moe(moe, x), rtol=1e-4, atol=1e-4)
+        return
+    x.requires_grad_()
+    out, _ = moe(x)
+    ref = naive_moe(moe, x)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)  # fp32 routing weights
+    g = torch.randn_like(out)
+    params = [x, moe.experts.gate_up_proj, moe.experts.down_proj, moe.gate.weight]
+    got = torch.autograd.grad(out, params, g, allow_unused=True)
+    want = torch.autograd.grad(ref, params, g, allow_unused=True)
+    for a, b in zip(got[:3], want[:3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert got[3] is not None and got[3].abs().sum() > 0  # the router learns through the combine weights
+
+
+def test_loads_accumulate_in_training_only():
+    moe = build()
+    x = torch.randn(2, 16, moe.cfg.d_model)
+    moe.eval()
+    moe(x)
+    assert moe.tokens_per_expert.sum() == 0
+    moe.train()
+    moe(x)
+    moe(x)
+    assert moe.tokens_per_expert.sum() == 2 * 32 * moe.cfg.top_k
+    assert "tokens_per_expert" not in moe.state_dict() and "expert_bias" in moe.state_dict()
+
+
+def test_bias_update_moves_load_toward_balance():
+    """A router skewed toward expert 0 on real-looking (shared-direction) inputs gets balanced by the bias."""
+    moe = build(bias_update_rate=0.02)
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(moe.cfg.d_model, generator=g)
+    x = direction + 0.5 * torch.randn(4, 64, moe.cfg.d_model, generator=g)
+    with torch.no_grad():
+        moe.expert_bias.zero_()
+        moe.gate.weight[0] = direction  # expert 0 scores high on every token
+    moe.train()
+
+    def imbalance() -> float:
+        counts = moe.tokens_per_expert.clone()
+        return float(counts.max() / counts.mean())
+
+    moe(x)
+    before = imbalance()
+    first_bias = None
+    for _ in range(60):
+        moe.update_bias()
+        if first_bias is None:
+            first_bias = moe.expert_bias.clone()
+        moe(x)
+    after = imbalance()
+    assert first_bias[0] < 0  # the overloaded expert is pushed down first
+    assert before > 2.0 and after < 0.6 * before, (before, after)
+
+
+def test_sequence_aux_and_z_loss_match_formulas():
+    moe = build(aux_loss_coef=0.01, z_loss_coef=0.001)
+    B, T, E, k = 2, 12, moe.cfg.n_experts, moe.cfg.top_k
+    x = torch.randn(B, T, moe.cfg.d_model, generator=torch.Generator().manual_seed(3))
+    _, stats = moe(x)
+    with torch.no_grad():
+        logits = x.reshape(-1, x.shape[-1]) @ moe.gate.weight.T
+        scores = logits.sigmoid().view(B, T, E)
+        chosen = torch.topk(scores + moe.expert_bias, k, dim=-1).indices
+    seq_aux = 0.0
+    for b in range(B):
+        f = torch.stack([(chosen[b] == e).sum() for e in range(E)]).float() * E / (k * T)
+        p = (scores[b] / scores[b].sum(-1, keepdim=True)).mean(0)
+        seq_aux += float((f * p).sum()) / B
+    z = float((torch.logsumexp(logits, -1) ** 2).mean())
+    assert float(stats["seq_aux_loss"]) == pytest.approx(seq_aux, rel=1e-5)
+    assert float(stats["z_loss"]) == pytest.approx(z, rel=1e-5)
+    assert float(stats["aux_loss"]) == pytest.approx(0.01 * seq_aux + 0.001 * z, rel=1e-5)
+    stats["aux_loss"].backward()
+    assert moe.gate.weight.grad.abs().sum() > 0
