@@ -15,12 +15,10 @@ from collections import Counter
 from data.config import CleaningConfig
 
 # Cc characters except tab and newline, plus the byte-order mark; a carriage return becomes a newline.
-_CONTROL = {c: None for c in range(0x20) if chr(c) not in "\t\n"} | {c: None for c in range(0x7F, 0xA0)}
-_CONTROL |= {ord("\r"): "\n", 0xFEFF: None}
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")
 _HANGUL = re.compile("[\u1100-\u11ff\u3130-\u318f\ua960-\ua97f\uac00-\ud7a3\ud7b0-\ud7ff]")
 _SPACE = re.compile(r"\s")
 NFC_PROBE = "\u1100\u1161"  # conjoining jamo that NFC composes into one syllable
-DROP_REASONS = ("too_short", "too_long", "low_hangul", "duplicate")
 
 
 def hangul_ratio(text: str) -> float:
@@ -29,14 +27,14 @@ def hangul_ratio(text: str) -> float:
     return len(_HANGUL.findall(text)) / visible if visible else 0.0
 
 
-def content_hash(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+def content_hash(text: str, seed: int) -> bytes:
+    """The document's identity for deduplication; its first 8 bytes, salted by the seed, pick its split."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16, key=seed.to_bytes(8, "little", signed=True)).digest()
 
 
-def is_validation(digest: bytes, val_fraction: float, seed: int) -> bool:
-    """Split by document hash (salted with the run seed): stable under any change to the other documents."""
-    salted = hashlib.blake2b(digest, digest_size=8, key=seed.to_bytes(8, "little", signed=True)).digest()
-    return int.from_bytes(salted, "little") < val_fraction * 2**64
+def is_validation(digest: bytes, val_fraction: float) -> bool:
+    """Split by document hash: stable under any change to the other documents."""
+    return int.from_bytes(digest[:8], "little") < val_fraction * 2**64
 
 
 def check_normalization(cfg: CleaningConfig, tokenizer_normalize) -> None:
@@ -51,32 +49,34 @@ def check_normalization(cfg: CleaningConfig, tokenizer_normalize) -> None:
 class Cleaner:
     """Applies the configured steps to documents in order; remembers hashes for exact deduplication."""
 
-    def __init__(self, cfg: CleaningConfig):
+    def __init__(self, cfg: CleaningConfig, seed: int):
         if cfg.normalize not in ("nfc", "none"):
             raise ValueError(f"data.cleaning.normalize must be nfc or none, not '{cfg.normalize}'")
-        self.cfg = cfg
+        self.cfg, self.seed = cfg, seed
         self.seen: set[bytes] = set()
         self.dropped: dict[str, Counter] = {}  # source -> reason -> documents
         self.modified: dict[str, Counter] = {}  # source -> step -> documents it changed
 
     def clean(self, text: str, source: str) -> tuple[str, bytes] | None:
         """(cleaned text, content hash), or None after counting why the document was dropped."""
-        cfg, modified = self.cfg, self.modified.setdefault(source, Counter())
-        if cfg.remove_control:  # before NFC: a removed character may sit between two that compose
-            cleaned = text.replace("\r\n", "\n").translate(_CONTROL)
-            if cleaned != text:
-                modified["control_chars_removed"] += 1
-                text = cleaned
+        cfg = self.cfg
+        if source not in self.modified:
+            self.modified[source], self.dropped[source] = Counter(), Counter()
+        modified = self.modified[source]
+        # before NFC: a removed character may sit between two that compose
+        if cfg.remove_control and _CONTROL.search(text):
+            text = _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+            modified["control_chars_removed"] += 1
         if cfg.normalize == "nfc" and not unicodedata.is_normalized("NFC", text):
             text = unicodedata.normalize("NFC", text)
             modified["normalized"] += 1
         reason = self._rejected(text, source)
-        digest = b"" if reason else content_hash(text)
+        digest = b"" if reason else content_hash(text, self.seed)
         if not reason and cfg.dedup:
             reason = "duplicate" if digest in self.seen else ""
             self.seen.add(digest)
         if reason:
-            self.dropped.setdefault(source, Counter())[reason] += 1
+            self.dropped[source][reason] += 1
             return None
         return text, digest
 

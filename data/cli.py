@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from functools import wraps
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+console = Console(soft_wrap=True)  # long lines (paths, samples) stay whole
+
+
+def _reported(handler):
+    """Data errors (bad input, missing files, refused mixing) as one line on stderr and exit code 1."""
+    @wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        from configs import ConfigError
+
+        try:
+            return handler(args)
+        except ConfigError:
+            raise
+        except (ValueError, OSError) as e:
+            print(f"ondol data {args.data_command}: error: {e}", file=sys.stderr)
+            return 1
+    return run
 
 
 def _load(args: argparse.Namespace):
@@ -35,6 +53,7 @@ def _source_table(manifest: dict) -> Table:
     return table
 
 
+@_reported
 def _prepare(args: argparse.Namespace) -> int:
     from data.prepare import prepare
 
@@ -63,6 +82,7 @@ def _histogram(lengths: np.ndarray, width: int = 40) -> Table:
     return table
 
 
+@_reported
 def _inspect(args: argparse.Namespace) -> int:
     from data.shards import read_manifest, split_shards
 

@@ -163,12 +163,12 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
         for key, tokens in zip(routes, np.split(flat, np.cumsum(lengths)[:-1])):
             writers[key].add(tokens)
 
-    cleaner = Cleaner(cfg.cleaning)
+    cleaner = Cleaner(cfg.cleaning, seed)
     encoder = _OrderedEncoder(tokenizer, cfg.num_proc, dtype, deliver)
     stats = []
     try:
         for source in cfg.sources:
-            stats.append(_prepare_source(source, cfg, seed, cleaner, encoder, writers, progress))
+            stats.append(_prepare_source(source, cfg, cleaner, encoder, writers, progress))
         encoder.close()
     except BaseException:
         encoder.terminate()
@@ -181,7 +181,7 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
     return manifest
 
 
-def _prepare_source(source, cfg: DataConfig, seed: int, cleaner: Cleaner, encoder: _OrderedEncoder,
+def _prepare_source(source, cfg: DataConfig, cleaner: Cleaner, encoder: _OrderedEncoder,
                     writers: dict, progress: bool) -> dict:
     """Read, clean and split one source, queueing for tokenization what finished shards do not hold yet."""
     bad = BadInputLog(strict=cfg.strict)
@@ -198,7 +198,7 @@ def _prepare_source(source, cfg: DataConfig, seed: int, cleaner: Cleaner, encode
         if cleaned is None:
             continue
         text, digest = cleaned
-        split = "val" if is_validation(digest, cfg.val_fraction, seed) else "train"
+        split = "val" if is_validation(digest, cfg.val_fraction) else "train"
         key = (split, source.name)
         kept[split] += 1
         chars[split] += len(text)

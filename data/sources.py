@@ -29,7 +29,6 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TEXT_SUFFIXES = (".txt", ".text")
 COMPRESSED_SUFFIXES = ("", ".gz", ".zst", ".zstd")
 PARQUET_SUFFIXES = (".parquet",)
-BAD_INPUT_REASONS = ("malformed_json", "invalid_utf8", "missing_text_field", "empty_doc")
 
 
 class BadInputError(ValueError):

@@ -1,0 +1,65 @@
+"""`ondol data prepare` and `ondol data inspect` from a run config, on real text."""
+
+import argparse
+import ast
+
+import pytest
+
+from data import read_manifest
+from data.cli import register
+from tests.conftest import CORPORA, corpus_texts
+from tests.test_data_prepare import small_tokenizer
+
+
+def ondol(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="ondol")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+@pytest.fixture
+def config(tmp_path):
+    small_tokenizer(tmp_path / "tok")
+    path = tmp_path / "run.yaml"
+    path.write_text(f"""
+run_dir: {tmp_path / 'run'}
+tokenizer:
+  path: {tmp_path / 'tok'}
+data:
+  sources:
+    - name: ko_docs
+      path: {CORPORA / 'ko_docs.jsonl.gz'}
+      max_docs: 30
+    - name: ko_reviews
+      path: {CORPORA / 'ko_reviews.jsonl.gz'}
+      max_docs: 300
+  val_fraction: 0.1
+""")
+    return path
+
+
+def test_prepare_then_inspect(config, tmp_path, capsys):
+    assert ondol("data", "prepare", str(config), "--no-progress") == 0
+    manifest = read_manifest(tmp_path / "run" / "data")
+    assert [s["read"] for s in manifest["sources"]] == [30, 300]
+    out = capsys.readouterr().out
+    assert f"{manifest['totals']['train_tokens']:,} train" in out
+
+    assert ondol("data", "inspect", str(config), "--samples", "2", "--chars", "20") == 0
+    out = capsys.readouterr().out
+    assert "document length (tokens)" in out and out.count("sample: ") == 4
+    texts = corpus_texts("ko_docs", 30) + corpus_texts("ko_reviews", 300)
+    for line in out.splitlines():
+        if line.strip().startswith("sample: "):
+            sample = ast.literal_eval(line.strip()[len("sample: "):])  # a decoded document's start
+            assert any(t.startswith(sample) for t in texts)
+
+
+def test_errors_are_one_line_with_exit_code_1(config, tmp_path, capsys):
+    assert ondol("data", "inspect", str(config)) == 1
+    assert "ondol data inspect: error: no manifest.json in" in capsys.readouterr().err
+    assert ondol("data", "prepare", str(config), "--no-progress") == 0
+    assert ondol("data", "prepare", str(config), "data.cleaning.min_chars=10", "--no-progress") == 1
+    err = capsys.readouterr().err
+    assert "ondol data prepare: error: " in err and "refusing to mix" in err and len(err.splitlines()) == 1
