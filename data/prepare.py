@@ -134,7 +134,7 @@ def _reuse(out_dir: Path, cfg: DataConfig, digest: str) -> dict | None:
     weights = {s.name: s.weight for s in cfg.sources}
     if manifest["weights"] != weights:
         manifest["weights"] = weights
-        for entry in manifest["sources"]:
+        for entry in manifest["sources"] + manifest["config"]["sources"]:
             entry["weight"] = weights[entry["name"]]
         write_json(path, manifest)
     return manifest
@@ -175,6 +175,8 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
         raise
     for writer in writers.values():
         writer.flush()
+    for entry, source in zip(stats, identity["sources"]):
+        entry["files"] = source.get("files", [])
     manifest = _manifest(cfg, tokenizer, seed, digest, dtype, stats, cleaner, writers)
     manifest["seconds"] = round(time.perf_counter() - started, 2)
     write_json(out_dir / MANIFEST, manifest)

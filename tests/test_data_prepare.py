@@ -165,8 +165,12 @@ def test_rerun_reuses_refuses_mixing_and_follows_weights(tmp_path, tok):
     assert again == first and shard.with_suffix(".bin").stat().st_mtime_ns == mtime
 
     cfg.sources[0].weight = 3.0  # weights only steer the loader: no re-preparation
-    assert prepare(cfg, tok, tmp_path / "data", seed=0, progress=False)["weights"] == {"ko_reviews": 3.0,
-                                                                                       "ko_docs": 1.0}
+    reweighted = prepare(cfg, tok, tmp_path / "data", seed=0, progress=False)
+    assert reweighted["weights"] == {"ko_reviews": 3.0, "ko_docs": 1.0} == read_manifest(tmp_path / "data")["weights"]
+    assert [s["weight"] for s in reweighted["config"]["sources"]] == [3.0, 1.0]
+    assert shard.with_suffix(".bin").stat().st_mtime_ns == mtime
+    assert first["sources"][1]["files"] == [[str(CORPORA / "ko_docs.jsonl.gz"),
+                                             (CORPORA / "ko_docs.jsonl.gz").stat().st_size]]
     cfg.cleaning.min_chars = 5
     with pytest.raises(ValueError, match=r"different cleaning .*refusing to mix; delete .*data"):
         prepare(cfg, tok, tmp_path / "data", seed=0, progress=False)
