@@ -50,8 +50,6 @@ class Cleaner:
     """Applies the configured steps to documents in order; remembers hashes for exact deduplication."""
 
     def __init__(self, cfg: CleaningConfig, seed: int):
-        if cfg.normalize not in ("nfc", "none"):
-            raise ValueError(f"data.cleaning.normalize must be nfc or none, not '{cfg.normalize}'")
         self.cfg, self.seed = cfg, seed
         self.seen: set[bytes] = set()
         self.dropped: dict[str, Counter] = {}  # source -> reason -> documents

@@ -41,6 +41,15 @@ class CleaningConfig:
     hangul_ratio_sources: list[str] = field(default_factory=list)
     dedup: bool = True
 
+    def __post_init__(self) -> None:
+        if self.normalize not in ("nfc", "none"):
+            raise ValueError(f"data.cleaning.normalize must be nfc or none, not '{self.normalize}'")
+        if self.min_chars < 0 or (self.max_chars is not None and self.max_chars < self.min_chars):
+            raise ValueError(f"data.cleaning.min_chars ({self.min_chars}) must be >= 0 and <= "
+                             f"data.cleaning.max_chars ({self.max_chars})")
+        if not 0.0 <= self.min_hangul_ratio <= 1.0:
+            raise ValueError(f"data.cleaning.min_hangul_ratio must lie in [0, 1], not {self.min_hangul_ratio}")
+
 
 @dataclass
 class DataConfig:
@@ -52,3 +61,14 @@ class DataConfig:
     num_proc: int = 2
     strict: bool = False  # any bad input line becomes an error instead of a counted skip
     document_masking: bool = True  # loader returns per-token document ids for masking
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must lie in [0, 1), not {self.val_fraction}")
+        if self.seq_len < 1 or self.shard_tokens < 1 or self.num_proc < 1:
+            raise ValueError("data.seq_len, data.shard_tokens and data.num_proc must be >= 1")
+        names = {s.name for s in self.sources}
+        unknown = sorted(set(self.cleaning.hangul_ratio_sources) - names) if self.sources else []
+        if unknown:
+            raise ValueError(f"data.cleaning.hangul_ratio_sources names unknown sources {unknown} "
+                             f"(sources: {sorted(names)})")

@@ -87,6 +87,8 @@ class TokenLoader:
             raise ValueError(f"{data_dir}: every source has weight 0")
         self.weights = {s.name: float(weights[s.name]) for s in self.sources}
         self.pattern, self.slots = mixture_pattern(list(self.weights.values()))
+        if not self.slots.all():
+            raise ValueError(f"weights {self.weights}: each share must be at least 1/{PATTERN_LEN}")
         slot_rank = np.zeros(PATTERN_LEN, dtype=np.int64)
         for s in range(len(self.sources)):
             where = self.pattern == s

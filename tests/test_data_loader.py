@@ -158,6 +158,8 @@ def test_loader_errors_are_clear(prepared, tmp_path):
         TokenLoader(data_dir, "train", SEQ, 2, weights={"ko_review": 1.0})
     with pytest.raises(ValueError, match="no train sequences of 100001 tokens in source"):
         TokenLoader(data_dir, "train", 100_000, 2)
+    with pytest.raises(ValueError, match="each share must be at least 1/10000"):
+        TokenLoader(data_dir, "train", SEQ, 2, weights={"ko_reviews": 1.0, "ko_docs": 1e-6})
     loader = TokenLoader(data_dir, "train", SEQ, 2, seed=1)
     with pytest.raises(ValueError, match="saved with seq_len=128 but this loader has seq_len=64"):
         loader.load_state_dict({**loader.state_dict(), "seq_len": 128})

@@ -215,6 +215,14 @@ def test_clear_errors(tmp_path, tok):
     with pytest.raises(ValueError, match="data.cleaning.normalize is 'none' but the tokenizer applies NFC"):
         prepare(DataConfig(sources=[corpus_source("ko_docs", 5)], cleaning=CleaningConfig(normalize="none")),
                 tok, tmp_path / "d", seed=0, progress=False)
+    with pytest.raises(ValueError, match=r"data.val_fraction must lie in \[0, 1\)"):
+        DataConfig(val_fraction=1.0)
+    with pytest.raises(ValueError, match=r"hangul_ratio_sources names unknown sources \['ko_doc'\]"):
+        DataConfig(sources=[corpus_source("ko_docs", 5)], cleaning=CleaningConfig(hangul_ratio_sources=["ko_doc"]))
+    with pytest.raises(ValueError, match=r"data.cleaning.min_chars \(10\) must be >= 0 and <= data.cleaning.max_chars"):
+        CleaningConfig(min_chars=10, max_chars=5)
+    with pytest.raises(ValueError, match="format must be auto | jsonl"):
+        SourceConfig(name="x", path="y", format="csv")
     with pytest.raises(ValueError, match="names must be unique"):
         prepare(DataConfig(sources=[corpus_source("ko_docs", 5), corpus_source("ko_docs", 5)]), tok,
                 tmp_path / "d", seed=0, progress=False)
