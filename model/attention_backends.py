@@ -19,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from model.layers import document_starts
+
 
 @dataclass(frozen=True)
 class MaskSpec:
@@ -46,7 +48,8 @@ def dense_mask(spec: MaskSpec, device: torch.device) -> torch.Tensor:
 
 def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """Rescale attention output [B, H, T, D] with log-sum-exp lse [B, H, T] as if sink logits joined the softmax."""
-    keep = torch.sigmoid(lse.float() - sinks.float()[None, :, None])
+    dtype = torch.promote_types(out.dtype, torch.float32)
+    keep = torch.sigmoid(lse.to(dtype) - sinks.to(dtype)[None, :, None])
     return out * keep.unsqueeze(-1).to(out.dtype)
 
 
@@ -132,9 +135,8 @@ class FlashVarlenBackend:
         if docs is None:
             return VarlenMask(None, spec.seq_len, spec.window)
         B, T = docs.shape
-        starts = torch.ones_like(docs, dtype=torch.bool)
-        starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
-        bounds = torch.cat([starts.flatten().nonzero().flatten(), torch.tensor([B * T], device=device)])
+        starts = document_starts(docs).flatten().nonzero().flatten()
+        bounds = torch.cat([starts, torch.tensor([B * T], device=device)])
         lengths = torch.diff(bounds)
         return VarlenMask(bounds.to(torch.int32), int(lengths.max()), spec.window)
 

@@ -39,12 +39,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def document_starts(doc_ids: torch.Tensor) -> torch.Tensor:
+    """True where a packed document begins (every row starts one) for doc_ids [B, T]."""
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    return starts
+
+
 def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
     """Position of each token within its packed document: 0 at every document start."""
     idx = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    start_idx = torch.where(document_starts(doc_ids), idx, torch.zeros_like(idx)).cummax(dim=1).values
     return idx - start_idx
 
 

@@ -91,3 +91,42 @@ def test_packed_documents_equal_separate_runs():
         logits = model(packed, doc_ids=doc_ids).logits[0]
         solo = torch.cat([model(d[None]).logits[0] for d in docs])
     torch.testing.assert_close(logits, solo, rtol=1e-6, atol=1e-6)  # router runs in fp32
+
+
+def fake_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, window_size, return_attn_probs=False):
+    """flash-attn's varlen contract ([total, H, D] tensors, int32 offsets, lse [H, total]) in plain torch."""
+    assert causal and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    outs, lses = [], []
+    rep = q.shape[1] // k.shape[1]
+    for s, e in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        assert e - s <= max_q
+        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)
+        scores = qs @ ks.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        i = torch.arange(e - s)
+        allowed = i[:, None] >= i[None]
+        if window_size[0] >= 0:
+            allowed &= i[:, None] - i[None] <= window_size[0]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        outs.append((scores.softmax(-1) @ vs).transpose(0, 1))
+        lses.append(torch.logsumexp(scores, -1))
+    out = torch.cat(outs)
+    return (out, torch.cat(lses, dim=1), None) if return_attn_probs else out
+
+
+@pytest.mark.parametrize("window,docs,sinks", CASES)
+def test_flash_varlen_glue_matches_naive(monkeypatch, window, docs, sinks):
+    """The flash backend's document offsets, window and sink handling, with flash-attn's kernel replaced by a
+    plain implementation of its documented contract (flash-attn itself needs CUDA)."""
+    import sys
+    import types
+
+    from model.attention_backends import FlashVarlenBackend
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=fake_flash_varlen))
+    q, k, v, doc_ids, sink = make_inputs(2)
+    doc_ids = doc_ids if docs else None
+    sink = sink if sinks else None
+    backend = FlashVarlenBackend()
+    out = backend.attend(q, k, v, backend.prepare(MaskSpec(q.shape[2], window, doc_ids), q.device), sink)
+    torch.testing.assert_close(out, naive_attention(q, k, v, window, doc_ids, sink), rtol=1e-10, atol=1e-10)

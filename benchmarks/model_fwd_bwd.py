@@ -1,0 +1,124 @@
+"""Forward+backward time of Ondol's model vs transformers' ExaoneMoeForCausalLM with the same config and weights.
+
+Both models get the same weights (through the exporter's name mapping) and the same batch of real Korean text
+(UTF-8 bytes of ko_reviews as token ids, so no tokenizer is needed); the table shows each one's loss on that
+batch, which must agree, and the median fwd+bwd time. Ondol runs once per expert-dispatch implementation.
+
+    .venv/bin/python benchmarks/model_fwd_bwd.py                       # tiny + moe-1b (full size: ~14 GiB RAM)
+    .venv/bin/python benchmarks/model_fwd_bwd.py --presets moe-1b --set n_layers=4 --batch 1 --seq 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import gzip
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+from model.config import load_preset
+from model.export import hf_config, hf_state_dict
+from model.transformer import Transformer
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "ko_reviews.jsonl.gz"
+
+
+def korean_batch(batch: int, seq: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    need = batch * (seq + 1)
+    data = bytearray()
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
+        for line in f:
+            data += json.loads(line)["text"].encode("utf-8") + b"\n"
+            if len(data) >= need:
+                break
+    ids = (torch.tensor(list(data[:need])) % vocab).view(batch, seq + 1)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def time_fwd_bwd(step, model: torch.nn.Module, repeats: int) -> tuple[float, float]:
+    """(loss, median seconds) of `step()` = forward + backward, after one warm-up."""
+    times, loss = [], 0.0
+    for i in range(repeats + 1):
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        loss_t = step()
+        loss_t.backward()
+        elapsed = time.perf_counter() - t0
+        loss = float(loss_t.detach())
+        if i:
+            times.append(elapsed)
+    return loss, statistics.median(times)
+
+
+def bench_preset(name: str, overrides: dict, batch: int, seq: int, repeats: int, dispatches: list[str]) -> list:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = load_preset(name, **overrides)
+    ids, labels = korean_batch(batch, seq, cfg.vocab_size)
+    rows = []
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    for dispatch in dispatches:
+        for moe in model.moe_layers():
+            moe.experts.dispatch = dispatch
+        loss, sec = time_fwd_bwd(lambda: model(ids, labels=labels).loss, model, repeats)
+        rows.append((f"ondol ({dispatch})", loss, sec))
+    hf_cfg = hf_config(cfg, {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3})
+    state = hf_state_dict(model.state_dict(), cfg)
+    del model
+    gc.collect()
+    config = AutoConfig.for_model(**{k: v for k, v in hf_cfg.items() if k not in ("architectures", "torch_dtype")})
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    del state
+    impl = getattr(hf.config, "_experts_implementation", None) or "default"
+
+    def hf_step():
+        logits = hf(ids).logits
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1))
+
+    loss, sec = time_fwd_bwd(hf_step, hf, repeats)
+    rows.append((f"transformers ({hf.config._attn_implementation}, experts {impl})", loss, sec))
+    del hf
+    gc.collect()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "moe-1b"])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=4096, help="vocab size (presets take theirs from a tokenizer)")
+    parser.add_argument("--dispatch", nargs="+", default=["loop", "bmm_padded"])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model overrides, e.g. n_layers=4")
+    args = parser.parse_args()
+    overrides = {"vocab_size": args.vocab}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        overrides[key] = type(getattr(load_preset("tiny"), key))(value)
+    console = Console()
+    table = Table(title=f"fwd+bwd on CPU ({torch.get_num_threads()} threads), batch {args.batch} x {args.seq}, "
+                        f"median of {args.repeats}")
+    for col in ("preset", "implementation", "loss", "seconds", "speed-up vs transformers"):
+        table.add_column(col)
+    for name in args.presets:
+        console.print(f"[bold]{name}[/] {overrides} ...")
+        rows = bench_preset(name, overrides, args.batch, args.seq, args.repeats, args.dispatch)
+        hf_sec = rows[-1][2]
+        for impl, loss, sec in rows:
+            table.add_row(name, impl, f"{loss:.6f}", f"{sec:.3f}", f"{hf_sec / sec:.2f}x")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
