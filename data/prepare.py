@@ -10,6 +10,7 @@ two preparations in one folder.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -160,8 +161,13 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
                for split in SPLITS for s in cfg.sources}
 
     def deliver(routes: list, flat: np.ndarray, lengths: np.ndarray) -> None:
-        for key, tokens in zip(routes, np.split(flat, np.cumsum(lengths)[:-1])):
-            writers[key].add(tokens)
+        """Hand each run of consecutive documents bound for the same shard stream to its writer."""
+        doc = offset = 0
+        for key, run in itertools.groupby(routes):
+            n = sum(1 for _ in run)
+            size = int(lengths[doc:doc + n].sum())
+            writers[key].add(flat[offset:offset + size], lengths[doc:doc + n])
+            doc, offset = doc + n, offset + size
 
     cleaner = Cleaner(cfg.cleaning, seed)
     encoder = _OrderedEncoder(tokenizer, cfg.num_proc, dtype, deliver)

@@ -65,29 +65,36 @@ class ShardWriter:
             if stale.name not in keep:
                 stale.unlink()
         self.skip_docs = sum(r["docs"] for r in self.records)
-        self._docs: list[np.ndarray] = []
+        self._parts: list[np.ndarray] = []
+        self._lengths: list[np.ndarray] = []
         self._tokens = 0
 
-    def add(self, tokens: np.ndarray) -> None:
-        """Append one document (its tokens ending in eos); a shard is written once enough are buffered."""
-        self._docs.append(tokens)
-        self._tokens += len(tokens)
-        if self._tokens >= self.shard_tokens:
-            self.flush()
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append whole documents (packed tokens, each ending in eos, and their lengths); a shard is written
+        as soon as its documents reach shard_tokens."""
+        while len(lengths):
+            ends = np.cumsum(lengths)
+            take = min(len(lengths), int(np.searchsorted(ends, self.shard_tokens - self._tokens)) + 1)
+            size = int(ends[take - 1])
+            self._parts.append(tokens[:size])
+            self._lengths.append(lengths[:take])
+            self._tokens += size
+            tokens, lengths = tokens[size:], lengths[take:]
+            if self._tokens >= self.shard_tokens:
+                self.flush()
 
     def flush(self) -> None:
-        if not self._docs:
+        if not self._parts:
             return
         stem = f"{len(self.records):05d}"
-        lengths = np.fromiter((len(d) for d in self._docs), np.int64, len(self._docs))
-        starts = np.concatenate([[0], np.cumsum(lengths)])
-        write_atomic(self.dir / f"{stem}.bin", np.concatenate(self._docs).astype(self.dtype, copy=False).tobytes())
+        starts = np.concatenate([[0], np.cumsum(np.concatenate(self._lengths))])
+        write_atomic(self.dir / f"{stem}.bin", np.concatenate(self._parts).astype(self.dtype, copy=False).tobytes())
         write_atomic(self.dir / f"{stem}.idx", starts.tobytes())
         record = {"path": str(Path(self.dir.parent.name) / self.dir.name / stem), "tokens": int(starts[-1]),
-                  "docs": len(self._docs)}
+                  "docs": len(starts) - 1}
         write_json(self.dir / f"{stem}.json", record)
         self.records.append(record)
-        self._docs, self._tokens = [], 0
+        self._parts, self._lengths, self._tokens = [], [], 0
 
 
 @dataclass
