@@ -12,6 +12,7 @@ resume on another data-parallel size. g maps to a sequence in closed form (no re
 
 from __future__ import annotations
 
+import logging
 import os
 import zlib
 from dataclasses import dataclass
@@ -22,10 +23,12 @@ import torch
 from data.shards import Shard, read_manifest, split_shards
 
 PATTERN_LEN = 10_000
+log = logging.getLogger("ondol.data")
 
 
-def mixture_pattern(weights: list[float], length: int = PATTERN_LEN) -> tuple[np.ndarray, np.ndarray]:
-    """(source index of each slot of the repeating pattern, slots per source)."""
+def mixture_pattern(weights: list[float], length: int = PATTERN_LEN) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(source index of each slot of the repeating pattern, slots per source, each slot's rank among its
+    source's slots)."""
     share = np.asarray(weights, dtype=np.float64) / sum(weights)
     counts = np.floor(share * length).astype(np.int64)
     remainder_order = np.argsort(-(share * length - counts), kind="stable")
@@ -36,7 +39,10 @@ def mixture_pattern(weights: list[float], length: int = PATTERN_LEN) -> tuple[np
         chosen = int(np.argmax(current))
         current[chosen] -= length
         pattern[slot] = chosen
-    return pattern, counts
+    rank = np.zeros(length, dtype=np.int64)
+    for s in range(len(counts)):
+        rank[pattern == s] = np.arange(counts[s])
+    return pattern, counts, rank
 
 
 @dataclass
@@ -55,6 +61,22 @@ class _SourceSequences:
     def locate(self, j: int) -> tuple[Shard, int]:
         k = int(np.searchsorted(self.offsets, j, side="right")) - 1
         return self.shards[k], int(j - self.offsets[k]) * self.seq_len
+
+
+def _mixed_sources(data_dir, split: str, seq_len: int, shards: dict[str, list[Shard]],
+                   weights: dict[str, float]) -> list[_SourceSequences]:
+    """The sources with a positive weight; a validation split may lack a small one (logged), training not."""
+    sources = [_SourceSequences(name, shards[name], seq_len) for name in shards if weights.get(name, 0) > 0]
+    if not sources:
+        raise ValueError(f"{data_dir}: every source has weight 0")
+    empty = [s.name for s in sources if s.count == 0]
+    if empty and (split == "train" or len(empty) == len(sources)):
+        raise ValueError(f"{data_dir}: no {split} sequences of {seq_len + 1} tokens in source(s) {empty}: "
+                         f"add data, lower seq_len, or give them weight 0")
+    if empty:
+        log.warning("%s: no %s sequences of %d tokens in %s: left out of this split's mixture",
+                    data_dir, split, seq_len + 1, ", ".join(empty))
+    return [s for s in sources if s.count > 0]
 
 
 class TokenLoader:
@@ -76,24 +98,11 @@ class TokenLoader:
         unknown = sorted(set(weights) - set(shards))
         if unknown:
             raise ValueError(f"weights name unknown sources {unknown}; {data_dir} has {sorted(shards)}")
-        self.sources = [_SourceSequences(name, shards[name], seq_len) for name in shards
-                        if weights.get(name, 0) > 0]
-        empty = [s.name for s in self.sources if s.count == 0]
-        if empty and (split == "train" or len(empty) == len(self.sources)):
-            raise ValueError(f"{data_dir}: no {split} sequences of {seq_len + 1} tokens in source(s) {empty}: "
-                             f"add data, lower seq_len, or give them weight 0")
-        self.sources = [s for s in self.sources if s.count > 0]  # validation may lack a small source
-        if not self.sources:
-            raise ValueError(f"{data_dir}: every source has weight 0")
+        self.sources = _mixed_sources(data_dir, split, seq_len, shards, weights)
         self.weights = {s.name: float(weights[s.name]) for s in self.sources}
-        self.pattern, self.slots = mixture_pattern(list(self.weights.values()))
+        self.pattern, self.slots, self.slot_rank = mixture_pattern(list(self.weights.values()))
         if not self.slots.all():
             raise ValueError(f"weights {self.weights}: each share must be at least 1/{PATTERN_LEN}")
-        slot_rank = np.zeros(PATTERN_LEN, dtype=np.int64)
-        for s in range(len(self.sources)):
-            where = self.pattern == s
-            slot_rank[where] = np.arange(int(where.sum()))
-        self.slot_rank = slot_rank
         self.split, self.seq_len, self.batch_size = split, seq_len, micro_batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.data_hash = manifest["hash"]

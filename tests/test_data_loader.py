@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import TokenLoader, prepare
+from data import TokenLoader, prepare, read_manifest
 from data.config import DataConfig
 from data.shards import split_shards
 from tests.test_data_prepare import corpus_source, small_tokenizer
@@ -148,6 +148,16 @@ def test_validation_order_is_fixed_and_sequential(prepared):
     rows = torch.cat([x["input_ids"] for x in a])
     for j, row in enumerate(rows):
         assert row.tolist() == shard.tokens[j * SEQ:(j + 1) * SEQ].tolist()
+
+
+def test_validation_leaves_out_sources_without_a_sequence_and_says_so(prepared, caplog):
+    data_dir, _ = prepared
+    val_tokens = {s["name"]: s["tokens"]["val"] for s in read_manifest(data_dir)["sources"]}
+    short = sorted(name for name, n in val_tokens.items() if n < SEQ + 1)
+    assert short, "the fixture should hold a source too small for a validation sequence"
+    loader = TokenLoader(data_dir, "val", SEQ, 2)
+    assert sorted(loader.weights) == sorted(set(val_tokens) - set(short))
+    assert f"no val sequences of {SEQ + 1} tokens in {', '.join(n for n in val_tokens if n in short)}" in caplog.text
 
 
 def test_loader_errors_are_clear(prepared, tmp_path):
