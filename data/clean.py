@@ -85,7 +85,7 @@ class Cleaner:
             return "too_short"
         if cfg.max_chars is not None and len(text) > cfg.max_chars:
             return "too_long"
-        if cfg.min_hangul_ratio > 0 and (not cfg.hangul_ratio_sources or source in cfg.hangul_ratio_sources):
-            if hangul_ratio(text) < cfg.min_hangul_ratio:
-                return "low_hangul"
+        applies = cfg.min_hangul_ratio > 0 and (not cfg.hangul_ratio_sources or source in cfg.hangul_ratio_sources)
+        if applies and hangul_ratio(text) < cfg.min_hangul_ratio:
+            return "low_hangul"
         return ""

@@ -132,7 +132,7 @@ class TokenLoader:
         shard, start = source.locate(j)
         return s, shard, start
 
-    def __iter__(self) -> "TokenLoader":
+    def __iter__(self) -> TokenLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:

@@ -90,9 +90,9 @@ def test_round_trip_shards_equal_cleaned_documents(tmp_path, tok):
                 expected[name].append(t)
     train, val = decoded_split(tmp_path / "data", "train", tok), decoded_split(tmp_path / "data", "val", tok)
     val_set = set(val["messy"]) | set(val["ko_docs"])
-    for name in expected:
-        assert train[name] == [t for t in expected[name] if t not in val_set]
-        assert val[name] == [t for t in expected[name] if t in val_set]
+    for name, texts in expected.items():
+        assert train[name] == [t for t in texts if t not in val_set]
+        assert val[name] == [t for t in texts if t in val_set]
     assert 10 <= len(val["messy"]) <= 80  # ~10% of 400 kept reviews
 
     messy_stats = manifest["sources"][0]
