@@ -73,6 +73,18 @@ def test_hugging_face_dataset_saved_and_by_path(tmp_path):
     assert _texts(SourceConfig(name="h", path=str(tmp_path / "raw"), format="hf")) == TEXTS
 
 
+def test_hugging_face_errors_name_the_fix(tmp_path):
+    import datasets
+
+    with pytest.raises(SourceError, match="cannot load Hugging Face dataset 'no-such/dataset' .*offline"):
+        list(iter_documents(SourceConfig(name="h", path="no-such/dataset", format="hf")))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": TEXTS})}).save_to_disk(str(tmp_path / "d"))
+    with pytest.raises(SourceError, match="has no split 'test' \\(set hf_split\\)"):
+        list(iter_documents(SourceConfig(name="h", path=str(tmp_path / "d"), format="hf", hf_split="test")))
+    with pytest.raises(SourceError, match="has no column 'body' \\(columns: text\\); set text_field"):
+        list(iter_documents(SourceConfig(name="h", path=str(tmp_path / "d"), format="hf", text_field="body")))
+
+
 def _good(text):
     return json.dumps({"text": text}, ensure_ascii=False).encode()
 
