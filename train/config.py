@@ -4,6 +4,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ValueError(msg)
+
+
 @dataclass
 class OptimConfig:
     lr: float = 3e-3
@@ -17,6 +22,16 @@ class OptimConfig:
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying
     grad_clip: float = 1.0
 
+    def __post_init__(self) -> None:
+        _need(self.schedule in ("cosine", "wsd", "constant"), "optim.schedule must be cosine, wsd or constant, "
+              f"not '{self.schedule}'")
+        _need(self.lr > 0, "optim.lr must be positive")
+        _need(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio must lie in [0, 1]")
+        _need(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+        _need(0.0 < self.decay_fraction <= 1.0, "optim.decay_fraction must lie in (0, 1]")
+        _need(self.grad_clip >= 0, "optim.grad_clip must be >= 0 (0 disables clipping)")
+        _need(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -26,6 +41,14 @@ class DeepSpeedConfig:
     expert_parallel_size: int = 1
     timeout_minutes: int = 10
     extra: dict[str, Any] = field(default_factory=dict)  # merged into DeepSpeed's JSON config
+
+    def __post_init__(self) -> None:
+        _need(self.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0, 1, 2 or 3, not {self.zero_stage}")
+        _need(self.precision in ("fp32", "bf16"), f"deepspeed.precision must be fp32 or bf16, not '{self.precision}'")
+        _need(self.backend in ("auto", "gloo", "nccl"), f"deepspeed.backend must be auto, gloo or nccl, "
+              f"not '{self.backend}'")
+        _need(self.expert_parallel_size == 1, "deepspeed.expert_parallel_size > 1 is not supported yet: the "
+              "trainer runs experts data-parallel (set it to 1)")
 
 
 @dataclass
@@ -41,6 +64,11 @@ class TrainConfig:
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     log_every: int = 10
 
+    def __post_init__(self) -> None:
+        for key in ("steps", "micro_batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
+                    "keep_last", "max_nonfinite", "log_every"):
+            _need(getattr(self, key) >= 1, f"train.{key} must be >= 1")
+
 
 @dataclass
 class LoggingConfig:
@@ -49,3 +77,8 @@ class LoggingConfig:
     wandb_run_name: Optional[str] = None
     progress: bool = True
     peak_tflops: float = 0.0  # 0: detect from the device (CPU: none, MFU not reported)
+
+    def __post_init__(self) -> None:
+        _need(self.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode must be offline, online or "
+              f"disabled, not '{self.wandb_mode}'")
+        _need(self.peak_tflops >= 0, "logging.peak_tflops must be >= 0 (0: detect)")

@@ -1,0 +1,111 @@
+"""The distributed environment and the DeepSpeed engine: the same code on CPU (gloo) and GPU (nccl).
+
+A process started without a launcher gets the single-rank environment variables here, so DeepSpeed never
+falls back to MPI discovery (mpi4py).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from configs import RunConfig
+from train.optim import GuardedAdamW, param_groups
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: RunConfig) -> DistEnv:
+    """Join (or, alone, create) the process group; one device per rank."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    cuda = torch.cuda.is_available()
+    backend = cfg.deepspeed.backend if cfg.deepspeed.backend != "auto" else ("nccl" if cuda else "gloo")
+    if backend == "nccl" and not cuda:
+        raise RuntimeError("deepspeed.backend=nccl needs a GPU; set deepspeed.backend=gloo (or auto) on CPU")
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=cfg.deepspeed.timeout_minutes))
+    return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
+
+
+def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
+    """DeepSpeed's JSON config from the typed one; `deepspeed.extra` is merged last (it wins)."""
+    ds, tr = cfg.deepspeed, cfg.train
+    clip_in_deepspeed = not (ds.precision == "fp32" and ds.zero_stage == 0)  # else GuardedAdamW clips
+    config = {
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": tr.grad_accum,
+        "train_batch_size": tr.micro_batch_size * tr.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip if clip_in_deepspeed else 0.0,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_allow_untested_optimizer": True,  # GuardedAdamW is torch's AdamW plus a skip flag
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if ds.precision == "bf16":
+        config["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    if ds.zero_stage == 3:
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
+    return _merge(config, ds.extra)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, env: DistEnv):
+    """(engine, optimizer): the model wrapped by DeepSpeed with GuardedAdamW over decay/no-decay groups."""
+    import deepspeed
+
+    o = cfg.optim
+    owns_clipping = cfg.deepspeed.precision == "fp32" and cfg.deepspeed.zero_stage == 0
+    optimizer = GuardedAdamW(param_groups(model, o.weight_decay), owns_clipping=owns_clipping,
+                             clip_norm=o.grad_clip, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             foreach=True)
+    engine, _, _, _ = deepspeed.initialize(model=model.to(env.device), optimizer=optimizer,
+                                           config=deepspeed_config(cfg, env.world_size), dist_init_required=False)
+    if cfg.deepspeed.precision == "bf16":
+        _keep_fp32_buffers(engine.module)
+    return engine, optimizer
+
+
+def _keep_fp32_buffers(model: torch.nn.Module) -> None:
+    """DeepSpeed casts every float tensor of the module to bf16; load counts and router biases must stay fp32
+    (bf16 counts stop being exact above 256, and 1e-3 bias steps vanish)."""
+    for moe in getattr(model, "moe_layers", lambda: [])():
+        moe.expert_bias.data = moe.expert_bias.data.float()
+        moe.tokens_per_expert.data = moe.tokens_per_expert.data.float()

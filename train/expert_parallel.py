@@ -1,0 +1,322 @@
+"""Expert parallelism on DeepSpeed's process groups, applied from outside the plain-PyTorch model.
+
+`apply_expert_parallel(model, ep_size, zero_stage)` replaces each MoE layer's `experts` (a `GroupedExperts`
+holding all E experts) with an `ExpertParallelExperts` holding E / ep_size of them. The MoE layer still routes,
+sorts token copies by expert and calls `experts(x_sorted, counts)`; the replacement exchanges counts, sends each
+rank's rows to the ranks owning their experts with a variable-split all-to-all (dropless), runs its local experts
+and sends the results back (autograd runs the reverse all-to-alls). Router, shared experts, attention and
+embeddings stay data-parallel.
+
+Ranks are grouped as DeepSpeed does (`deepspeed.utils.groups`, group name `ep_size_N`): expert-parallel groups
+of consecutive ranks [0..N-1], [N..2N-1], ...; expert-data-parallel groups of ranks holding the same experts.
+Expert parameters carry `allreduce=False` and `group_name`, so DeepSpeed reduces (ZeRO 0) or reduces and
+partitions (ZeRO 1/2) them within their expert-data-parallel group and averages by the full data-parallel size.
+ZeRO 3 is refused: DeepSpeed partitions every parameter over the whole data-parallel group there.
+
+Expert weights are not in DeepSpeed's model file (it drops the keys of its MoE layers); `save_expert_shards`
+writes one safetensors file per expert-parallel rank in the model's standard layout, and
+`full_state_dict_from_checkpoint` / `checkpoint_load_fn` rebuild or re-slice them for any EP size.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE as DeepSpeedMoE
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from model.moe import GroupedExperts
+
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
+SHARD_GLOB = "expert_shard_*.safetensors"
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+def group_name(ep_size: int) -> str:
+    """DeepSpeed's name for the expert-parallel / expert-data-parallel groups of size ep_size."""
+    return f"ep_size_{ep_size}"
+
+
+def check_expert_parallel(ep_size: int, n_experts: int, world_size: int, zero_stage: int) -> None:
+    """Refuse expert-parallel layouts that cannot work, with the config key to change."""
+    if ep_size < 1:
+        raise ValueError(f"deepspeed.expert_parallel_size must be >= 1, got {ep_size}")
+    if ep_size == 1:
+        return
+    if n_experts == 0:
+        raise ValueError(f"deepspeed.expert_parallel_size={ep_size} needs an MoE model (model.n_experts is 0): "
+                         "set deepspeed.expert_parallel_size=1")
+    if n_experts % ep_size:
+        raise ValueError(f"deepspeed.expert_parallel_size={ep_size} must divide model.n_experts={n_experts} "
+                         "(every rank of an expert-parallel group holds the same number of experts)")
+    if world_size % ep_size:
+        raise ValueError(f"deepspeed.expert_parallel_size={ep_size} must divide the world size {world_size} "
+                         "(ranks form whole expert-parallel groups)")
+    if zero_stage not in SUPPORTED_ZERO_STAGES:
+        raise ValueError(f"deepspeed.zero_stage={zero_stage} is not supported with deepspeed.expert_parallel_size="
+                         f"{ep_size}: use ZeRO stage 0, 1 or 2 (ZeRO 3 partitions every parameter over the whole "
+                         "data-parallel group, not the expert-data-parallel group)")
+
+
+@dataclass
+class CommStats:
+    """Per-layer all-to-all counters, accumulated until `expert_parallel_metrics` reads and resets them."""
+    tokens_sent: int = 0  # token copies sent to other ranks (forward)
+    tokens_received: int = 0  # token copies received from other ranks (forward)
+    all_to_all_s: float = 0.0  # wall time inside all-to-alls, forward and backward
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, stats: CommStats
+                ) -> torch.Tensor:
+    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
+    t0 = time.perf_counter()
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    stats.all_to_all_s += time.perf_counter() - t0
+    return out
+
+
+class AllToAll(torch.autograd.Function):
+    """Variable-split all-to-all whose backward sends the gradients back along the same routes."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits, in_splits, group, stats):
+        ctx.route = (out_splits, in_splits, group, stats)
+        return _all_to_all(x, out_splits, in_splits, group, stats)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits, group, stats = ctx.route
+        return _all_to_all(grad, in_splits, out_splits, group, stats), None, None, None, None
+
+
+class ExpertParallelExperts(DeepSpeedMoE):
+    """This rank's E / ep_size experts of one MoE layer, fed by all-to-all from its expert-parallel group.
+
+    Subclasses DeepSpeed's MoE only so that the engine recognises an MoE model and switches on its
+    expert-data-parallel gradient reduction; none of DeepSpeed's MoE machinery (gate, capacity, experts) is used.
+    """
+
+    def __init__(self, experts: GroupedExperts, ep_group_name: str) -> None:
+        nn.Module.__init__(self)  # DeepSpeed MoE's constructor builds its own gate and experts; we bring ours
+        self.group = groups._get_expert_parallel_group(ep_group_name)
+        self.ep_size = dist.get_world_size(self.group)
+        self.ep_rank = dist.get_rank(self.group)
+        n_experts, two_hidden, dim = experts.gate_up_proj.shape
+        self.n_local = n_experts // self.ep_size
+        self.expert_start = self.ep_rank * self.n_local
+        # "local", not "experts": DeepSpeed's MoE checkpoint code parses keys containing "expert" as its own.
+        self.local = GroupedExperts(self.n_local, dim, two_hidden // 2, experts.dispatch)
+        owned = slice(self.expert_start, self.expert_start + self.n_local)
+        with torch.no_grad():
+            for name in EXPERT_PARAMS:
+                getattr(self.local, name).copy_(getattr(experts, name)[owned])
+        for p in self.local.parameters():
+            p.allreduce = False  # DeepSpeed: reduce within the expert-data-parallel group named below
+            p.group_name = ep_group_name
+        # Attributes DeepSpeed's engine reads from its MoE layers. num_local_experts = 0 tells its checkpoint
+        # code there are no per-expert files of its own format to write or read; save_expert_shards writes ours.
+        self.num_experts = n_experts
+        self.expert_group_name = ep_group_name
+        self.num_local_experts = 0
+        self.stats = CommStats()
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by the engine; the groups already exist (apply_expert_parallel made them)."""
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [n, D]: this rank's token copies sorted by expert, counts [E] -> expert outputs in the same order."""
+        ep, L = self.ep_size, self.n_local
+        send_counts = counts.view(ep, L)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # recv[i, l]: rank i -> my expert l
+        in_splits = send_counts.sum(1).tolist()
+        out_splits = recv_counts.sum(1).tolist()
+        self.stats.tokens_sent += sum(in_splits) - in_splits[self.ep_rank]
+        self.stats.tokens_received += sum(out_splits) - out_splits[self.ep_rank]
+
+        received = AllToAll.apply(x, out_splits, in_splits, self.group, self.stats)
+        # Received rows are grouped by source rank, then by local expert; the experts want them by expert.
+        expert_of = torch.arange(L, device=x.device).repeat(ep).repeat_interleave(recv_counts.flatten())
+        order = torch.argsort(expert_of, stable=True)
+        y_local = self.local(received[order], recv_counts.sum(0))
+        y_received = torch.empty_like(y_local).index_copy(0, order, y_local)
+        return AllToAll.apply(y_received, in_splits, out_splits, self.group, self.stats)
+
+
+def apply_expert_parallel(model: nn.Module, ep_size: int, zero_stage: int) -> str | None:
+    """Shard the experts of every `model.moe_layers()` layer over expert-parallel groups of ep_size ranks.
+
+    Call after deepspeed.init_distributed and before deepspeed.initialize, on a model built identically on
+    every rank (same seed), so each rank keeps its slice of the same initial experts. Returns the DeepSpeed
+    group name (None for ep_size 1, which leaves the model untouched).
+    """
+    layers = model.moe_layers()
+    n_experts = layers[0].cfg.n_experts if layers else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    check_expert_parallel(ep_size, n_experts, world, zero_stage)
+    if ep_size == 1:
+        return None
+    name = group_name(ep_size)
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    for moe in layers:
+        moe.experts = ExpertParallelExperts(moe.experts, name)
+    return name
+
+
+def expert_parallel_layers(model: nn.Module) -> dict[str, ExpertParallelExperts]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, ExpertParallelExperts)}
+
+
+def optimizer_param_groups(param_groups: list[dict]) -> list[dict]:
+    """Split expert parameters into their own groups (`moe: True`, named by DeepSpeed group) as DeepSpeed's ZeRO
+    optimizers require; each group keeps its other settings (lr, weight_decay). Pass the result to the client
+    optimizer given to deepspeed.initialize."""
+    named = [{**g, "name": g.get("name", f"group{i}")} for i, g in enumerate(param_groups)]
+    return split_params_into_different_moe_groups_for_optimizer(named)
+
+
+# ----- global expert loads ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def reduce_expert_loads(model: nn.Module) -> None:
+    """Sum every layer's `tokens_per_expert` over the whole data-parallel world (one all-reduce), so that the
+    bias update and the load statistics see global loads and every rank keeps identical expert biases."""
+    layers = model.moe_layers()
+    if not layers or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    loads = torch.stack([moe.tokens_per_expert for moe in layers])
+    dist.all_reduce(loads, group=groups._get_data_parallel_group())
+    for moe, load in zip(layers, loads):
+        moe.tokens_per_expert.copy_(load)
+
+
+@torch.no_grad()
+def expert_load_stats(model: nn.Module) -> dict[str, float]:
+    """Load balance of the accumulated (reduced) loads: max violation (max - mean) / mean, averaged and worst
+    over layers. Read after reduce_expert_loads and before update_router_biases resets the loads."""
+    viol = [float((t.max() - t.mean()) / t.mean()) for t in (m.tokens_per_expert for m in model.moe_layers())
+            if t.sum() > 0]
+    if not viol:
+        return {}
+    return {"moe/global_max_violation": sum(viol) / len(viol), "moe/global_max_violation_worst": max(viol)}
+
+
+def expert_parallel_metrics(model: nn.Module, step_seconds: float | None = None) -> dict[str, float]:
+    """This rank's all-to-all traffic and time since the last call (summed over layers), then reset.
+
+    With step_seconds, also the share of the step spent inside all-to-alls."""
+    totals = CommStats()
+    for layer in expert_parallel_layers(model).values():
+        totals.tokens_sent += layer.stats.tokens_sent
+        totals.tokens_received += layer.stats.tokens_received
+        totals.all_to_all_s += layer.stats.all_to_all_s
+        layer.stats = CommStats()
+    out = {"ep/tokens_sent": float(totals.tokens_sent), "ep/tokens_received": float(totals.tokens_received),
+           "ep/all_to_all_s": totals.all_to_all_s}
+    if step_seconds:
+        out["ep/all_to_all_share"] = totals.all_to_all_s / step_seconds
+    return out
+
+
+# ----- checkpoints: expert shards in the model's standard layout -------------------------------------------
+
+def _standard_key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}"  # prefix ends in ".experts", as in the unsharded model
+
+
+def save_expert_shards(model: nn.Module, ckpt_dir: str | Path) -> None:
+    """Write this expert-parallel rank's experts (one writer per expert-data-parallel group) to
+    ckpt_dir/expert_shard_RR_of_NN.safetensors, keys in the standard layout. Collective: call on every rank
+    after engine.save_checkpoint (ckpt_dir = save_dir/tag)."""
+    layers = expert_parallel_layers(model)
+    if not layers:
+        return
+    first = next(iter(layers.values()))
+    if groups._get_expert_data_parallel_rank(first.expert_group_name) == 0:
+        tensors = {_standard_key(prefix, name): getattr(layer.local, name).detach().contiguous().cpu()
+                   for prefix, layer in layers.items() for name in EXPERT_PARAMS}
+        meta = {"expert_start": first.expert_start, "n_local": first.n_local, "n_experts": first.num_experts,
+                "ep_size": first.ep_size}
+        path = Path(ckpt_dir) / f"expert_shard_{first.ep_rank:02d}_of_{first.ep_size:02d}.safetensors"
+        save_file(tensors, str(path), metadata={"ondol_expert_shard": json.dumps(meta)})
+    dist.barrier()
+
+
+def read_expert_shards(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The full expert weights [E, ...] of every MoE layer, concatenated from a checkpoint's shard files.
+    Empty if the checkpoint has none (written at EP 1: the experts are in DeepSpeed's model file)."""
+    paths = sorted(Path(ckpt_dir).glob(SHARD_GLOB))
+    if not paths:
+        return {}
+    pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    sizes = set()
+    for path in paths:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["ondol_expert_shard"])
+            sizes.add((meta["ep_size"], meta["n_experts"]))
+            for key in f.keys():
+                pieces.setdefault(key, []).append((meta["expert_start"], f.get_tensor(key)))
+    (ep_size, n_experts), = sizes if len(sizes) == 1 else [(None, None)]
+    if ep_size is None or len(paths) != ep_size:
+        raise ValueError(f"{ckpt_dir}: expert shard files disagree or are missing ({[p.name for p in paths]}); "
+                         "expected one expert_shard_RR_of_NN file per expert-parallel rank of one save")
+    full = {key: torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])]) for key, parts in pieces.items()}
+    bad = [k for k, v in full.items() if v.shape[0] != n_experts]
+    if bad:
+        raise ValueError(f"{ckpt_dir}: expert shards of {bad[:3]} do not cover {n_experts} experts")
+    return full
+
+
+def full_state_dict_from_checkpoint(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The standard (unsharded) state dict of a DeepSpeed checkpoint folder save_dir/tag written at any EP size
+    with ZeRO 0-2: DeepSpeed's model file plus the expert shards. For export and evaluation at EP 1."""
+    model_file = Path(ckpt_dir) / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise FileNotFoundError(f"{model_file} not found: point at a checkpoint tag folder (save_dir/tag)")
+    module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    return {**module, **read_expert_shards(ckpt_dir)}
+
+
+def to_local_layout(model: nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A standard state dict re-keyed and sliced for `model` as sharded by apply_expert_parallel."""
+    out = dict(full)
+    for prefix, layer in expert_parallel_layers(model).items():
+        owned = slice(layer.expert_start, layer.expert_start + layer.n_local)
+        for name in EXPERT_PARAMS:
+            out[f"{prefix}.local.{name}"] = out.pop(_standard_key(prefix, name))[owned]
+    return out
+
+
+def checkpoint_load_fn(ckpt_dir: str | Path):
+    """`custom_load_fn` for engine.load_checkpoint(save_dir, tag, custom_load_fn=...): loads DeepSpeed's model
+    state plus this rank's slice of the expert shards (any EP size at save time), strictly."""
+    experts = read_expert_shards(ckpt_dir)
+
+    def load(src: dict[str, torch.Tensor], dst: nn.Module) -> None:
+        dst.load_state_dict(to_local_layout(dst, {**src, **experts}), strict=True)
+
+    return load
+
+
+@torch.no_grad()
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's standard state dict with every layer's experts gathered from its expert-parallel group
+    (collective over the group; for model.io.save_pretrained(state_dict=...) and export)."""
+    sd = model.state_dict()
+    for prefix, layer in expert_parallel_layers(model).items():
+        for name in EXPERT_PARAMS:
+            local = sd.pop(f"{prefix}.local.{name}").contiguous()
+            parts = [torch.empty_like(local) for _ in range(layer.ep_size)]
+            dist.all_gather(parts, local, group=layer.group)
+            sd[_standard_key(prefix, name)] = torch.cat(parts)
+    return sd

@@ -1,0 +1,282 @@
+"""`Trainer(cfg).fit()`: the training loop on a DeepSpeed engine.
+
+One optimizer step = grad_accum micro-batches per rank. After each applied step the experts' token counts are
+summed over data-parallel ranks and the router biases move toward balance. Metrics are reduced across ranks
+only every log_every steps; the one host sync per step is the finite-gradient check that decides whether the
+update is applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, tokenizer_dir
+from train import checkpoint
+from train.engine import build_engine, init_distributed
+from train.metrics import MetricsSink, detect_peak_tflops, memory_gib, plot_losses, read_metrics
+from train.schedule import lr_at
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had non-finite loss or gradients."""
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig) -> None:
+        from data import TokenLoader, read_manifest
+        from model import Transformer
+        from model.flops import train_flops_per_token
+        from tokenizer import Tokenizer
+
+        self.env = init_distributed(cfg)
+        tokenizer = Tokenizer.load(tokenizer_dir(cfg))
+        if cfg.model.vocab_size == 0:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
+        elif cfg.model.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
+                             f"{tokenizer.vocab_size} at {tokenizer_dir(cfg)}: set model.vocab_size=0 to take it")
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        manifest = read_manifest(data_dir(cfg))
+        self.meta = {"model": config_dict(cfg.model), "tokenizer_fingerprint": tokenizer.fingerprint,
+                     "data_hash": manifest["hash"], "seq_len": cfg.data.seq_len,
+                     "zero_stage": cfg.deepspeed.zero_stage, "world_size": self.env.world_size}
+
+        _seed_everything(cfg.seed)  # same initial weights on every rank and for every ZeRO stage
+        self.model = Transformer(cfg.model)
+        self.engine, self.optimizer = build_engine(self.model, cfg, self.env)
+        self.moe_layers = self.engine.module.moe_layers()
+        self.moe_layer_ids = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
+        tr, env = cfg.train, self.env
+        self.loader = TokenLoader(data_dir(cfg), "train", cfg.data.seq_len, tr.micro_batch_size, env.rank,
+                                  env.world_size, seed=cfg.seed)
+        self.val_loader = TokenLoader(data_dir(cfg), "val", cfg.data.seq_len, tr.micro_batch_size, env.rank,
+                                      env.world_size, seed=cfg.seed)
+        self.tokens_per_step = tr.micro_batch_size * tr.grad_accum * env.world_size * cfg.data.seq_len
+        self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops = detect_peak_tflops(env.device, cfg.logging.peak_tflops) * 1e12 * env.world_size
+        self.step = 0
+        self.nonfinite = {"total": 0, "in_a_row": 0}
+        self._reset_interval()
+
+    # ---- state -------------------------------------------------------------------------------------------
+    def _reset_interval(self) -> None:
+        """Sums over the steps since the last log line (kept in checkpoints so a resume logs the same)."""
+        zeros = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # loss, aux, steps
+        loads = torch.zeros(len(self.moe_layers), self.cfg.model.n_experts, device=self.env.device)
+        self.interval = {"sums": zeros, "loads": loads, "t0": time.perf_counter()}
+
+    def _client_state(self) -> dict:
+        return {"step": self.step, "loader": self.loader.state_dict(), "nonfinite": dict(self.nonfinite),
+                "interval_sums": self.interval["sums"].cpu(), "interval_loads": self.interval["loads"].cpu()}
+
+    def _resume(self) -> None:
+        mode = self.cfg.train.resume
+        if mode == "never":
+            if self.env.is_main and self.ckpt_dir.exists():
+                print(f"train.resume=never: removing the earlier checkpoints in {self.ckpt_dir}", flush=True)
+                shutil.rmtree(self.ckpt_dir)
+            dist.barrier()
+            return
+        folder = checkpoint.latest_checkpoint(self.ckpt_dir) if mode == "auto" else Path(mode)
+        if folder is None:
+            return
+        if not checkpoint.is_complete(folder):
+            raise checkpoint.IncompatibleCheckpoint(f"train.resume={mode}: {folder} is not a complete checkpoint "
+                                                    f"(no {checkpoint.META}); give a folder under {self.ckpt_dir}")
+        checkpoint.check_compatible(folder, self.meta)
+        state = checkpoint.load(self.engine, folder, self.env.rank, self.cfg.seed)
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+        self.nonfinite = dict(state["nonfinite"])
+        self.interval["sums"].copy_(state["interval_sums"])
+        self.interval["loads"].copy_(state["interval_loads"])
+        if self.env.is_main:
+            print(f"resumed from {folder} at step {self.step}", flush=True)
+
+    def save(self) -> Path:
+        return checkpoint.save(self.engine, self.ckpt_dir, self.step, self._client_state(), self.meta,
+                               self.env.rank, self.cfg.train.keep_last)
+
+    # ---- loop --------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, tr = self.cfg, self.cfg.train
+        self._resume()
+        sink = None
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+            sink = MetricsSink(self.run_dir, tr.steps, self.step, cfg.logging, cfg.logging.progress,
+                               config_dict(cfg))
+        try:
+            if self.step == 0:
+                self._emit(sink, {"step": 0, "val_loss": self.evaluate()})
+            self.interval["t0"] = time.perf_counter()
+            while self.step < tr.steps:
+                self.train_step()
+                last = self.step == tr.steps
+                if self.step % tr.log_every == 0 or last:
+                    self._emit(sink, self._interval_metrics())
+                paused = time.perf_counter()  # evaluation and checkpoint time is not training throughput
+                if self.step % tr.eval_every == 0 or last:
+                    self._emit(sink, {"step": self.step, "val_loss": self.evaluate()})
+                if self.step % tr.save_every == 0 or last:
+                    self.save()
+                self.interval["t0"] += time.perf_counter() - paused
+                if sink is not None:
+                    sink.advance(self.step)
+            self.save_final_weights()
+        finally:
+            if sink is not None:
+                sink.close()
+        return self._summary()
+
+    def train_step(self) -> None:
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.applied = False
+        sums = self.interval["sums"]
+        for _ in range(self.cfg.train.grad_accum):
+            batch = {k: v.to(self.env.device, non_blocking=True) for k, v in next(self.loader).items()}
+            out = self.engine(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"])
+            self.engine.backward(out.loss + out.aux_loss)
+            self.engine.step()
+            sums[0] += out.loss.detach()
+            sums[1] += out.aux_loss.detach()
+        self.last_lr, self.last_metrics = lr, out.metrics
+        self.step += 1
+        sums[2] += self.cfg.train.grad_accum
+        if self.optimizer.applied:
+            self.nonfinite["in_a_row"] = 0
+            self._update_router_biases()
+            return
+        for moe in self.moe_layers:
+            moe.tokens_per_expert.zero_()
+        self.nonfinite["total"] += 1
+        self.nonfinite["in_a_row"] += 1
+        if self.env.is_main:
+            print(f"step {self.step}: non-finite loss or gradients, update skipped "
+                  f"({self.nonfinite['in_a_row']} in a row, {self.nonfinite['total']} in total)", flush=True)
+        if self.nonfinite["in_a_row"] >= self.cfg.train.max_nonfinite:
+            raise NonFiniteError(
+                f"stopping at step {self.step}: {self.nonfinite['in_a_row']} optimizer steps in a row had "
+                f"non-finite loss or gradients (train.max_nonfinite={self.cfg.train.max_nonfinite}). The last good "
+                f"checkpoint is kept in {self.ckpt_dir}; lower optim.lr or check the data, then resume")
+
+    def _update_router_biases(self) -> None:
+        if not self.moe_layers:
+            return
+        loads = torch.stack([moe.tokens_per_expert for moe in self.moe_layers])
+        if self.env.world_size > 1:
+            dist.all_reduce(loads)
+            for moe, load in zip(self.moe_layers, loads):
+                moe.tokens_per_expert.copy_(load)
+        self.interval["loads"] += loads
+        self.engine.module.update_router_biases()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over eval_batches micro-batches per rank of the fixed validation order."""
+        state = self.val_loader.state_dict()
+        self.val_loader.load_state_dict({**state, "position": 0})
+        self.engine.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        for _ in range(self.cfg.train.eval_batches):
+            batch = {k: v.to(self.env.device) for k, v in next(self.val_loader).items()}
+            total += self.engine(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"]).loss
+        self.engine.train()
+        if self.env.world_size > 1:
+            dist.all_reduce(total)
+        return float(total) / (self.cfg.train.eval_batches * self.env.world_size)
+
+    def _interval_metrics(self) -> dict:
+        sums = self.interval["sums"].clone()
+        if self.env.world_size > 1:
+            dist.all_reduce(sums)
+        sums = sums.tolist()
+        micro = max(sums[2], 1.0)
+        elapsed = time.perf_counter() - self.interval["t0"]
+        steps = sums[2] / (self.cfg.train.grad_accum * self.env.world_size)
+        tokens_per_s = steps * self.tokens_per_step / max(elapsed, 1e-9)
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {"step": self.step, "loss": sums[0] / micro, "aux_loss": sums[1] / micro, "lr": self.last_lr,
+                  "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": tokens_per_s,
+                  "steps_per_s": steps / max(elapsed, 1e-9), "nonfinite_steps": self.nonfinite["total"]}
+        if self.peak_flops > 0:
+            record["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
+        record.update({k: float(v) for k, v in self.last_metrics.items()})
+        record.update(_load_stats(self.interval["loads"], self.moe_layer_ids))
+        record.update(memory_gib(self.env.device))
+        self._reset_interval()
+        return record
+
+    def _emit(self, sink: MetricsSink | None, record: dict) -> None:
+        if sink is not None:
+            sink.write(record)
+
+    # ---- end of training ---------------------------------------------------------------------------------
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 weights on every rank (collective): ZeRO partitions and bf16 copies are gathered from the
+        optimizer's fp32 master weights."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.engine.module
+        state = {}
+        for name, p in module.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            state[name] = (p.detach() if full is None else full).float().cpu()
+        for name, b in module.named_buffers():
+            if name in module.state_dict(keep_vars=True):
+                state[name] = b.detach().cpu()
+        return state
+
+    def save_final_weights(self) -> Path:
+        from model.io import save_pretrained
+
+        state = self.consolidated_state_dict()
+        out = model_dir(self.cfg)
+        if self.env.is_main:
+            save_pretrained(self.engine.module, self.cfg.model, out, state_dict=state)
+            plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        dist.barrier()
+        return out
+
+    def _summary(self) -> dict:
+        records = read_metrics(self.run_dir / "metrics.jsonl") if self.env.is_main else []
+        val = [r["val_loss"] for r in records if "val_loss" in r]
+        train = [r["loss"] for r in records if "loss" in r]
+        return {"steps": self.step, "first_val_loss": val[0] if val else None,
+                "final_val_loss": val[-1] if val else None, "final_loss": train[-1] if train else None,
+                "nonfinite_steps": self.nonfinite["total"], "model_dir": str(model_dir(self.cfg)),
+                "run_dir": str(self.run_dir)}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _load_stats(loads: torch.Tensor, layer_ids: list[int]) -> dict[str, float]:
+    """Per MoE layer: least and most loaded expert relative to the mean (1.0 = balanced), and the coefficient
+    of variation of the loads over the steps since the last log."""
+    if loads.numel() == 0 or float(loads.sum()) == 0:
+        return {}
+    mean = loads.mean(dim=1, keepdim=True).clamp_min(1e-9)
+    rel = loads / mean
+    cv = loads.std(dim=1, unbiased=False) / mean.squeeze(1)
+    out = {}
+    for i, lo, hi, c in zip(layer_ids, rel.min(1).values.tolist(), rel.max(1).values.tolist(), cv.tolist()):
+        out.update({f"moe/layer{i}/load_min": lo, f"moe/layer{i}/load_max": hi, f"moe/layer{i}/load_cv": c})
+    out["moe/load_cv_max"] = max(cv.tolist())
+    return out
