@@ -10,7 +10,7 @@ import zstandard
 
 from data.config import SourceConfig
 from data.sources import BadInputError, BadInputLog, SourceError, iter_documents
-from tests.conftest import corpus_texts
+from tests.conftest import CORPORA, corpus_texts
 
 TEXTS = corpus_texts("ko_reviews", 40, skip=1000)
 
@@ -135,6 +135,42 @@ def test_missing_and_empty_sources_are_clear_errors(tmp_path):
     (tmp_path / "e.csv").write_text("a,b\n")
     with pytest.raises(SourceError, match="cannot tell the format of .*e.csv"):
         list(iter_documents(SourceConfig(name="x", path=str(tmp_path / "e.csv"))))
+
+
+def test_block_reader_matches_line_by_line_at_every_block_size(tmp_path, monkeypatch):
+    """Arrow's fast path and the exact parser agree, whatever the block boundaries and wherever bad lines sit."""
+    from data import sources
+
+    lines = [_good(t) for t in corpus_texts("ko_docs", 3) + TEXTS[:20]]  # documents longer than small blocks
+    for i, raw in enumerate([*BAD_LINES.values(), b"", b'{"text": "a\\ud800b"}']):
+        lines.insert(3 + 4 * i, raw)
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join(lines))  # no newline after the last line
+    reference = None
+    for block in (64, 1000, 7777, 1 << 22):
+        monkeypatch.setattr(sources, "JSONL_BLOCK_BYTES", block)
+        bad = BadInputLog()
+        docs = [(d.line, d.text) for d in iter_documents(SourceConfig(name="m", path=str(path)), bad=bad)]
+        reference = reference or (docs, dict(bad.counts), bad.examples)
+        assert (docs, dict(bad.counts), bad.examples) == reference
+    docs, counts, examples = reference
+    assert [t for _, t in docs] == corpus_texts("ko_docs", 3) + TEXTS[:20]
+    assert counts == {"malformed_json": 2, "invalid_utf8": 2, "missing_text_field": 1, "empty_doc": 1}
+    assert examples["malformed_json"][1] == f"{path}:20: malformed json: blank line"
+    assert examples["invalid_utf8"][1] == (f"{path}:24: invalid utf8: character 1: an escaped lone surrogate "
+                                           f"is not text")
+
+
+def test_clean_files_take_the_fast_path(tmp_path, monkeypatch):
+    from data import sources
+
+    def refuse(*args):
+        raise AssertionError("a clean block went through the line-by-line parser")
+
+    monkeypatch.setattr(sources, "_parsed_lines", refuse)
+    docs = list(iter_documents(SourceConfig(name="r", path=str(CORPORA / "ko_reviews.jsonl.gz"), max_docs=30000)))
+    assert [d.text for d in docs] == corpus_texts("ko_reviews", 30000)
+    assert [d.line for d in docs] == list(range(1, 30001))
 
 
 def test_real_corpus_reads_every_line():
