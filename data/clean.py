@@ -27,13 +27,8 @@ def hangul_ratio(text: str) -> float:
     return len(_HANGUL.findall(text)) / visible if visible else 0.0
 
 
-def content_hash(text: str, seed: int) -> bytes:
-    """The document's identity for deduplication; its first 8 bytes, salted by the seed, pick its split."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16, key=seed.to_bytes(8, "little", signed=True)).digest()
-
-
 def is_validation(digest: bytes, val_fraction: float) -> bool:
-    """Split by document hash: stable under any change to the other documents."""
+    """Split by the document's content hash: stable under any change to the other documents."""
     return int.from_bytes(digest[:8], "little") < val_fraction * 2**64
 
 
@@ -50,13 +45,16 @@ class Cleaner:
     """Applies the configured steps to documents in order; remembers hashes for exact deduplication."""
 
     def __init__(self, cfg: CleaningConfig, seed: int):
-        self.cfg, self.seed = cfg, seed
+        self.cfg = cfg
+        self.hash_key = seed.to_bytes(8, "little", signed=True)  # salts the split; dedup is unaffected
         self.seen: set[bytes] = set()
         self.dropped: dict[str, Counter] = {}  # source -> reason -> documents
         self.modified: dict[str, Counter] = {}  # source -> step -> documents it changed
 
     def clean(self, text: str, source: str) -> tuple[str, bytes] | None:
-        """(cleaned text, content hash), or None after counting why the document was dropped."""
+        """(cleaned text, content hash), or None after counting why the document was dropped.
+
+        The content hash identifies the document for deduplication; its first 8 bytes pick its split."""
         cfg = self.cfg
         if source not in self.modified:
             self.modified[source], self.dropped[source] = Counter(), Counter()
@@ -69,7 +67,7 @@ class Cleaner:
             text = unicodedata.normalize("NFC", text)
             modified["normalized"] += 1
         reason = self._rejected(text, source)
-        digest = b"" if reason else content_hash(text, self.seed)
+        digest = b"" if reason else hashlib.blake2b(text.encode(), digest_size=16, key=self.hash_key).digest()
         if not reason and cfg.dedup:
             reason = "duplicate" if digest in self.seen else ""
             self.seen.add(digest)
