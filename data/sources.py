@@ -5,7 +5,8 @@ JSON Lines (plain, .gz, .zst), Parquet, plain text (plain, .gz, .zst) from a fil
 Hugging Face dataset through `datasets`. Each document carries the file and line it came from, so every later
 error can point at the input. Lines that cannot be documents (malformed JSON, invalid UTF-8, a missing text
 field, an empty text) are counted per reason in a `BadInputLog` and the first few are logged with file:line;
-with `strict=True` the first one raises `BadInputError` instead.
+with `strict=True` the first one raises `BadInputError` instead. JSON Lines are parsed a block at a time by
+Arrow's JSON reader; a block holding any bad line goes through the exact line-by-line parser instead.
 """
 
 from __future__ import annotations
