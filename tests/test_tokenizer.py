@@ -134,3 +134,45 @@ def test_hf_export_gives_identical_ids(tok, tmp_path):
     assert auto(texts[:200], add_special_tokens=False)["input_ids"] == ours[:200]
     assert (auto.bos_token_id, auto.eos_token_id, auto.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
     assert [auto.decode(i) for i in ours[:200]] == [tok.decode(i) for i in ours[:200]]
+
+
+@pytest.fixture(scope="module")
+def korean_tok(tmp_path_factory) -> Tokenizer:
+    cfg = small_config(vocab_size=3200, hangul_coverage=False, morpheme_aware=True, jamo_split=True)
+    return train_tokenizer(cfg, [dataclasses.replace(SOURCES[0], max_docs=3000)], tmp_path_factory.mktemp("ko"), 7)
+
+
+def token_boundaries(tok: Tokenizer, text: str) -> set[int]:
+    """Character offsets where one token ends and the next begins (where the decoded prefix is whole text)."""
+    ids, out = tok.encode(text), set()
+    for k in range(1, len(ids)):
+        prefix = tok.decode(ids[:k])
+        if text.startswith(prefix):
+            out.add(len(prefix))
+    return out
+
+
+def test_morpheme_aware_and_jamo_split_pieces_never_cross_cuts(korean_tok):
+    from kiwipiepy import Kiwi
+
+    from tokenizer.korean import HANGUL, JAMO_RUN
+
+    assert not any("\u241f" in korean_tok.id_to_token(i) for i in range(korean_tok.vocab_size))
+    kiwi = Kiwi()
+    texts = [t for t in corpus_texts("ko_reviews", 300, skip=50_000) if HANGUL.search(t)]
+    for text in texts:
+        assert korean_tok.decode(korean_tok.encode(text)) == text
+        morpheme_starts = {m.start for m in kiwi.tokenize(text)
+                           if 0 < m.start < len(text) and HANGUL.match(text, m.start - 1) and HANGUL.match(text, m.start)}
+        jamo_edges = {i for m in JAMO_RUN.finditer(text) for i in m.span() if 0 < i < len(text)}
+        assert morpheme_starts | jamo_edges <= token_boundaries(korean_tok, text), text
+
+
+def test_jamo_split_hf_export_gives_identical_ids(tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    cfg = small_config(vocab_size=3200, hangul_coverage=False, jamo_split=True)
+    tok = train_tokenizer(cfg, SOURCES[:1], tmp_path, seed=7)
+    texts = corpus_texts("ko_reviews", 3000, skip=200_000)
+    hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)] == tok.encode_batch(texts)

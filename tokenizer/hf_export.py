@@ -3,7 +3,8 @@
 SentencePiece BPE merges, at each step, the adjacent pair whose concatenation is the best-scored piece;
 HF BPE merges by rank over a merge list. Listing every split (a, b) of every piece, ranked by the piece's
 id (SentencePiece orders BPE pieces by score), makes the two agree. Whitespace is SentencePiece's: a space
-becomes U+2581 in the normalizer and back in the decoder; there is no pre-tokenizer and no dummy prefix.
+becomes U+2581 in the normalizer and back in the decoder; there is no dummy prefix, and the only
+pre-tokenizer is the optional cut around compatibility-jamo runs (jamo_split).
 Limits, both documented in tokenizer/README.md: a literal U+2581 in the input is read as a space (Ondol's
 encoder sends it as bytes), and morpheme-aware tokenizers need Kiwi's cuts applied before this file.
 """
@@ -14,13 +15,15 @@ import json
 from pathlib import Path
 
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
-from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers
+from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+
+from tokenizer.korean import JAMO_RUN
 
 NORMAL, UNKNOWN, CONTROL, BYTE = (sp_pb.ModelProto.SentencePiece.NORMAL, sp_pb.ModelProto.SentencePiece.UNKNOWN,
                                   sp_pb.ModelProto.SentencePiece.CONTROL, sp_pb.ModelProto.SentencePiece.BYTE)
 
 
-def build_hf_tokenizer(model_proto: bytes, normalization: str) -> HFTokenizer:
+def build_hf_tokenizer(model_proto: bytes, normalization: str, jamo_split: bool) -> HFTokenizer:
     proto = sp_pb.ModelProto()
     proto.ParseFromString(model_proto)
     pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
@@ -34,6 +37,8 @@ def build_hf_tokenizer(model_proto: bytes, normalization: str) -> HFTokenizer:
     tok = HFTokenizer(model)
     steps = [normalizers.NFC()] if normalization == "nfc" else []
     tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
+    if jamo_split:
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(JAMO_RUN.pattern), behavior="isolated")
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.add_special_tokens([AddedToken(piece, special=True, normalized=False)
                             for piece, _, t in pieces if t in (CONTROL, UNKNOWN)])
@@ -53,9 +58,10 @@ def _merges(pieces: list[tuple[str, float, int]], vocab: dict[str, int]) -> list
     return [(a, b) for *_, a, b in ranked]
 
 
-def write_hf_files(model_proto: bytes, normalization: str, special: dict[str, str], out_dir: Path) -> None:
+def write_hf_files(model_proto: bytes, meta: dict, out_dir: Path) -> None:
     """tokenizer.json plus the tokenizer_config.json that lets transformers' AutoTokenizer load the folder."""
-    build_hf_tokenizer(model_proto, normalization).save(str(out_dir / "tokenizer.json"))
+    build_hf_tokenizer(model_proto, meta["normalization"], meta["jamo_split"]).save(str(out_dir / "tokenizer.json"))
+    special = {k: meta[k] for k in ("unk_token", "bos_token", "eos_token", "pad_token")}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000_000,
               "clean_up_tokenization_spaces": False, **special}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 HANGUL_FIRST, HANGUL_LAST = 0xAC00, 0xD7A3  # the 11,172 precomposed syllables
 COMPAT_JAMO_FIRST, COMPAT_JAMO_LAST = 0x3131, 0x318E  # ㄱ..ㆎ, as typed in web text (ㅋㅋ, ㅠㅠ)
@@ -34,14 +35,35 @@ def _kiwi():
     return Kiwi(num_workers=-1)
 
 
+HANGUL = re.compile("[\uac00-\ud7a3\u3131-\u318e]")
+JAMO_RUN = re.compile("[\u3131-\u318e]+")
+
+
+def pretokenize(texts: list[str], morpheme_aware: bool, jamo_split: bool) -> list[list[str]]:
+    """Each text cut into segments that no piece may cross; the segments concatenate back to the text exactly."""
+    segmented = morpheme_segments(texts) if morpheme_aware else [[t] for t in texts]
+    if jamo_split:
+        segmented = [[part for seg in segs for part in split_jamo_runs(seg)] for segs in segmented]
+    return segmented
+
+
+def split_jamo_runs(text: str) -> list[str]:
+    """Cut around each run of compatibility jamo, so 'ㅋㅋㅋ' never merges into the word before it."""
+    bounds = sorted({0, len(text), *(i for m in JAMO_RUN.finditer(text) for i in m.span())})
+    return [text[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
 def morpheme_segments(texts: list[str]) -> list[list[str]]:
-    """Cut each text at Kiwi's morpheme starts inside words; each text's segments concatenate back to it exactly."""
-    analysed = _kiwi().tokenize(iter(texts)) if any(texts) else [[] for _ in texts]
-    return [_cut(text, tokens) for text, tokens in zip(texts, analysed)]
+    """Cut each text where Kiwi starts a morpheme between two Hangul characters (only texts with Hangul)."""
+    korean = [i for i, t in enumerate(texts) if HANGUL.search(t)]
+    out = [[t] if t else [] for t in texts]
+    for i, tokens in zip(korean, _kiwi().tokenize(iter([texts[i] for i in korean]))):
+        out[i] = _cut(texts[i], tokens)
+    return out
 
 
 def _cut(text: str, tokens) -> list[str]:
-    starts = sorted({t.start for t in tokens if 0 < t.start < len(text)})
-    cuts = [s for s in starts if not text[s - 1].isspace()]  # a space already separates the pieces there
+    starts = {t.start for t in tokens if 0 < t.start < len(text)}
+    cuts = sorted(s for s in starts if HANGUL.match(text, s - 1) and HANGUL.match(text, s))
     bounds = [0, *cuts, len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:])]

@@ -14,7 +14,7 @@ import hashlib
 import random
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 from data.config import SourceConfig
 from data.sources import BadInputLog, iter_documents
@@ -43,17 +43,32 @@ class SourceSample:
     weight: float
     sentences: list[str] = field(default_factory=list)
     documents: int = 0
+    held_out: int = 0  # documents kept out for evaluation
     seen: int = 0  # sentences offered to the reservoir
     seen_chars: int = 0
     bad: BadInputLog = field(default_factory=BadInputLog)
 
 
+def is_held_out(text: str, fraction: float) -> bool:
+    """Whether a document belongs to the evaluation hold-out: a fixed function of its text, so any reader agrees."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "little") < fraction * 2**64
+
+
 def sample_source(source: SourceConfig, capacity: int, max_chars: int, seed: int,
-                  prepare: Callable[[str], str], progress: Callable[[int], None] | None = None) -> SourceSample:
+                  prepare: Callable[[str], str], holdout_fraction: float = 0.0,
+                  progress: Callable[[int], None] | None = None) -> SourceSample:
     """Reservoir-sample (algorithm R) at most `capacity` sentences of a source, deterministically per seed."""
     rng = random.Random(_source_seed(seed, source.name))
     out = SourceSample(source.name, source.weight)
     for doc in iter_documents(source, bad=out.bad):
+        if progress is not None:
+            progress(1)
+        if is_held_out(doc.text, holdout_fraction):
+            out.held_out += 1
+            continue
         out.documents += 1
         for sentence in split_sentences(prepare(doc.text), max_chars):
             out.seen += 1
@@ -64,8 +79,6 @@ def sample_source(source: SourceConfig, capacity: int, max_chars: int, seed: int
                 j = rng.randrange(out.seen)
                 if j < capacity:
                     out.sentences[j] = sentence
-        if progress is not None:
-            progress(1)
     return out
 
 
@@ -94,9 +107,3 @@ def nfc(text: str) -> str:
 
 def _source_seed(seed: int, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
-
-
-def document_count_hint(sources: Iterable[SourceConfig]) -> int | None:
-    """The total of max_docs when every source sets it (for a progress bar total), else None."""
-    caps = [s.max_docs for s in sources]
-    return None if any(c is None for c in caps) else sum(caps)  # type: ignore[arg-type]

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from tokenizer.korean import morpheme_segments
+from tokenizer.korean import pretokenize
 
 META_SPACE = "\u2581"
 MODEL_FILE, META_FILE, HF_FILE = "tokenizer.model", "meta.json", "tokenizer.json"
 
 
-def fingerprint(model_proto: bytes, normalization: str, morpheme_aware: bool) -> str:
+def fingerprint(model_proto: bytes, normalization: str, morpheme_aware: bool, jamo_split: bool) -> str:
     """A short hash of everything that decides the ids of a text."""
     h = hashlib.sha256(model_proto)
-    h.update(f"|{normalization}|{int(morpheme_aware)}".encode())
+    h.update(f"|{normalization}|{int(morpheme_aware)}|{int(jamo_split)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -34,9 +34,10 @@ class Tokenizer:
         self.meta = meta
         self.normalization: str = meta["normalization"]
         self.morpheme_aware: bool = meta["morpheme_aware"]
+        self.jamo_split: bool = meta["jamo_split"]
         self.num_threads: int = meta.get("config", {}).get("num_threads", 2)
         self._meta_space_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode()]
-        self._fingerprint = fingerprint(model_proto, self.normalization, self.morpheme_aware)
+        self._fingerprint = fingerprint(model_proto, self.normalization, self.morpheme_aware, self.jamo_split)
         self.directory: Path | None = None  # the folder it was loaded from
 
     @classmethod
@@ -65,10 +66,9 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         texts = [self.normalize(t) for t in texts]
-        if not self.morpheme_aware and not any(META_SPACE in t for t in texts):
+        if not (self.morpheme_aware or self.jamo_split or any(META_SPACE in t for t in texts)):
             return self._sp.encode(texts, num_threads=self.num_threads)
-        segmented = morpheme_segments(texts) if self.morpheme_aware else [[t] for t in texts]
-        return [self._encode_segments(segs) for segs in segmented]
+        return [self._encode_segments(s) for s in pretokenize(texts, self.morpheme_aware, self.jamo_split)]
 
     def _encode_segments(self, segments: list[str]) -> list[int]:
         """Encode each segment on its own (pieces never cross a cut) and U+2581 as its bytes."""
@@ -136,4 +136,4 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, normalization={self.normalization!r}, "
-                f"morpheme_aware={self.morpheme_aware}, fingerprint={self.fingerprint!r})")
+                f"morpheme_aware={self.morpheme_aware}, jamo_split={self.jamo_split}, fingerprint={self.fingerprint!r})")

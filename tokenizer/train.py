@@ -17,11 +17,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from data.config import SourceConfig
 from tokenizer.config import TokenizerConfig
 from tokenizer.hf_export import write_hf_files
-from tokenizer.korean import compatibility_jamo, hangul_syllables, morpheme_segments
+from tokenizer.korean import compatibility_jamo, hangul_syllables, pretokenize
 from tokenizer.sample import mix, nfc, sample_source
 from tokenizer.tokenizer import META_FILE, MODEL_FILE, Tokenizer, fingerprint
 
-MORPHEME_DELIMITER = "\u241f"  # marks Kiwi's cuts in training sentences; SentencePiece drops it
+CUT = "\u241f"  # marks pre-tokenization cuts in training sentences; SentencePiece cuts there and drops it
 console = Console(stderr=True)
 
 
@@ -52,6 +52,7 @@ def train_tokenizer(cfg: TokenizerConfig, sources: list[SourceConfig], out_dir: 
         "format": "ondol-tokenizer/1",
         "normalization": cfg.normalization,
         "morpheme_aware": cfg.morpheme_aware,
+        "jamo_split": cfg.jamo_split,
         "vocab_size": cfg.rounded_vocab_size(),
         "special_tokens": {piece: i for i, piece in enumerate(special)},
         "unk_token": cfg.unk_token, "bos_token": cfg.bos_token, "eos_token": cfg.eos_token, "pad_token": cfg.pad_token,
@@ -59,7 +60,7 @@ def train_tokenizer(cfg: TokenizerConfig, sources: list[SourceConfig], out_dir: 
         "recipe": recipe,
         "sample": stats,
         "train_seconds": round(seconds, 2),
-        "fingerprint": fingerprint(model_proto, cfg.normalization, cfg.morpheme_aware),
+        "fingerprint": fingerprint(model_proto, cfg.normalization, cfg.morpheme_aware, cfg.jamo_split),
     }
     _write_folder(out_dir, model_proto, meta)
     console.print(f"tokenizer: wrote {out_dir} in {seconds:.1f} s (fingerprint {meta['fingerprint']})")
@@ -75,12 +76,13 @@ def training_sentences(cfg: TokenizerConfig, sources: list[SourceConfig], seed: 
         for source in sources:
             task = progress.add_task(f"reading {source.name}", total=source.max_docs)
             samples.append(sample_source(source, cfg.max_sentences, cfg.max_sentence_chars, seed, prepare,
-                                         progress=lambda n, t=task: progress.advance(t, n)))
+                                         cfg.holdout_fraction, lambda n, t=task: progress.advance(t, n)))
     sentences = mix(samples, cfg.max_sentences, seed)
-    if cfg.morpheme_aware:
-        with console.status(f"tokenizer: Kiwi morpheme cuts on {len(sentences):,} sentences"):
-            sentences = [MORPHEME_DELIMITER.join(segs) for segs in morpheme_segments(sentences)]
-    stats = {s.name: {"documents": s.documents, "sentences_seen": s.seen, "chars_seen": s.seen_chars,
+    if cfg.morpheme_aware or cfg.jamo_split:
+        with console.status(f"tokenizer: pre-tokenizing {len(sentences):,} sentences"
+                            f"{' with Kiwi (slow: about 0.1 MB/s a core)' if cfg.morpheme_aware else ''}"):
+            sentences = [CUT.join(segs) for segs in pretokenize(sentences, cfg.morpheme_aware, cfg.jamo_split)]
+    stats = {s.name: {"documents": s.documents, "held_out": s.held_out, "sentences_seen": s.seen, "chars_seen": s.seen_chars,
                       "skipped": dict(s.bad.counts), "weight": s.weight} for s in samples}
     for s in samples:
         if s.bad.counts:
@@ -100,10 +102,11 @@ def _train_sentencepiece(cfg: TokenizerConfig, sentences: list[str], seed: int) 
         # lossless: SentencePiece changes nothing; Ondol applies the declared normalization itself
         normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
         allow_whitespace_only_pieces=True, split_digits=True, byte_fallback=True,
+        split_by_unicode_script=cfg.split_by_script, split_by_whitespace=cfg.split_by_whitespace,
         character_coverage=cfg.character_coverage, required_chars=required,
         max_sentencepiece_length=cfg.max_piece_chars, max_sentence_length=4 * cfg.max_sentence_chars + 16,
         input_sentence_size=0, shuffle_input_sentence=False,  # the sample is already bounded and shuffled
-        pretokenization_delimiter=MORPHEME_DELIMITER if cfg.morpheme_aware else "",
+        pretokenization_delimiter=CUT if cfg.morpheme_aware or cfg.jamo_split else "",
         unk_id=0, bos_id=1, eos_id=2, pad_id=3,
         unk_piece=special[0], bos_piece=special[1], eos_piece=special[2], pad_piece=special[3],
         control_symbols=special[4:], hard_vocab_limit=True,
@@ -118,8 +121,7 @@ def _write_folder(out_dir: Path, model_proto: bytes, meta: dict) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     (scratch / MODEL_FILE).write_bytes(model_proto)
-    special = {k: meta[k] for k in ("unk_token", "bos_token", "eos_token", "pad_token")}
-    write_hf_files(model_proto, meta["normalization"], special, scratch)
+    write_hf_files(model_proto, meta, scratch)
     (scratch / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in sorted(scratch.iterdir(), key=lambda p: p.name == META_FILE):
