@@ -1,17 +1,26 @@
 """Typed configuration of how a job is started (one machine, a hostfile cluster, or Slurm)."""
 
 from dataclasses import dataclass, field
-from typing import Optional
+
+LAUNCHERS = ("local", "pdsh", "openmpi", "mvapich", "slurm")
 
 
 @dataclass
 class SlurmConfig:
-    partition: Optional[str] = None
+    partition: str | None = None
     time: str = "24:00:00"
-    account: Optional[str] = None
+    account: str | None = None
     setup: list[str] = field(default_factory=list)  # shell lines run before the launcher (venv, modules)
-    container: Optional[str] = None
-    extra_sbatch: list[str] = field(default_factory=list)
+    container: str | None = None  # container image for srun (pyxis: --container-image)
+    container_mounts: list[str] = field(default_factory=list)  # SRC:DST pairs; the working directory is added
+    request_gpus: bool = True  # False: a CPU partition, gpus_per_node gloo workers per node
+    cpus_per_node: int = 0  # --cpus-per-task of the one launcher task per node; 0: Slurm's default
+    job_name: str | None = None  # None: ondol-<run dir name>
+    extra_sbatch: list[str] = field(default_factory=list)  # extra `#SBATCH` options, e.g. "--exclusive"
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_node < 0:
+            raise ValueError("launch.slurm.cpus_per_node must be >= 0 (0: Slurm's default)")
 
 
 @dataclass
@@ -19,15 +28,37 @@ class LaunchConfig:
     launcher: str = "local"  # local | pdsh | openmpi | mvapich | slurm
     nodes: int = 1
     gpus_per_node: int = 1  # on CPU: number of gloo worker processes
-    hostfile: Optional[str] = None
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    hostfile: str | None = None  # MPI-style `host slots=N` lines; pdsh / openmpi / mvapich
+    master_addr: str = "127.0.0.1"  # multi-node: 127.0.0.1 means the first host; Slurm: the first allocated node
+    master_port: int = 29500  # 0: a free port (local); Slurm derives it from the job id
+    global_batch_size: int = 0  # expected micro x grad_accum x data-parallel size; 0: not checked
+    watchdog_minutes: float = 30.0  # stop the job when no rank log grew for this long; 0: never
+    failure_grace_s: float = 15.0  # after a rank fails, how long the others get to exit before being stopped
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"launch.launcher must be one of {', '.join(LAUNCHERS)}, not '{self.launcher}'")
+        if self.nodes < 1:
+            raise ValueError("launch.nodes must be >= 1")
+        if self.gpus_per_node < 1:
+            raise ValueError("launch.gpus_per_node must be >= 1")
+        if not 0 <= self.master_port < 65536:
+            raise ValueError("launch.master_port must lie in [0, 65535] (0: pick a free port)")
+        if self.global_batch_size < 0:
+            raise ValueError("launch.global_batch_size must be >= 0 (0: not checked)")
+        if self.watchdog_minutes < 0 or self.failure_grace_s < 0:
+            raise ValueError("launch.watchdog_minutes and launch.failure_grace_s must be >= 0")
+        if self.launcher == "local" and self.nodes > 1:
+            raise ValueError("launch.nodes > 1 needs launch.launcher=pdsh, openmpi, mvapich (with launch.hostfile) "
+                             "or slurm")
+        if self.launcher in ("pdsh", "openmpi", "mvapich") and not self.hostfile:
+            raise ValueError(f"launch.launcher={self.launcher} needs launch.hostfile (lines like 'node1 slots=8')")
 
 
 @dataclass
 class GenerateConfig:
-    prompt: Optional[str] = None  # None: the first words of the first validation document
+    prompt: str | None = None  # None: the first words of the first validation document
     prompt_words: int = 3
     max_new_tokens: int = 40
     temperature: float = 0.0  # 0: greedy

@@ -1,0 +1,121 @@
+"""The DeepSpeed launcher command for one machine or a hostfile cluster, and running it under supervision.
+
+Every rank runs `python -m launch.rank ... train CONFIG overrides`, i.e. `python -m train CONFIG overrides`
+with the same rank environment and per-rank log (RUN_DIR/logs/rank{N}.log) whatever the runner:
+- local: `deepspeed --num_gpus N` on this machine (N gloo workers on CPU);
+- pdsh / openmpi / mvapich: `deepspeed --hostfile RUN_DIR/launch/hostfile --launcher X`, the hostfile being the
+  first `launch.nodes` hosts of `launch.hostfile` with `launch.gpus_per_node` slots each.
+Slurm's sbatch script (launch/slurm.py) starts the same per-node command with srun.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from configs import RunConfig
+from launch.preflight import Layout
+
+DEFAULT_MODULE = "train"
+
+
+@dataclass
+class LaunchPlan:
+    """What a launch does: files it writes, variables it adds, commands it runs (in order)."""
+
+    layout: Layout
+    log_dir: Path
+    commands: list[list[str]]
+    files: dict[Path, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """Every generated file, variable and command, as `--dry-run` prints them."""
+        parts = []
+        for path, text in self.files.items():
+            parts.append(f"# file {path}\n{text.rstrip()}\n# end of {path}")
+        parts += [f"export {k}={shlex.quote(v)}" for k, v in self.env.items()]
+        parts += [shlex.join(cmd) for cmd in self.commands]
+        return "\n".join(parts)
+
+
+def log_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.run_dir).resolve() / "logs"
+
+
+def launch_dir(cfg: RunConfig) -> Path:
+    """Where generated launch files (hostfile, sbatch script) go."""
+    return Path(cfg.run_dir).resolve() / "launch"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_executable() -> str:
+    """The `deepspeed` runner of this environment (beside this Python), else the one on PATH."""
+    beside = Path(sys.executable).parent / "deepspeed"
+    return str(beside) if beside.is_file() else (shutil.which("deepspeed") or "deepspeed")
+
+
+def rank_args(cfg: RunConfig, config_path: str | os.PathLike, overrides: list[str], module: str,
+              master: tuple[str, int] | None = None) -> list[str]:
+    """`--module launch.rank ... MODULE CONFIG overrides`: the tail of every DeepSpeed runner command.
+
+    `master` is passed on for MPI runners, which start ranks directly and set no MASTER_ADDR/MASTER_PORT."""
+    args = ["--module", "--no_local_rank", "launch.rank", "--log-dir", str(log_dir(cfg))]
+    if master:
+        args += ["--master-addr", master[0], "--master-port", str(master[1])]
+    return [*args, module, str(Path(config_path).resolve()), *overrides]
+
+
+def hostfile_text(layout: Layout) -> str:
+    return "".join(f"{host} slots={layout.gpus_per_node}\n" for host in layout.hosts)
+
+
+def plan_launch(cfg: RunConfig, layout: Layout, config_path: str | os.PathLike, overrides: list[str],
+                module: str = DEFAULT_MODULE) -> LaunchPlan:
+    """The DeepSpeed runner command for the local or a hostfile launcher (see slurm.plan_slurm for Slurm)."""
+    lc = cfg.launch
+    ds = [deepspeed_executable()]
+    env: dict[str, str] = {}
+    files: dict[Path, str] = {}
+    if lc.launcher == "local":
+        port = lc.master_port or free_port()
+        ds += ["--num_gpus", str(layout.gpus_per_node), "--master_port", str(port)]
+        addr = "127.0.0.1"
+        if layout.cpu and "OMP_NUM_THREADS" not in os.environ:  # N workers share this machine's cores
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // layout.gpus_per_node))
+    else:
+        addr = layout.hosts[0] if lc.master_addr == "127.0.0.1" else lc.master_addr
+        port = lc.master_port or 29500
+        hostfile = launch_dir(cfg) / "hostfile"
+        files[hostfile] = hostfile_text(layout)
+        ds += ["--hostfile", str(hostfile), "--launcher", lc.launcher, "--force_multi",
+               "--master_addr", addr, "--master_port", str(port)]
+    mpi = lc.launcher in ("openmpi", "mvapich")
+    ds += rank_args(cfg, config_path, overrides, module, (addr, port) if mpi else None)
+    return LaunchPlan(layout, log_dir(cfg), [ds], files, env)
+
+
+def write_files(plan: LaunchPlan) -> None:
+    for path, text in plan.files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+
+
+def run_plan(cfg: RunConfig, plan: LaunchPlan) -> int:
+    """Write the plan's files and run its command under the supervisor; the job's exit code."""
+    from launch.supervise import supervise
+
+    write_files(plan)
+    (cmd,) = plan.commands
+    return supervise(cmd, plan.log_dir, env={**os.environ, **plan.env},
+                     watchdog_minutes=cfg.launch.watchdog_minutes, failure_grace_s=cfg.launch.failure_grace_s)

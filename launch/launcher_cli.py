@@ -1,0 +1,82 @@
+"""`ondol launch CONFIG [overrides] [--dry-run] [--submit]`: start training on every rank through DeepSpeed's
+launcher (one machine, a hostfile cluster, or a Slurm allocation), after pre-flight checks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from configs import RunConfig, load_config
+from launch.launcher import DEFAULT_MODULE, LaunchPlan, plan_launch, run_plan, write_files
+from launch.preflight import PreflightError, run_preflight
+
+
+def build_plan(cfg: RunConfig, config_path: str, overrides: list[str], module: str = DEFAULT_MODULE, *,
+               check_hosts: bool = False) -> tuple[LaunchPlan, list[str]]:
+    """Pre-flight checks, then the launch plan for the configured launcher; (plan, report lines)."""
+    from launch.slurm import plan_slurm
+
+    layout, report = run_preflight(cfg, check_inputs=module == DEFAULT_MODULE, check_hosts=check_hosts)
+    plan_for = plan_slurm if cfg.launch.launcher == "slurm" else plan_launch
+    return plan_for(cfg, layout, config_path, overrides, module), report
+
+
+def launch_command(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    slurm = cfg.launch.launcher == "slurm"
+    if args.submit and not slurm:
+        print("ondol launch: --submit is for launch.launcher=slurm (other launchers start right away)",
+              file=sys.stderr)
+        return 2
+    try:
+        plan, report = build_plan(cfg, args.config, args.overrides, args.module,
+                                  check_hosts=not args.dry_run and not args.no_host_check)
+    except PreflightError as e:
+        print(f"ondol launch: pre-flight: {e}", file=sys.stderr)
+        return 2
+    for line in report:
+        print(f"preflight: {line}")
+    if args.dry_run:
+        print(plan.describe())
+        return 0
+    if not slurm:
+        return run_plan(cfg, plan)
+    write_files(plan)
+    (script,) = plan.files
+    if not args.submit:
+        print(f"wrote {script}\nsubmit it with: sbatch {script}  (or add --submit)")
+        return 0
+    from launch.slurm import submit
+
+    try:
+        job = submit(plan)
+    except PreflightError as e:
+        print(f"ondol launch: {e}", file=sys.stderr)
+        return 1
+    print(f"submitted Slurm job {job}: {script}; output in {plan.log_dir}/slurm-{job}.out, ranks in "
+          f"{plan.log_dir}/rank*.log")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from launch.cli import add_config_args
+
+    p = sub.add_parser(
+        "launch",
+        help="train on many processes/GPUs/nodes through DeepSpeed's launcher (local, hostfile, Slurm)",
+        description="Start `python -m train CONFIG overrides` on every rank through DeepSpeed's launcher. "
+        "launch.launcher=local runs launch.gpus_per_node ranks here (gloo workers on CPU); pdsh/openmpi/mvapich "
+        "use launch.hostfile ('HOST slots=N' lines) and the first launch.nodes hosts; slurm writes "
+        "RUN_DIR/launch/ondol.sbatch (srun starts one launcher per node). Pre-flight checks the hostfile, the "
+        "parallel layout, launch.global_batch_size and the prepared inputs first. Rank logs go to "
+        "RUN_DIR/logs/rank*.log; a failed rank stops the job and its error is printed.",
+    )
+    add_config_args(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the checks, every generated file and command, and run nothing")
+    p.add_argument("--submit", action="store_true", help="slurm: submit the generated script with sbatch")
+    p.add_argument("--no-host-check", action="store_true",
+                   help="skip the passwordless-ssh check of the hostfile's hosts")
+    p.add_argument("--module", default=DEFAULT_MODULE,
+                   help="module each rank runs as `python -m MODULE CONFIG overrides` (default: train)")
+    p.set_defaults(func=launch_command)
