@@ -12,11 +12,12 @@ from launch.preflight import PreflightError, run_preflight
 
 
 def build_plan(cfg: RunConfig, config_path: str, overrides: list[str], module: str = DEFAULT_MODULE, *,
-               check_hosts: bool = False) -> tuple[LaunchPlan, list[str]]:
+               check_hosts: bool = False, dry_run: bool = False) -> tuple[LaunchPlan, list[str]]:
     """Pre-flight checks, then the launch plan for the configured launcher; (plan, report lines)."""
     from launch.slurm import plan_slurm
 
-    layout, report = run_preflight(cfg, check_inputs=module == DEFAULT_MODULE, check_hosts=check_hosts)
+    layout, report = run_preflight(cfg, check_inputs=module == DEFAULT_MODULE, check_hosts=check_hosts,
+                                   dry_run=dry_run)
     plan_for = plan_slurm if cfg.launch.launcher == "slurm" else plan_launch
     return plan_for(cfg, layout, config_path, overrides, module), report
 
@@ -30,7 +31,7 @@ def launch_command(args: argparse.Namespace) -> int:
         return 2
     try:
         plan, report = build_plan(cfg, args.config, args.overrides, args.module,
-                                  check_hosts=not args.dry_run and not args.no_host_check)
+                                  check_hosts=not args.dry_run and not args.no_host_check, dry_run=args.dry_run)
     except PreflightError as e:
         print(f"ondol launch: pre-flight: {e}", file=sys.stderr)
         return 2

@@ -212,9 +212,11 @@ def unreachable_hosts(hosts: list[str], timeout_s: int = 5) -> list[str]:
         return [h for h, bad in zip(hosts, pool.map(fails, hosts)) if bad]
 
 
-def run_preflight(cfg: RunConfig, *, check_inputs: bool = True, check_hosts: bool = False) -> tuple[Layout,
-                                                                                                   list[str]]:
-    """Every check for this launch; returns the layout and the report lines (raises PreflightError)."""
+def run_preflight(cfg: RunConfig, *, check_inputs: bool = True, check_hosts: bool = False,
+                  dry_run: bool = False) -> tuple[Layout, list[str]]:
+    """Every check for this launch; returns the layout and the report lines (raises PreflightError).
+
+    A dry run reports missing tokenizer/data as a warning (they may be prepared before the real launch)."""
     layout = resolve_layout(cfg)
     report: list[str] = []
     if layout.hosts and cfg.launch.launcher != "local":
@@ -228,7 +230,12 @@ def run_preflight(cfg: RunConfig, *, check_inputs: bool = True, check_hosts: boo
     report += check_parallel_layout(cfg, layout)
     report += check_global_batch(cfg, layout)
     if check_inputs:
-        report += check_prepared(cfg)
+        try:
+            report += check_prepared(cfg)
+        except PreflightError as e:
+            if not dry_run:
+                raise
+            report.append(f"warning: {e} (a real launch stops here)")
     report += network_env_report()
     warning = storage_warning(cfg.run_dir, layout.nodes)
     if warning:

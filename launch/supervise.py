@@ -121,8 +121,9 @@ def _tail(text: str, n: int = TAIL_LINES) -> str:
 
 def supervise(cmd: list[str], log_dir: str | os.PathLike, *, env: dict[str, str] | None = None,
               watchdog_minutes: float = 30.0, failure_grace_s: float = 15.0, echo_rank: int | None = 0,
-              out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+              out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run `cmd` (a launcher that starts `launch.rank` processes) to completion or failure; the exit code."""
+    out, err = out or sys.stdout, err or sys.stderr
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     clear_exit_records(log_dir)
@@ -160,7 +161,7 @@ def supervise(cmd: list[str], log_dir: str | os.PathLike, *, env: dict[str, str]
     if code == 0 and not failures:
         print(f"ondol launch: all ranks finished in {elapsed:.0f} s (logs in {log_dir})", file=out, flush=True)
         return 0
-    code = code or 1
+    code = code if code and code > 0 else 1  # killed by a signal (negative) or failed ranks under a clean exit
     if reason:
         print(f"ondol launch: {reason}", file=err)
     if failures:
@@ -173,8 +174,9 @@ def supervise(cmd: list[str], log_dir: str | os.PathLike, *, env: dict[str, str]
               f"{_last_line(text)}", file=err)
         print(f"  last lines of {log}:\n{_tail(text)}", file=err)
     else:
-        print(f"ondol launch: launcher exited with code {code} after {elapsed:.0f} s and no rank recorded an exit "
-              f"(killed by a signal, out of memory, or never started?); see {log_dir}", file=err)
+        if not reason:
+            print(f"ondol launch: launcher exited with code {code} after {elapsed:.0f} s and no rank recorded an "
+                  f"exit (killed by a signal, out of memory, or never started?); see {log_dir}", file=err)
         for log in sorted(log_dir.glob("rank*.log")):
             text = logs.new_text(log)
             if text:

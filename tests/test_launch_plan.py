@@ -1,0 +1,394 @@
+"""`ondol launch` without starting ranks: dry-run command lines and generated files (local, hostfile, Slurm),
+every pre-flight error with its message, sbatch submission, and the supervisor's stop rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from configs import load_config
+from launch.cli import main as ondol
+from launch.launcher_cli import build_plan
+from launch.preflight import (
+    PreflightError,
+    check_global_batch,
+    check_parallel_layout,
+    network_env_report,
+    parse_hostfile,
+    resolve_layout,
+    storage_warning,
+)
+from launch.rank import torch_rank_env
+from launch.supervise import supervise
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny-ko.yaml")
+
+
+def _cfg(tmp_path: Path, *overrides: str):
+    return load_config(TINY, [f"run_dir={tmp_path / 'run'}", *overrides])
+
+
+def _hostfile(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "hostfile"
+    path.write_text(text)
+    return path
+
+
+def _commands(out: str) -> list[list[str]]:
+    """The command lines of a dry run (lines that are neither report, export nor file content)."""
+    return [shlex.split(line) for line in out.splitlines() if line.split(" ", 1)[0].endswith(("deepspeed", "sbatch"))]
+
+
+def _after(tokens: list[str], flag: str) -> str:
+    return tokens[tokens.index(flag) + 1]
+
+
+# ---------------------------------------------------------------- dry runs
+
+def test_dry_run_single_node_prints_deepspeed_command_and_runs_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    code = ondol(["launch", TINY, f"run_dir={run}", "launch.gpus_per_node=2", "train.steps=7", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0
+    (cmd,) = _commands(out)
+    assert Path(cmd[0]).name == "deepspeed"
+    assert _after(cmd, "--num_gpus") == "2"
+    assert _after(cmd, "--master_port") == "29500"
+    assert "--module" in cmd and "--no_local_rank" in cmd and "--hostfile" not in cmd
+    rank = cmd[cmd.index("launch.rank"):]  # each rank: python -m launch.rank ... train CONFIG overrides
+    assert rank == ["launch.rank", "--log-dir", str(run.resolve() / "logs"), "train", TINY,
+                    f"run_dir={run}", "launch.gpus_per_node=2", "train.steps=7"]
+    assert f"export OMP_NUM_THREADS={max(1, (os.cpu_count() or 1) // 2)}" in out.splitlines()  # CPU: 2 workers
+    assert "preflight: layout: 2 ranks = 1 node(s) x 2 gloo workers (CPU)" in out
+    assert "preflight: global batch: train.micro_batch_size (8) x train.grad_accum (1) x data-parallel size (2) " \
+           "= 16 sequences" in out
+    assert f"warning: no tokenizer in {run / 'tokenizer'}" in out  # inputs missing: reported, not fatal in a dry run
+    assert not run.exists()  # nothing written
+
+
+def test_dry_run_hostfile_writes_trimmed_hostfile_and_pdsh_command(tmp_path, capsys):
+    hostfile = _hostfile(tmp_path, "# cluster\nnode-a slots=8\n\nnode-b slots=8   # second\nnode-c slots=8\n")
+    run = tmp_path / "run"
+    code = ondol(["launch", TINY, f"run_dir={run}", "launch.launcher=pdsh", f"launch.hostfile={hostfile}",
+                  "launch.nodes=2", "launch.gpus_per_node=4", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0
+    generated = run.resolve() / "launch" / "hostfile"
+    assert f"# file {generated}\nnode-a slots=4\nnode-b slots=4\n# end of {generated}" in out
+    (cmd,) = _commands(out)
+    assert _after(cmd, "--hostfile") == str(generated)
+    assert _after(cmd, "--launcher") == "pdsh"
+    assert _after(cmd, "--master_addr") == "node-a"  # 127.0.0.1 in the config means: the first host
+    assert _after(cmd, "--master_port") == "29500"
+    assert "--force_multi" in cmd and "--num_gpus" not in cmd
+    assert "--master-addr" not in cmd  # deepspeed.launch sets MASTER_* for pdsh ranks
+    assert cmd[cmd.index("launch.rank") + 3:][:2] == ["train", TINY]
+    assert "preflight: hosts: node-a, node-b" in out
+    assert "preflight: layout: 8 ranks = 2 node(s) x 4 GPUs" in out
+    assert not generated.exists()
+
+
+def test_dry_run_openmpi_passes_master_to_ranks(tmp_path, capsys):
+    hostfile = _hostfile(tmp_path, "n1 slots=2\nn2 slots=2\n")
+    code = ondol(["launch", TINY, f"run_dir={tmp_path / 'run'}", "launch.launcher=openmpi",
+                  f"launch.hostfile={hostfile}", "launch.nodes=2", "launch.gpus_per_node=2",
+                  "launch.master_port=31000", "--dry-run"])
+    (cmd,) = _commands(capsys.readouterr().out)
+    assert code == 0
+    assert _after(cmd, "--launcher") == "openmpi"
+    assert _after(cmd, "--master-addr") == "n1" and _after(cmd, "--master-port") == "31000"  # mpirun sets neither
+
+
+def _sbatch(out: str, script: Path) -> str:
+    start = out.index(f"# file {script}\n") + len(f"# file {script}\n")
+    return out[start:out.index(f"# end of {script}")]
+
+
+def _srun_line(text: str) -> list[str]:
+    (line,) = [x for x in text.splitlines() if " srun " in f" {x}"]
+    return shlex.split(line)
+
+
+def test_dry_run_slurm_script_field_by_field(tmp_path, capsys):
+    run = tmp_path / "run"
+    overrides = [f"run_dir={run}", "train.grad_accum=2", "launch.launcher=slurm", "launch.nodes=4",
+                 "launch.gpus_per_node=8", "launch.slurm.partition=gpu", "launch.slurm.account=proj42",
+                 "launch.slurm.time=02:30:00", "launch.slurm.cpus_per_node=64",
+                 "launch.slurm.setup=[module load cuda/12.4,source /opt/venv/bin/activate]",
+                 "launch.slurm.extra_sbatch=[--exclusive]"]
+    code = ondol(["launch", TINY, *overrides, "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0
+    script = run.resolve() / "launch" / "ondol.sbatch"
+    text = _sbatch(out, script)
+    lines = text.splitlines()
+    assert lines[0] == "#!/bin/bash"
+    directives = [x.split(" ", 1)[1] for x in lines if x.startswith("#SBATCH ")]
+    assert directives == ["--job-name=ondol-run", "--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8",
+                          "--cpus-per-task=64", "--partition=gpu", "--account=proj42", "--time=02:30:00",
+                          f"--output={run.resolve() / 'logs' / 'slurm-%j.out'}", "--exclusive"]
+    body = lines[len(directives) + 2:]
+    assert body[:4] == ["set -euo pipefail", f"cd {Path.cwd().resolve()}", "module load cuda/12.4",
+                        "source /opt/venv/bin/activate"]
+    assert 'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"' in lines
+    assert "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 40000))" in lines
+    assert "scontrol show hostnames \"$SLURM_JOB_NODELIST\" | sed 's/$/ slots=8/' > \"$HOSTFILE\"" in lines
+    srun = _srun_line(text)
+    assert srun[:3] == ["python", "-m", "launch.supervise"]
+    assert _after(srun, "--log-dir") == str(run.resolve() / "logs")
+    assert _after(srun, "--watchdog-minutes") == "30"
+    srun = srun[srun.index("srun"):]
+    assert srun[:6] == ["srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c"]
+    node = shlex.split(srun[6])  # the per-node command, variables expanded by each node's shell
+    assert node[:6] == ["deepspeed", "--hostfile", "$HOSTFILE", "--no_ssh", "--node_rank=$SLURM_NODEID",
+                        "--master_addr=$MASTER_ADDR"]
+    assert node[node.index("launch.rank"):] == ["launch.rank", "--log-dir", str(run.resolve() / "logs"), "train",
+                                                TINY, *overrides]
+    assert _commands(out)[-1] == ["sbatch", str(script)]
+    assert "preflight: global batch: train.micro_batch_size (8) x train.grad_accum (2) x data-parallel size (32) " \
+           "= 512 sequences" in out
+    check = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True, check=False)
+    assert check.returncode == 0, check.stderr
+
+
+def test_slurm_container_runs_srun_with_pyxis_options(tmp_path):
+    cfg = _cfg(tmp_path, "launch.launcher=slurm", "launch.nodes=2", "launch.gpus_per_node=4",
+               "launch.slurm.container=nvcr.io/nvidia/pytorch:25.01-py3", "launch.slurm.container_mounts=[/data:/data]")
+    plan, _ = build_plan(cfg, TINY, [], dry_run=True)
+    (text,) = plan.files.values()
+    srun = _srun_line(text)
+    workdir = Path.cwd().resolve()
+    assert srun[0] == "srun"  # no supervisor on the batch host: the environment lives in the container
+    assert "--container-image=nvcr.io/nvidia/pytorch:25.01-py3" in srun
+    assert f"--container-mounts={workdir}:{workdir},/data:/data" in srun
+    assert f"--container-workdir={workdir}" in srun
+    assert "#SBATCH --gpus-per-node=4" in text.splitlines()
+
+
+def test_submit_runs_sbatch_and_reports_the_job(tmp_path, capsys, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "sbatch-calls"
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\necho 'Submitted batch job 4242'\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    run = tmp_path / "run"
+    for name in ("tokenizer/meta.json", "data/manifest.json"):  # pre-flight wants prepared inputs for a submit
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("{}")
+    code = ondol(["launch", TINY, f"run_dir={run}", "launch.launcher=slurm", "launch.nodes=2", "--submit"])
+    out = capsys.readouterr().out
+    script = run.resolve() / "launch" / "ondol.sbatch"
+    assert code == 0
+    assert calls.read_text().split() == [str(script)]
+    assert f"submitted Slurm job 4242: {script}" in out
+    assert "#SBATCH --nodes=2" in script.read_text().splitlines()
+
+
+def test_submit_is_refused_for_a_non_slurm_launcher(tmp_path, capsys):
+    assert ondol(["launch", TINY, f"run_dir={tmp_path}", "--submit"]) == 2
+    assert "--submit is for launch.launcher=slurm" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- pre-flight errors
+
+@pytest.mark.parametrize("text, message", [
+    ("node1 slots=4\nnode2 slot=4\n", "{path}:2: expected 'HOST slots=N', got 'node2 slot=4'"),
+    ("node1 slots=4\n# spare\nnode2 slots=four\n", "{path}:3: slots must be a positive integer, got 'four'"),
+    ("node1 slots=0\n", "{path}:1: slots must be a positive integer, got '0'"),
+    ("node1 slots=4\nnode2 slots=4 extra\n", "{path}:2: expected 'HOST slots=N', got 'node2 slots=4 extra'"),
+    ("node1 slots=4\n\nnode1 slots=4\n", "{path}:3: host 'node1' is already listed on line 1"),
+    ("# nothing\n\n", "{path}: no hosts listed"),
+])
+def test_bad_hostfile_names_file_and_line(tmp_path, text, message):
+    path = _hostfile(tmp_path, text)
+    with pytest.raises(PreflightError) as err:
+        parse_hostfile(path)
+    assert str(err.value).startswith("hostfile " + message.format(path=path))
+
+
+def test_bad_hostfile_through_the_cli_is_one_line_and_exit_2(tmp_path, capsys):
+    path = _hostfile(tmp_path, "node1 slots=4\nnode2 slots=4 slots=8\n")
+    code = ondol(["launch", TINY, f"run_dir={tmp_path / 'run'}", "launch.launcher=pdsh", f"launch.hostfile={path}",
+                  "launch.nodes=2", "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == f"ondol launch: pre-flight: hostfile {path}:2: expected 'HOST slots=N', got " \
+                  "'node2 slots=4 slots=8'\n"
+
+
+def test_hostfile_with_too_few_hosts_or_slots(tmp_path):
+    path = _hostfile(tmp_path, "a slots=8\nb slots=4\n")
+    with pytest.raises(PreflightError, match=r"launch.nodes=3 but hostfile .* lists 2 hosts"):
+        resolve_layout(_cfg(tmp_path, "launch.launcher=pdsh", f"launch.hostfile={path}", "launch.nodes=3"))
+    with pytest.raises(PreflightError) as err:
+        resolve_layout(_cfg(tmp_path, "launch.launcher=pdsh", f"launch.hostfile={path}", "launch.nodes=2",
+                            "launch.gpus_per_node=8"))
+    assert str(err.value) == f"hostfile {path}:2: host 'b' has slots=4 but launch.gpus_per_node=8: lower " \
+                             "launch.gpus_per_node"
+    with pytest.raises(PreflightError, match="hostfile .* not found"):
+        resolve_layout(_cfg(tmp_path, "launch.launcher=pdsh", f"launch.hostfile={tmp_path / 'missing'}"))
+
+
+def test_world_size_not_divisible_by_expert_parallel_size(tmp_path):
+    cfg = _cfg(tmp_path, "launch.gpus_per_node=4")
+    cfg.deepspeed.expert_parallel_size = 3  # train.config refuses EP > 1 today; the launcher checks it anyway
+    layout = resolve_layout(cfg)
+    with pytest.raises(PreflightError) as err:
+        check_parallel_layout(cfg, layout)
+    assert str(err.value).startswith("world size 4 (1 node(s) x 4 per node) is not divisible by "
+                                     "deepspeed.expert_parallel_size=3")
+    cfg = _cfg(tmp_path, "launch.gpus_per_node=6")
+    cfg.deepspeed.expert_parallel_size = 3
+    with pytest.raises(PreflightError, match=r"model.n_experts=8 is not divisible by deepspeed.expert_parallel_size=3"):
+        check_parallel_layout(cfg, resolve_layout(cfg))
+    cfg.deepspeed.expert_parallel_size = 2
+    assert check_parallel_layout(cfg, resolve_layout(cfg))[0].startswith("layout: 6 ranks")
+
+
+def test_world_size_not_divisible_by_zero_shard_groups(tmp_path, capsys):
+    code = ondol(["launch", TINY, f"run_dir={tmp_path}", "launch.gpus_per_node=4", "deepspeed.zero_stage=3",
+                  "deepspeed.extra={zero_optimization: {mics_shard_size: 3}}", "--dry-run"])
+    assert code == 2
+    assert capsys.readouterr().err == ("ondol launch: pre-flight: world size 4 (1 node(s) x 4 per node) is not "
+                                       "divisible by deepspeed.extra.zero_optimization.mics_shard_size=3: pick a "
+                                       "shard size that divides it\n")
+    cfg = _cfg(tmp_path, "launch.gpus_per_node=4", "deepspeed.extra={zero_optimization: {zero_hpz_partition_size: 8}}")
+    with pytest.raises(PreflightError, match="zero_hpz_partition_size=8 must divide the GPUs per node"):
+        check_parallel_layout(cfg, resolve_layout(cfg))
+
+
+def test_inconsistent_global_batch(tmp_path, capsys):
+    code = ondol(["launch", TINY, f"run_dir={tmp_path}", "launch.gpus_per_node=2", "train.micro_batch_size=4",
+                  "launch.global_batch_size=32", "--dry-run"])
+    assert code == 2
+    assert capsys.readouterr().err == ("ondol launch: pre-flight: launch.global_batch_size=32 but "
+                                       "train.micro_batch_size (4) x train.grad_accum (1) x data-parallel size (2) "
+                                       "= 8 sequences: set train.grad_accum=4\n")
+    cfg = _cfg(tmp_path, "launch.gpus_per_node=2", "train.micro_batch_size=4", "launch.global_batch_size=12")
+    with pytest.raises(PreflightError, match=r"= 8 sequences: it is not a multiple of micro x data-parallel \(8\)"):
+        check_global_batch(cfg, resolve_layout(cfg))
+    cfg = _cfg(tmp_path, "launch.gpus_per_node=2", "train.micro_batch_size=4", "train.grad_accum=4",
+               "launch.global_batch_size=32")
+    assert check_global_batch(cfg, resolve_layout(cfg))[0].endswith("= 32 sequences")
+
+
+def test_missing_inputs_stop_a_real_launch(tmp_path, capsys):
+    code = ondol(["launch", TINY, f"run_dir={tmp_path / 'run'}", "launch.gpus_per_node=2"])
+    assert code == 2
+    assert capsys.readouterr().err == (f"ondol launch: pre-flight: no tokenizer in {tmp_path / 'run' / 'tokenizer'}"
+                                       ": run `ondol tokenizer train CONFIG` (or `ondol run`) first\n")
+
+
+def test_unreachable_hosts_are_named(tmp_path, capsys, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # a stand-in ssh: the last-but-one argument is the host; node-b refuses
+    (bin_dir / "ssh").write_text('#!/bin/sh\nfor a; do host=$prev; prev=$a; done\n[ "$host" != node-b ]\n')
+    (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    path = _hostfile(tmp_path, "node-a slots=1\nnode-b slots=1\n")
+    code = ondol(["launch", TINY, f"run_dir={tmp_path / 'run'}", "launch.launcher=pdsh", f"launch.hostfile={path}",
+                  "launch.nodes=2"])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("ondol launch: pre-flight: hosts not reachable by passwordless ssh: "
+                                              f"node-b (from {path})")
+
+
+def test_config_keys_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="launch.launcher must be one of"):
+        _cfg(tmp_path, "launch.launcher=ssh")
+    with pytest.raises(ValueError, match="launch.launcher=pdsh needs launch.hostfile"):
+        _cfg(tmp_path, "launch.launcher=pdsh")
+    with pytest.raises(ValueError, match="launch.nodes > 1 needs launch.launcher"):
+        _cfg(tmp_path, "launch.nodes=2")
+
+
+# ---------------------------------------------------------------- reports
+
+def test_network_env_report_lists_the_variables_ranks_inherit():
+    env = {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_DEBUG": "INFO", "GLOO_SOCKET_IFNAME": "eth0", "HOME": "/root"}
+    assert network_env_report(env) == ["network env: GLOO_SOCKET_IFNAME=eth0", "network env: NCCL_DEBUG=INFO",
+                                       "network env: NCCL_SOCKET_IFNAME=ib0"]
+    assert network_env_report({"HOME": "/root"})[0].startswith("network env: no NCCL_")
+
+
+MOUNTS = """\
+/dev/sda1 / ext4 rw 0 0
+fs1:/export/home /shared nfs4 rw 0 0
+lustre@tcp:/scratch /scratch lustre rw 0 0
+tmpfs /shared/tmp tmpfs rw 0 0
+"""
+
+
+def test_shared_storage_warning_for_multi_node():
+    assert storage_warning("/home/me/runs/a", nodes=2, mounts=MOUNTS).startswith(
+        "warning: run_dir /home/me/runs/a is on a node-local filesystem (ext4 at /): with 2 nodes")
+    assert storage_warning("/shared/tmp/run", nodes=2, mounts=MOUNTS).startswith(
+        "warning: run_dir /shared/tmp/run is on a node-local filesystem (tmpfs at /shared/tmp)")
+    assert storage_warning("/shared/runs/a", nodes=2, mounts=MOUNTS) is None
+    assert storage_warning("/scratch/x", nodes=8, mounts=MOUNTS) is None
+    assert storage_warning("/home/me/runs/a", nodes=1, mounts=MOUNTS) is None
+
+
+def test_rank_env_from_mpi_runners():
+    ompi = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}
+    assert torch_rank_env(ompi, "n1", 29500) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                                                 "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
+    mv2 = {"MV2_COMM_WORLD_RANK": "3", "MV2_COMM_WORLD_SIZE": "4", "MV2_COMM_WORLD_LOCAL_RANK": "3"}
+    assert torch_rank_env(mv2, None, None) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}
+    launched = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1", **ompi}
+    assert torch_rank_env(launched, "n1", 29500) == {}  # deepspeed.launch already set them: left alone
+
+
+# ---------------------------------------------------------------- supervisor
+
+def _script(body: str) -> list[str]:
+    return [sys.executable, "-c", body]
+
+
+def test_supervisor_stops_a_job_whose_other_nodes_keep_running_after_a_rank_failed(tmp_path, capsys):
+    logs = tmp_path / "logs"
+    (logs).mkdir()
+    (logs / "rank1.exit").write_text(json.dumps({"rank": 1, "host": "old", "exit_code": 9, "time": 0}))  # stale
+    body = f"""
+import json, time, pathlib
+logs = pathlib.Path({str(logs)!r})
+(logs / "rank0.log").write_text("step 1\\n")
+(logs / "rank3.log").write_text("loading shard\\nValueError: shard 17 is truncated\\n")
+(logs / "rank3.exit").write_text(json.dumps({{"rank": 3, "host": "node-b", "exit_code": 2, "time": time.time()}}))
+time.sleep(600)  # the other nodes would wait in a collective until the process-group timeout
+"""
+    started = time.monotonic()
+    code = supervise(_script(body), logs, watchdog_minutes=0, failure_grace_s=1.0)
+    elapsed = time.monotonic() - started
+    out, err = capsys.readouterr()
+    assert code != 0 and elapsed < 20
+    assert "step 1\n" in out  # rank 0's log echoed
+    assert err.splitlines()[0] == "ondol launch: a rank failed and the job was still running 1 s later: stopped it"
+    assert err.splitlines()[1] == ("ondol launch: rank 3 on node-b failed with exit code 2: ValueError: shard 17 is "
+                                   "truncated")
+    assert "    loading shard" in err
+
+
+def test_supervisor_watchdog_stops_a_silent_job(tmp_path, capsys):
+    started = time.monotonic()
+    code = supervise(_script("import time; time.sleep(600)"), tmp_path / "logs", watchdog_minutes=0.03)
+    elapsed = time.monotonic() - started
+    assert code == 1 and 1.5 < elapsed < 20
+    assert "watchdog: no rank log in" in capsys.readouterr().err
+
+
+def test_supervisor_success_and_launcher_failure_without_rank_records(tmp_path, capsys):
+    assert supervise(_script("pass"), tmp_path / "logs") == 0
+    assert "all ranks finished" in capsys.readouterr().out
+    assert supervise(_script("import sys; sys.exit(7)"), tmp_path / "logs") == 7
+    assert "launcher exited with code 7" in capsys.readouterr().err
