@@ -18,14 +18,20 @@ def ondol(*argv: str) -> int:
     return args.func(args)
 
 
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    small_tokenizer(path)
+    return path
+
+
 @pytest.fixture
-def config(tmp_path):
-    small_tokenizer(tmp_path / "tok")
+def config(tmp_path, tokenizer_dir):
     path = tmp_path / "run.yaml"
     path.write_text(f"""
 run_dir: {tmp_path / 'run'}
 tokenizer:
-  path: {tmp_path / 'tok'}
+  path: {tokenizer_dir}
 data:
   sources:
     - name: ko_docs
