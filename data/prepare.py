@@ -201,7 +201,8 @@ def _prepare_source(source, cfg: DataConfig, cleaner: Cleaner, encoder: _Ordered
     read = chunk_chars = 0
     for doc in iter_documents(source, bad=bad):
         read += 1
-        bar.update()
+        if read % 1024 == 0:
+            bar.update(1024)
         cleaned = cleaner.clean(doc.text, source.name)
         if cleaned is None:
             continue
@@ -220,6 +221,7 @@ def _prepare_source(source, cfg: DataConfig, cleaner: Cleaner, encoder: _Ordered
             texts, routes, chunk_chars = [], [], 0
     if texts:
         encoder.submit(texts, routes)
+    bar.update(read % 1024)
     bar.close()
     return {"name": source.name, "path": source.path, "weight": source.weight, "read": read,
             "bad_input": dict(bad.counts), "bad_input_examples": bad.examples,
