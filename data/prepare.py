@@ -35,33 +35,35 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _worker_tokenizer = None  # set before forking the pool; each worker inherits it
 
 
-def _encode_chunk(texts: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of every text with eos appended, packed into one array, and each document's length."""
+def _encode_chunk(texts: list[str], dtype: str, bos: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of every text between bos (if asked) and eos, packed into one array, and each document's length."""
     tok = _worker_tokenizer
-    eos, flat, lengths = tok.eos_id, [], []
+    head = [tok.bos_id] if bos else []
+    flat, lengths = [], []
     for ids in tok.encode_batch(texts):
+        flat.extend(head)
         flat.extend(ids)
-        flat.append(eos)
-        lengths.append(len(ids) + 1)
+        flat.append(tok.eos_id)
+        lengths.append(len(head) + len(ids) + 1)
     return np.array(flat, dtype=dtype), np.array(lengths, dtype=np.int64)
 
 
 class _OrderedEncoder:
     """Tokenizes chunks in a process pool (or inline for num_proc <= 1), delivering results in order."""
 
-    def __init__(self, tokenizer, num_proc: int, dtype: np.dtype, deliver):
+    def __init__(self, tokenizer, num_proc: int, dtype: np.dtype, bos: bool, deliver):
         global _worker_tokenizer
         _worker_tokenizer = tokenizer
-        self.dtype, self.deliver = dtype.name, deliver
+        self.args, self.deliver = (dtype.name, bos), deliver
         self.pool = multiprocessing.get_context("fork").Pool(num_proc) if num_proc > 1 else None
         self.window = 2 * num_proc
         self.pending: deque = deque()
 
     def submit(self, texts: list[str], routes: list) -> None:
         if self.pool is None:
-            self.deliver(routes, *_encode_chunk(texts, self.dtype))
+            self.deliver(routes, *_encode_chunk(texts, *self.args))
             return
-        self.pending.append((routes, self.pool.apply_async(_encode_chunk, (texts, self.dtype))))
+        self.pending.append((routes, self.pool.apply_async(_encode_chunk, (texts, *self.args))))
         while len(self.pending) > self.window:
             self._deliver_oldest()
 
@@ -90,9 +92,13 @@ def _identity(cfg: DataConfig, tokenizer, seed: int) -> dict:
             entry["files"] = [[f, os.path.getsize(f)] for f in resolve_files(s)]
         sources.append(entry)
     return {"format": FORMAT, "seed": seed, "sources": sources, "cleaning": asdict(cfg.cleaning),
-            "val_fraction": cfg.val_fraction, "shard_tokens": cfg.shard_tokens,
-            "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-                          "eos_id": tokenizer.eos_id}}
+            "val_fraction": cfg.val_fraction, "shard_tokens": cfg.shard_tokens, "bos": cfg.bos,
+            "tokenizer": _tokenizer_record(tokenizer)}
+
+
+def _tokenizer_record(tokenizer) -> dict:
+    return {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
 
 
 def _digest(obj: dict) -> str:
@@ -146,6 +152,8 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
     out_dir = Path(out_dir)
     _check_sources(cfg)
     check_normalization(cfg.cleaning, tokenizer.normalize)
+    if cfg.bos and tokenizer.bos_id < 0:
+        raise ValueError("data.bos is on but the tokenizer has no bos token: set data.bos=false")
     identity = _identity(cfg, tokenizer, seed)
     digest = _digest(identity)
     _refuse_mixing(out_dir, identity, digest)
@@ -170,7 +178,7 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
             doc, offset = doc + n, offset + size
 
     cleaner = Cleaner(cfg.cleaning, seed)
-    encoder = _OrderedEncoder(tokenizer, cfg.num_proc, dtype, deliver)
+    encoder = _OrderedEncoder(tokenizer, cfg.num_proc, dtype, cfg.bos, deliver)
     stats = []
     try:
         for source in cfg.sources:
@@ -240,9 +248,8 @@ def _manifest(cfg: DataConfig, tokenizer, seed: int, digest: str, dtype: np.dtyp
     totals["dropped"] = sum(sum(e["dropped"].values()) for e in stats)
     totals["bad_input"] = sum(sum(e["bad_input"].values()) for e in stats)
     return {
-        "format": FORMAT, "hash": digest, "seed": seed, "dtype": dtype.name,
-        "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-                      "eos_id": tokenizer.eos_id},
+        "format": FORMAT, "hash": digest, "seed": seed, "dtype": dtype.name, "bos": cfg.bos,
+        "tokenizer": _tokenizer_record(tokenizer),
         "weights": {s.name: s.weight for s in cfg.sources},
         "sources": stats, "totals": totals, "config": asdict(cfg),
         "splits": {split: {s.name: writers[split, s.name].records for s in cfg.sources} for split in SPLITS},

@@ -2,8 +2,8 @@
 
 DATA_DIR/manifest.json        what was prepared (sources, counts, token totals, tokenizer, config, shard list)
 DATA_DIR/prepare.json         the identity hash of a preparation, written first: a changed one refuses to mix
-DATA_DIR/{split}/{source}/NNNNN.bin   packed tokens (uint16, or uint32 for vocabularies over 65,536), eos after
-                                      every document
+DATA_DIR/{split}/{source}/NNNNN.bin   packed tokens (uint16, or uint32 for vocabularies over 65,536): each
+                                      document as [bos] text tokens eos (bos when the manifest says "bos")
 DATA_DIR/{split}/{source}/NNNNN.idx   int64 document start offsets into the .bin, then its length
 DATA_DIR/{split}/{source}/NNNNN.json  the shard record; written last, by rename, so it marks a complete shard
 """
@@ -101,17 +101,18 @@ class ShardWriter:
 class Shard:
     tokens: np.ndarray  # read-only memmap of the packed tokens
     starts: np.ndarray  # document start offsets, then the token count
+    bos: bool  # each document starts with bos
 
     @property
     def docs(self) -> int:
         return len(self.starts) - 1
 
     def document(self, i: int) -> np.ndarray:
-        """The tokens of document i without its trailing eos."""
-        return self.tokens[self.starts[i]:self.starts[i + 1] - 1]
+        """The text tokens of document i (no bos, no eos)."""
+        return self.tokens[self.starts[i] + self.bos:self.starts[i + 1] - 1]
 
 
-def open_shard(data_dir: str | os.PathLike, record: dict, dtype: str) -> Shard:
+def open_shard(data_dir: str | os.PathLike, record: dict, dtype: str, bos: bool) -> Shard:
     stem = Path(data_dir) / record["path"]
     bin_path = stem.with_suffix(".bin")
     dtype_ = np.dtype(dtype)
@@ -120,7 +121,7 @@ def open_shard(data_dir: str | os.PathLike, record: dict, dtype: str) -> Shard:
                          f"re-run `ondol data prepare CONFIG`")
     starts = np.fromfile(stem.with_suffix(".idx"), dtype=np.int64)
     tokens = np.memmap(bin_path, dtype=dtype_, mode="r") if record["tokens"] else np.zeros(0, dtype_)
-    return Shard(tokens, starts)
+    return Shard(tokens, starts, bos)
 
 
 def split_shards(data_dir: str | os.PathLike, split: str, manifest: dict | None = None) -> dict[str, list[Shard]]:
@@ -128,7 +129,7 @@ def split_shards(data_dir: str | os.PathLike, split: str, manifest: dict | None 
     manifest = manifest or read_manifest(data_dir)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, not '{split}'")
-    return {name: [open_shard(data_dir, r, manifest["dtype"]) for r in records]
+    return {name: [open_shard(data_dir, r, manifest["dtype"], manifest["bos"]) for r in records]
             for name, records in manifest["splits"][split].items()}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data import BadInputError, SourceError, prepare, read_manifest
+from data import BadInputError, SourceError, first_documents, prepare, read_manifest
 from data.config import CleaningConfig, DataConfig, SourceConfig
 from data.shards import split_shards
 from tests.conftest import CORPORA, ROOT, corpus_texts
@@ -35,15 +35,18 @@ def corpus_source(name: str, n: int | None, weight: float = 1.0) -> SourceConfig
 
 
 def decoded_split(data_dir, split, tokenizer) -> dict[str, list[str]]:
-    """Every document of a split, decoded, per source; checks each ends in exactly one eos."""
+    """Every document of a split, decoded, per source; checks each is [bos] text eos with no other bos/eos."""
+    bos = read_manifest(data_dir)["bos"]
     out = {}
     for name, shards in split_shards(data_dir, split).items():
         docs = []
         for shard in shards:
             for i in range(shard.docs):
-                ids = shard.tokens[shard.starts[i]:shard.starts[i + 1]]
-                assert ids[-1] == tokenizer.eos_id and tokenizer.eos_id not in ids[:-1]
-                docs.append(tokenizer.decode(ids[:-1].tolist()))
+                ids = shard.tokens[shard.starts[i]:shard.starts[i + 1]].tolist()
+                text = ids[1:-1] if bos else ids[:-1]
+                assert ids[-1] == tokenizer.eos_id and (ids[0] == tokenizer.bos_id) == bos
+                assert tokenizer.eos_id not in text and tokenizer.bos_id not in text
+                docs.append(tokenizer.decode(text))
         out[name] = docs
     return out
 
@@ -94,6 +97,7 @@ def test_round_trip_shards_equal_cleaned_documents(tmp_path, tok):
         assert train[name] == [t for t in texts if t not in val_set]
         assert val[name] == [t for t in texts if t in val_set]
     assert 10 <= len(val["messy"]) <= 80  # ~10% of 400 kept reviews
+    assert first_documents(tmp_path / "data", "val", tok, 3) == val["messy"][:3]  # the pipeline's prompt source
 
     messy_stats = manifest["sources"][0]
     assert messy_stats["read"] == len(messy)
@@ -103,7 +107,7 @@ def test_round_trip_shards_equal_cleaned_documents(tmp_path, tok):
         "control_chars_removed": sum(a != b for a, b in zip(messy, stripped)),
         "normalized": sum(t != unicodedata.normalize("NFC", t) for t in stripped)}
     assert 25 <= messy_stats["modified"]["normalized"] <= 30  # the NFD copies (a few have nothing to compose)
-    tokens = sum(len(tok.encode(t)) + 1 for t in expected["messy"])
+    tokens = sum(len(tok.encode(t)) + 2 for t in expected["messy"])  # bos and eos
     assert messy_stats["tokens"]["train"] + messy_stats["tokens"]["val"] == tokens
     assert manifest["totals"]["train_tokens"] == sum(s["tokens"]["train"] for s in manifest["sources"])
     assert manifest["dtype"] == "uint16" and manifest["tokenizer"]["fingerprint"] == tok.fingerprint
@@ -112,17 +116,17 @@ def test_round_trip_shards_equal_cleaned_documents(tmp_path, tok):
 
 
 def test_split_is_stable_when_a_source_grows_and_num_proc_changes_nothing(tmp_path, tok):
-    small = prepare(DataConfig(sources=[corpus_source("ko_reviews", 1500)], val_fraction=0.05, num_proc=1),
-                    tok, tmp_path / "small", seed=3, progress=False)
-    large = prepare(DataConfig(sources=[corpus_source("ko_reviews", 3000)], val_fraction=0.05, num_proc=2),
-                    tok, tmp_path / "large", seed=3, progress=False)
+    small = prepare(DataConfig(sources=[corpus_source("ko_reviews", 1500)], val_fraction=0.05, num_proc=1,
+                               bos=False), tok, tmp_path / "small", seed=3, progress=False)
+    large = prepare(DataConfig(sources=[corpus_source("ko_reviews", 3000)], val_fraction=0.05, num_proc=2,
+                               bos=False), tok, tmp_path / "large", seed=3, progress=False)
     small_val = decoded_split(tmp_path / "small", "val", tok)["ko_reviews"]
     large_val = decoded_split(tmp_path / "large", "val", tok)["ko_reviews"]
     assert large_val[: len(small_val)] == small_val
     assert set(large_val[len(small_val):]).isdisjoint(decoded_split(tmp_path / "small", "train", tok)["ko_reviews"])
     assert 0.03 < large["totals"]["val_docs"] / (large["totals"]["val_docs"] + large["totals"]["train_docs"]) < 0.07
-    one = prepare(DataConfig(sources=[corpus_source("ko_reviews", 1500)], val_fraction=0.05, num_proc=2),
-                  tok, tmp_path / "small2", seed=3, progress=False)
+    one = prepare(DataConfig(sources=[corpus_source("ko_reviews", 1500)], val_fraction=0.05, num_proc=2,
+                             bos=False), tok, tmp_path / "small2", seed=3, progress=False)
     assert one["totals"] == small["totals"]
     for split in ("train", "val"):
         for path in sorted((tmp_path / "small" / split).rglob("*.*")):
