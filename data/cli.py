@@ -10,7 +10,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-console = Console(soft_wrap=True)  # long lines (paths, samples) stay whole
+# long lines (paths, samples) stay whole; logs (not a terminal) get room for the whole table
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 140)
 
 
 def _reported(handler):
@@ -40,7 +41,7 @@ def _load(args: argparse.Namespace):
 def _source_table(manifest: dict) -> Table:
     table = Table(title=f"prepared data (tokenizer {manifest['tokenizer']['fingerprint']}, {manifest['dtype']})")
     for column in ("source", "weight", "read", "bad input", "dropped", "train docs", "val docs", "train tokens",
-                   "val tokens", "token share"):
+                   "val tokens", "train share"):
         table.add_column(column, justify="left" if column == "source" else "right")
     total = max(1, manifest["totals"]["train_tokens"])
     for s in manifest["sources"]:
