@@ -1,0 +1,208 @@
+"""Real launches through DeepSpeed's launcher on CPU (gloo workers): a failing rank stops the job with its
+error, the generated Slurm script runs one launcher per (stand-in) node, and 2 workers train the tiny
+config and write a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from configs import data_dir, load_config, tokenizer_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny-ko.yaml")
+LAUNCH_TIMEOUT_S = 240
+
+# A rank that fails after joining the group while the other waits for it in a collective.
+FAILING_RANK = """
+from datetime import timedelta
+import torch.distributed as dist
+dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+if dist.get_rank() == 1:
+    raise RuntimeError("rank 1 cannot read its shard")
+dist.barrier()
+"""
+
+# Every rank contributes rank+1 to an all-reduce and prints what it saw.
+SUMMING_RANK = """
+import os, sys
+from datetime import timedelta
+import torch, torch.distributed as dist
+dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+total = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(total)
+print(f"rank {dist.get_rank()} world {dist.get_world_size()} sum {total.item():g} local {os.environ['LOCAL_RANK']}")
+dist.destroy_process_group()
+"""
+
+
+def _ondol(args: list[str], env: dict[str, str] | None = None, timeout: float = LAUNCH_TIMEOUT_S):
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=ROOT, timeout=timeout, check=False)
+
+
+def _module(tmp_path: Path, name: str, source: str) -> dict[str, str]:
+    (tmp_path / f"{name}.py").write_text(source)
+    return {"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def test_a_rank_that_raises_stops_the_launch_with_its_error(tmp_path):
+    env = _module(tmp_path, "failing_rank", FAILING_RANK)
+    run = tmp_path / "run"
+    started = time.monotonic()
+    result = _ondol(["launch", TINY, f"run_dir={run}", "launch.gpus_per_node=2", "launch.master_port=0",
+                     "launch.watchdog_minutes=2", "--module", "failing_rank"], env)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert elapsed < 120  # the watchdog is 2 min and the ranks' collective timeout 2 min: neither was needed
+    lines = result.stderr.splitlines()
+    (summary,) = [x for x in lines if x.startswith("ondol launch: rank")]
+    assert summary.startswith("ondol launch: rank 1 on ")
+    assert "failed with exit code 1" in summary  # rank 0 may also record its broken collective, listed after
+    assert summary.endswith(": RuntimeError: rank 1 cannot read its shard")
+    assert f"  last lines of {run.resolve() / 'logs' / 'rank1.log'}:" in lines
+    assert 'raise RuntimeError("rank 1 cannot read its shard")' in result.stderr  # the traceback, surfaced
+    log1 = (run / "logs" / "rank1.log").read_text()
+    assert "rank 1/2 on" in log1 and "RuntimeError: rank 1 cannot read its shard" in log1
+    assert json.loads((run / "logs" / "rank1.exit").read_text())["exit_code"] == 1
+
+
+def _free_port_in(low: int, high: int) -> int:
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if low <= port < high:
+            return port
+    pytest.skip(f"no free port in [{low}, {high}) for the stand-in Slurm job id")
+
+
+FAKE_SRUN = """#!/bin/bash
+# stand-in for srun: run the command once per node (in parallel) with that node's SLURM_NODEID
+nodes=1
+while [[ $1 == --* ]]; do
+  case $1 in --nodes=*) nodes=${1#--nodes=};; esac
+  shift
+done
+pids=()
+for ((i = 0; i < nodes; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+
+# Two names for this machine stand for two allocated nodes.
+FAKE_SCONTROL = """#!/bin/bash
+[ "$1 $2" = "show hostnames" ] && printf '127.0.0.1\\nlocalhost\\n'
+"""
+
+
+def test_generated_sbatch_script_runs_one_launcher_per_node(tmp_path):
+    """The script itself, run by bash with stand-ins for srun and scontrol: 2 nodes x 1 gloo worker."""
+    env = _module(tmp_path, "summing_rank", SUMMING_RANK)
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (fake_bin / name).write_text(text)
+        (fake_bin / name).chmod(0o755)
+    run = tmp_path / "run"
+    venv_bin = Path(sys.executable).parent
+    generated = _ondol(["launch", TINY, f"run_dir={run}", "launch.launcher=slurm", "launch.nodes=2",
+                        "launch.gpus_per_node=1", "launch.slurm.request_gpus=false", "launch.watchdog_minutes=2",
+                        f"launch.slurm.setup=[export PATH={venv_bin}:$PATH]", "--module", "summing_rank"], env)
+    assert generated.returncode == 0, generated.stderr
+    script = run / "launch" / "ondol.sbatch"
+    assert f"wrote {script.resolve()}" in generated.stdout
+    job_id = _free_port_in(20000, 60000) - 20000  # the script derives MASTER_PORT = 20000 + job id
+    slurm_env = {**os.environ, **env, "PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_JOB_ID": str(job_id),
+                 "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2"}
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=slurm_env,
+                            timeout=LAUNCH_TIMEOUT_S, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"ondol: job {job_id} on 2 node(s), master 127.0.0.1:{20000 + job_id}" in result.stdout
+    assert (run / "launch" / f"hostfile.{job_id}").read_text() == "127.0.0.1 slots=1\nlocalhost slots=1\n"
+    for rank in (0, 1):  # one rank per node, local rank 0 on each, both in one world of 2
+        log = (run / "logs" / f"rank{rank}.log").read_text()
+        assert f"rank {rank} world 2 sum 3 local 0" in log
+    assert "rank 0 world 2 sum 3" in result.stdout  # the supervisor echoed rank 0 into the job output
+
+
+TINY_RUN = """\
+# configs/model/tiny.yaml on a slice of real Korean reviews, 4 steps on 2 gloo workers
+defaults:
+  - model/tiny.yaml
+run_dir: {run_dir}
+seed: 7
+data:
+  sources:
+    - name: ko_reviews
+      path: ${{corpora_dir}}/ko_reviews.jsonl.gz
+      max_docs: 400
+  seq_len: 64
+  val_fraction: 0.05
+  num_proc: 1
+tokenizer:
+  vocab_size: 2048
+  hangul_coverage: false
+  num_threads: 1
+train:
+  steps: 4
+  micro_batch_size: 2
+  eval_every: 4
+  eval_batches: 1
+  save_every: 4
+  log_every: 1
+optim:
+  warmup_steps: 1
+logging:
+  progress: false
+deepspeed:
+  timeout_minutes: 3
+launch:
+  gpus_per_node: 2
+  master_port: 0
+  global_batch_size: 4
+  watchdog_minutes: 3
+"""
+
+
+@pytest.fixture
+def tiny_run(tmp_path, corpora) -> Path:
+    """A run config with its tokenizer trained and its data prepared (small), as `ondol run` would leave them."""
+    from data import prepare
+    from tokenizer import train_tokenizer
+
+    config = tmp_path / "tiny-run.yaml"
+    config.write_text(TINY_RUN.format(run_dir=tmp_path / "run"))
+    cfg = load_config(config)
+    tokenizer = train_tokenizer(cfg.tokenizer, cfg.data.sources, tokenizer_dir(cfg), cfg.seed)
+    prepare(cfg.data, tokenizer, data_dir(cfg), cfg.seed, progress=False)
+    return config
+
+
+def test_two_cpu_workers_train_the_tiny_config_and_write_a_checkpoint(tiny_run):
+    run = tiny_run.parent / "run"
+    result = _ondol(["launch", str(tiny_run)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "preflight: global batch: train.micro_batch_size (2) x train.grad_accum (1) x data-parallel size (2) " \
+           "= 4 sequences" in result.stdout
+    assert "all ranks finished" in result.stdout
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_00000004"
+    meta = json.loads((checkpoints / "step_00000004" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 4
+    assert sorted(p.name for p in (checkpoints / "step_00000004").glob("rng_rank*.pt")) == ["rng_rank0.pt",
+                                                                                           "rng_rank1.pt"]
+    for rank in (0, 1):
+        assert f"rank {rank}/2 on" in (run / "logs" / f"rank{rank}.log").read_text()
+        assert json.loads((run / "logs" / f"rank{rank}.exit").read_text())["exit_code"] == 0
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps if "loss" in m] == [1, 2, 3, 4]
+    assert (run / "model" / "model.safetensors").is_file()
