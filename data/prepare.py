@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -25,11 +26,12 @@ from tqdm import tqdm
 
 from data.clean import Cleaner, check_normalization, is_validation
 from data.config import DataConfig
-from data.shards import IDENTITY, MANIFEST, SPLITS, ShardWriter, token_dtype, write_json
+from data.shards import IDENTITY, MANIFEST, SPLITS, ShardWriter, shard_intact, token_dtype, write_json
 from data.sources import BadInputLog, iter_documents, resolve_files
 
 FORMAT = "ondol-data/1"
 CHUNK_DOCS, CHUNK_CHARS = 2048, 1 << 20  # documents sent to a worker at a time
+log = logging.getLogger("ondol.data")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 _worker_tokenizer = None  # set before forking the pool; each worker inherits it
@@ -137,6 +139,11 @@ def _reuse(out_dir: Path, cfg: DataConfig, digest: str) -> dict | None:
         return None
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if manifest.get("hash") != digest:
+        return None
+    records = [r for split in manifest["splits"].values() for rs in split.values() for r in rs]
+    if not all(shard_intact(out_dir, r, manifest["dtype"]) for r in records):
+        log.warning("%s: shards are missing or damaged; rebuilding them", out_dir)
+        path.unlink()
         return None
     weights = {s.name: s.weight for s in cfg.sources}
     if manifest["weights"] != weights:

@@ -46,20 +46,31 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def shard_intact(data_dir: str | os.PathLike, record: dict, dtype: str) -> bool:
+    """Whether a recorded shard's token and index files are there with the sizes its record gives."""
+    stem = Path(data_dir) / record["path"]
+    tokens, index = stem.with_suffix(".bin"), stem.with_suffix(".idx")
+    return (tokens.is_file() and tokens.stat().st_size == record["tokens"] * np.dtype(dtype).itemsize
+            and index.is_file() and index.stat().st_size == 8 * (record["docs"] + 1))
+
+
 class ShardWriter:
     """Packs the documents of one (split, source) stream into shards of about `shard_tokens` tokens.
 
-    On creation it adopts the complete shards an earlier, interrupted run left (a contiguous run of records
-    from 00000) and deletes anything else; `skip_docs` then says how many leading documents they hold, so the
-    caller neither re-tokenizes nor re-writes them.
+    On creation it adopts the intact shards an earlier, interrupted run left (a contiguous run of records
+    from 00000 whose files are whole) and deletes anything else; `skip_docs` then says how many leading
+    documents they hold, so the caller neither re-tokenizes nor re-writes them.
     """
 
     def __init__(self, directory: Path, dtype: np.dtype, shard_tokens: int):
         self.dir, self.dtype, self.shard_tokens = directory, dtype, shard_tokens
         self.dir.mkdir(parents=True, exist_ok=True)
         self.records: list[dict] = []
-        while (self.dir / f"{len(self.records):05d}.json").is_file():
-            self.records.append(json.loads((self.dir / f"{len(self.records):05d}.json").read_text()))
+        while (record_path := self.dir / f"{len(self.records):05d}.json").is_file():
+            record = json.loads(record_path.read_text())
+            if not shard_intact(self.dir.parent.parent, record, dtype.name):
+                break
+            self.records.append(record)
         keep = {f"{i:05d}{ext}" for i in range(len(self.records)) for ext in (".bin", ".idx", ".json")}
         for stale in self.dir.iterdir():
             if stale.name not in keep:
@@ -116,9 +127,9 @@ def open_shard(data_dir: str | os.PathLike, record: dict, dtype: str, bos: bool)
     stem = Path(data_dir) / record["path"]
     bin_path = stem.with_suffix(".bin")
     dtype_ = np.dtype(dtype)
-    if not bin_path.is_file() or bin_path.stat().st_size != record["tokens"] * dtype_.itemsize:
-        raise ValueError(f"{bin_path}: missing or not {record['tokens']} tokens as the manifest says; "
-                         f"re-run `ondol data prepare CONFIG`")
+    if not shard_intact(data_dir, record, dtype):
+        raise ValueError(f"{bin_path}: missing, or not the {record['tokens']} tokens and {record['docs']} documents "
+                         f"the manifest says; re-run `ondol data prepare CONFIG` to rebuild it")
     starts = np.fromfile(stem.with_suffix(".idx"), dtype=np.int64)
     tokens = np.memmap(bin_path, dtype=dtype_, mode="r") if record["tokens"] else np.zeros(0, dtype_)
     return Shard(tokens, starts, bos)

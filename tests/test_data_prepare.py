@@ -183,6 +183,22 @@ def test_rerun_reuses_refuses_mixing_and_follows_weights(tmp_path, tok):
         prepare(cfg, tok, tmp_path / "data", seed=1, progress=False)
 
 
+def test_a_damaged_shard_is_named_by_the_loader_and_rebuilt_by_a_rerun(tmp_path, tok):
+    from data import TokenLoader
+
+    cfg = DataConfig(sources=[corpus_source("ko_reviews", 2000)], shard_tokens=5000, val_fraction=0.0)
+    manifest = prepare(cfg, tok, tmp_path / "data", seed=0, progress=False)
+    records = manifest["splits"]["train"]["ko_reviews"]
+    assert len(records) > 4
+    before = {p: p.read_bytes() for p in (tmp_path / "data" / "train").rglob("*.*")}
+    damaged = tmp_path / "data" / f"{records[2]['path']}.bin"
+    damaged.write_bytes(damaged.read_bytes()[:-2])  # one token short
+    with pytest.raises(ValueError, match=f"{damaged}: missing, or not the {records[2]['tokens']} tokens"):
+        TokenLoader(tmp_path / "data", "train", 64, 2)
+    assert prepare(cfg, tok, tmp_path / "data", seed=0, progress=False)["splits"] == manifest["splits"]
+    assert {p: p.read_bytes() for p in (tmp_path / "data" / "train").rglob("*.*")} == before
+
+
 def test_a_changed_tokenizer_is_refused(tmp_path, tok):
     cfg = DataConfig(sources=[corpus_source("ko_docs", 10)])
     prepare(cfg, tok, tmp_path / "data", seed=0, progress=False)
