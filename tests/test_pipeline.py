@@ -1,0 +1,94 @@
+"""End to end: the `ondol` command trains a tiny Korean MoE from real text and continues a held-out prompt."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HANGUL = re.compile("[\uac00-\ud7a3]")
+# A shortened tiny-ko run: the same stages and code, fewer documents and steps.
+SHORT = ["data.sources.0.max_docs=6000", "tokenizer.vocab_size=1024", "train.steps=40", "train.eval_every=20",
+         "train.eval_batches=4", "train.save_every=40", "train.log_every=10", "optim.warmup_steps=5",
+         "generate.max_new_tokens=12"]
+
+
+def ondol(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    run_dir = tmp_path_factory.mktemp("tiny-ko")
+    result = ondol("run", "configs/tiny-ko.yaml", f"run_dir={run_dir}", *SHORT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_run_trains_and_validation_loss_falls(tiny_run):
+    run_dir, result = tiny_run
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(val) >= 2
+    assert val[-1] < val[0] - 0.5, val  # well below its start, not noise
+    assert f"validation loss {val[0]:.3f} -> {val[-1]:.3f}" in result.stdout
+
+
+def test_run_writes_everything_into_the_run_directory(tiny_run):
+    run_dir, _ = tiny_run
+    for path in ["config.yaml", "tokenizer/tokenizer.model", "data/manifest.json", "metrics.jsonl", "loss.png",
+                 "model/model.safetensors", "checkpoints/latest"]:
+        assert (run_dir / path).exists(), path
+    assert not (ROOT / "runs" / "tiny-ko").exists() or (ROOT / "runs" / "tiny-ko") != run_dir
+
+
+def test_run_prints_a_korean_continuation_of_a_held_out_prompt(tiny_run):
+    run_dir, result = tiny_run
+    prompt = re.search(r"prompt:\s+(.*)", result.stdout).group(1)
+    continuation = re.search(r"continuation:\s+(.*)", result.stdout).group(1)
+    assert HANGUL.search(prompt) and HANGUL.search(continuation), result.stdout[-1000:]
+    # The prompt is the start of a real held-out document, not something the training data saw as a document.
+    from data import first_documents
+    from tokenizer import Tokenizer
+
+    (held_out,) = first_documents(run_dir / "data", "val", Tokenizer.load(run_dir / "tokenizer"), 1)
+    assert held_out.startswith(prompt)
+
+
+def test_generate_command_is_deterministic_and_matches_the_run(tiny_run):
+    run_dir, result = tiny_run
+    prompt = re.search(r"prompt:\s+(.*)", result.stdout).group(1)
+    continuation = re.search(r"continuation:\s+(.*)", result.stdout).group(1)
+    out = ondol("generate", str(run_dir), "--prompt", prompt)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == (prompt + continuation).strip()
+
+
+def test_rerun_reuses_finished_stages(tiny_run):
+    run_dir, _ = tiny_run
+    again = ondol("run", "configs/tiny-ko.yaml", f"run_dir={run_dir}", *SHORT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in records) == 40  # resumed at the end: no step trained twice
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["tokenizer", "train"], ["tokenizer", "eval"], ["data", "prepare"],
+                                     ["data", "inspect"], ["train"], ["launch"], ["export", "hf"], ["generate"]])
+def test_every_command_has_help(command):
+    out = ondol(*command, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "usage: ondol" in out.stdout and len(out.stdout) > 200
+
+
+def test_config_error_is_one_line_naming_the_key():
+    out = ondol("train", "configs/tiny-ko.yaml", "model.n_layer=2")
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("ondol: config error: override 'model.n_layer=2': unknown key 'model.n_layer' "
+                                  "(did you mean 'model.n_layers'?)")
