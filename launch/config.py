@@ -29,6 +29,7 @@ class LaunchConfig:
     nodes: int = 1
     gpus_per_node: int = 1  # on CPU: number of gloo worker processes
     hostfile: str | None = None  # MPI-style `host slots=N` lines; pdsh / openmpi / mvapich
+    launcher_args: str = ""  # hostfile runners: extra pdsh/mpirun options, e.g. "--mca btl_tcp_if_include ib0"
     master_addr: str = "127.0.0.1"  # multi-node: 127.0.0.1 means the first host; Slurm: the first allocated node
     master_port: int = 29500  # 0: a free port (local); Slurm derives it from the job id
     global_batch_size: int = 0  # expected micro x grad_accum x data-parallel size; 0: not checked

@@ -100,6 +100,8 @@ def plan_launch(cfg: RunConfig, layout: Layout, config_path: str | os.PathLike, 
         files[hostfile] = hostfile_text(layout)
         ds += ["--hostfile", str(hostfile), "--launcher", lc.launcher, "--force_multi",
                "--master_addr", addr, "--master_port", str(port)]
+        if lc.launcher_args:
+            ds += ["--launcher_args", lc.launcher_args]
     mpi = lc.launcher in ("openmpi", "mvapich")
     ds += rank_args(cfg, config_path, overrides, module, (addr, port) if mpi else None)
     return LaunchPlan(layout, log_dir(cfg), [ds], files, env)

@@ -237,6 +237,9 @@ def run_preflight(cfg: RunConfig, *, check_inputs: bool = True, check_hosts: boo
                 raise
             report.append(f"warning: {e} (a real launch stops here)")
     report += network_env_report()
+    if cfg.launch.launcher in ("pdsh", "openmpi", "mvapich"):
+        report.append("network env: DeepSpeed forwards NCCL_*, UCX_*, PYTHON* and MV2_* to the other nodes; put "
+                      "other variables in ./.deepspeed_env or ~/.deepspeed_env (NAME=value lines)")
     warning = storage_warning(cfg.run_dir, layout.nodes)
     if warning:
         report.append(warning)

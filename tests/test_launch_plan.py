@@ -17,9 +17,11 @@ from configs import load_config
 from launch.cli import main as ondol
 from launch.launcher_cli import build_plan
 from launch.preflight import (
+    LOCAL_FILESYSTEMS,
     PreflightError,
     check_global_batch,
     check_parallel_layout,
+    filesystem_of,
     network_env_report,
     parse_hostfile,
     resolve_layout,
@@ -49,6 +51,12 @@ def _commands(out: str) -> list[list[str]]:
 
 def _after(tokens: list[str], flag: str) -> str:
     return tokens[tokens.index(flag) + 1]
+
+
+def _cli_error(capsys, *args: str) -> str:
+    """stderr of an `ondol launch` that must stop with exit code 2."""
+    assert ondol(["launch", TINY, *args]) == 2
+    return capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- dry runs
@@ -91,7 +99,11 @@ def test_dry_run_hostfile_writes_trimmed_hostfile_and_pdsh_command(tmp_path, cap
     assert "--force_multi" in cmd and "--num_gpus" not in cmd
     assert "--master-addr" not in cmd  # deepspeed.launch sets MASTER_* for pdsh ranks
     assert cmd[cmd.index("launch.rank") + 3:][:2] == ["train", TINY]
-    assert "preflight: hosts: node-a, node-b" in out
+    assert f"preflight: hosts: node-a, node-b (from {hostfile})" in out
+    assert "preflight: network env: DeepSpeed forwards NCCL_*, UCX_*, PYTHON* and MV2_* to the other nodes" in out
+    fstype, _ = filesystem_of(run)
+    if fstype in LOCAL_FILESYSTEMS:  # the usual /tmp: the multi-node warning must be there
+        assert f"preflight: warning: run_dir {run} is on a node-local filesystem ({fstype}" in out
     assert "preflight: layout: 8 ranks = 2 node(s) x 4 GPUs" in out
     assert not generated.exists()
 
@@ -100,11 +112,12 @@ def test_dry_run_openmpi_passes_master_to_ranks(tmp_path, capsys):
     hostfile = _hostfile(tmp_path, "n1 slots=2\nn2 slots=2\n")
     code = ondol(["launch", TINY, f"run_dir={tmp_path / 'run'}", "launch.launcher=openmpi",
                   f"launch.hostfile={hostfile}", "launch.nodes=2", "launch.gpus_per_node=2",
-                  "launch.master_port=31000", "--dry-run"])
+                  "launch.master_port=31000", "launch.launcher_args=--mca btl_tcp_if_include ib0", "--dry-run"])
     (cmd,) = _commands(capsys.readouterr().out)
     assert code == 0
     assert _after(cmd, "--launcher") == "openmpi"
     assert _after(cmd, "--master-addr") == "n1" and _after(cmd, "--master-port") == "31000"  # mpirun sets neither
+    assert _after(cmd, "--launcher_args") == "--mca btl_tcp_if_include ib0"
 
 
 def _sbatch(out: str, script: Path) -> str:
@@ -194,8 +207,7 @@ def test_submit_runs_sbatch_and_reports_the_job(tmp_path, capsys, monkeypatch):
 
 
 def test_submit_is_refused_for_a_non_slurm_launcher(tmp_path, capsys):
-    assert ondol(["launch", TINY, f"run_dir={tmp_path}", "--submit"]) == 2
-    assert "--submit is for launch.launcher=slurm" in capsys.readouterr().err
+    assert "--submit is for launch.launcher=slurm" in _cli_error(capsys, f"run_dir={tmp_path}", "--submit")
 
 
 # ---------------------------------------------------------------- pre-flight errors
@@ -217,10 +229,8 @@ def test_bad_hostfile_names_file_and_line(tmp_path, text, message):
 
 def test_bad_hostfile_through_the_cli_is_one_line_and_exit_2(tmp_path, capsys):
     path = _hostfile(tmp_path, "node1 slots=4\nnode2 slots=4 slots=8\n")
-    code = ondol(["launch", TINY, f"run_dir={tmp_path / 'run'}", "launch.launcher=pdsh", f"launch.hostfile={path}",
-                  "launch.nodes=2", "--dry-run"])
-    err = capsys.readouterr().err
-    assert code == 2
+    err = _cli_error(capsys, f"run_dir={tmp_path / 'run'}", "launch.launcher=pdsh", f"launch.hostfile={path}",
+                     "launch.nodes=2", "--dry-run")
     assert err == f"ondol launch: pre-flight: hostfile {path}:2: expected 'HOST slots=N', got " \
                   "'node2 slots=4 slots=8'\n"
 
@@ -255,10 +265,9 @@ def test_world_size_not_divisible_by_expert_parallel_size(tmp_path):
 
 
 def test_world_size_not_divisible_by_zero_shard_groups(tmp_path, capsys):
-    code = ondol(["launch", TINY, f"run_dir={tmp_path}", "launch.gpus_per_node=4", "deepspeed.zero_stage=3",
-                  "deepspeed.extra={zero_optimization: {mics_shard_size: 3}}", "--dry-run"])
-    assert code == 2
-    assert capsys.readouterr().err == ("ondol launch: pre-flight: world size 4 (1 node(s) x 4 per node) is not "
+    err = _cli_error(capsys, f"run_dir={tmp_path}", "launch.gpus_per_node=4", "deepspeed.zero_stage=3",
+                     "deepspeed.extra={zero_optimization: {mics_shard_size: 3}}", "--dry-run")
+    assert err == ("ondol launch: pre-flight: world size 4 (1 node(s) x 4 per node) is not "
                                        "divisible by deepspeed.extra.zero_optimization.mics_shard_size=3: pick a "
                                        "shard size that divides it\n")
     cfg = _cfg(tmp_path, "launch.gpus_per_node=4", "deepspeed.extra={zero_optimization: {zero_hpz_partition_size: 8}}")
@@ -267,10 +276,9 @@ def test_world_size_not_divisible_by_zero_shard_groups(tmp_path, capsys):
 
 
 def test_inconsistent_global_batch(tmp_path, capsys):
-    code = ondol(["launch", TINY, f"run_dir={tmp_path}", "launch.gpus_per_node=2", "train.micro_batch_size=4",
-                  "launch.global_batch_size=32", "--dry-run"])
-    assert code == 2
-    assert capsys.readouterr().err == ("ondol launch: pre-flight: launch.global_batch_size=32 but "
+    err = _cli_error(capsys, f"run_dir={tmp_path}", "launch.gpus_per_node=2", "train.micro_batch_size=4",
+                     "launch.global_batch_size=32", "--dry-run")
+    assert err == ("ondol launch: pre-flight: launch.global_batch_size=32 but "
                                        "train.micro_batch_size (4) x train.grad_accum (1) x data-parallel size (2) "
                                        "= 8 sequences: set train.grad_accum=4\n")
     cfg = _cfg(tmp_path, "launch.gpus_per_node=2", "train.micro_batch_size=4", "launch.global_batch_size=12")
@@ -282,9 +290,8 @@ def test_inconsistent_global_batch(tmp_path, capsys):
 
 
 def test_missing_inputs_stop_a_real_launch(tmp_path, capsys):
-    code = ondol(["launch", TINY, f"run_dir={tmp_path / 'run'}", "launch.gpus_per_node=2"])
-    assert code == 2
-    assert capsys.readouterr().err == (f"ondol launch: pre-flight: no tokenizer in {tmp_path / 'run' / 'tokenizer'}"
+    err = _cli_error(capsys, f"run_dir={tmp_path / 'run'}", "launch.gpus_per_node=2")
+    assert err == (f"ondol launch: pre-flight: no tokenizer in {tmp_path / 'run' / 'tokenizer'}"
                                        ": run `ondol tokenizer train CONFIG` (or `ondol run`) first\n")
 
 
@@ -296,10 +303,9 @@ def test_unreachable_hosts_are_named(tmp_path, capsys, monkeypatch):
     (bin_dir / "ssh").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     path = _hostfile(tmp_path, "node-a slots=1\nnode-b slots=1\n")
-    code = ondol(["launch", TINY, f"run_dir={tmp_path / 'run'}", "launch.launcher=pdsh", f"launch.hostfile={path}",
-                  "launch.nodes=2"])
-    assert code == 2
-    assert capsys.readouterr().err.startswith("ondol launch: pre-flight: hosts not reachable by passwordless ssh: "
+    err = _cli_error(capsys, f"run_dir={tmp_path / 'run'}", "launch.launcher=pdsh", f"launch.hostfile={path}",
+                     "launch.nodes=2")
+    assert err.startswith("ondol launch: pre-flight: hosts not reachable by passwordless ssh: "
                                               f"node-b (from {path})")
 
 
