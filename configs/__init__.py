@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -116,6 +117,27 @@ def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
         raise _explain(e, origin) from None
 
 
+def _apply_override(schema: DictConfig, item: str) -> DictConfig:
+    """Set one `key=value` (list entries as `data.sources[0].max_docs=10` or `data.sources.0.max_docs=10`)."""
+    origin = f"override '{item}'"
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{origin}: write overrides as key=value, e.g. model.n_layers=4")
+    try:
+        value = OmegaConf.from_dotlist([f"value={raw}"])["value"]  # YAML typing: 4 -> int, [1,2] -> list
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{origin}: {str(e).splitlines()[0]}") from None
+    for list_key, index in re.findall(r"([\w.]+?)(?:\[|\.)(\d+)(?=\]|\.|$)", key):
+        entries = OmegaConf.select(schema, list_key)
+        if isinstance(entries, ListConfig) and int(index) >= len(entries):
+            raise ConfigError(f"{origin}: '{list_key}' has {len(entries)} entries, so index {index} does not exist")
+    try:
+        OmegaConf.update(schema, key, value, merge=True)
+    except OmegaConfBaseException as e:
+        raise _explain(e, origin) from None
+    return schema
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a run YAML, apply its `defaults` presets and the dotlist overrides, and validate every key."""
     path = Path(path)
@@ -135,13 +157,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     _check_keys(user, RunConfig, str(path))
     schema = _merge(schema, user, str(path))
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}': write overrides as key=value, e.g. model.n_layers=4")
-        try:
-            dot = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"override '{item}': {str(e).splitlines()[0]}") from None
-        schema = _merge(schema, dot, f"override '{item}'")
+        schema = _apply_override(schema, item)
     try:
         cfg = OmegaConf.to_object(schema)  # resolves interpolations, runs each dataclass's checks
     except OmegaConfBaseException as e:

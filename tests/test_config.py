@@ -17,6 +17,15 @@ def test_tiny_config_composes_preset_file_and_overrides():
     assert [s.name for s in cfg.data.sources] == ["ko_reviews", "ko_docs"]
 
 
+def test_override_reaches_into_list_entries():
+    cfg = load_config(TINY, ["data.sources.0.max_docs=10", "data.sources[1].weight=0.25"])
+    assert cfg.data.sources[0].max_docs == 10 and cfg.data.sources[1].weight == 0.25
+    with pytest.raises(ConfigError, match=r"'data.sources' has 2 entries, so index 5 does not exist"):
+        load_config(TINY, ["data.sources[5].name=x"])
+    with pytest.raises(ConfigError, match=r"unknown key 'data.sources\[0\].text_feild'"):
+        load_config(TINY, ["data.sources[0].text_feild=body"])
+
+
 def test_corpora_dir_comes_from_env_or_override(monkeypatch, tmp_path):
     monkeypatch.setenv("ONDOL_CORPORA", str(tmp_path))
     assert load_config(TINY).data.sources[0].path == f"{tmp_path}/ko_reviews.jsonl.gz"
