@@ -10,7 +10,7 @@ class SlurmConfig:
     partition: str | None = None
     time: str = "24:00:00"
     account: str | None = None
-    setup: list[str] = field(default_factory=list)  # shell lines run before the launcher (venv, modules)
+    setup: list[str] = field(default_factory=list)  # shell lines before srun; empty: activate ondol's own venv
     container: str | None = None  # container image for srun (pyxis: --container-image)
     container_mounts: list[str] = field(default_factory=list)  # SRC:DST pairs; the working directory is added
     request_gpus: bool = True  # False: a CPU partition, gpus_per_node gloo workers per node

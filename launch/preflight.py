@@ -143,6 +143,15 @@ def check_global_batch(cfg: RunConfig, layout: Layout) -> list[str]:
     return [line]
 
 
+def timeouts_line(cfg: RunConfig) -> str:
+    """How long a broken job can take to stop: what a user tunes when a hang is expected or reported."""
+    lc = cfg.launch
+    watchdog = f"{lc.watchdog_minutes:g} min without rank output" if lc.watchdog_minutes else "off"
+    return (f"timeouts: collectives {cfg.deepspeed.timeout_minutes} min (deepspeed.timeout_minutes), watchdog "
+            f"{watchdog} (launch.watchdog_minutes), {lc.failure_grace_s:g} s after a rank fails "
+            "(launch.failure_grace_s)")
+
+
 def network_env_report(environ: dict[str, str] | None = None) -> list[str]:
     """The NCCL / gloo / network variables the ranks will inherit (one line each), or a note that none is set."""
     environ = os.environ if environ is None else environ
@@ -236,6 +245,7 @@ def run_preflight(cfg: RunConfig, *, check_inputs: bool = True, check_hosts: boo
             if not dry_run:
                 raise
             report.append(f"warning: {e} (a real launch stops here)")
+    report.append(timeouts_line(cfg))
     report += network_env_report()
     if cfg.launch.launcher in ("pdsh", "openmpi", "mvapich"):
         report.append("network env: DeepSpeed forwards NCCL_*, UCX_*, PYTHON* and MV2_* to the other nodes; put "

@@ -62,6 +62,8 @@ def sbatch_script(cfg: RunConfig, layout: Layout, config_path: str | os.PathLike
     logs = log_dir(cfg)
     hostfile = launch_dir(cfg) / "hostfile.$SLURM_JOB_ID"
     srun = ["srun", f"--nodes={layout.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    if sl.cpus_per_node:  # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05)
+        srun.append(f"--cpus-per-task={sl.cpus_per_node}")
     if sl.container:
         mounts = [f"{workdir}:{workdir}", *sl.container_mounts]
         srun += [f"--container-image={sl.container}", f"--container-mounts={','.join(mounts)}",

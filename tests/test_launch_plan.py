@@ -78,6 +78,8 @@ def test_dry_run_single_node_prints_deepspeed_command_and_runs_nothing(tmp_path,
     assert "preflight: layout: 2 ranks = 1 node(s) x 2 gloo workers (CPU)" in out
     assert "preflight: global batch: train.micro_batch_size (8) x train.grad_accum (1) x data-parallel size (2) " \
            "= 16 sequences" in out
+    assert "preflight: timeouts: collectives 10 min (deepspeed.timeout_minutes), watchdog 30 min without rank " \
+           "output (launch.watchdog_minutes), 15 s after a rank fails (launch.failure_grace_s)" in out
     assert f"warning: no tokenizer in {run / 'tokenizer'}" in out  # inputs missing: reported, not fatal in a dry run
     assert not run.exists()  # nothing written
 
@@ -159,8 +161,9 @@ def test_dry_run_slurm_script_field_by_field(tmp_path, capsys):
     assert _after(srun, "--log-dir") == str(run.resolve() / "logs")
     assert _after(srun, "--watchdog-minutes") == "30"
     srun = srun[srun.index("srun"):]
-    assert srun[:6] == ["srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash", "-c"]
-    node = shlex.split(srun[6])  # the per-node command, variables expanded by each node's shell
+    assert srun[:7] == ["srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=64",
+                        "bash", "-c"]
+    node = shlex.split(srun[7])  # the per-node command, variables expanded by each node's shell
     assert node[:6] == ["deepspeed", "--hostfile", "$HOSTFILE", "--no_ssh", "--node_rank=$SLURM_NODEID",
                         "--master_addr=$MASTER_ADDR"]
     assert node[node.index("launch.rank"):] == ["launch.rank", "--log-dir", str(run.resolve() / "logs"), "train",
@@ -203,7 +206,10 @@ def test_submit_runs_sbatch_and_reports_the_job(tmp_path, capsys, monkeypatch):
     assert code == 0
     assert calls.read_text().split() == [str(script)]
     assert f"submitted Slurm job 4242: {script}" in out
-    assert "#SBATCH --nodes=2" in script.read_text().splitlines()
+    lines = script.read_text().splitlines()
+    assert "#SBATCH --nodes=2" in lines
+    if sys.prefix != sys.base_prefix:  # no setup lines: the script activates the venv ondol runs from
+        assert f"source {Path(sys.prefix) / 'bin' / 'activate'}" in lines
 
 
 def test_submit_is_refused_for_a_non_slurm_launcher(tmp_path, capsys):
