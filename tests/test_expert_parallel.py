@@ -1,8 +1,8 @@
-"""Expert parallelism against the single-process model: same losses, same biases, checkpoints across EP sizes.
+"""Expert parallelism against plain single-process PyTorch: same losses, same biases, checkpoints across EP sizes.
 
-Each scenario runs real DeepSpeed engines (gloo, CPU, fp32) in spawned worker processes on UTF-8 bytes of real
-Korean reviews. The reference is one process holding every expert with the whole global batch; EP runs split
-the same global batch over 2 or 4 ranks, so their mean losses must match it step for step.
+EP runs are real DeepSpeed engines (gloo, CPU, fp32) in spawned worker processes; the reference is one process
+without DeepSpeed holding every expert and the whole global batch. All train on UTF-8 bytes of real Korean
+reviews with the trainer's step: loss + aux backward, optimizer step, loads summed over ranks, bias update.
 """
 
 from __future__ import annotations
@@ -24,18 +24,124 @@ try:
 except ImportError:  # collected as the tests package
     from tests.conftest import corpus_texts
 
-STEPS, MICRO_BATCH_4, SEQ = 20, 2, 32  # global batch 8 sequences of 32 tokens
+STEPS, GLOBAL_BATCH, SEQ, CLIP = 20, 8, 32, 0.3
 CFG = dict(vocab_size=256, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, attn_pattern="LG",
            window=16, ffn_hidden=64, n_experts=8, top_k=2, n_shared_experts=1, expert_hidden=32, first_k_dense=0,
            bias_update_rate=1e-2, max_seq_len=64, attn_backend="sdpa")
+# name: (world size, expert_parallel_size, ZeRO stage, grad clip). Scenarios of one world share its processes.
+SCENARIOS = {"ep2_z0_clip": (2, 2, 0, CLIP), "ep4_z1": (4, 4, 1, 0.0), "ep2_w4_z2": (4, 2, 2, 0.0)}
 
 
-def global_batches(steps: int, rows: int) -> torch.Tensor:
-    """[steps, rows, SEQ + 1] token ids: UTF-8 bytes of ko_reviews, documents joined by newlines."""
-    need = steps * rows * (SEQ + 1)
+def global_batches() -> torch.Tensor:
+    """[STEPS + 1, GLOBAL_BATCH, SEQ + 1] token ids: UTF-8 bytes of ko_reviews, documents joined by newlines;
+    the last batch is for evaluation."""
+    need = (STEPS + 1) * GLOBAL_BATCH * (SEQ + 1)
     data = b"\n".join(t.encode("utf-8") for t in corpus_texts("ko_reviews", 400))
     assert len(data) >= need, "not enough corpus text for the test batches"
-    return torch.tensor(list(data[:need])).view(steps, rows, SEQ + 1)
+    return torch.tensor(list(data[:need])).view(STEPS + 1, GLOBAL_BATCH, SEQ + 1)
+
+
+def make_optimizer(model: torch.nn.Module, clip: float, clip_fn):
+    """AdamW over decay / no-decay groups whose step first clips to the global gradient norm (as the trainer's
+    GuardedAdamW does at ZeRO 0); records the norms it saw."""
+
+    class ClippedAdamW(torch.optim.AdamW):
+        norms: list[float] = []
+
+        def step(self, closure=None):
+            if clip > 0:
+                params = [p for g in self.param_groups for p in g["params"]]
+                self.norms.append(float(clip_fn(params, clip)))
+            return super().step(closure)
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return groups, lambda param_groups: ClippedAdamW(param_groups, lr=3e-3, betas=(0.9, 0.95))
+
+
+def train_reference(clip: float) -> dict:
+    """One process, no DeepSpeed, every expert, the whole global batch."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**CFG))
+    groups, build = make_optimizer(model, clip, lambda ps, c: torch.nn.utils.clip_grad_norm_(ps, c))
+    opt = build(groups)
+    batches, losses = global_batches(), []
+    for step in range(STEPS):
+        out = model(batches[step, :, :-1], labels=batches[step, :, 1:])
+        opt.zero_grad()
+        (out.loss + out.aux_loss).backward()
+        opt.step()
+        model.update_router_biases()
+        losses.append(float(out.loss.detach()))
+    return {"losses": losses, "biases": torch.stack([m.expert_bias for m in model.moe_layers()]),
+            "norms": opt.norms}
+
+
+def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import deepspeed
+    import torch.distributed as dist
+
+    from train.expert_parallel import (apply_expert_parallel, checkpoint_load_fn, clip_grad_norm_,
+                                       expert_parallel_metrics, optimizer_param_groups, save_expert_shards)
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    B = GLOBAL_BATCH // world
+    batches = global_batches()[:, rank * B:(rank + 1) * B]
+    eval_ids = batches[STEPS, :, :-1]
+    for name in names:
+        _, ep, zero, clip = SCENARIOS[name]
+        out_dir = Path(root) / name
+
+        def build(seed: int):
+            torch.manual_seed(seed)
+            model = Transformer(ModelConfig(**CFG))
+            apply_expert_parallel(model, ep, zero)
+            groups, make = make_optimizer(model, clip, clip_grad_norm_)
+            ds_config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1,
+                         "zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True,
+                         "gradient_clipping": 0.0, "steps_per_print": 1 << 30}
+            engine, opt, *_ = deepspeed.initialize(model=model, optimizer=make(optimizer_param_groups(groups)),
+                                                   config=ds_config)
+            return model, engine
+
+        model, engine = build(seed=0)
+        losses = []
+        for step in range(STEPS):
+            result = engine(batches[step, :, :-1], labels=batches[step, :, 1:])
+            engine.backward(result.loss + result.aux_loss)
+            engine.step()
+            loads = torch.stack([m.tokens_per_expert for m in model.moe_layers()])
+            dist.all_reduce(loads)  # the trainer's global loads
+            for m, load in zip(model.moe_layers(), loads):
+                m.tokens_per_expert.copy_(load)
+            model.update_router_biases()
+            loss = result.loss.detach().clone()
+            dist.all_reduce(loss)
+            losses.append(float(loss) / world)
+        metrics = expert_parallel_metrics(model, seconds=1.0, steps=STEPS)
+        model.eval()
+        with torch.no_grad():
+            logits = model(eval_ids).logits
+
+        engine.save_checkpoint(str(out_dir / "ckpt"), tag="final")
+        save_expert_shards(model, out_dir / "ckpt" / "final")
+        # Resume into a differently initialised model at the same EP size: engine state plus expert shards.
+        model2, engine2 = build(seed=1)
+        engine2.load_checkpoint(str(out_dir / "ckpt"), tag="final",
+                                custom_load_fn=checkpoint_load_fn(out_dir / "ckpt" / "final"))
+        model2.eval()
+        with torch.no_grad():
+            resumed_logits = model2(eval_ids).logits
+        # Each rank writes its own file; no collectives after the last engine call.
+        torch.save({"losses": losses, "biases": torch.stack([m.expert_bias for m in model.moe_layers()]),
+                    "logits": logits, "eval_ids": eval_ids, "resumed_logits": resumed_logits,
+                    "metrics": metrics}, out_dir / f"rank{rank}.pt")
+        dist.barrier()
 
 
 def free_port() -> int:
@@ -44,133 +150,77 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, ep: int, zero: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    import deepspeed
-    import torch.distributed as dist
-
-    from train.expert_parallel import (apply_expert_parallel, checkpoint_load_fn, expert_parallel_metrics,
-                                       optimizer_param_groups, reduce_expert_loads, save_expert_shards)
-
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    out_dir = Path(out)
-
-    def build(seed: int):
-        torch.manual_seed(seed)
-        model = Transformer(ModelConfig(**CFG))
-        apply_expert_parallel(model, ep, zero)
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-        param_groups = optimizer_param_groups([{"params": decay, "weight_decay": 0.1},
-                                               {"params": no_decay, "weight_decay": 0.0}])
-        opt = torch.optim.AdamW(param_groups, lr=3e-3, betas=(0.9, 0.95))
-        ds_config = {"train_micro_batch_size_per_gpu": 8 // world, "gradient_accumulation_steps": 1,
-                     "zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True,
-                     "gradient_clipping": 0.0, "steps_per_print": 10**9}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
-        return model, engine
-
-    model, engine = build(seed=0)
-    B = 8 // world
-    batches = global_batches(STEPS + 1, 8)[:, rank * B:(rank + 1) * B]
-    losses, sent, received = [], [], []
-    for step in range(STEPS):
-        ids = batches[step]
-        result = engine(ids[:, :-1], labels=ids[:, 1:])
-        engine.backward(result.loss + result.aux_loss)
-        engine.step()
-        reduce_expert_loads(model)
-        model.update_router_biases()
-        loss = result.loss.detach().clone()
-        dist.all_reduce(loss)
-        losses.append(float(loss) / world)
-        m = expert_parallel_metrics(model, step_seconds=1.0)
-        sent.append(m["ep/tokens_sent"] if m else 0.0)
-        received.append(m["ep/tokens_received"] if m else 0.0)
-
-    model.eval()
-    eval_ids = batches[STEPS][:, :-1]
-    with torch.no_grad():
-        logits = model(eval_ids).logits
-
-    engine.save_checkpoint(str(out_dir / "ckpt"), tag="final")
-    save_expert_shards(model, out_dir / "ckpt" / "final")
-    # Resume into a differently initialised model at the same EP size: the engine plus the shards restore it.
-    model2, engine2 = build(seed=1)
-    engine2.load_checkpoint(str(out_dir / "ckpt"), tag="final",
-                            custom_load_fn=checkpoint_load_fn(out_dir / "ckpt" / "final"))
-    model2.eval()
-    with torch.no_grad():
-        resumed_logits = model2(eval_ids).logits
-
-    torch.save({"losses": losses, "biases": torch.stack([moe.expert_bias for moe in model.moe_layers()]),
-                "logits": logits, "eval_ids": eval_ids, "resumed_logits": resumed_logits,
-                "tallies": torch.tensor([sum(sent), sum(received)])}, out_dir / f"rank{rank}.pt")
-    dist.barrier()
-
-
-def run_world(world: int, ep: int, zero: int, out: Path) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_worker, args=(world, free_port(), ep, zero, str(out)), nprocs=world, join=True,
-                       start_method="spawn")
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    return {**ranks[0], "biases": torch.stack([r["biases"] for r in ranks]),
-            "tallies": torch.stack([r["tallies"] for r in ranks]), "ckpt": out / "ckpt" / "final"}
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ep")
-    return {name: run_world(world, ep, zero, root / name)
-            for name, (world, ep, zero) in {"ref": (1, 1, 0), "ep2_z0": (2, 2, 0), "ep4_z1": (4, 4, 1),
-                                            "ep2_w4_z2": (4, 2, 2)}.items()}
+    for world in sorted({w for w, *_ in SCENARIOS.values()}):
+        names = [n for n, (w, *_) in SCENARIOS.items() if w == world]
+        for n in names:
+            (root / n).mkdir()
+        mp.start_processes(_worker, args=(world, free_port(), names, str(root)), nprocs=world, join=True,
+                           start_method="spawn")
+    out = {}
+    for name, (world, *_) in SCENARIOS.items():
+        ranks = [torch.load(root / name / f"rank{r}.pt", weights_only=False) for r in range(world)]
+        out[name] = {**ranks[0], "biases": torch.stack([r["biases"] for r in ranks]),
+                     "ckpt": root / name / "ckpt" / "final"}
+    return out
 
 
-@pytest.mark.parametrize("name", ["ep2_z0", "ep4_z1", "ep2_w4_z2"])
-def test_losses_match_single_process(runs, name):
-    ref, got = runs["ref"]["losses"], runs[name]["losses"]
-    assert len(got) == STEPS
-    assert ref[-1] < ref[0] - 0.5, f"the reference did not learn: {ref[0]:.3f} -> {ref[-1]:.3f}"
-    diffs = [abs(a - b) for a, b in zip(ref, got)]
+@pytest.fixture(scope="module")
+def references() -> dict:
+    return {clip: train_reference(clip) for clip in {c for *_, c in SCENARIOS.values()}}
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_losses_match_single_process(runs, references, name):
+    ref = references[SCENARIOS[name][3]]
+    assert ref["losses"][-1] < ref["losses"][0] - 0.5, "the reference did not learn"
+    diffs = [abs(a - b) for a, b in zip(ref["losses"], runs[name]["losses"], strict=True)]
     assert max(diffs) < 1e-5, f"{name}: max loss difference {max(diffs):.2e} at step {diffs.index(max(diffs))}"
 
 
-@pytest.mark.parametrize("name", ["ep2_z0", "ep4_z1", "ep2_w4_z2"])
-def test_bias_update_identical_on_every_rank_and_to_reference(runs, name):
-    biases, ref = runs[name]["biases"], runs["ref"]["biases"][0]
+def test_reference_clips(references):
+    """The clipped scenario only tests the global norm if clipping is active."""
+    norms = references[CLIP]["norms"]
+    assert sum(n > CLIP for n in norms) >= STEPS // 2, norms
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_bias_update_identical_on_every_rank_and_to_reference(runs, references, name):
+    biases, ref = runs[name]["biases"], references[SCENARIOS[name][3]]["biases"]
     assert ref.abs().sum() > 0, "the biases never moved: the test would not see a difference"
     for r in range(biases.shape[0]):
         assert torch.equal(biases[r], biases[0]), f"{name}: rank {r} has different expert biases from rank 0"
     assert torch.equal(biases[0], ref), f"{name}: expert biases differ from the single-process run"
 
 
-def test_tokens_travel(runs):
-    """Every rank sends and receives token copies; what the world sends it receives."""
-    for name in ("ep2_z0", "ep4_z1", "ep2_w4_z2"):
-        tallies = runs[name]["tallies"]
-        assert (tallies > 0).all(), f"{name}: a rank sent or received no tokens: {tallies.tolist()}"
-        assert tallies[:, 0].sum() == tallies[:, 1].sum()
-    assert runs["ref"]["tallies"].sum() == 0
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_traffic_metrics(runs, name):
+    """Token copies leave and arrive on every rank; what all ranks send they receive (so the means agree)."""
+    m = runs[name]["metrics"]
+    assert m["ep/tokens_sent_per_step"] > 0 and m["ep/tokens_received_per_step"] > 0
+    assert m["ep/tokens_sent_per_step"] == pytest.approx(m["ep/tokens_received_per_step"])
+    assert m["ep/tokens_sent_per_step_max"] >= m["ep/tokens_sent_per_step"]
+    assert 0 < m["ep/all_to_all_share"] <= m["ep/all_to_all_share_max"]
 
 
-def test_resume_same_ep_restores_experts(runs):
-    for name in ("ref", "ep2_z0", "ep4_z1", "ep2_w4_z2"):
-        assert torch.equal(runs[name]["resumed_logits"], runs[name]["logits"]), name
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_resume_same_ep_restores_experts(runs, name):
+    assert torch.equal(runs[name]["resumed_logits"], runs[name]["logits"])
 
 
 def test_ep2_checkpoint_loads_at_ep1(runs):
     """EP=2 checkpoint -> standard state dict -> plain single-process Transformer: identical logits."""
-    ckpt = runs["ep2_z0"]["ckpt"]
+    ckpt = runs["ep2_z0_clip"]["ckpt"]
     assert sorted(p.name for p in ckpt.glob("expert_shard_*")) == ["expert_shard_00_of_02.safetensors",
                                                                     "expert_shard_01_of_02.safetensors"]
     model = Transformer(ModelConfig(**CFG))
     model.load_state_dict(full_state_dict_from_checkpoint(ckpt), strict=True)
     model.eval()
     with torch.no_grad():
-        logits = model(runs["ep2_z0"]["eval_ids"]).logits
-    assert torch.equal(logits, runs["ep2_z0"]["logits"])
+        logits = model(runs["ep2_z0_clip"]["eval_ids"]).logits
+    assert torch.equal(logits, runs["ep2_z0_clip"]["logits"])
 
 
 @pytest.mark.parametrize("ep,n_experts,world,zero,needle", [

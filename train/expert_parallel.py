@@ -185,47 +185,53 @@ def optimizer_param_groups(param_groups: list[dict]) -> list[dict]:
     return split_params_into_different_moe_groups_for_optimizer(named)
 
 
-# ----- global expert loads ---------------------------------------------------------------------------------
+# ----- metrics and gradient clipping ----------------------------------------------------------------------
 
-@torch.no_grad()
-def reduce_expert_loads(model: nn.Module) -> None:
-    """Sum every layer's `tokens_per_expert` over the whole data-parallel world (one all-reduce), so that the
-    bias update and the load statistics see global loads and every rank keeps identical expert biases."""
-    layers = model.moe_layers()
-    if not layers or not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    loads = torch.stack([moe.tokens_per_expert for moe in layers])
-    dist.all_reduce(loads, group=groups._get_data_parallel_group())
-    for moe, load in zip(layers, loads):
-        moe.tokens_per_expert.copy_(load)
-
-
-@torch.no_grad()
-def expert_load_stats(model: nn.Module) -> dict[str, float]:
-    """Load balance of the accumulated (reduced) loads: max violation (max - mean) / mean, averaged and worst
-    over layers. Read after reduce_expert_loads and before update_router_biases resets the loads."""
-    viol = [float((t.max() - t.mean()) / t.mean()) for t in (m.tokens_per_expert for m in model.moe_layers())
-            if t.sum() > 0]
-    if not viol:
+def expert_parallel_metrics(model: nn.Module, seconds: float, steps: float) -> dict[str, float]:
+    """All-to-all traffic and time since the last call (summed over layers), per optimizer step, mean and max
+    over ranks, then reset. Collective over the world when distributed; empty without expert parallelism."""
+    layers = expert_parallel_layers(model).values()
+    if not layers:
         return {}
-    return {"moe/global_max_violation": sum(viol) / len(viol), "moe/global_max_violation_worst": max(viol)}
-
-
-def expert_parallel_metrics(model: nn.Module, step_seconds: float | None = None) -> dict[str, float]:
-    """This rank's all-to-all traffic and time since the last call (summed over layers), then reset.
-
-    With step_seconds, also the share of the step spent inside all-to-alls."""
-    totals = CommStats()
-    for layer in expert_parallel_layers(model).values():
-        totals.tokens_sent += layer.stats.tokens_sent
-        totals.tokens_received += layer.stats.tokens_received
-        totals.all_to_all_s += layer.stats.all_to_all_s
+    local = torch.zeros(3, dtype=torch.float64)  # token copies sent, received, all-to-all seconds
+    for layer in layers:
+        local += torch.tensor([layer.stats.tokens_sent, layer.stats.tokens_received, layer.stats.all_to_all_s],
+                              dtype=torch.float64)
         layer.stats = CommStats()
-    out = {"ep/tokens_sent": float(totals.tokens_sent), "ep/tokens_received": float(totals.tokens_received),
-           "ep/all_to_all_s": totals.all_to_all_s}
-    if step_seconds:
-        out["ep/all_to_all_share"] = totals.all_to_all_s / step_seconds
+    local /= torch.tensor([steps, steps, seconds], dtype=torch.float64).clamp_min(1e-9)
+    total, peak = local.clone(), local.clone()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        total /= dist.get_world_size()
+    out = {}
+    for i, key in enumerate(("tokens_sent_per_step", "tokens_received_per_step", "all_to_all_share")):
+        out[f"ep/{key}"], out[f"ep/{key}_max"] = float(total[i]), float(peak[i])
     return out
+
+
+@torch.no_grad()
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip to the global gradient norm of the whole (sharded) model; returns that norm, the same on every
+    rank. After DeepSpeed's reduction dense gradients are identical on every rank and each expert gradient is
+    identical within its expert-data-parallel group, so the expert part of the squared norm is summed over
+    the expert-parallel group. Without expert parameters this is torch's clip_grad_norm_."""
+    params = [p for p in params if p.grad is not None]
+    experts = [p for p in params if getattr(p, "allreduce", True) is False]
+    dense = [p for p in params if getattr(p, "allreduce", True) is not False]
+    if not experts:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    def sq_norm(ps: list[torch.Tensor]) -> torch.Tensor:
+        if not ps:
+            return torch.zeros((), device=experts[0].grad.device)
+        return torch.nn.utils.get_total_norm([p.grad for p in ps], foreach=True).float().square()
+
+    expert_sq = sq_norm(experts)
+    dist.all_reduce(expert_sq, group=groups._get_expert_parallel_group(experts[0].group_name))
+    norm = (sq_norm(dense) + expert_sq).sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+    return norm
 
 
 # ----- checkpoints: expert shards in the model's standard layout -------------------------------------------
@@ -309,10 +315,11 @@ def checkpoint_load_fn(ckpt_dir: str | Path):
 
 
 @torch.no_grad()
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's standard state dict with every layer's experts gathered from its expert-parallel group
-    (collective over the group; for model.io.save_pretrained(state_dict=...) and export)."""
-    sd = model.state_dict()
+def full_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """`state` (default: the model's state dict; or e.g. the trainer's fp32 master weights under the same
+    names) in the standard layout, every layer's experts gathered from its expert-parallel group. Collective
+    over the group; for model.io.save_pretrained(state_dict=...) and export."""
+    sd = dict(model.state_dict() if state is None else state)
     for prefix, layer in expert_parallel_layers(model).items():
         for name in EXPERT_PARAMS:
             local = sd.pop(f"{prefix}.local.{name}").contiguous()
