@@ -206,3 +206,93 @@ def test_two_cpu_workers_train_the_tiny_config_and_write_a_checkpoint(tiny_run):
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in steps if "loss" in m] == [1, 2, 3, 4]
     assert (run / "model" / "model.safetensors").is_file()
+
+
+FAKE_PDSH = """#!/bin/bash
+# stand-in for pdsh: run the remote command here once per -w host (in parallel), %n = the host's index
+hosts=""
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    -w) hosts=$2; shift 2;;
+    -f) shift 2;;
+    -S) shift;;
+    *) break;;
+  esac
+done
+IFS=, read -ra list <<< "$hosts"
+pids=()
+for i in "${!list[@]}"; do bash -c "${*//%n/$i}" & pids+=($!); done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+
+
+@pytest.mark.slow
+def test_hostfile_launch_through_deepspeeds_pdsh_runner(tmp_path):
+    """launch.launcher=pdsh for real through DeepSpeed's multi-node runner, with stand-ins for pdsh and ssh
+    that treat two names of this machine as two nodes (1 gloo worker each). The dry-run test covers the
+    command line; this one shows the ranks it starts form one world."""
+    env = _module(tmp_path, "summing_rank", SUMMING_RANK)
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    for name, text in (("pdsh", FAKE_PDSH), ("ssh", "#!/bin/sh\nexit 0\n")):
+        (fake_bin / name).write_text(text)
+        (fake_bin / name).chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=4\nlocalhost slots=4\n")
+    run = tmp_path / "run"
+    env["PATH"] = f"{fake_bin}:{os.environ['PATH']}"
+    port = _free_port_in(1024, 65536)
+    result = _ondol(["launch", TINY, f"run_dir={run}", "launch.launcher=pdsh", f"launch.hostfile={hostfile}",
+                     "launch.nodes=2", "launch.gpus_per_node=1", f"launch.master_port={port}",
+                     "launch.watchdog_minutes=2", "--module", "summing_rank"], env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "preflight: hosts: all reachable over ssh" in result.stdout
+    assert (run / "launch" / "hostfile").read_text() == "127.0.0.1 slots=1\nlocalhost slots=1\n"
+    for rank in (0, 1):
+        assert f"rank {rank} world 2 sum 3 local 0" in (run / "logs" / f"rank{rank}.log").read_text()
+
+
+FAKE_MPIRUN = """#!/bin/bash
+# stand-in for OpenMPI's mpirun: start -n copies of the program here with OpenMPI's rank variables
+n=1
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    -n) n=$2; shift 2;;
+    -hostfile|-x) shift 2;;
+    --mca) shift 3;;
+    *) break;;
+  esac
+done
+pids=()
+for ((i = 0; i < n; i++)); do
+  OMPI_COMM_WORLD_RANK=$i OMPI_COMM_WORLD_SIZE=$n OMPI_COMM_WORLD_LOCAL_RANK=$i "$@" & pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+
+
+@pytest.mark.slow
+def test_hostfile_launch_through_deepspeeds_openmpi_runner(tmp_path):
+    """launch.launcher=openmpi through DeepSpeed's runner with a stand-in mpirun that sets only OpenMPI's rank
+    variables: launch.rank must turn them (and --master-addr/--master-port) into torch's."""
+    env = _module(tmp_path, "summing_rank", SUMMING_RANK)
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    for name, text in (("mpirun", FAKE_MPIRUN), ("ompi_info", "#!/bin/sh\nexit 0\n"), ("ssh", "#!/bin/sh\nexit 0\n")):
+        (fake_bin / name).write_text(text)
+        (fake_bin / name).chmod(0o755)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    run = tmp_path / "run"
+    env["PATH"] = f"{fake_bin}:{os.environ['PATH']}"
+    port = _free_port_in(1024, 65536)
+    result = _ondol(["launch", TINY, f"run_dir={run}", "launch.launcher=openmpi", f"launch.hostfile={hostfile}",
+                     "launch.gpus_per_node=2", f"launch.master_port={port}", "launch.watchdog_minutes=2",
+                     "--module", "summing_rank"], env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank} world 2 sum 3 local {rank}" in (run / "logs" / f"rank{rank}.log").read_text()
