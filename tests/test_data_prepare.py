@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from data import BadInputError, SourceError, first_documents, prepare, read_manifest
 from data.config import CleaningConfig, DataConfig, SourceConfig
@@ -289,7 +290,27 @@ def test_killed_prepare_resumes_to_the_same_shards(tmp_path, tok):
     assert {p.name: p.stat().st_mtime_ns for p in shard_dir.glob("*.json") if p.name in finished} == finished
 
 
-def test_token_dtype_follows_vocabulary_size():
+class _LargeVocabulary:
+    """The small tokenizer presented as one with 100,000 ids, to exercise uint32 shards end to end."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.vocab_size, self.fingerprint = 100_000, tok.fingerprint + "-large"
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_vocabularies_over_65536_ids_get_uint32_shards_with_the_same_tokens(tmp_path, tok):
+    from data import TokenLoader
     from data.shards import token_dtype
 
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+    cfg = DataConfig(sources=[corpus_source("ko_docs", 20)], val_fraction=0.0)
+    small = prepare(cfg, tok, tmp_path / "u16", seed=0, progress=False)
+    large = prepare(cfg, _LargeVocabulary(tok), tmp_path / "u32", seed=0, progress=False)
+    assert (small["dtype"], large["dtype"]) == ("uint16", "uint32")
+    (record,) = large["splits"]["train"]["ko_docs"]
+    assert (tmp_path / "u32" / f"{record['path']}.bin").stat().st_size == 4 * record["tokens"]
+    a, b = (next(TokenLoader(tmp_path / d, "train", 128, 4, seed=1)) for d in ("u16", "u32"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
