@@ -80,14 +80,17 @@ class GroupedExperts(nn.Module):
         return torch.cat(outs) if outs else x.new_zeros(0, self.down_proj.shape[1])
 
     def _bmm_padded(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Pad every group to the largest one and run one batched matmul per projection."""
+        """Pad every group to the largest one and run one batched matmul per projection.
+
+        Computed transposed (W @ x^T) so that weight gradients come out in the parameters' own layout: the
+        other orientation makes autograd copy every expert weight gradient once more (~25% of the time)."""
         E, cap = counts.shape[0], int(counts.max())
         starts = torch.cumsum(counts, 0) - counts
         expert_of = torch.repeat_interleave(torch.arange(E, device=x.device), counts)
         slot = torch.arange(x.shape[0], device=x.device) - starts[expert_of]
         padded = x.new_zeros(E, cap, x.shape[1]).index_put((expert_of, slot), x)
-        h = self._swiglu(torch.bmm(padded, self.gate_up_proj.transpose(1, 2)))
-        return torch.bmm(h, self.down_proj.transpose(1, 2))[expert_of, slot]
+        gate, up = torch.bmm(self.gate_up_proj, padded.transpose(1, 2)).chunk(2, dim=1)  # [E, I, cap] each
+        return torch.bmm(self.down_proj, F.silu(gate) * up).transpose(1, 2)[expert_of, slot]
 
 
 def auto_dispatch(x: torch.Tensor) -> str:
