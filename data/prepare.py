@@ -18,6 +18,8 @@ import os
 import re
 import time
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,13 +53,17 @@ def _encode_chunk(texts: list[str], dtype: str, bos: bool) -> tuple[np.ndarray, 
 
 
 class _OrderedEncoder:
-    """Tokenizes chunks in a process pool (or inline for num_proc <= 1), delivering results in order."""
+    """Tokenizes chunks in worker processes (or inline for num_proc <= 1), delivering results in order.
+
+    A worker that dies (killed, out of memory) fails the run with a clear error instead of hanging it.
+    """
 
     def __init__(self, tokenizer, num_proc: int, dtype: np.dtype, bos: bool, deliver):
         global _worker_tokenizer
-        _worker_tokenizer = tokenizer
+        _worker_tokenizer = tokenizer  # forked workers inherit it: nothing to pickle
         self.args, self.deliver = (dtype.name, bos), deliver
-        self.pool = multiprocessing.get_context("fork").Pool(num_proc) if num_proc > 1 else None
+        self.pool = (ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork"))
+                     if num_proc > 1 else None)
         self.window = 2 * num_proc
         self.pending: deque = deque()
 
@@ -65,24 +71,28 @@ class _OrderedEncoder:
         if self.pool is None:
             self.deliver(routes, *_encode_chunk(texts, *self.args))
             return
-        self.pending.append((routes, self.pool.apply_async(_encode_chunk, (texts, *self.args))))
+        self.pending.append((routes, self.pool.submit(_encode_chunk, texts, *self.args)))
         while len(self.pending) > self.window:
             self._deliver_oldest()
 
     def _deliver_oldest(self) -> None:
-        routes, result = self.pending.popleft()
-        self.deliver(routes, *result.get())
+        routes, future = self.pending.popleft()
+        try:
+            result = future.result()
+        except BrokenProcessPool:
+            raise RuntimeError("a tokenizing worker process died (killed or out of memory?): lower "
+                               "data.num_proc and re-run; finished shards are kept") from None
+        self.deliver(routes, *result)
 
     def close(self) -> None:
         while self.pending:
             self._deliver_oldest()
         if self.pool is not None:
-            self.pool.close()
-            self.pool.join()
+            self.pool.shutdown()
 
     def terminate(self) -> None:
         if self.pool is not None:
-            self.pool.terminate()
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _identity(cfg: DataConfig, tokenizer, seed: int) -> dict:

@@ -249,6 +249,28 @@ def test_clear_errors(tmp_path, tok):
                 tmp_path / "d", seed=0, progress=False)
 
 
+class _DyingWorkers:
+    """The small tokenizer, except that a worker process dies when asked to encode."""
+
+    def __init__(self, tok):
+        self.tok, self.parent = tok, os.getpid()
+
+    def encode_batch(self, texts):
+        if os.getpid() != self.parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.tok.encode_batch(texts)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_a_dead_worker_fails_the_run_instead_of_hanging_it(tmp_path, tok):
+    cfg = DataConfig(sources=[corpus_source("ko_docs", 20)], num_proc=2)
+    with pytest.raises(RuntimeError, match="a tokenizing worker process died .*lower data.num_proc"):
+        prepare(cfg, _DyingWorkers(tok), tmp_path / "data", seed=0, progress=False)
+    assert not (tmp_path / "data" / "manifest.json").exists()
+
+
 KILLED_RUN = """
 import sys
 from data import prepare
