@@ -1,7 +1,7 @@
 """Typed configuration of training: loop, optimizer, DeepSpeed engine and logging."""
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 def _need(ok: bool, msg: str) -> None:
@@ -47,8 +47,7 @@ class DeepSpeedConfig:
         _need(self.precision in ("fp32", "bf16"), f"deepspeed.precision must be fp32 or bf16, not '{self.precision}'")
         _need(self.backend in ("auto", "gloo", "nccl"), f"deepspeed.backend must be auto, gloo or nccl, "
               f"not '{self.backend}'")
-        _need(self.expert_parallel_size == 1, "deepspeed.expert_parallel_size > 1 is not supported yet: the "
-              "trainer runs experts data-parallel (set it to 1)")
+        _need(self.expert_parallel_size >= 1, "deepspeed.expert_parallel_size must be >= 1")
 
 
 @dataclass
@@ -74,7 +73,7 @@ class TrainConfig:
 class LoggingConfig:
     wandb_mode: str = "disabled"  # offline | online | disabled
     wandb_project: str = "ondol"
-    wandb_run_name: Optional[str] = None
+    wandb_run_name: str | None = None
     progress: bool = True
     peak_tflops: float = 0.0  # 0: detect from the device (CPU: none, MFU not reported)
 

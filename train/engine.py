@@ -91,6 +91,9 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, env: DistEnv):
     """(engine, optimizer): the model wrapped by DeepSpeed with GuardedAdamW over decay/no-decay groups."""
     import deepspeed
 
+    if cfg.deepspeed.expert_parallel_size > 1:
+        raise NotImplementedError("deepspeed.expert_parallel_size > 1: the trainer does not apply expert "
+                                  "parallelism yet (train/expert_parallel.py); set it to 1")
     o = cfg.optim
     owns_clipping = cfg.deepspeed.precision == "fp32" and cfg.deepspeed.zero_stage == 0
     optimizer = GuardedAdamW(param_groups(model, o.weight_decay), owns_clipping=owns_clipping,
@@ -106,6 +109,6 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, env: DistEnv):
 def _keep_fp32_buffers(model: torch.nn.Module) -> None:
     """DeepSpeed casts every float tensor of the module to bf16; load counts and router biases must stay fp32
     (bf16 counts stop being exact above 256, and 1e-3 bias steps vanish)."""
-    for moe in getattr(model, "moe_layers", lambda: [])():
+    for moe in model.moe_layers() if hasattr(model, "moe_layers") else []:
         moe.expert_bias.data = moe.expert_bias.data.float()
         moe.tokens_per_expert.data = moe.tokens_per_expert.data.float()

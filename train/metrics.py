@@ -49,7 +49,7 @@ class MetricsSink:
         self.path = run_dir / "metrics.jsonl"
         kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the sink's lifetime)
         self.wandb = None
         if wandb_cfg.wandb_mode != "disabled":
             import wandb

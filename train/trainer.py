@@ -235,9 +235,8 @@ class Trainer:
         for name, p in module.named_parameters():
             full = safe_get_full_fp32_param(p)
             state[name] = (p.detach() if full is None else full).float().cpu()
-        for name, b in module.named_buffers():
-            if name in module.state_dict(keep_vars=True):
-                state[name] = b.detach().cpu()
+        persistent = set(module.state_dict(keep_vars=True))  # router biases yes, load counters no
+        state.update({name: b.detach().cpu() for name, b in module.named_buffers() if name in persistent})
         return state
 
     def save_final_weights(self) -> Path:
