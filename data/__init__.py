@@ -1,6 +1,6 @@
 """Data pipeline: raw sources -> cleaned, tokenized, packed shards -> mixed, resumable training batches."""
 
-from data.prepare import prepare
+from data.preparation import prepare
 from data.shards import first_documents, read_manifest
 from data.sources import BadInputError, BadInputLog, Document, SourceError, iter_documents
 

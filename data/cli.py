@@ -56,7 +56,7 @@ def _source_table(manifest: dict) -> Table:
 
 @_reported
 def _prepare(args: argparse.Namespace) -> int:
-    from data.prepare import prepare
+    from data.preparation import prepare
 
     cfg, tokenizer, out_dir = _load(args)
     manifest = prepare(cfg.data, tokenizer, out_dir, cfg.seed, progress=not args.no_progress)
