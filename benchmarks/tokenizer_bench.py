@@ -1,4 +1,4 @@
-"""Tokenizer benchmark: train at 64k on the four shared corpora, measure held-out efficiency vs o200k and speed.
+"""Tokenizer benchmark: train at 64k on the four shared corpora; held-out efficiency vs o200k; speed.
 
 Each variant trains in a child process (for its own peak memory) on the four files of ../shared/corpora with
 10% of each source's documents held out by text hash; efficiency is measured on those held-out documents.
@@ -49,8 +49,12 @@ def _train_child(cfg, weights, out_dir, seed, queue) -> None:
 
     started = time.perf_counter()
     train_tokenizer(cfg, sources(weights), out_dir, seed)
-    queue.put({"train_s": time.perf_counter() - started,
-               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+    queue.put(
+        {
+            "train_s": time.perf_counter() - started,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        }
+    )
 
 
 def train_variant(cfg, weights, out_dir: Path, seed: int) -> dict:
@@ -77,7 +81,9 @@ def throughput(tok, texts: list[str], repeats: int) -> dict[str, float]:
         "ondol Tokenizer.encode_batch": lambda: tok.encode_batch(texts),
         "sentencepiece encode (batch, 2 threads)": lambda: sp.encode(texts, num_threads=2),
         "tokenizers tokenizer.json encode_batch": lambda: hf.encode_batch(texts, add_special_tokens=False),
-        "tiktoken o200k encode_ordinary_batch (2 threads)": lambda: o200k.encode_ordinary_batch(texts, num_threads=2),
+        "tiktoken o200k encode_ordinary_batch (2 threads)": lambda: o200k.encode_ordinary_batch(
+            texts, num_threads=2
+        ),
     }
     mb = sum(len(t.encode()) for t in texts) / 1e6
     out = {}
@@ -99,12 +105,17 @@ def main() -> int:
     p.add_argument("--holdout", type=float, default=0.1)
     p.add_argument("--max-sentences", type=int, default=2_000_000)
     p.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS))
-    p.add_argument("--weights", default="ko_reviews=0.55,ko_docs=0.15,en_docs=0.15,code_python=0.15",
-                   help="per-source sampling weights (share of training characters)")
+    p.add_argument(
+        "--weights",
+        default="ko_reviews=0.55,ko_docs=0.15,en_docs=0.15,code_python=0.15",
+        help="per-source sampling weights (share of training characters)",
+    )
     p.add_argument("--eval-docs", type=int, default=100_000, help="held-out documents per source, at most")
     p.add_argument("--throughput-mb", type=float, default=8.0, help="MB of held-out text for the speed test")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-tokenizer")
-    p.add_argument("--json", type=Path, default=None, help="write every figure here (default: OUT/results.json)")
+    p.add_argument(
+        "--json", type=Path, default=None, help="write every figure here (default: OUT/results.json)"
+    )
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args()
 
@@ -126,18 +137,26 @@ def main() -> int:
 
     results = {"args": {k: str(v) for k, v in vars(args).items()}, "variants": {}}
     for name in args.variants:
-        cfg = dataclasses.replace(TokenizerConfig(vocab_size=args.vocab, max_sentences=args.max_sentences,
-                                                  holdout_fraction=args.holdout), **VARIANTS[name])
+        cfg = dataclasses.replace(
+            TokenizerConfig(
+                vocab_size=args.vocab, max_sentences=args.max_sentences, holdout_fraction=args.holdout
+            ),
+            **VARIANTS[name],
+        )
         out_dir = args.out / f"{name}-v{args.vocab}-s{args.max_sentences}"
         console.rule(f"variant {name}: {VARIANTS[name] or 'defaults'}")
-        cost = train_variant(cfg, weights, out_dir, args.seed) if not (out_dir / "meta.json").is_file() else {}
+        cost = (
+            train_variant(cfg, weights, out_dir, args.seed) if not (out_dir / "meta.json").is_file() else {}
+        )
         tok = Tokenizer.load(out_dir)
         cost.setdefault("train_s", tok.meta["train_seconds"])
         report = evaluate([load_encoder(str(out_dir)), o200k], held_out)
         console.print(table(report, f"{name}: held-out documents, vocab {tok.vocab_size:,}"))
         results["variants"][name] = {"cost": cost, "report": report}
 
-    summary = Table(title="x o200k chars/token on held-out documents (targets in the header) [measured under contention]")
+    summary = Table(
+        title="x o200k chars/token on held-out documents (targets in the header) [measured under contention]"
+    )
     summary.add_column("variant")
     for s, target in TARGETS.items():
         summary.add_column(f"{s} (>= {target})", justify="right")
@@ -147,9 +166,13 @@ def main() -> int:
     for name, r in results["variants"].items():
         rows = [row for row in r["report"]["rows"] if not row["tokenizer"].startswith("o200k")]
         ratio = {row["source"]: row["ratio_vs_baseline"] for row in rows}
-        summary.add_row(name, *[f"{ratio.get(s, float('nan')):.3f}" for s in TARGETS],
-                        str(sum(row["round_trip_failures"] for row in rows)),
-                        f"{r['cost']['train_s']:.1f}", f"{r['cost'].get('peak_rss_gib', float('nan')):.2f}")
+        summary.add_row(
+            name,
+            *[f"{ratio.get(s, float('nan')):.3f}" for s in TARGETS],
+            str(sum(row["round_trip_failures"] for row in rows)),
+            f"{r['cost']['train_s']:.1f}",
+            f"{r['cost'].get('peak_rss_gib', float('nan')):.2f}",
+        )
     console.print(summary)
 
     first = Tokenizer.load(args.out / f"{args.variants[0]}-v{args.vocab}-s{args.max_sentences}")

@@ -1,4 +1,4 @@
-"""Tokenizer contract: lossless round trip, special tokens, Korean coverage, reuse, and the HF export's ids."""
+"""Tokenizer contract: lossless round trip, special tokens, Korean coverage, reuse, HF export ids."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import dataclasses
 import unicodedata
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from data.config import SourceConfig
 from tests.conftest import CORPORA, corpus_texts
@@ -32,8 +33,12 @@ def tok(tmp_path_factory) -> Tokenizer:
 
 def held_out_texts() -> list[str]:
     """Documents the fixture never read (past its max_docs), from every corpus."""
-    return (corpus_texts("ko_reviews", 3000, skip=100_000) + corpus_texts("ko_docs", 200, skip=600)
-            + corpus_texts("en_docs", 15, skip=100) + corpus_texts("code_python", 15, skip=400))
+    return (
+        corpus_texts("ko_reviews", 3000, skip=100_000)
+        + corpus_texts("ko_docs", 200, skip=600)
+        + corpus_texts("en_docs", 15, skip=100)
+        + corpus_texts("code_python", 15, skip=400)
+    )
 
 
 def test_vocab_rounded_and_special_ids(tok):
@@ -71,8 +76,12 @@ def test_round_trip_whitespace_runs(tok, text):
 
 
 def test_normalization_none_keeps_decomposed_text(tmp_path, tok):
-    raw = train_tokenizer(small_config(normalization="none", vocab_size=3200, hangul_coverage=False),
-                                     SOURCES[:1], tmp_path, seed=7)
+    raw = train_tokenizer(
+        small_config(normalization="none", vocab_size=3200, hangul_coverage=False),
+        SOURCES[:1],
+        tmp_path,
+        seed=7,
+    )
     decomposed = unicodedata.normalize("NFD", corpus_texts("ko_reviews", 1, skip=123)[0])
     assert raw.decode(raw.encode(decomposed)) == decomposed
     # NFC (the default) reads composed and decomposed Korean as the same tokens.
@@ -86,7 +95,7 @@ def test_digits_split_and_unseen_chars_fall_back_to_bytes(tok):
         assert sum(c.isdigit() for c in piece) <= 1 or tok.is_byte(i) or piece in tok.special_tokens, piece
     ids = tok.encode("20240517")
     assert len(ids) == 8 and tok.decode(ids) == "20240517"
-    rare = "\U0001F9EC\u4E7E"  # a DNA emoji and a rare CJK ideograph, unseen in the sample
+    rare = "\U0001f9ec\u4e7e"  # a DNA emoji and a rare CJK ideograph, unseen in the sample
     ids = tok.encode(rare)
     assert all(tok.is_byte(i) for i in ids) and len(ids) == len(rare.encode()) and tok.decode(ids) == rare
     assert tok.encode("\u2581") == [tok.token_to_id(f"<0x{b:02X}>") for b in "\u2581".encode()]
@@ -104,7 +113,9 @@ def test_rerun_reuses_and_changed_config_refuses(tmp_path):
     first = train_tokenizer(cfg, SOURCES[:1], tmp_path, seed=3)
     stamp = (tmp_path / "tokenizer.model").stat().st_mtime_ns
     again = train_tokenizer(cfg, SOURCES[:1], tmp_path, seed=3)
-    assert again.fingerprint == first.fingerprint and (tmp_path / "tokenizer.model").stat().st_mtime_ns == stamp
+    assert (
+        again.fingerprint == first.fingerprint and (tmp_path / "tokenizer.model").stat().st_mtime_ns == stamp
+    )
     with pytest.raises(ValueError, match="another config"):
         train_tokenizer(cfg, SOURCES[:1], tmp_path, seed=4)
     # Same inputs in a fresh folder give the same model bit for bit.
@@ -139,7 +150,9 @@ def test_hf_export_gives_identical_ids(tok, tmp_path):
 @pytest.fixture(scope="module")
 def korean_tok(tmp_path_factory) -> Tokenizer:
     cfg = small_config(vocab_size=3200, hangul_coverage=False, morpheme_aware=True, jamo_split=True)
-    return train_tokenizer(cfg, [dataclasses.replace(SOURCES[0], max_docs=3000)], tmp_path_factory.mktemp("ko"), 7)
+    return train_tokenizer(
+        cfg, [dataclasses.replace(SOURCES[0], max_docs=2000)], tmp_path_factory.mktemp("ko"), 7
+    )
 
 
 def token_boundaries(tok: Tokenizer, text: str) -> set[int]:
@@ -159,11 +172,14 @@ def test_morpheme_aware_and_jamo_split_pieces_never_cross_cuts(korean_tok):
 
     assert not any("\u241f" in korean_tok.id_to_token(i) for i in range(korean_tok.vocab_size))
     kiwi = Kiwi()
-    texts = [t for t in corpus_texts("ko_reviews", 300, skip=50_000) if HANGUL.search(t)]
+    texts = [t for t in corpus_texts("ko_reviews", 150, skip=50_000) if HANGUL.search(t)]
     for text in texts:
         assert korean_tok.decode(korean_tok.encode(text)) == text
-        morpheme_starts = {m.start for m in kiwi.tokenize(text)
-                           if 0 < m.start < len(text) and HANGUL.match(text, m.start - 1) and HANGUL.match(text, m.start)}
+        morpheme_starts = {
+            m.start
+            for m in kiwi.tokenize(text)
+            if 0 < m.start < len(text) and HANGUL.match(text, m.start - 1) and HANGUL.match(text, m.start)
+        }
         jamo_edges = {i for m in JAMO_RUN.finditer(text) for i in m.span() if 0 < i < len(text)}
         assert morpheme_starts | jamo_edges <= token_boundaries(korean_tok, text), text
 
@@ -176,3 +192,43 @@ def test_jamo_split_hf_export_gives_identical_ids(tmp_path):
     texts = corpus_texts("ko_reviews", 3000, skip=200_000)
     hf = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
     assert [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)] == tok.encode_batch(texts)
+
+
+def corpus_slice(full: bool) -> dict[str, list[str]]:
+    """Every shared corpus document (full), or a slice: 30k reviews, all Korean docs, some English and code."""
+    if full:
+        return {name: corpus_texts(name) for name in ("ko_reviews", "ko_docs", "en_docs", "code_python")}
+    return {
+        "ko_reviews": corpus_texts("ko_reviews", 30000, skip=300_000),
+        "ko_docs": corpus_texts("ko_docs"),
+        "en_docs": corpus_texts("en_docs", 40, skip=200),
+        "code_python": corpus_texts("code_python", 60, skip=500),
+    }
+
+
+def check_corpus(tok: Tokenizer, texts_by_source: dict[str, list[str]]) -> None:
+    """Round trip and HF ids on each document; failures are listed by source and index, not just counted."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_file(str(tok.directory / "tokenizer.json"))
+    for source, texts in texts_by_source.items():
+        for start in range(0, len(texts), 5000):
+            batch = texts[start : start + 5000]
+            ours = tok.encode_batch(batch)
+            theirs = [e.ids for e in hf.encode_batch(batch, add_special_tokens=False)]
+            lossy = [
+                start + i
+                for i, (t, ids) in enumerate(zip(batch, ours))
+                if tok.decode(ids) != unicodedata.normalize("NFC", t)
+            ]
+            differ = [start + i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
+            assert not lossy and not differ, (source, lossy[:10], differ[:10])
+
+
+def test_round_trip_and_hf_ids_on_a_large_corpus_slice(tok):
+    check_corpus(tok, corpus_slice(full=False))
+
+
+@pytest.mark.slow
+def test_round_trip_and_hf_ids_on_every_corpus_document(tok):
+    check_corpus(tok, corpus_slice(full=True))

@@ -1,4 +1,4 @@
-"""The training sample: sentence cuts lose nothing, reservoirs are bounded and uniform, weights hold by characters."""
+"""Training sample: cuts lose nothing, reservoirs are bounded and uniform, weights hold by characters."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ def test_held_out_share_and_stability():
 
 def reviews(n: int, holdout: float = 0.0, capacity: int = 10**9, seed: int = 0) -> SourceSample:
     source = SourceConfig(name="ko_reviews", path=str(CORPORA / "ko_reviews.jsonl.gz"), max_docs=n)
-    return sample_source(source, capacity, max_chars=10_000, seed=seed, prepare=lambda t: t,
-                         holdout_fraction=holdout)
+    return sample_source(
+        source, capacity, max_chars=10_000, seed=seed, prepare=lambda t: t, holdout_fraction=holdout
+    )
 
 
 def test_reservoir_is_bounded_uniform_and_deterministic():
@@ -56,7 +57,9 @@ def test_held_out_documents_never_reach_the_sample():
 @pytest.mark.parametrize("weights", [(3.0, 1.0), (1.0, 4.0)])
 def test_mix_honours_character_weights_and_cap(weights):
     a = SourceSample("ko_reviews", weights[0], corpus_texts("ko_reviews", 8000))
-    b = SourceSample("ko_docs", weights[1], [p for t in corpus_texts("ko_docs", 100) for p in split_sentences(t, 500)])
+    b = SourceSample(
+        "ko_docs", weights[1], [p for t in corpus_texts("ko_docs", 100) for p in split_sentences(t, 500)]
+    )
     mixed = mix([a, b], max_sentences=10**9, seed=0)
     from_a = set(a.sentences)
     chars_a = sum(len(s) for s in mixed if s in from_a)

@@ -12,27 +12,50 @@ from launch.cli import add_config_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tokenizer", help="train or evaluate the Korean-first tokenizer",
-                       description="Train the run's SentencePiece tokenizer, or measure it beside others.")
+    p = sub.add_parser(
+        "tokenizer",
+        help="train or evaluate the Korean-first tokenizer",
+        description="Train the run's SentencePiece tokenizer, or measure it beside others.",
+    )
     tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
 
-    t = tsub.add_parser("train", help="train the tokenizer into RUN_DIR/tokenizer (reused when already trained)",
-                        description="Sample sentences from tokenizer.sources (or data.sources), train "
-                                    "SentencePiece losslessly, write tokenizer.model, meta.json, tokenizer.json.")
+    t = tsub.add_parser(
+        "train",
+        help="train the tokenizer into RUN_DIR/tokenizer (reused when already trained)",
+        description="Sample sentences from tokenizer.sources (or data.sources), train "
+        "SentencePiece losslessly, write tokenizer.model, meta.json, tokenizer.json.",
+    )
     add_config_args(t)
     t.set_defaults(func=_train)
 
-    e = tsub.add_parser("eval", help="chars/token, bytes/token, tokens/eojeol, byte fallback, round trip",
-                        description="Measure the run's tokenizer per source beside comparison tokenizers; the "
-                                    "last one listed (o200k by default) is the baseline of the ratio column.")
+    e = tsub.add_parser(
+        "eval",
+        help="chars/token, bytes/token, tokens/eojeol, byte fallback, round trip",
+        description="Measure the run's tokenizer per source beside comparison tokenizers; the "
+        "last one listed (o200k by default) is the baseline of the ratio column.",
+    )
     add_config_args(e)
-    e.add_argument("--compare", action="append", default=None, metavar="TOKENIZER",
-                   help="a comparison tokenizer: o200k, an Ondol tokenizer folder, or a tokenizer.json; "
-                        "repeatable (default: o200k)")
-    e.add_argument("--json", type=Path, default=None, metavar="OUT",
-                   help="write the report as JSON here (default: RUN_DIR/tokenizer/eval.json)")
-    e.add_argument("--max-docs", type=int, default=2000,
-                   help="documents per source to measure (held-out ones when tokenizer.holdout_fraction > 0)")
+    e.add_argument(
+        "--compare",
+        action="append",
+        default=None,
+        metavar="TOKENIZER",
+        help="a comparison tokenizer: o200k, an Ondol tokenizer folder, or a tokenizer.json; "
+        "repeatable (default: o200k)",
+    )
+    e.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="OUT",
+        help="write the report as JSON here (default: RUN_DIR/tokenizer/eval.json)",
+    )
+    e.add_argument(
+        "--max-docs",
+        type=int,
+        default=2000,
+        help="documents per source to measure (held-out ones when tokenizer.holdout_fraction > 0)",
+    )
     e.set_defaults(func=_eval)
 
 
@@ -52,11 +75,17 @@ def _eval(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     encoders = [load_encoder(str(tokenizer_dir(cfg)))] + [load_encoder(s) for s in args.compare or ["o200k"]]
-    texts = evaluation_texts(cfg.tokenizer.sources or cfg.data.sources, cfg.tokenizer.holdout_fraction,
-                             args.max_docs)
+    texts = evaluation_texts(
+        cfg.tokenizer.sources or cfg.data.sources, cfg.tokenizer.holdout_fraction, args.max_docs
+    )
     report = evaluate(encoders, texts)
-    Console(width=150).print(table(report, f"tokenizer efficiency ({'held-out ' if cfg.tokenizer.holdout_fraction else ''}"
-                                  f"documents, up to {args.max_docs} per source)"))
+    Console(width=150).print(
+        table(
+            report,
+            f"tokenizer efficiency ({'held-out ' if cfg.tokenizer.holdout_fraction else ''}"
+            f"documents, up to {args.max_docs} per source)",
+        )
+    )
     out = args.json or tokenizer_dir(cfg) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -21,11 +21,17 @@ class TokenizerConfig:
     )
     reserved_special_tokens: int = 8
     num_threads: int = 2
-    hangul_syllables: str = "common"  # which syllables hangul_coverage guarantees: common (KS X 1001, 2,350) | all (11,172)
+    hangul_syllables: str = (
+        "common"  # which syllables hangul_coverage guarantees: common (KS X 1001, 2,350) | all (11,172)
+    )
     jamo_split: bool = False  # pieces never join a run of compatibility jamo to its neighbours (다|ㅋㅋ)
     jamo_coverage: bool = True  # compatibility jamo (ㅋ, ㅠ, ...) are always pieces, never byte fallback
-    character_coverage: float = 0.9995  # share of training characters kept as pieces; the rest fall back to bytes
-    max_sentence_chars: int = 2000  # documents are cut at line ends into training sentences of at most this size
+    character_coverage: float = (
+        0.9995  # share of training characters kept as pieces; the rest fall back to bytes
+    )
+    max_sentence_chars: int = (
+        2000  # documents are cut at line ends into training sentences of at most this size
+    )
     max_piece_chars: int = 16  # longest piece, in characters
     split_by_script: bool = False  # True: no piece mixes scripts (no '다.' or '요!'); measured worse
     split_by_whitespace: bool = False  # True: no piece crosses a space (no '▁수▁있다'); measured worse
@@ -41,11 +47,15 @@ class TokenizerConfig:
         if self.normalization not in ("nfc", "none"):
             raise ValueError(f"tokenizer.normalization must be nfc or none, not {self.normalization!r}")
         if self.hangul_syllables not in ("common", "all"):
-            raise ValueError(f"tokenizer.hangul_syllables must be common or all, not {self.hangul_syllables!r}")
+            raise ValueError(
+                f"tokenizer.hangul_syllables must be common or all, not {self.hangul_syllables!r}"
+            )
         if not 0.98 <= self.character_coverage <= 1.0:
             raise ValueError("tokenizer.character_coverage must lie in [0.98, 1.0]")
         if self.max_sentences < 1 or self.max_sentence_chars < 16 or self.max_piece_chars < 1:
-            raise ValueError("tokenizer.max_sentences, max_sentence_chars (>= 16) and max_piece_chars must be positive")
+            raise ValueError(
+                "tokenizer.max_sentences, max_sentence_chars (>= 16) and max_piece_chars must be positive"
+            )
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError("tokenizer.holdout_fraction must lie in [0, 1)")
         if self.reserved_special_tokens < 0:
@@ -68,7 +78,14 @@ class TokenizerConfig:
     def all_special_tokens(self) -> list[str]:
         """unk, bos, eos, pad, then the declared tokens, then the reserved slots, in id order."""
         reserved = [f"<|reserved_{i}|>" for i in range(self.reserved_special_tokens)]
-        return [self.unk_token, self.bos_token, self.eos_token, self.pad_token, *self.special_tokens, *reserved]
+        return [
+            self.unk_token,
+            self.bos_token,
+            self.eos_token,
+            self.pad_token,
+            *self.special_tokens,
+            *reserved,
+        ]
 
     def required_hangul(self) -> int:
         return 2350 if self.hangul_syllables == "common" else 11172

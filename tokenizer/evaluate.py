@@ -1,4 +1,4 @@
-"""Tokenizer efficiency per source, beside comparison tokenizers (another Ondol tokenizer, a tokenizer.json, o200k).
+"""Tokenizer efficiency per source, beside comparison tokenizers (Ondol, any tokenizer.json, o200k).
 
 Metrics, per source: chars/token and bytes/token (higher is better), tokens per eojeol (space-separated
 word), the byte-fallback rate (share of tokens that are a fragment of a character: SentencePiece byte
@@ -117,8 +117,10 @@ def load_encoder(spec: str) -> Encoder:
         from tokenizers import Tokenizer as HFTokenizer
 
         return HFEncoder(HFTokenizer.from_file(str(path)), f"hf:{_short(path.parent)}")
-    raise ValueError(f"comparison tokenizer '{spec}': give o200k, an Ondol tokenizer folder (with {META_FILE}) "
-                     f"or a tokenizer.json file")
+    raise ValueError(
+        f"comparison tokenizer '{spec}': give o200k, an Ondol tokenizer folder (with {META_FILE}) "
+        f"or a tokenizer.json file"
+    )
 
 
 def _short(path: Path) -> str:
@@ -152,35 +154,66 @@ def measure(encoder: Encoder, source: str, texts: list[str]) -> SourceMetrics:
     chars = sum(map(len, texts))
     nbytes = sum(len(t.encode()) for t in texts)
     eojeols = sum(len(t.split()) for t in texts)
-    return SourceMetrics(encoder.name, source, len(texts), chars, nbytes, tokens, eojeols,
-                         chars / max(tokens, 1), nbytes / max(tokens, 1), tokens / max(eojeols, 1),
-                         fallback / max(tokens, 1), failures)
+    return SourceMetrics(
+        encoder.name,
+        source,
+        len(texts),
+        chars,
+        nbytes,
+        tokens,
+        eojeols,
+        chars / max(tokens, 1),
+        nbytes / max(tokens, 1),
+        tokens / max(eojeols, 1),
+        fallback / max(tokens, 1),
+        failures,
+    )
 
 
 def evaluate(encoders: list[Encoder], texts_by_source: dict[str, list[str]]) -> dict:
-    """Metrics of every encoder on every source; ratios are chars/token over the last encoder's (the baseline)."""
+    """Metrics of every encoder on every source; ratios: chars/token over the last encoder's (the baseline)."""
     rows = [measure(e, name, texts) for name, texts in texts_by_source.items() for e in encoders]
     baseline = encoders[-1].name
     base = {r.source: r.chars_per_token for r in rows if r.tokenizer == baseline}
-    return {"baseline": baseline,
-            "rows": [{**asdict(r), "ratio_vs_baseline": r.chars_per_token / base[r.source]} for r in rows]}
+    return {
+        "baseline": baseline,
+        "rows": [{**asdict(r), "ratio_vs_baseline": r.chars_per_token / base[r.source]} for r in rows],
+    }
 
 
 def table(report: dict, title: str = "tokenizer efficiency") -> Table:
     t = Table(title=title)
-    for col in ("source", "tokenizer", "docs", "chars/tok", "bytes/tok", "tok/eojeol", "byte-fb %",
-                "rt fail", f"x {report['baseline']}"):
+    for col in (
+        "source",
+        "tokenizer",
+        "docs",
+        "chars/tok",
+        "bytes/tok",
+        "tok/eojeol",
+        "byte-fb %",
+        "rt fail",
+        f"x {report['baseline']}",
+    ):
         t.add_column(col, justify="left" if col in ("source", "tokenizer") else "right")
     for r in report["rows"]:
-        t.add_row(r["source"], r["tokenizer"], f"{r['docs']:,}", f"{r['chars_per_token']:.3f}",
-                  f"{r['bytes_per_token']:.3f}", f"{r['tokens_per_eojeol']:.3f}",
-                  f"{100 * r['byte_fallback_rate']:.3f}", str(r["round_trip_failures"]),
-                  f"{r['ratio_vs_baseline']:.3f}")
+        t.add_row(
+            r["source"],
+            r["tokenizer"],
+            f"{r['docs']:,}",
+            f"{r['chars_per_token']:.3f}",
+            f"{r['bytes_per_token']:.3f}",
+            f"{r['tokens_per_eojeol']:.3f}",
+            f"{100 * r['byte_fallback_rate']:.3f}",
+            str(r["round_trip_failures"]),
+            f"{r['ratio_vs_baseline']:.3f}",
+        )
     return t
 
 
-def evaluation_texts(sources: list[SourceConfig], holdout_fraction: float, max_docs: int) -> dict[str, list[str]]:
-    """Up to max_docs documents per source: the held-out ones when a hold-out is configured, else the first."""
+def evaluation_texts(
+    sources: list[SourceConfig], holdout_fraction: float, max_docs: int
+) -> dict[str, list[str]]:
+    """Up to max_docs documents per source: the held-out ones when a hold-out is set, else the first ones."""
     out = {}
     for source in sources:
         texts = []

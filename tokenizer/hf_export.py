@@ -15,12 +15,17 @@ import json
 from pathlib import Path
 
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
-from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
 
 from tokenizer.korean import JAMO_RUN
 
-NORMAL, UNKNOWN, CONTROL, BYTE = (sp_pb.ModelProto.SentencePiece.NORMAL, sp_pb.ModelProto.SentencePiece.UNKNOWN,
-                                  sp_pb.ModelProto.SentencePiece.CONTROL, sp_pb.ModelProto.SentencePiece.BYTE)
+NORMAL, UNKNOWN, CONTROL, BYTE = (
+    sp_pb.ModelProto.SentencePiece.NORMAL,
+    sp_pb.ModelProto.SentencePiece.UNKNOWN,
+    sp_pb.ModelProto.SentencePiece.CONTROL,
+    sp_pb.ModelProto.SentencePiece.BYTE,
+)
 
 
 def build_hf_tokenizer(model_proto: bytes, normalization: str, jamo_split: bool) -> HFTokenizer:
@@ -30,18 +35,32 @@ def build_hf_tokenizer(model_proto: bytes, normalization: str, jamo_split: bool)
     unk_id = next(i for i, (_, _, t) in enumerate(pieces) if t == UNKNOWN)
     if proto.trainer_spec.model_type == sp_pb.TrainerSpec.BPE:
         vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
-        model = models.BPE(vocab=vocab, merges=_merges(pieces, vocab), unk_token=pieces[unk_id][0],
-                           byte_fallback=True, fuse_unk=False)
+        model = models.BPE(
+            vocab=vocab,
+            merges=_merges(pieces, vocab),
+            unk_token=pieces[unk_id][0],
+            byte_fallback=True,
+            fuse_unk=False,
+        )
     else:
-        model = models.Unigram([(piece, score) for piece, score, _ in pieces], unk_id=unk_id, byte_fallback=True)
+        model = models.Unigram(
+            [(piece, score) for piece, score, _ in pieces], unk_id=unk_id, byte_fallback=True
+        )
     tok = HFTokenizer(model)
     steps = [normalizers.NFC()] if normalization == "nfc" else []
     tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
     if jamo_split:
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(JAMO_RUN.pattern), behavior="isolated")
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens([AddedToken(piece, special=True, normalized=False)
-                            for piece, _, t in pieces if t in (CONTROL, UNKNOWN)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    tok.add_special_tokens(
+        [
+            AddedToken(piece, special=True, normalized=False)
+            for piece, _, t in pieces
+            if t in (CONTROL, UNKNOWN)
+        ]
+    )
     return tok
 
 
@@ -60,8 +79,14 @@ def _merges(pieces: list[tuple[str, float, int]], vocab: dict[str, int]) -> list
 
 def write_hf_files(model_proto: bytes, meta: dict, out_dir: Path) -> None:
     """tokenizer.json plus the tokenizer_config.json that lets transformers' AutoTokenizer load the folder."""
-    build_hf_tokenizer(model_proto, meta["normalization"], meta["jamo_split"]).save(str(out_dir / "tokenizer.json"))
+    build_hf_tokenizer(model_proto, meta["normalization"], meta["jamo_split"]).save(
+        str(out_dir / "tokenizer.json")
+    )
     special = {k: meta[k] for k in ("unk_token", "bos_token", "eos_token", "pad_token")}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000_000,
-              "clean_up_tokenization_spaces": False, **special}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 1_000_000_000,
+        "clean_up_tokenization_spaces": False,
+        **special,
+    }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 
 HANGUL_FIRST, HANGUL_LAST = 0xAC00, 0xD7A3  # the 11,172 precomposed syllables
@@ -40,7 +41,7 @@ JAMO_RUN = re.compile("[\u3131-\u318e]+")
 
 
 def pretokenize(texts: list[str], morpheme_aware: bool, jamo_split: bool) -> list[list[str]]:
-    """Each text cut into segments that no piece may cross; the segments concatenate back to the text exactly."""
+    """Each text cut into segments no piece may cross; the segments concatenate back to the text exactly."""
     segmented = morpheme_segments(texts) if morpheme_aware else [[t] for t in texts]
     if jamo_split:
         segmented = [[part for seg in segs for part in split_jamo_runs(seg)] for segs in segmented]
@@ -50,7 +51,7 @@ def pretokenize(texts: list[str], morpheme_aware: bool, jamo_split: bool) -> lis
 def split_jamo_runs(text: str) -> list[str]:
     """Cut around each run of compatibility jamo, so 'ㅋㅋㅋ' never merges into the word before it."""
     bounds = sorted({0, len(text), *(i for m in JAMO_RUN.finditer(text) for i in m.span())})
-    return [text[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [text[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def morpheme_segments(texts: list[str]) -> list[list[str]]:
@@ -66,4 +67,4 @@ def _cut(text: str, tokens) -> list[str]:
     starts = {t.start for t in tokens if 0 < t.start < len(text)}
     cuts = sorted(s for s in starts if HANGUL.match(text, s - 1) and HANGUL.match(text, s))
     bounds = [0, *cuts, len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import random
 import unicodedata
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 from data.config import SourceConfig
 from data.sources import BadInputLog, iter_documents
@@ -50,16 +50,22 @@ class SourceSample:
 
 
 def is_held_out(text: str, fraction: float) -> bool:
-    """Whether a document belongs to the evaluation hold-out: a fixed function of its text, so any reader agrees."""
+    """Whether a document is in the evaluation hold-out: a function of its text alone, so every reader agrees."""
     if fraction <= 0:
         return False
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "little") < fraction * 2**64
 
 
-def sample_source(source: SourceConfig, capacity: int, max_chars: int, seed: int,
-                  prepare: Callable[[str], str], holdout_fraction: float = 0.0,
-                  progress: Callable[[int], None] | None = None) -> SourceSample:
+def sample_source(
+    source: SourceConfig,
+    capacity: int,
+    max_chars: int,
+    seed: int,
+    prepare: Callable[[str], str],
+    holdout_fraction: float = 0.0,
+    progress: Callable[[int], None] | None = None,
+) -> SourceSample:
     """Reservoir-sample (algorithm R) at most `capacity` sentences of a source, deterministically per seed."""
     rng = random.Random(_source_seed(seed, source.name))
     out = SourceSample(source.name, source.weight)

@@ -41,19 +41,23 @@ class Tokenizer:
         self.directory: Path | None = None  # the folder it was loaded from
 
     @classmethod
-    def load(cls, directory: str | Path) -> "Tokenizer":
+    def load(cls, directory: str | Path) -> Tokenizer:
         directory = Path(directory)
         model, meta_path = directory / MODEL_FILE, directory / META_FILE
         for p in (model, meta_path):
             if not p.is_file():
-                raise FileNotFoundError(f"{p} not found: train one with `ondol tokenizer train CONFIG` "
-                                        f"or point tokenizer.path at a trained tokenizer folder")
+                raise FileNotFoundError(
+                    f"{p} not found: train one with `ondol tokenizer train CONFIG` "
+                    f"or point tokenizer.path at a trained tokenizer folder"
+                )
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         tok = cls(model.read_bytes(), meta)
         tok.directory = directory
         if meta.get("fingerprint") != tok.fingerprint:
-            raise ValueError(f"{model} does not match the fingerprint in {meta_path}: the folder was changed "
-                             f"after training; retrain it")
+            raise ValueError(
+                f"{model} does not match the fingerprint in {meta_path}: the folder was changed "
+                f"after training; retrain it"
+            )
         return tok
 
     # -- text <-> ids -------------------------------------------------------------------------------------
@@ -135,5 +139,8 @@ class Tokenizer:
         return self._sp
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(vocab_size={self.vocab_size}, normalization={self.normalization!r}, "
-                f"morpheme_aware={self.morpheme_aware}, jamo_split={self.jamo_split}, fingerprint={self.fingerprint!r})")
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, normalization={self.normalization!r}, "
+            f"morpheme_aware={self.morpheme_aware}, jamo_split={self.jamo_split}, "
+            f"fingerprint={self.fingerprint!r})"
+        )

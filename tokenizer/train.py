@@ -1,4 +1,4 @@
-"""Train Ondol's tokenizer: sample sentences from the sources, run SentencePiece losslessly, write the folder."""
+"""Train Ondol's tokenizer: sample sentences from the sources, run SentencePiece losslessly, write it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ from pathlib import Path
 
 import sentencepiece as spm
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from data.config import SourceConfig
 from tokenizer.config import TokenizerConfig
@@ -25,25 +32,35 @@ CUT = "\u241f"  # marks pre-tokenization cuts in training sentences; SentencePie
 console = Console(stderr=True)
 
 
-def train_tokenizer(cfg: TokenizerConfig, sources: list[SourceConfig], out_dir: str | Path, seed: int) -> Tokenizer:
+def train_tokenizer(
+    cfg: TokenizerConfig, sources: list[SourceConfig], out_dir: str | Path, seed: int
+) -> Tokenizer:
     """Train on `sources` (cfg.sources wins when set) into out_dir; an identical finished run is reused."""
     out_dir = Path(out_dir)
     sources = list(cfg.sources or sources)
     if not sources:
         raise ValueError("tokenizer: no sources to train on (set tokenizer.sources or data.sources)")
-    recipe = {"config": _plain(cfg), "sources": [_plain(s) for s in sources], "seed": seed}
+    recipe = {
+        "config": dataclasses.asdict(cfg),
+        "sources": [dataclasses.asdict(s) for s in sources],
+        "seed": seed,
+    }
     if (out_dir / META_FILE).is_file():
         tok = Tokenizer.load(out_dir)
         if tok.meta.get("recipe") == recipe:
             console.print(f"tokenizer: reusing {out_dir} (same config, sources and seed)")
             return tok
-        raise ValueError(f"{out_dir} holds a tokenizer trained with another config, sources or seed: "
-                         f"remove it or choose another run_dir / tokenizer.path")
+        raise ValueError(
+            f"{out_dir} holds a tokenizer trained with another config, sources or seed: "
+            f"remove it or choose another run_dir / tokenizer.path"
+        )
 
     started = time.perf_counter()
     sentences, stats = training_sentences(cfg, sources, seed)
-    console.print(f"tokenizer: training SentencePiece {cfg.model_type} on {len(sentences):,} sentences "
-                  f"({sum(map(len, sentences)):,} chars), vocab {cfg.rounded_vocab_size():,} ...")
+    console.print(
+        f"tokenizer: training SentencePiece {cfg.model_type} on {len(sentences):,} sentences "
+        f"({sum(map(len, sentences)):,} chars), vocab {cfg.rounded_vocab_size():,} ..."
+    )
     model_proto = _train_sentencepiece(cfg, sentences, seed)
     seconds = time.perf_counter() - started
 
@@ -55,7 +72,10 @@ def train_tokenizer(cfg: TokenizerConfig, sources: list[SourceConfig], out_dir: 
         "jamo_split": cfg.jamo_split,
         "vocab_size": cfg.rounded_vocab_size(),
         "special_tokens": {piece: i for i, piece in enumerate(special)},
-        "unk_token": cfg.unk_token, "bos_token": cfg.bos_token, "eos_token": cfg.eos_token, "pad_token": cfg.pad_token,
+        "unk_token": cfg.unk_token,
+        "bos_token": cfg.bos_token,
+        "eos_token": cfg.eos_token,
+        "pad_token": cfg.pad_token,
         "config": recipe["config"],
         "recipe": recipe,
         "sample": stats,
@@ -67,23 +87,54 @@ def train_tokenizer(cfg: TokenizerConfig, sources: list[SourceConfig], out_dir: 
     return Tokenizer.load(out_dir)
 
 
-def training_sentences(cfg: TokenizerConfig, sources: list[SourceConfig], seed: int) -> tuple[list[str], dict]:
+def training_sentences(
+    cfg: TokenizerConfig, sources: list[SourceConfig], seed: int
+) -> tuple[list[str], dict]:
     """The mixed, bounded, shuffled sentence sample, and per-source counts for meta.json."""
     prepare = nfc if cfg.normalization == "nfc" else (lambda t: t)
     samples = []
-    with Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
         for source in sources:
             task = progress.add_task(f"reading {source.name}", total=source.max_docs)
-            samples.append(sample_source(source, cfg.max_sentences, cfg.max_sentence_chars, seed, prepare,
-                                         cfg.holdout_fraction, lambda n, t=task: progress.advance(t, n)))
+            samples.append(
+                sample_source(
+                    source,
+                    cfg.max_sentences,
+                    cfg.max_sentence_chars,
+                    seed,
+                    prepare,
+                    cfg.holdout_fraction,
+                    lambda n, t=task: progress.advance(t, n),
+                )
+            )
     sentences = mix(samples, cfg.max_sentences, seed)
     if cfg.morpheme_aware or cfg.jamo_split:
-        with console.status(f"tokenizer: pre-tokenizing {len(sentences):,} sentences"
-                            f"{' with Kiwi (slow: about 0.1 MB/s a core)' if cfg.morpheme_aware else ''}"):
-            sentences = [CUT.join(segs) for segs in pretokenize(sentences, cfg.morpheme_aware, cfg.jamo_split)]
-    stats = {s.name: {"documents": s.documents, "held_out": s.held_out, "sentences_seen": s.seen, "chars_seen": s.seen_chars,
-                      "skipped": dict(s.bad.counts), "weight": s.weight} for s in samples}
+        with console.status(
+            f"tokenizer: pre-tokenizing {len(sentences):,} sentences"
+            f"{' with Kiwi (slow: about 0.1 MB/s a core)' if cfg.morpheme_aware else ''}"
+        ):
+            sentences = [
+                CUT.join(segs) for segs in pretokenize(sentences, cfg.morpheme_aware, cfg.jamo_split)
+            ]
+    stats = {
+        s.name: {
+            "documents": s.documents,
+            "held_out": s.held_out,
+            "sentences_seen": s.seen,
+            "chars_seen": s.seen_chars,
+            "skipped": dict(s.bad.counts),
+            "weight": s.weight,
+        }
+        for s in samples
+    }
     for s in samples:
         if s.bad.counts:
             console.print(f"tokenizer: source '{s.name}' skipped {s.bad.summary()}")
@@ -92,31 +143,50 @@ def training_sentences(cfg: TokenizerConfig, sources: list[SourceConfig], seed: 
 
 def _train_sentencepiece(cfg: TokenizerConfig, sentences: list[str], seed: int) -> bytes:
     required = (hangul_syllables(cfg.hangul_syllables) if cfg.hangul_coverage else "") + (
-        compatibility_jamo() if cfg.jamo_coverage else "")
+        compatibility_jamo() if cfg.jamo_coverage else ""
+    )
     special = cfg.all_special_tokens()
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model,
-        model_type=cfg.model_type, vocab_size=cfg.rounded_vocab_size(),
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        model_type=cfg.model_type,
+        vocab_size=cfg.rounded_vocab_size(),
         # lossless: SentencePiece changes nothing; Ondol applies the declared normalization itself
-        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True, split_digits=True, byte_fallback=True,
-        split_by_unicode_script=cfg.split_by_script, split_by_whitespace=cfg.split_by_whitespace,
-        character_coverage=cfg.character_coverage, required_chars=required,
-        max_sentencepiece_length=cfg.max_piece_chars, max_sentence_length=4 * cfg.max_sentence_chars + 16,
-        input_sentence_size=0, shuffle_input_sentence=False,  # the sample is already bounded and shuffled
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        byte_fallback=True,
+        split_by_unicode_script=cfg.split_by_script,
+        split_by_whitespace=cfg.split_by_whitespace,
+        character_coverage=cfg.character_coverage,
+        required_chars=required,
+        max_sentencepiece_length=cfg.max_piece_chars,
+        max_sentence_length=4 * cfg.max_sentence_chars + 16,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,  # the sample is already bounded and shuffled
         pretokenization_delimiter=CUT if cfg.morpheme_aware or cfg.jamo_split else "",
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        unk_piece=special[0], bos_piece=special[1], eos_piece=special[2], pad_piece=special[3],
-        control_symbols=special[4:], hard_vocab_limit=True,
-        num_threads=cfg.num_threads, minloglevel=2,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        unk_piece=special[0],
+        bos_piece=special[1],
+        eos_piece=special[2],
+        pad_piece=special[3],
+        control_symbols=special[4:],
+        hard_vocab_limit=True,
+        num_threads=cfg.num_threads,
+        minloglevel=2,
     )
     return model.getvalue()
 
 
 def _write_folder(out_dir: Path, model_proto: bytes, meta: dict) -> None:
-    """Write into a scratch folder, then move the files in with meta.json last: it marks a finished tokenizer."""
+    """Write into a scratch folder, then move the files in, meta.json last: it marks a finished tokenizer."""
     scratch = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
@@ -127,7 +197,3 @@ def _write_folder(out_dir: Path, model_proto: bytes, meta: dict) -> None:
     for f in sorted(scratch.iterdir(), key=lambda p: p.name == META_FILE):
         os.replace(f, out_dir / f.name)
     scratch.rmdir()
-
-
-def _plain(obj) -> dict:
-    return dataclasses.asdict(obj)
