@@ -104,8 +104,10 @@ FAKE_SCONTROL = """#!/bin/bash
 """
 
 
+@pytest.mark.slow
 def test_generated_sbatch_script_runs_one_launcher_per_node(tmp_path):
-    """The script itself, run by bash with stand-ins for srun and scontrol: 2 nodes x 1 gloo worker."""
+    """The script itself, run by bash with stand-ins for srun and scontrol: 2 nodes x 1 gloo worker.
+    test_launch_plan checks the same script field by field and its syntax with `bash -n`."""
     env = _module(tmp_path, "summing_rank", SUMMING_RANK)
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
@@ -206,6 +208,14 @@ def test_two_cpu_workers_train_the_tiny_config_and_write_a_checkpoint(tiny_run):
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in steps if "loss" in m] == [1, 2, 3, 4]
     assert (run / "model" / "model.safetensors").is_file()
+
+    # A real trainer error on every rank (a checkpoint of another shape) stops the launch with that error.
+    started = time.monotonic()
+    result = _ondol(["launch", str(tiny_run), "model.n_layers=2"])
+    assert result.returncode != 0 and time.monotonic() - started < 180  # launch.watchdog_minutes=3
+    (summary,) = [x for x in result.stderr.splitlines() if x.startswith("ondol launch: rank")]
+    assert "failed with exit code 1" in summary
+    assert f"cannot resume from {checkpoints.resolve() / 'step_00000004'}" in summary
 
 
 FAKE_PDSH = """#!/bin/bash
