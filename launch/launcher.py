@@ -26,21 +26,21 @@ DEFAULT_MODULE = "train"
 
 @dataclass
 class LaunchPlan:
-    """What a launch does: files it writes, variables it adds, commands it runs (in order)."""
+    """What a launch does: files it writes, variables it adds, the command it runs."""
 
     layout: Layout
     log_dir: Path
-    commands: list[list[str]]
+    command: list[str]
     files: dict[Path, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> str:
-        """Every generated file, variable and command, as `--dry-run` prints them."""
+        """Every generated file, variable and the command, as `--dry-run` prints them."""
         parts = []
         for path, text in self.files.items():
             parts.append(f"# file {path}\n{text.rstrip()}\n# end of {path}")
         parts += [f"export {k}={shlex.quote(v)}" for k, v in self.env.items()]
-        parts += [shlex.join(cmd) for cmd in self.commands]
+        parts.append(shlex.join(self.command))
         return "\n".join(parts)
 
 
@@ -104,7 +104,7 @@ def plan_launch(cfg: RunConfig, layout: Layout, config_path: str | os.PathLike, 
             ds += ["--launcher_args", lc.launcher_args]
     mpi = lc.launcher in ("openmpi", "mvapich")
     ds += rank_args(cfg, config_path, overrides, module, (addr, port) if mpi else None)
-    return LaunchPlan(layout, log_dir(cfg), [ds], files, env)
+    return LaunchPlan(layout, log_dir(cfg), ds, files, env)
 
 
 def write_files(plan: LaunchPlan) -> None:
@@ -118,6 +118,5 @@ def run_plan(cfg: RunConfig, plan: LaunchPlan) -> int:
     from launch.supervise import supervise
 
     write_files(plan)
-    (cmd,) = plan.commands
-    return supervise(cmd, plan.log_dir, env={**os.environ, **plan.env},
+    return supervise(plan.command, plan.log_dir, env={**os.environ, **plan.env},
                      watchdog_minutes=cfg.launch.watchdog_minutes, failure_grace_s=cfg.launch.failure_grace_s)

@@ -47,11 +47,11 @@ def launch_command(args: argparse.Namespace) -> int:
     if not args.submit:
         print(f"wrote {script}\nsubmit it with: sbatch {script}  (or add --submit)")
         return 0
-    from launch.slurm import submit
+    from launch.slurm import SubmitError, submit
 
     try:
         job = submit(plan)
-    except PreflightError as e:
+    except SubmitError as e:
         print(f"ondol launch: {e}", file=sys.stderr)
         return 1
     print(f"submitted Slurm job {job}: {script}; output in {plan.log_dir}/slurm-{job}.out, ranks in "

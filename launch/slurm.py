@@ -18,7 +18,7 @@ from pathlib import Path
 
 from configs import RunConfig
 from launch.launcher import LaunchPlan, launch_dir, log_dir, rank_args
-from launch.preflight import Layout, PreflightError
+from launch.preflight import Layout
 
 SCRIPT_NAME = "ondol.sbatch"
 
@@ -97,20 +97,23 @@ def plan_slurm(cfg: RunConfig, layout: Layout, config_path: str | os.PathLike, o
     """The sbatch script (RUN_DIR/launch/ondol.sbatch) and the `sbatch` command that submits it."""
     script = launch_dir(cfg) / SCRIPT_NAME
     text = sbatch_script(cfg, layout, config_path, overrides, module)
-    return LaunchPlan(layout, log_dir(cfg), [["sbatch", str(script)]], {script: text})
+    return LaunchPlan(layout, log_dir(cfg), ["sbatch", str(script)], {script: text})
+
+
+class SubmitError(RuntimeError):
+    """sbatch is missing or refused the script; the message says what it printed."""
 
 
 def submit(plan: LaunchPlan) -> str:
     """Run sbatch on the plan's script; the job id."""
-    (cmd,) = plan.commands
     try:
-        result = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        result = subprocess.run(plan.command, check=False, capture_output=True, text=True)
     except FileNotFoundError:
-        raise PreflightError("sbatch not found: submit from a Slurm login node, or drop --submit and copy "
-                             f"{cmd[-1]} there") from None
+        raise SubmitError("sbatch not found: submit from a Slurm login node, or drop --submit and copy "
+                             f"{plan.command[-1]} there") from None
     if result.returncode != 0:
-        raise PreflightError(f"sbatch failed (exit {result.returncode}): {result.stderr.strip() or result.stdout}")
+        raise SubmitError(f"sbatch failed (exit {result.returncode}): {result.stderr.strip() or result.stdout}")
     match = re.search(r"(\d+)", result.stdout)
     if not match:
-        raise PreflightError(f"sbatch printed no job id: {result.stdout.strip()}")
+        raise SubmitError(f"sbatch printed no job id: {result.stdout.strip()}")
     return match.group(1)

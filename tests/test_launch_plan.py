@@ -212,6 +212,19 @@ def test_submit_runs_sbatch_and_reports_the_job(tmp_path, capsys, monkeypatch):
         assert f"source {Path(sys.prefix) / 'bin' / 'activate'}" in lines
 
 
+def test_sbatch_refusal_is_reported(tmp_path, capsys, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: gpux' >&2\nexit 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    code = ondol(["launch", TINY, f"run_dir={tmp_path}", "launch.launcher=slurm", "launch.slurm.partition=gpux",
+                  "--submit", "--module", "some_module"])  # another module: no prepared inputs needed
+    assert code == 1
+    assert capsys.readouterr().err == ("ondol launch: sbatch failed (exit 1): sbatch: error: invalid partition "
+                                       "specified: gpux\n")
+
+
 def test_submit_is_refused_for_a_non_slurm_launcher(tmp_path, capsys):
     assert "--submit is for launch.launcher=slurm" in _cli_error(capsys, f"run_dir={tmp_path}", "--submit")
 
