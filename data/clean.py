@@ -27,11 +27,6 @@ def hangul_ratio(text: str) -> float:
     return len(_HANGUL.findall(text)) / visible if visible else 0.0
 
 
-def is_validation(digest: bytes, val_fraction: float) -> bool:
-    """Split by the document's content hash: stable under any change to the other documents."""
-    return int.from_bytes(digest[:8], "little") < val_fraction * 2**64
-
-
 def check_normalization(cfg: CleaningConfig, tokenizer_normalize) -> None:
     """Refuse cleaning that normalizes differently from the tokenizer (shards would not round-trip)."""
     composes = tokenizer_normalize(NFC_PROBE) == unicodedata.normalize("NFC", NFC_PROBE)
@@ -44,17 +39,19 @@ def check_normalization(cfg: CleaningConfig, tokenizer_normalize) -> None:
 class Cleaner:
     """Applies the configured steps to documents in order; remembers hashes for exact deduplication."""
 
-    def __init__(self, cfg: CleaningConfig, seed: int):
+    def __init__(self, cfg: CleaningConfig, seed: int, val_fraction: float):
         self.cfg = cfg
         self.hash_key = seed.to_bytes(8, "little", signed=True)  # salts the split; dedup is unaffected
+        self.val_below = int(val_fraction * 2**64)
         self.seen: set[bytes] = set()
         self.dropped: dict[str, Counter] = {}  # source -> reason -> documents
         self.modified: dict[str, Counter] = {}  # source -> step -> documents it changed
 
-    def clean(self, text: str, source: str) -> tuple[str, bytes] | None:
-        """(cleaned text, content hash), or None after counting why the document was dropped.
+    def clean(self, text: str, source: str) -> tuple[str, str] | None:
+        """(cleaned text, split), or None after counting why the document was dropped.
 
-        The content hash identifies the document for deduplication; its first 8 bytes pick its split."""
+        The content hash identifies the document for deduplication, and its first 8 bytes pick the split:
+        a document keeps its split whatever happens to the other documents."""
         cfg = self.cfg
         if source not in self.modified:
             self.modified[source], self.dropped[source] = Counter(), Counter()
@@ -74,7 +71,7 @@ class Cleaner:
         if reason:
             self.dropped[source][reason] += 1
             return None
-        return text, digest
+        return text, "val" if int.from_bytes(digest[:8], "little") < self.val_below else "train"
 
     def _rejected(self, text: str, source: str) -> str:
         """The name of the first filter the text fails, or ''."""

@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import re
 import time
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.clean import Cleaner, check_normalization, is_validation
+from data.clean import Cleaner, check_normalization
 from data.config import DataConfig
 from data.shards import IDENTITY, MANIFEST, SPLITS, ShardWriter, shard_intact, token_dtype, write_json
 from data.sources import BadInputLog, iter_documents, resolve_files
@@ -194,7 +194,7 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
             writers[key].add(flat[offset:offset + size], lengths[doc:doc + n])
             doc, offset = doc + n, offset + size
 
-    cleaner = Cleaner(cfg.cleaning, seed)
+    cleaner = Cleaner(cfg.cleaning, seed, cfg.val_fraction)
     encoder = _OrderedEncoder(tokenizer, cfg.num_proc, dtype, cfg.bos, deliver)
     stats = []
     try:
@@ -218,7 +218,9 @@ def _prepare_source(source, cfg: DataConfig, cleaner: Cleaner, encoder: _Ordered
                     writers: dict, progress: bool) -> dict:
     """Read, clean and split one source, queueing for tokenization what finished shards do not hold yet."""
     bad = BadInputLog(strict=cfg.strict)
-    kept, chars = Counter(), Counter()
+    kept, chars = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
+    keys = {split: (split, source.name) for split in SPLITS}
+    skip = {split: writers[keys[split]].skip_docs for split in SPLITS}
     texts: list[str] = []
     routes: list[tuple[str, str]] = []
     bar = tqdm(desc=f"data: {source.name}", unit=" docs", unit_scale=True, total=source.max_docs,
@@ -231,15 +233,13 @@ def _prepare_source(source, cfg: DataConfig, cleaner: Cleaner, encoder: _Ordered
         cleaned = cleaner.clean(doc.text, source.name)
         if cleaned is None:
             continue
-        text, digest = cleaned
-        split = "val" if is_validation(digest, cfg.val_fraction) else "train"
-        key = (split, source.name)
+        text, split = cleaned
         kept[split] += 1
         chars[split] += len(text)
-        if kept[split] <= writers[key].skip_docs:
+        if kept[split] <= skip[split]:
             continue  # already in a finished shard from an earlier, interrupted run
         texts.append(text)
-        routes.append(key)
+        routes.append(keys[split])
         chunk_chars += len(text)
         if len(texts) >= CHUNK_DOCS or chunk_chars >= CHUNK_CHARS:
             encoder.submit(texts, routes)
@@ -250,7 +250,7 @@ def _prepare_source(source, cfg: DataConfig, cleaner: Cleaner, encoder: _Ordered
     bar.close()
     return {"name": source.name, "path": source.path, "weight": source.weight, "read": read,
             "bad_input": dict(bad.counts), "bad_input_examples": bad.examples,
-            "kept": {s: kept[s] for s in SPLITS}, "chars": {s: chars[s] for s in SPLITS}}
+            "kept": kept, "chars": chars}
 
 
 def _manifest(cfg: DataConfig, tokenizer, seed: int, digest: str, dtype: np.dtype, stats: list[dict],
