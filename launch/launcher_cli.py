@@ -43,6 +43,7 @@ def launch_command(args: argparse.Namespace) -> int:
     if not slurm:
         return run_plan(cfg, plan)
     write_files(plan)
+    plan.log_dir.mkdir(parents=True, exist_ok=True)  # Slurm opens --output before the script's first line runs
     (script,) = plan.files
     if not args.submit:
         print(f"wrote {script}\nsubmit it with: sbatch {script}  (or add --submit)")

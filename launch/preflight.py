@@ -237,6 +237,10 @@ def run_preflight(cfg: RunConfig, *, check_inputs: bool = True, check_hosts: boo
                                      f"{cfg.launch.hostfile}); fix ssh keys/known_hosts or remove them")
             report.append("hosts: all reachable over ssh")
     report += check_parallel_layout(cfg, layout)
+    cores = os.cpu_count() or 1
+    if layout.cpu and cfg.launch.launcher == "local" and layout.gpus_per_node > cores:
+        report.append(f"warning: {layout.gpus_per_node} gloo workers on {cores} CPU cores: they will share cores "
+                      "and run slower than fewer workers would")
     report += check_global_batch(cfg, layout)
     if check_inputs:
         try:

@@ -76,6 +76,8 @@ def test_dry_run_single_node_prints_deepspeed_command_and_runs_nothing(tmp_path,
                     f"run_dir={run}", "launch.gpus_per_node=2", "train.steps=7"]
     assert f"export OMP_NUM_THREADS={max(1, (os.cpu_count() or 1) // 2)}" in out.splitlines()  # CPU: 2 workers
     assert "preflight: layout: 2 ranks = 1 node(s) x 2 gloo workers (CPU)" in out
+    oversubscribed = "preflight: warning: 2 gloo workers on 1 CPU cores: they will share cores"
+    assert (oversubscribed in out) == ((os.cpu_count() or 1) < 2)
     assert "preflight: global batch: train.micro_batch_size (8) x train.grad_accum (1) x data-parallel size (2) " \
            "= 16 sequences" in out
     assert "preflight: timeouts: collectives 10 min (deepspeed.timeout_minutes), watchdog 30 min without rank " \
@@ -208,6 +210,7 @@ def test_submit_runs_sbatch_and_reports_the_job(tmp_path, capsys, monkeypatch):
     assert f"submitted Slurm job 4242: {script}" in out
     lines = script.read_text().splitlines()
     assert "#SBATCH --nodes=2" in lines
+    assert (run / "logs").is_dir()  # Slurm opens --output=RUN_DIR/logs/slurm-%j.out before the script runs
     if sys.prefix != sys.base_prefix:  # no setup lines: the script activates the venv ondol runs from
         assert f"source {Path(sys.prefix) / 'bin' / 'activate'}" in lines
 
