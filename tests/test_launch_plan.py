@@ -25,6 +25,7 @@ from launch.preflight import (
     network_env_report,
     parse_hostfile,
     resolve_layout,
+    run_preflight,
     storage_warning,
 )
 from launch.rank import torch_rank_env
@@ -76,8 +77,6 @@ def test_dry_run_single_node_prints_deepspeed_command_and_runs_nothing(tmp_path,
                     f"run_dir={run}", "launch.gpus_per_node=2", "train.steps=7"]
     assert f"export OMP_NUM_THREADS={max(1, (os.cpu_count() or 1) // 2)}" in out.splitlines()  # CPU: 2 workers
     assert "preflight: layout: 2 ranks = 1 node(s) x 2 gloo workers (CPU)" in out
-    oversubscribed = "preflight: warning: 2 gloo workers on 1 CPU cores: they will share cores"
-    assert (oversubscribed in out) == ((os.cpu_count() or 1) < 2)
     assert "preflight: global batch: train.micro_batch_size (8) x train.grad_accum (1) x data-parallel size (2) " \
            "= 16 sequences" in out
     assert "preflight: timeouts: collectives 10 min (deepspeed.timeout_minutes), watchdog 30 min without rank " \
@@ -341,6 +340,17 @@ def test_config_keys_are_validated(tmp_path):
 
 
 # ---------------------------------------------------------------- reports
+
+def test_more_cpu_workers_than_cores_is_warned(tmp_path):
+    cores = os.cpu_count() or 1
+    layout, report = run_preflight(_cfg(tmp_path, f"launch.gpus_per_node={cores + 1}"), check_inputs=False)
+    if not layout.cpu:
+        pytest.skip("this machine has GPUs: local ranks are GPUs, not CPU workers")
+    assert f"warning: {cores + 1} gloo workers on {cores} CPU cores: they will share cores and run slower than " \
+           "fewer workers would" in report
+    _, report = run_preflight(_cfg(tmp_path, f"launch.gpus_per_node={cores}"), check_inputs=False)
+    assert not [line for line in report if "gloo workers on" in line]
+
 
 def test_network_env_report_lists_the_variables_ranks_inherit():
     env = {"NCCL_SOCKET_IFNAME": "ib0", "NCCL_DEBUG": "INFO", "GLOO_SOCKET_IFNAME": "eth0", "HOME": "/root"}
