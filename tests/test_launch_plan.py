@@ -269,6 +269,17 @@ def test_hostfile_with_too_few_hosts_or_slots(tmp_path):
         resolve_layout(_cfg(tmp_path, "launch.launcher=pdsh", f"launch.hostfile={tmp_path / 'missing'}"))
 
 
+def test_more_local_gpus_than_the_machine_has(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # a 2-GPU machine, as CUDA would report it
+    with pytest.raises(PreflightError) as err:
+        resolve_layout(_cfg(tmp_path, "launch.gpus_per_node=4"))
+    assert str(err.value) == "launch.gpus_per_node=4 but this machine has 2 GPUs: set launch.gpus_per_node=2 or fewer"
+    layout = resolve_layout(_cfg(tmp_path, "launch.gpus_per_node=2"))
+    assert (layout.world_size, layout.cpu) == (2, False)
+
+
 def test_world_size_not_divisible_by_expert_parallel_size(tmp_path):
     cfg = _cfg(tmp_path, "launch.gpus_per_node=4")
     cfg.deepspeed.expert_parallel_size = 3  # train.config refuses EP > 1 today; the launcher checks it anyway
