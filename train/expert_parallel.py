@@ -12,6 +12,8 @@ of consecutive ranks [0..N-1], [N..2N-1], ...; expert-data-parallel groups of ra
 Expert parameters carry `allreduce=False` and `group_name`, so DeepSpeed reduces (ZeRO 0) or reduces and
 partitions (ZeRO 1/2) them within their expert-data-parallel group and averages by the full data-parallel size.
 ZeRO 3 is refused: DeepSpeed partitions every parameter over the whole data-parallel group there.
+Gradient clipping: ZeRO 1/2 compute the global norm over all partitions, expert shards included; at ZeRO 0
+DeepSpeed averages per-rank norms instead, so there the optimizer clips with `clip_grad_norm_` here.
 
 Expert weights are not in DeepSpeed's model file (it drops the keys of its MoE layers); `save_expert_shards`
 writes one safetensors file per expert-parallel rank in the model's standard layout, and
@@ -270,7 +272,7 @@ def read_expert_shards(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["ondol_expert_shard"])
             sizes.add((meta["ep_size"], meta["n_experts"]))
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 pieces.setdefault(key, []).append((meta["expert_start"], f.get_tensor(key)))
     (ep_size, n_experts), = sizes if len(sizes) == 1 else [(None, None)]
     if ep_size is None or len(paths) != ep_size:
@@ -322,8 +324,9 @@ def full_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = No
     sd = dict(model.state_dict() if state is None else state)
     for prefix, layer in expert_parallel_layers(model).items():
         for name in EXPERT_PARAMS:
-            local = sd.pop(f"{prefix}.local.{name}").contiguous()
-            parts = [torch.empty_like(local) for _ in range(layer.ep_size)]
-            dist.all_gather(parts, local, group=layer.group)
-            sd[_standard_key(prefix, name)] = torch.cat(parts)
+            local = sd.pop(f"{prefix}.local.{name}")
+            comm_device = getattr(layer.local, name).device  # nccl gathers on the GPU even if `state` is on CPU
+            parts = [torch.empty_like(local, device=comm_device) for _ in range(layer.ep_size)]
+            dist.all_gather(parts, local.to(comm_device).contiguous(), group=layer.group)
+            sd[_standard_key(prefix, name)] = torch.cat(parts).to(local.device)
     return sd
