@@ -54,6 +54,16 @@ def _after(tokens: list[str], flag: str) -> str:
     return tokens[tokens.index(flag) + 1]
 
 
+def _stand_ins(tmp_path: Path, monkeypatch, **scripts: str) -> None:
+    """Put executables (name -> shell script) first on PATH, in place of cluster tools this machine lacks."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
 def _cli_error(capsys, *args: str) -> str:
     """stderr of an `ondol launch` that must stop with exit code 2."""
     assert ondol(["launch", TINY, *args]) == 2
@@ -191,12 +201,8 @@ def test_slurm_container_runs_srun_with_pyxis_options(tmp_path):
 
 
 def test_submit_runs_sbatch_and_reports_the_job(tmp_path, capsys, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
     calls = tmp_path / "sbatch-calls"
-    (bin_dir / "sbatch").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\necho 'Submitted batch job 4242'\n")
-    (bin_dir / "sbatch").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    _stand_ins(tmp_path, monkeypatch, sbatch=f"#!/bin/sh\necho \"$@\" >> {calls}\necho 'Submitted batch job 4242'\n")
     run = tmp_path / "run"
     for name in ("tokenizer/meta.json", "data/manifest.json"):  # pre-flight wants prepared inputs for a submit
         (run / name).parent.mkdir(parents=True, exist_ok=True)
@@ -215,11 +221,8 @@ def test_submit_runs_sbatch_and_reports_the_job(tmp_path, capsys, monkeypatch):
 
 
 def test_sbatch_refusal_is_reported(tmp_path, capsys, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: gpux' >&2\nexit 1\n")
-    (bin_dir / "sbatch").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    _stand_ins(tmp_path, monkeypatch,
+               sbatch="#!/bin/sh\necho 'sbatch: error: invalid partition specified: gpux' >&2\nexit 1\n")
     code = ondol(["launch", TINY, f"run_dir={tmp_path}", "launch.launcher=slurm", "launch.slurm.partition=gpux",
                   "--submit", "--module", "some_module"])  # another module: no prepared inputs needed
     assert code == 1
@@ -323,17 +326,13 @@ def test_inconsistent_global_batch(tmp_path, capsys):
 
 def test_missing_inputs_stop_a_real_launch(tmp_path, capsys):
     err = _cli_error(capsys, f"run_dir={tmp_path / 'run'}", "launch.gpus_per_node=2")
-    assert err == (f"ondol launch: pre-flight: no tokenizer in {tmp_path / 'run' / 'tokenizer'}"
-                                       ": run `ondol tokenizer train CONFIG` (or `ondol run`) first\n")
+    assert err == (f"ondol launch: pre-flight: no tokenizer in {tmp_path / 'run' / 'tokenizer'}: run "
+                   "`ondol tokenizer train CONFIG` (or `ondol run`) first\n")
 
 
 def test_unreachable_hosts_are_named(tmp_path, capsys, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    # a stand-in ssh: the last-but-one argument is the host; node-b refuses
-    (bin_dir / "ssh").write_text('#!/bin/sh\nfor a; do host=$prev; prev=$a; done\n[ "$host" != node-b ]\n')
-    (bin_dir / "ssh").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    # ssh's last-but-one argument is the host; node-b refuses
+    _stand_ins(tmp_path, monkeypatch, ssh='#!/bin/sh\nfor a; do host=$prev; prev=$a; done\n[ "$host" != node-b ]\n')
     path = _hostfile(tmp_path, "node-a slots=1\nnode-b slots=1\n")
     err = _cli_error(capsys, f"run_dir={tmp_path / 'run'}", "launch.launcher=pdsh", f"launch.hostfile={path}",
                      "launch.nodes=2")

@@ -74,6 +74,16 @@ def test_a_rank_that_raises_stops_the_launch_with_its_error(tmp_path):
     assert json.loads((run / "logs" / "rank1.exit").read_text())["exit_code"] == 1
 
 
+def _stand_ins(tmp_path: Path, env: dict[str, str], **scripts: str) -> None:
+    """Put executables (name -> shell script) first on env's PATH, in place of cluster tools this machine lacks."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+
+
 def _free_port_in(low: int, high: int) -> int:
     for _ in range(100):
         with socket.socket() as s:
@@ -109,11 +119,7 @@ def test_generated_sbatch_script_runs_one_launcher_per_node(tmp_path):
     """The script itself, run by bash with stand-ins for srun and scontrol: 2 nodes x 1 gloo worker.
     test_launch_plan checks the same script field by field and its syntax with `bash -n`."""
     env = _module(tmp_path, "summing_rank", SUMMING_RANK)
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (fake_bin / name).write_text(text)
-        (fake_bin / name).chmod(0o755)
+    _stand_ins(tmp_path, env, srun=FAKE_SRUN, scontrol=FAKE_SCONTROL)
     run = tmp_path / "run"
     venv_bin = Path(sys.executable).parent
     generated = _ondol(["launch", TINY, f"run_dir={run}", "launch.launcher=slurm", "launch.nodes=2",
@@ -123,7 +129,7 @@ def test_generated_sbatch_script_runs_one_launcher_per_node(tmp_path):
     script = run / "launch" / "ondol.sbatch"
     assert f"wrote {script.resolve()}" in generated.stdout
     job_id = _free_port_in(20000, 60000) - 20000  # the script derives MASTER_PORT = 20000 + job id
-    slurm_env = {**os.environ, **env, "PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_JOB_ID": str(job_id),
+    slurm_env = {**os.environ, **env, "SLURM_JOB_ID": str(job_id),
                  "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2"}
     result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=slurm_env,
                             timeout=LAUNCH_TIMEOUT_S, check=False)
@@ -244,15 +250,10 @@ def test_hostfile_launch_through_deepspeeds_pdsh_runner(tmp_path):
     that treat two names of this machine as two nodes (1 gloo worker each). The dry-run test covers the
     command line; this one shows the ranks it starts form one world."""
     env = _module(tmp_path, "summing_rank", SUMMING_RANK)
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    for name, text in (("pdsh", FAKE_PDSH), ("ssh", "#!/bin/sh\nexit 0\n")):
-        (fake_bin / name).write_text(text)
-        (fake_bin / name).chmod(0o755)
+    _stand_ins(tmp_path, env, pdsh=FAKE_PDSH, ssh="#!/bin/sh\nexit 0\n")
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("127.0.0.1 slots=4\nlocalhost slots=4\n")
     run = tmp_path / "run"
-    env["PATH"] = f"{fake_bin}:{os.environ['PATH']}"
     port = _free_port_in(1024, 65536)
     result = _ondol(["launch", TINY, f"run_dir={run}", "launch.launcher=pdsh", f"launch.hostfile={hostfile}",
                      "launch.nodes=2", "launch.gpus_per_node=1", f"launch.master_port={port}",
@@ -290,15 +291,10 @@ def test_hostfile_launch_through_deepspeeds_openmpi_runner(tmp_path):
     """launch.launcher=openmpi through DeepSpeed's runner with a stand-in mpirun that sets only OpenMPI's rank
     variables: launch.rank must turn them (and --master-addr/--master-port) into torch's."""
     env = _module(tmp_path, "summing_rank", SUMMING_RANK)
-    fake_bin = tmp_path / "bin"
-    fake_bin.mkdir()
-    for name, text in (("mpirun", FAKE_MPIRUN), ("ompi_info", "#!/bin/sh\nexit 0\n"), ("ssh", "#!/bin/sh\nexit 0\n")):
-        (fake_bin / name).write_text(text)
-        (fake_bin / name).chmod(0o755)
+    _stand_ins(tmp_path, env, mpirun=FAKE_MPIRUN, ompi_info="#!/bin/sh\nexit 0\n", ssh="#!/bin/sh\nexit 0\n")
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     run = tmp_path / "run"
-    env["PATH"] = f"{fake_bin}:{os.environ['PATH']}"
     port = _free_port_in(1024, 65536)
     result = _ondol(["launch", TINY, f"run_dir={run}", "launch.launcher=openmpi", f"launch.hostfile={hostfile}",
                      "launch.gpus_per_node=2", f"launch.master_port={port}", "launch.watchdog_minutes=2",
