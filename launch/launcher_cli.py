@@ -10,6 +10,14 @@ from configs import RunConfig, load_config
 from launch.launcher import DEFAULT_MODULE, LaunchPlan, plan_launch, run_plan, write_files
 from launch.preflight import PreflightError, run_preflight
 
+EXAMPLES = """examples:
+  ondol launch configs/tiny-ko.yaml launch.gpus_per_node=2            # 2 workers here (gloo on CPU)
+  ondol launch CONFIG launch.launcher=pdsh launch.hostfile=hosts launch.nodes=2 launch.gpus_per_node=8
+  ondol launch CONFIG launch.launcher=slurm launch.nodes=4 launch.gpus_per_node=8 \\
+      launch.slurm.partition=gpu launch.slurm.account=proj --submit
+  ondol launch CONFIG ... --dry-run                                    # show checks, files, commands only
+"""
+
 
 def build_plan(cfg: RunConfig, config_path: str, overrides: list[str], module: str = DEFAULT_MODULE, *,
                check_hosts: bool = False, dry_run: bool = False) -> tuple[LaunchPlan, list[str]]:
@@ -72,6 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "RUN_DIR/launch/ondol.sbatch (srun starts one launcher per node). Pre-flight checks the hostfile, the "
         "parallel layout, launch.global_batch_size and the prepared inputs first. Rank logs go to "
         "RUN_DIR/logs/rank*.log; a failed rank stops the job and its error is printed.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_args(p)
     p.add_argument("--dry-run", action="store_true",

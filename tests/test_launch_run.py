@@ -84,6 +84,30 @@ def _stand_ins(tmp_path: Path, env: dict[str, str], **scripts: str) -> None:
     env["PATH"] = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
 
 
+# A rank that says it started, records its pid, and then hangs without output.
+HANGING_RANK = """
+import os, pathlib, time
+print("started", flush=True)
+pathlib.Path(os.environ["PIDS_DIR"], f"rank{os.environ['RANK']}.pid").write_text(str(os.getpid()))
+time.sleep(3600)
+"""
+
+
+@pytest.mark.slow
+def test_the_watchdog_stops_a_hung_launch_and_leaves_no_rank_behind(tmp_path):
+    """test_launch_plan checks the watchdog rule on a plain command; here the whole DeepSpeed process tree."""
+    env = {**_module(tmp_path, "hanging_rank", HANGING_RANK), "PIDS_DIR": str(tmp_path)}
+    started = time.monotonic()
+    result = _ondol(["launch", TINY, f"run_dir={tmp_path / 'run'}", "launch.gpus_per_node=2",
+                     "launch.master_port=0", "launch.watchdog_minutes=0.5", "--module", "hanging_rank"], env)
+    assert result.returncode != 0 and time.monotonic() - started < 150
+    assert "ondol launch: watchdog: no rank log in" in result.stderr
+    pids = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*.pid"))]
+    assert len(pids) == 2  # both ranks had started before the watchdog stopped them
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
 def _free_port_in(low: int, high: int) -> int:
     for _ in range(100):
         with socket.socket() as s:
