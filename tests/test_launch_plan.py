@@ -302,9 +302,8 @@ def test_world_size_not_divisible_by_expert_parallel_size(tmp_path):
 def test_world_size_not_divisible_by_zero_shard_groups(tmp_path, capsys):
     err = _cli_error(capsys, f"run_dir={tmp_path}", "launch.gpus_per_node=4", "deepspeed.zero_stage=3",
                      "deepspeed.extra={zero_optimization: {mics_shard_size: 3}}", "--dry-run")
-    assert err == ("ondol launch: pre-flight: world size 4 (1 node(s) x 4 per node) is not "
-                                       "divisible by deepspeed.extra.zero_optimization.mics_shard_size=3: pick a "
-                                       "shard size that divides it\n")
+    assert err == ("ondol launch: pre-flight: world size 4 (1 node(s) x 4 per node) is not divisible by "
+                   "deepspeed.extra.zero_optimization.mics_shard_size=3: pick a shard size that divides it\n")
     cfg = _cfg(tmp_path, "launch.gpus_per_node=4", "deepspeed.extra={zero_optimization: {zero_hpz_partition_size: 8}}")
     with pytest.raises(PreflightError, match="zero_hpz_partition_size=8 must divide the GPUs per node"):
         check_parallel_layout(cfg, resolve_layout(cfg))
@@ -313,9 +312,8 @@ def test_world_size_not_divisible_by_zero_shard_groups(tmp_path, capsys):
 def test_inconsistent_global_batch(tmp_path, capsys):
     err = _cli_error(capsys, f"run_dir={tmp_path}", "launch.gpus_per_node=2", "train.micro_batch_size=4",
                      "launch.global_batch_size=32", "--dry-run")
-    assert err == ("ondol launch: pre-flight: launch.global_batch_size=32 but "
-                                       "train.micro_batch_size (4) x train.grad_accum (1) x data-parallel size (2) "
-                                       "= 8 sequences: set train.grad_accum=4\n")
+    assert err == ("ondol launch: pre-flight: launch.global_batch_size=32 but train.micro_batch_size (4) x "
+                   "train.grad_accum (1) x data-parallel size (2) = 8 sequences: set train.grad_accum=4\n")
     cfg = _cfg(tmp_path, "launch.gpus_per_node=2", "train.micro_batch_size=4", "launch.global_batch_size=12")
     with pytest.raises(PreflightError, match=r"= 8 sequences: it is not a multiple of micro x data-parallel \(8\)"):
         check_global_batch(cfg, resolve_layout(cfg))
