@@ -200,6 +200,22 @@ def test_slurm_container_runs_srun_with_pyxis_options(tmp_path):
     assert "#SBATCH --gpus-per-node=4" in text.splitlines()
 
 
+def test_slurm_cpu_nodes_request_no_gpus_and_split_cores_between_workers(tmp_path):
+    cfg = _cfg(tmp_path, "launch.launcher=slurm", "launch.nodes=2", "launch.gpus_per_node=4",
+               "launch.slurm.request_gpus=false")
+    plan, _ = build_plan(cfg, TINY, [], dry_run=True)
+    (text,) = plan.files.values()
+    assert not [x for x in text.splitlines() if "gpus" in x]
+    (threads,) = [x for x in text.splitlines() if "OMP_NUM_THREADS" in x]
+    for cpus, expected in (("10", "2"), ("3", "1"), (None, "1")):  # floor(cores / 4 workers), at least 1
+        env = {"PATH": os.environ["PATH"], **({"SLURM_CPUS_ON_NODE": cpus} if cpus else {})}
+        shell = subprocess.run(["bash", "-c", f"{threads}; echo $OMP_NUM_THREADS"], env=env, capture_output=True,
+                               text=True, check=True)
+        assert shell.stdout.strip() == expected
+    gpu_plan, _ = build_plan(_cfg(tmp_path, "launch.launcher=slurm"), TINY, [], dry_run=True)
+    assert "OMP_NUM_THREADS" not in next(iter(gpu_plan.files.values()))
+
+
 def test_submit_runs_sbatch_and_reports_the_job(tmp_path, capsys, monkeypatch):
     calls = tmp_path / "sbatch-calls"
     _stand_ins(tmp_path, monkeypatch, sbatch=f"#!/bin/sh\necho \"$@\" >> {calls}\necho 'Submitted batch job 4242'\n")
