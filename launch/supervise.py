@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -131,6 +132,7 @@ def supervise(cmd: list[str], log_dir: str | os.PathLike, *, env: dict[str, str]
     started = last_growth = time.monotonic()
     failing_since: float | None = None
     reason = None
+    print(f"ondol launch: {shlex.join(cmd)}\n  rank logs: {log_dir}/rank*.log (rank 0 follows)", file=out, flush=True)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         while (code := proc.poll()) is None:

@@ -453,6 +453,8 @@ def test_supervisor_watchdog_stops_a_silent_job(tmp_path, capsys):
 
 def test_supervisor_success_and_launcher_failure_without_rank_records(tmp_path, capsys):
     assert supervise(_script("pass"), tmp_path / "logs") == 0
-    assert "all ranks finished" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"ondol launch: {sys.executable} -c pass\n  rank logs: {tmp_path / 'logs'}/rank*.log")
+    assert "all ranks finished" in out
     assert supervise(_script("import sys; sys.exit(7)"), tmp_path / "logs") == 7
     assert "launcher exited with code 7" in capsys.readouterr().err
