@@ -142,16 +142,17 @@ class ExpertParallelExperts(DeepSpeedMoE):
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # recv[i, l]: rank i -> my expert l
         in_splits = send_counts.sum(1).tolist()
         out_splits = recv_counts.sum(1).tolist()
-        self.stats.tokens_sent += sum(in_splits) - in_splits[self.ep_rank]
-        self.stats.tokens_received += sum(out_splits) - out_splits[self.ep_rank]
+        stats = self.stats if self.training else CommStats()  # evaluation traffic is not training's
+        stats.tokens_sent += sum(in_splits) - in_splits[self.ep_rank]
+        stats.tokens_received += sum(out_splits) - out_splits[self.ep_rank]
 
-        received = AllToAll.apply(x, out_splits, in_splits, self.group, self.stats)
+        received = AllToAll.apply(x, out_splits, in_splits, self.group, stats)
         # Received rows are grouped by source rank, then by local expert; the experts want them by expert.
         expert_of = torch.arange(L, device=x.device).repeat(ep).repeat_interleave(recv_counts.flatten())
         order = torch.argsort(expert_of, stable=True)
         y_local = self.local(received[order], recv_counts.sum(0))
         y_received = torch.empty_like(y_local).index_copy(0, order, y_local)
-        return AllToAll.apply(y_received, in_splits, out_splits, self.group, self.stats)
+        return AllToAll.apply(y_received, in_splits, out_splits, self.group, stats)
 
 
 def apply_expert_parallel(model: nn.Module, ep_size: int, zero_stage: int) -> str | None:
@@ -192,15 +193,16 @@ def optimizer_param_groups(param_groups: list[dict]) -> list[dict]:
 def expert_parallel_metrics(model: nn.Module, seconds: float, steps: float) -> dict[str, float]:
     """All-to-all traffic and time since the last call (summed over layers), per optimizer step, mean and max
     over ranks, then reset. Collective over the world when distributed; empty without expert parallelism."""
-    layers = expert_parallel_layers(model).values()
+    layers = list(expert_parallel_layers(model).values())
     if not layers:
         return {}
-    local = torch.zeros(3, dtype=torch.float64)  # token copies sent, received, all-to-all seconds
+    device = layers[0].local.gate_up_proj.device  # nccl reduces GPU tensors only
+    stats = [layer.stats for layer in layers]
     for layer in layers:
-        local += torch.tensor([layer.stats.tokens_sent, layer.stats.tokens_received, layer.stats.all_to_all_s],
-                              dtype=torch.float64)
         layer.stats = CommStats()
-    local /= torch.tensor([steps, steps, seconds], dtype=torch.float64).clamp_min(1e-9)
+    local = torch.tensor([sum(s.tokens_sent for s in stats), sum(s.tokens_received for s in stats),
+                          sum(s.all_to_all_s for s in stats)], dtype=torch.float64, device=device)
+    local /= torch.tensor([steps, steps, seconds], dtype=torch.float64, device=device).clamp_min(1e-9)
     total, peak = local.clone(), local.clone()
     if dist.is_initialized():
         dist.all_reduce(total)
