@@ -4,8 +4,7 @@ __all__ = ["NonFiniteError", "Trainer"]
 
 
 def __getattr__(name: str):
-    """The trainer is imported on first use: `configs` imports train.config, which must not import torch or
-    deepspeed (nor `configs` back, which would be circular)."""
+    """Trainer is imported on first use, so reading configs (configs imports train.config) stays light."""
     if name in __all__:
         from train import trainer
 

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from train import expert_parallel
+
 META, LATEST = "meta.json", "latest"
 _TAG = re.compile(r"^step_(\d{8})$")
 # Fields whose change alters parameter shapes or their meaning; anything else may change on resume.
@@ -99,6 +101,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, meta: dict, rank
             shutil.rmtree(folder)
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    expert_parallel.save_expert_shards(engine.module, folder)  # DeepSpeed leaves expert-parallel weights out
     torch.save(rng_states(), folder / f"rng_rank{rank}.pt")
     dist.barrier()
     if rank == 0:
@@ -141,8 +144,11 @@ def check_compatible(folder: Path, meta: dict) -> None:
 
 def load(engine, folder: Path, rank: int, seed: int) -> dict:
     """Load weights, optimizer and this rank's RNG states; returns the client state saved with them."""
+    sharded = expert_parallel.expert_parallel_layers(engine.module) or list(folder.glob(expert_parallel.SHARD_GLOB))
     _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
+                                             load_lr_scheduler_states=False,
+                                             custom_load_fn=expert_parallel.checkpoint_load_fn(folder) if sharded
+                                             else None)
     if client_state is None:
         raise IncompatibleCheckpoint(f"DeepSpeed could not load {folder} (see its log above)")
     rng_file = folder / f"rng_rank{rank}.pt"

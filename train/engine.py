@@ -91,13 +91,15 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, env: DistEnv):
     """(engine, optimizer): the model wrapped by DeepSpeed with GuardedAdamW over decay/no-decay groups."""
     import deepspeed
 
-    if cfg.deepspeed.expert_parallel_size > 1:
-        raise NotImplementedError("deepspeed.expert_parallel_size > 1: the trainer does not apply expert "
-                                  "parallelism yet (train/expert_parallel.py); set it to 1")
-    o = cfg.optim
-    owns_clipping = cfg.deepspeed.precision == "fp32" and cfg.deepspeed.zero_stage == 0
-    optimizer = GuardedAdamW(param_groups(model, o.weight_decay), owns_clipping=owns_clipping,
-                             clip_norm=o.grad_clip, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+    from train import expert_parallel
+
+    o, ds = cfg.optim, cfg.deepspeed
+    groups = param_groups(model, o.weight_decay)
+    if expert_parallel.apply_expert_parallel(model, ds.expert_parallel_size, ds.zero_stage):
+        groups = expert_parallel.optimizer_param_groups(param_groups(model, o.weight_decay))
+    owns_clipping = ds.precision == "fp32" and ds.zero_stage == 0
+    optimizer = GuardedAdamW(groups, owns_clipping=owns_clipping, clip_norm=o.grad_clip,
+                             clip_fn=expert_parallel.clip_grad_norm_, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                              foreach=True)
     engine, _, _, _ = deepspeed.initialize(model=model.to(env.device), optimizer=optimizer,
                                            config=deepspeed_config(cfg, env.world_size), dist_init_required=False)

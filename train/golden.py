@@ -69,6 +69,14 @@ def run_losses(run_dir: Path, assets: Path, *overrides: str) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
 
+def assets_identity(assets: Path) -> dict:
+    """What the losses depend on besides the trainer and model: the tokenizer and the prepared data."""
+    from data import read_manifest
+
+    meta = json.loads((assets / "tokenizer" / "meta.json").read_text(encoding="utf-8"))
+    return {"tokenizer_fingerprint": meta["fingerprint"], "data_hash": read_manifest(assets / "data")["hash"]}
+
+
 def compare(losses: list[float], golden: list[float]) -> list[str]:
     """Steps whose loss differs from the golden one by more than REL_TOL (empty: all match)."""
     bad = [f"step {i + 1}: {a!r} vs golden {b!r}" for i, (a, b) in enumerate(zip(losses, golden))
@@ -88,10 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work_dir or tmp)
         assets = build_assets(work / "assets")
         losses = run_losses(work / "run", assets)
+        identity = assets_identity(assets)
     if args.regenerate:
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-        GOLDEN.write_text(json.dumps({"steps": GOLDEN_STEPS, "rel_tol": REL_TOL, "losses": losses}, indent=1) + "\n",
-                          encoding="utf-8")
+        record = {"steps": GOLDEN_STEPS, "rel_tol": REL_TOL, **identity, "losses": losses}
+        GOLDEN.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {len(losses)} losses to {GOLDEN}")
         return 0
     bad = compare(losses, json.loads(GOLDEN.read_text(encoding="utf-8"))["losses"])

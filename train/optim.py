@@ -31,14 +31,16 @@ class GuardedAdamW(torch.optim.AdamW):
     """torch AdamW that records whether an update was applied, so the trainer can count skipped steps.
 
     With `owns_clipping` (fp32 without ZeRO, where DeepSpeed hands the module's gradients straight to this
-    optimizer) it computes the global gradient norm itself, clips to `clip_norm` (0: no clipping) and skips the
+    optimizer) it computes the global gradient norm itself (`clip_fn(params, max_norm)`, torch's by default;
+    the expert-parallel one sums expert shards over their group), clips to `clip_norm` (0: no clipping) and skips the
     whole update when the norm is not finite. ZeRO stages and the bf16 optimizer check the norm themselves and
     never call `step` on a non-finite one, which leaves `applied` False just the same.
     """
 
-    def __init__(self, params, *, owns_clipping: bool, clip_norm: float, **kwargs) -> None:
+    def __init__(self, params, *, owns_clipping: bool, clip_norm: float, clip_fn=None, **kwargs) -> None:
         super().__init__(params, **kwargs)
         self.owns_clipping, self.clip_norm = owns_clipping, clip_norm
+        self.clip_fn = clip_fn or (lambda ps, max_norm: torch.nn.utils.clip_grad_norm_(ps, max_norm, foreach=True))
         self.applied = False
 
     @torch.no_grad()
@@ -46,7 +48,7 @@ class GuardedAdamW(torch.optim.AdamW):
         if self.owns_clipping:
             params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
             max_norm = self.clip_norm if self.clip_norm > 0 else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+            norm = self.clip_fn(params, max_norm)
             self._global_grad_norm = norm  # read by the DeepSpeed engine (get_global_grad_norm)
             if not torch.isfinite(norm):
                 return None

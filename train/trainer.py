@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, tokenizer_dir
-from train import checkpoint
+from train import checkpoint, expert_parallel
 from train.engine import build_engine, init_distributed
 from train.metrics import MetricsSink, detect_peak_tflops, memory_gib, plot_losses, read_metrics
 from train.schedule import lr_at
@@ -217,6 +217,7 @@ class Trainer:
         record.update({k: float(v) for k, v in self.last_metrics.items()})
         record.update(_load_stats(self.interval["loads"], self.moe_layer_ids))
         record.update(memory_gib(self.env.device))
+        record.update(expert_parallel.expert_parallel_metrics(self.engine.module, elapsed, steps))
         self._reset_interval()
         return record
 
@@ -237,7 +238,7 @@ class Trainer:
             state[name] = (p.detach() if full is None else full).float().cpu()
         persistent = set(module.state_dict(keep_vars=True))  # router biases yes, load counters no
         state.update({name: b.detach().cpu() for name, b in module.named_buffers() if name in persistent})
-        return state
+        return expert_parallel.full_state_dict(module, state)  # experts gathered from their group, if sharded
 
     def save_final_weights(self) -> Path:
         from model.io import save_pretrained
@@ -251,9 +252,12 @@ class Trainer:
         return out
 
     def _summary(self) -> dict:
-        records = read_metrics(self.run_dir / "metrics.jsonl") if self.env.is_main else []
-        val = [r["val_loss"] for r in records if "val_loss" in r]
-        train = [r["loss"] for r in records if "loss" in r]
+        """The same summary on every rank (rank 0 reads metrics.jsonl)."""
+        records = [read_metrics(self.run_dir / "metrics.jsonl") if self.env.is_main else None]
+        if self.env.world_size > 1:
+            dist.broadcast_object_list(records, src=0)
+        val = [r["val_loss"] for r in records[0] if "val_loss" in r]
+        train = [r["loss"] for r in records[0] if "loss" in r]
         return {"steps": self.step, "first_val_loss": val[0] if val else None,
                 "final_val_loss": val[-1] if val else None, "final_loss": train[-1] if train else None,
                 "nonfinite_steps": self.nonfinite["total"], "model_dir": str(model_dir(self.cfg)),

@@ -1,0 +1,252 @@
+"""Trainer tests in this process (CPU, gloo, one rank) on a real tokenizer and real prepared Korean text.
+
+The tokenizer (2,048 pieces) and packed data (3,000 real documents) are built once per session with the
+tokenizer and data APIs (train.golden.build_assets). Multi-process and kill-and-resume tests live in
+test_train_dist.py and test_train_resume.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from train import checkpoint
+from train.config import OptimConfig
+from train.golden import GOLDEN, assets_identity, compare, link_data, run_losses, tiny_config
+from train.metrics import read_metrics
+from train.schedule import lr_at
+
+ZERO_RUN = ("train.steps=8", "optim.eps=1e-4", "optim.grad_clip=0.5")
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> Path:
+    from train.golden import build_assets
+
+    return build_assets(tmp_path_factory.mktemp("train_assets"))
+
+
+@pytest.fixture(scope="module")
+def zero0(assets, tmp_path_factory) -> dict:
+    """The reference run: ZeRO 0, 8 steps, checkpoints every 4. Adam's eps is raised and clipping tightened so
+    that updates depend on the clipped gradient's scale (with eps=1e-8 Adam is scale-free, so a stage that
+    clipped differently would go unseen, and starved experts' near-zero gradients would magnify rounding)."""
+    run = tmp_path_factory.mktemp("zero0")
+    losses = run_losses(run, assets, *ZERO_RUN, "train.save_every=4", "train.eval_every=4")
+    return {"run": run, "losses": losses}
+
+
+# ---- schedules ---------------------------------------------------------------------------------------------
+def _optim(**kw) -> OptimConfig:
+    return OptimConfig(**{"lr": 1e-3, "min_lr_ratio": 0.1, "warmup_steps": 10, **kw})
+
+
+def test_warmup_is_linear_to_the_peak():
+    for schedule in ("cosine", "wsd", "constant"):
+        o = _optim(schedule=schedule)
+        assert [lr_at(s, o, 100) for s in range(10)] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(10)])
+
+
+def test_cosine_matches_the_formula_and_ends_at_the_floor():
+    o = _optim(schedule="cosine")
+    for s in (10, 25, 54, 77, 99):
+        t = (s - 10) / (100 - 10 - 1)
+        assert lr_at(s, o, 100) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * t)))
+    assert lr_at(10, o, 100) == pytest.approx(1e-3)
+    assert lr_at(99, o, 100) == pytest.approx(1e-4)
+
+
+def test_wsd_holds_the_peak_then_decays_linearly_to_the_floor():
+    o = _optim(schedule="wsd", decay_fraction=0.2)  # 100 steps: decay over the last 20
+    assert all(lr_at(s, o, 100) == 1e-3 for s in range(10, 80))
+    for s in range(80, 100):
+        assert lr_at(s, o, 100) == pytest.approx(1e-3 + (1e-4 - 1e-3) * (s - 79) / 20)
+    assert lr_at(99, o, 100) == pytest.approx(1e-4)
+
+
+def test_constant_stays_at_the_peak():
+    o = _optim(schedule="constant")
+    assert {lr_at(s, o, 100) for s in range(10, 100)} == {1e-3}
+
+
+# ---- optimizer groups and DeepSpeed config --------------------------------------------------------------
+def test_weight_decay_skips_norms_embeddings_and_vectors():
+    from model import Transformer
+    from model.config import load_preset
+    from train.optim import param_groups
+
+    model = Transformer(load_preset("tiny", vocab_size=256))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "embed_tokens.weight" in kept and "lm_head.weight" in decayed
+    assert all("norm" in n for n in kept - {"embed_tokens.weight"})
+    assert {"layers.1.mlp.experts.gate_up_proj", "layers.0.self_attn.q_proj.weight", "layers.1.mlp.gate.weight"} \
+        <= decayed
+    assert decayed | kept == set(names.values()) and not decayed & kept
+
+
+def test_deepspeed_config_follows_the_run_config(assets, tmp_path):
+    from train.engine import deepspeed_config
+
+    cfg = tiny_config(tmp_path, assets, "deepspeed.zero_stage=2", "deepspeed.precision=bf16", "train.grad_accum=3",
+                      "optim.grad_clip=0.5", "deepspeed.extra={zero_optimization: {overlap_comm: true}}")
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 4 * 3 * 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 0.5
+    fp32 = deepspeed_config(tiny_config(tmp_path, assets), world_size=1)
+    assert fp32["gradient_clipping"] == 0.0 and "bf16" not in fp32  # GuardedAdamW clips (it reports the norm)
+
+
+def test_bad_values_name_the_key(assets, tmp_path):
+    from configs import ConfigError
+
+    for override, key in (("deepspeed.zero_stage=4", "deepspeed.zero_stage"), ("optim.schedule=linear",
+                          "optim.schedule"), ("logging.wandb_mode=on", "logging.wandb_mode"),
+                          ("train.log_every=0", "train.log_every")):
+        with pytest.raises((ConfigError, ValueError), match=key):
+            tiny_config(tmp_path, assets, override)
+
+
+# ---- training runs -----------------------------------------------------------------------------------------
+def test_run_writes_metrics_plot_and_weights_that_reload(zero0):
+    from model.io import load_pretrained
+
+    run = zero0["run"]
+    records = read_metrics(run / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 4, 8]
+    first = steps[0]
+    for key in ("aux_loss", "lr", "grad_norm", "tokens_per_s", "moe/layer1/load_cv", "moe/layer3/load_max",
+                "mem/rss_peak_gib"):
+        assert key in first, key
+    assert "moe/layer0/load_cv" not in first  # layer 0 is dense
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert checkpoint.latest_checkpoint(run / "checkpoints").name == "step_00000008"
+    model = load_pretrained(run / "model")
+    batch = torch.randint(0, model.cfg.vocab_size, (2, 64))
+    assert torch.isfinite(model(batch).logits).all()
+    assert model.cfg.vocab_size == 2048  # taken from the tokenizer (model.vocab_size: 0)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_give_the_same_losses_and_weights(assets, zero0, tmp_path, stage):
+    losses = run_losses(tmp_path, assets, *ZERO_RUN, "train.save_every=8", "train.eval_every=8",
+                        f"deepspeed.zero_stage={stage}")
+    assert losses == pytest.approx(zero0["losses"], rel=1e-5)
+    ref = load_file(zero0["run"] / "model" / "model.safetensors")
+    got = load_file(tmp_path / "model" / "model.safetensors")  # ZeRO-3: gathered from the partitions
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert float((got[k] - ref[k]).norm() / ref[k].norm()) < 1e-5, k
+
+
+def test_golden_losses(assets, tmp_path):
+    """The first 50 steps of the tiny run match tests/golden (regenerate: python -m train.golden --regenerate)."""
+    golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
+    identity = assets_identity(assets)
+    assert identity == {k: golden[k] for k in identity}, (
+        "the tokenizer or data preparation now produces different output than when the golden losses were "
+        "recorded; if that change is intended, run `python -m train.golden --regenerate`")
+    losses = run_losses(tmp_path, assets)
+    assert compare(losses, golden["losses"]) == []
+
+
+# ---- non-finite guard -----------------------------------------------------------------------------------
+def _poison(trainer, steps: set[int]) -> None:
+    """Make the logits non-finite on the given (1-based) steps, as a blown-up activation would."""
+    def hook(module, args, output):
+        return output * float("nan") if trainer.step + 1 in steps and module.training else output
+
+    trainer.engine.module.lm_head.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_nonfinite_steps_are_skipped_and_counted(assets, tmp_path, stage):
+    from train import Trainer
+
+    link_data(tmp_path, assets)
+    trainer = Trainer(tiny_config(tmp_path, assets, "train.steps=6", "train.save_every=6",
+                                  f"deepspeed.zero_stage={stage}"))
+    _poison(trainer, {3, 4})
+    seen = {}
+    step = trainer.train_step
+
+    def spy():
+        before = {n: p.detach().clone() for n, p in trainer.consolidated_state_dict().items()}
+        step()
+        seen[trainer.step] = all(torch.equal(before[n], p) for n, p in trainer.consolidated_state_dict().items())
+
+    trainer.train_step = spy
+    summary = trainer.fit()
+    assert summary["nonfinite_steps"] == 2
+    assert seen == {1: False, 2: False, 3: True, 4: True, 5: False, 6: False}  # weights frozen on skipped steps
+    losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [math.isfinite(v) for v in losses] == [True, True, False, False, True, True]
+    assert all(math.isfinite(v) for v in load_file(tmp_path / "model" / "model.safetensors")["lm_head.weight"]
+               .flatten().tolist())
+
+
+def test_nonfinite_run_stops_after_k_in_a_row_keeping_the_last_checkpoint(assets, tmp_path):
+    from train import NonFiniteError, Trainer
+
+    link_data(tmp_path, assets)
+    trainer = Trainer(tiny_config(tmp_path, assets, "train.steps=12", "train.save_every=3",
+                                  "train.max_nonfinite=3"))
+    _poison(trainer, set(range(5, 13)))
+    with pytest.raises(NonFiniteError, match=r"stopping at step 7: 3 optimizer steps in a row.*max_nonfinite=3"):
+        trainer.fit()
+    assert checkpoint.latest_checkpoint(tmp_path / "checkpoints").name == "step_00000006"
+
+
+# ---- resume compatibility -----------------------------------------------------------------------------------
+def test_resume_refuses_a_changed_model_or_tokenizer(zero0, tmp_path):
+    folder = checkpoint.latest_checkpoint(zero0["run"] / "checkpoints")
+    meta = checkpoint.read_meta(folder)
+    checkpoint.check_compatible(folder, meta)  # unchanged: accepted
+    wider = {**meta, "model": {**meta["model"], "d_model": 256}}
+    with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r"model.d_model: 128 -> 256.*train.resume=never"):
+        checkpoint.check_compatible(folder, wider)
+    with pytest.raises(checkpoint.IncompatibleCheckpoint, match="tokenizer"):
+        checkpoint.check_compatible(folder, {**meta, "tokenizer_fingerprint": "0123456789abcdef"})
+
+
+def test_trainer_refuses_to_resume_a_different_shape(assets, zero0, tmp_path):
+    from train import Trainer
+
+    run = tmp_path / "run"
+    link_data(run, assets)
+    (run / "checkpoints").symlink_to(zero0["run"] / "checkpoints", target_is_directory=True)
+    with pytest.raises(checkpoint.IncompatibleCheckpoint, match="model.n_layers: 4 -> 2"):
+        Trainer(tiny_config(run, assets, "model.n_layers=2")).fit()
+
+
+def test_incomplete_checkpoint_is_ignored(zero0, tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    for folder in checkpoint.complete_checkpoints(zero0["run"] / "checkpoints"):
+        (ckpts / folder.name).mkdir(parents=True)
+        (ckpts / folder.name / checkpoint.META).write_text(folder.joinpath(checkpoint.META).read_text())
+    (ckpts / "step_00000012").mkdir()  # a save cut short: shards but no meta.json
+    (ckpts / checkpoint.LATEST).write_text("step_00000012")  # even if the pointer were ahead
+    assert checkpoint.latest_checkpoint(ckpts).name == "step_00000008"
+
+
+# ---- wandb ----------------------------------------------------------------------------------------------
+def test_wandb_offline_writes_a_local_run_and_disabled_writes_nothing(assets, tmp_path):
+    offline, disabled = tmp_path / "offline", tmp_path / "disabled"
+    run_losses(offline, assets, "train.steps=2", "logging.wandb_mode=offline", "train.eval_every=2")
+    runs = list((offline / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    run_losses(disabled, assets, "train.steps=2", "logging.wandb_mode=disabled", "train.eval_every=2")
+    assert not (disabled / "wandb").exists()
+    assert len([r for r in read_metrics(disabled / "metrics.jsonl") if "loss" in r]) == 2

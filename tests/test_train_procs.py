@@ -1,0 +1,121 @@
+"""Trainer tests across processes (CPU, gloo, real text): SIGKILL and exact resume, 2 ranks vs 1 rank, resume
+on another number of ranks. Runs go through the launcher entry `python -m train CONFIG` (under torchrun for 2
+ranks); a small driver first installs the kill (at a step, or in the middle of writing a checkpoint)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from configs import to_yaml
+from train import checkpoint
+from train.golden import build_assets, link_data, run_losses, tiny_config
+from train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+DRIVER = '''
+import os, signal, sys
+kill = sys.argv[1]
+if kill.startswith("save:"):  # die inside DeepSpeed's save of that step, right after its first file is written
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    tag, original = "step_%08d" % int(kill[5:]), TorchCheckpointEngine.save
+    def save(self, state_dict, path):
+        original(self, state_dict, path)
+        if tag in str(path):
+            os.kill(os.getpid(), signal.SIGKILL)
+    TorchCheckpointEngine.save = save
+elif kill.startswith("step:"):  # die right after that optimizer step, before anything is logged or saved
+    from train.trainer import Trainer
+    n, original = int(kill[5:]), Trainer.train_step
+    def train_step(self):
+        original(self)
+        if self.step == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+    Trainer.train_step = train_step
+from train.__main__ import main
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> Path:
+    return build_assets(tmp_path_factory.getbasetemp() / "train_assets")
+
+
+def _launch(tmp: Path, run: Path, assets: Path, kill: str, *overrides: str, ranks: int = 1) -> int:
+    """Run the driver (one process, or `ranks` under torchrun) on the tiny config; returns the exit code."""
+    link_data(run, assets)
+    config, driver = tmp / "run.yaml", tmp / "driver.py"
+    config.write_text(to_yaml(tiny_config(run, assets)), encoding="utf-8")
+    driver.write_text(DRIVER, encoding="utf-8")
+    inherited = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}  # set by
+    env = {k: v for k, v in os.environ.items() if k not in inherited}  # this process's own in-process runs
+    env["PYTHONPATH"] = str(ROOT)
+    args = [str(driver), kill, str(config), *overrides]
+    if ranks > 1:
+        env["OMP_NUM_THREADS"] = "1"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", *args]
+    else:
+        cmd = [sys.executable, *args]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    if done.returncode not in (0, -9) and ranks == 1:
+        raise AssertionError(done.stderr[-3000:])
+    return done.returncode
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+
+
+def test_sigkill_mid_save_and_mid_run_then_resume_is_bit_exact(assets, tmp_path):
+    steps = ("train.steps=16", "train.save_every=5", "train.eval_every=8")
+    reference = run_losses(tmp_path / "ref", assets, *steps)
+    run = tmp_path / "run"
+
+    assert _launch(tmp_path, run, assets, "save:10", *steps) == -9
+    ckpts = run / "checkpoints"
+    assert checkpoint.latest_checkpoint(ckpts).name == "step_00000005"
+    assert (ckpts / checkpoint.LATEST).read_text() == "step_00000005"
+    assert (ckpts / "step_00000010").is_dir() and not checkpoint.is_complete(ckpts / "step_00000010")
+
+    kill_step = random.Random().randint(11, 14)  # any step between two checkpoints
+    assert _launch(tmp_path, run, assets, f"step:{kill_step}", *steps) == -9, kill_step
+    assert checkpoint.latest_checkpoint(ckpts).name == "step_00000010"
+
+    assert _launch(tmp_path, run, assets, "none", *steps) == 0
+    assert _losses(run) == reference, f"killed at step {kill_step}"
+    val = [[r["val_loss"] for r in read_metrics(d / "metrics.jsonl") if "val_loss" in r] for d in (run, tmp_path / "ref")]
+    assert val[0] == val[1]
+    ref_weights = load_file(tmp_path / "ref" / "model" / "model.safetensors")
+    weights = load_file(run / "model" / "model.safetensors")
+    assert ref_weights.keys() == weights.keys()
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights), f"killed at step {kill_step}"
+    assert [p.name for p in checkpoint.complete_checkpoints(ckpts)] == ["step_00000015", "step_00000016"]
+
+
+@pytest.mark.parametrize("expert_parallel", [1, 2])
+def test_two_ranks_match_one_rank_and_resume_on_one_rank(assets, tmp_path, expert_parallel):
+    """Global batch 4 as 2 ranks x 2 or 1 rank x 4: the same losses; a 2-rank run killed after its step-4
+    checkpoint resumes on 1 rank and ends with the 1-rank run's losses. With expert_parallel=2 each rank holds
+    half of the experts and the checkpoint's expert shards are re-joined for the 1-rank resume."""
+    steps = ("train.steps=10", "train.save_every=4", "train.eval_every=5")
+    reference = run_losses(tmp_path / "ref", assets, *steps)
+    run = tmp_path / "run"
+    code = _launch(tmp_path, run, assets, "step:6", *steps, "train.micro_batch_size=2",
+                   f"deepspeed.expert_parallel_size={expert_parallel}", ranks=2)
+    assert code != 0
+    two_ranks = _losses(run)
+    assert len(two_ranks) == 5  # steps 1..5 logged before the kill after step 6
+    assert two_ranks == pytest.approx(reference[:5], rel=1e-5)
+    assert checkpoint.read_meta(checkpoint.latest_checkpoint(run / "checkpoints"))["world_size"] == 2
+
+    assert _launch(tmp_path, run, assets, "none", *steps) == 0
+    assert _losses(run) == pytest.approx(reference, rel=1e-5)
