@@ -155,7 +155,7 @@ def main() -> int:
         results["variants"][name] = {"cost": cost, "report": report}
 
     summary = Table(
-        title="x o200k chars/token on held-out documents (targets in the header) [measured under contention]"
+        title="x o200k chars/token on held-out documents vs targets (timings on shared cores: indicative)"
     )
     summary.add_column("variant")
     for s, target in TARGETS.items():
@@ -186,7 +186,7 @@ def main() -> int:
             share += len(t.encode())
         size += share
     speed = throughput(first, texts, repeats=2)
-    st = Table(title=f"encode throughput on {size / 1e6:.1f} MB of held-out text [measured under contention]")
+    st = Table(title=f"encode throughput on {size / 1e6:.1f} MB of held-out text (shared cores: indicative)")
     st.add_column("encoder")
     st.add_column("MB/s", justify="right")
     for name, mbs in speed.items():

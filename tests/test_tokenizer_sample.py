@@ -72,3 +72,20 @@ def test_mix_honours_character_weights_and_cap(weights):
     assert any(s in from_a for s in first) and any(s not in from_a for s in first)  # shuffled, not grouped
     rng_share = sum(len(s) for s in capped if s in from_a) / sum(map(len, capped))
     assert abs(rng_share - weights[0] / sum(weights)) < 0.06
+
+
+def test_rare_characters_beyond_coverage_become_cuts():
+    from collections import Counter
+
+    from tokenizer.train import CUT, drop_rare_chars
+
+    sentences = corpus_texts("ko_reviews", 5000)
+    counts = Counter("".join(sentences))
+    rarest = min(counts, key=lambda c: (counts[c], c))
+    out, dropped = drop_rare_chars(sentences, 0.99, required=rarest)
+    assert [len(s) for s in out] == [len(s) for s in sentences]
+    kept = set("".join(out)) - {CUT}
+    gone = set(counts) - kept
+    assert len(gone) == dropped > 0 and rarest in kept
+    assert sum(counts[c] for c in kept - {rarest}) >= 0.99 * sum(counts.values())
+    assert max(counts[c] for c in gone) <= min(counts[c] for c in kept - {rarest})
