@@ -118,7 +118,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
                          "zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True,
                          "gradient_clipping": 0.0 if zero == 0 else CLIP, "steps_per_print": 1 << 30}
             engine, *_ = deepspeed.initialize(model=model, optimizer=make(optimizer_param_groups(groups)),
-                                                   config=ds_config)
+                                              config=ds_config)
             return model, engine
 
         model, engine = build(seed=0)
@@ -141,7 +141,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
             logits = model(eval_ids).logits
 
         # The trainer's consolidated weights: fp32 masters (ZeRO 1/2 partitions gathered), experts gathered.
-        masters = {n: p.detach() if safe_get_full_fp32_param(p) is None else safe_get_full_fp32_param(p)
+        masters = {n: p.detach() if (full := safe_get_full_fp32_param(p)) is None else full
                    for n, p in model.named_parameters()}
         gathered = full_state_dict(model, {**model.state_dict(), **masters})
         engine.save_checkpoint(str(out_dir / "ckpt"), tag="final")
