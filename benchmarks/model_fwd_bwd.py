@@ -4,7 +4,7 @@ Both models get the same weights (through the exporter's name mapping) and the s
 (UTF-8 bytes of ko_reviews as token ids, so no tokenizer is needed); the table shows each one's loss on that
 batch, which must agree, and the median fwd+bwd time. Ondol runs once per expert-dispatch implementation.
 
-    .venv/bin/python benchmarks/model_fwd_bwd.py                       # tiny + moe-1b (full size: ~14 GiB RAM)
+    .venv/bin/python benchmarks/model_fwd_bwd.py                       # tiny + moe-1b (full size: ~20 GiB RAM)
     .venv/bin/python benchmarks/model_fwd_bwd.py --presets moe-1b --set n_layers=4 --batch 1 --seq 256
 """
 
@@ -42,53 +42,56 @@ def korean_batch(batch: int, seq: int, vocab: int) -> tuple[torch.Tensor, torch.
     return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
 
-def time_fwd_bwd(step, model: torch.nn.Module, repeats: int) -> tuple[float, float, float]:
-    """(loss, median wall seconds, median process CPU seconds) of `step()` = forward + backward, after a warm-up.
+def measure(step, model: torch.nn.Module) -> tuple[float, float, float]:
+    """(loss, wall seconds, process CPU seconds) of one forward + backward.
     CPU seconds are less distorted than wall time when other processes share the cores."""
-    walls, cpus, loss = [], [], 0.0
-    for i in range(repeats + 1):
-        model.zero_grad(set_to_none=True)
-        t0, c0 = time.perf_counter(), time.process_time()
-        loss_t = step()
-        loss_t.backward()
-        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        loss = float(loss_t.detach())
-        if i:
-            walls.append(wall)
-            cpus.append(cpu)
-    return loss, statistics.median(walls), statistics.median(cpus)
+    model.zero_grad(set_to_none=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    loss = step()
+    loss.backward()
+    return float(loss.detach()), time.perf_counter() - t0, time.process_time() - c0
 
 
 def bench_preset(name: str, overrides: dict, batch: int, seq: int, repeats: int, dispatches: list[str]) -> list:
+    """Both models stay in memory and take turns step by step, so contention hits them alike; medians after a
+    warm-up round."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = load_preset(name, **overrides)
     ids, labels = korean_batch(batch, seq, cfg.vocab_size)
-    rows = []
     torch.manual_seed(0)
     model = Transformer(cfg).train()
-    for dispatch in dispatches:
-        for moe in model.moe_layers():
-            moe.experts.dispatch = dispatch
-        rows.append((f"ondol ({dispatch})", *time_fwd_bwd(lambda: model(ids, labels=labels).loss, model, repeats)))
     hf_cfg = hf_config(cfg, {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3})
-    state = hf_state_dict(model.state_dict(), cfg)
-    del model
-    gc.collect()
     config = AutoConfig.for_model(**{k: v for k, v in hf_cfg.items() if k not in ("architectures", "torch_dtype")})
     hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
-    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing, unexpected = hf.load_state_dict(hf_state_dict(model.state_dict(), cfg), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    del state
     impl = getattr(hf.config, "_experts_implementation", None) or "default"
+
+    def ondol_step(dispatch: str):
+        def step():
+            for moe in model.moe_layers():
+                moe.experts.dispatch = dispatch
+            return model(ids, labels=labels).loss
+        return step
 
     def hf_step():
         logits = hf(ids).logits
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1))
 
-    rows.append((f"transformers ({hf.config._attn_implementation}, experts {impl})",
-                 *time_fwd_bwd(hf_step, hf, repeats)))
-    del hf
+    contenders = [(f"ondol ({d})", ondol_step(d), model) for d in dispatches]
+    contenders.append((f"transformers ({hf.config._attn_implementation}, experts {impl})", hf_step, hf))
+    results: dict[str, list] = {label: [] for label, _, _ in contenders}
+    for round_ in range(repeats + 1):
+        for label, step, module in contenders:
+            if round_:
+                results[label].append(measure(step, module))
+            else:
+                measure(step, module)
+    rows = []
+    for label, runs in results.items():
+        rows.append((label, runs[-1][0], statistics.median(r[1] for r in runs), statistics.median(r[2] for r in runs)))
+    del model, hf
     gc.collect()
     return rows
 
@@ -100,7 +103,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=4096, help="vocab size (presets take theirs from a tokenizer)")
-    parser.add_argument("--dispatch", nargs="+", default=["bmm_padded", "loop"])
+    parser.add_argument("--dispatch", nargs="+", default=["grouped_mm", "bmm_padded", "loop"])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="model overrides, e.g. n_layers=4")
     args = parser.parse_args()
     overrides = {"vocab_size": args.vocab}

@@ -70,8 +70,8 @@ class GroupedExperts(nn.Module):
 
     def _grouped_mm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        h = self._swiglu(torch._grouped_mm(x, self.gate_up_proj.transpose(1, 2), offs=offs))
-        return torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)
+        h = _ContiguousGrad.apply(torch._grouped_mm(x, self.gate_up_proj.transpose(1, 2), offs=offs))
+        return _ContiguousGrad.apply(torch._grouped_mm(self._swiglu(h), self.down_proj.transpose(1, 2), offs=offs))
 
     def _loop(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # unbind, not indexing: indexing's backward writes a full-size zero gradient per expert
@@ -93,9 +93,26 @@ class GroupedExperts(nn.Module):
         return torch.bmm(self.down_proj, F.silu(gate) * up).transpose(1, 2)[expert_of, slot]
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: torch's CPU grouped_mm backward rejects the
+    stride-0 gradients that e.g. `.sum().backward()` produces."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
 def auto_dispatch(x: torch.Tensor) -> str:
-    """grouped_mm where torch has a fast kernel (Hopper+ CUDA, bf16); else bmm_padded, measured 2-3x faster than
-    the per-expert loop on CPU (benchmarks/model_fwd_bwd.py), padding waste included."""
+    """grouped_mm on CPU (torch >= 2.9 has a kernel; fastest in benchmarks/model_fwd_bwd.py: no padding waste
+    under real, unbalanced routing) and on Hopper+ CUDA in bf16; elsewhere bmm_padded."""
+    if not hasattr(torch, "_grouped_mm"):
+        return "bmm_padded"
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        return "grouped_mm"
     if x.is_cuda and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9:
         return "grouped_mm"
     return "bmm_padded"
