@@ -75,18 +75,26 @@ def test_round_trip_whitespace_runs(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
 
-def test_normalization_none_keeps_decomposed_text(tmp_path, tok):
-    raw = train_tokenizer(
-        small_config(normalization="none", vocab_size=3200, hangul_coverage=False),
-        SOURCES[:1],
-        tmp_path,
-        seed=7,
-    )
+@pytest.fixture(scope="module")
+def raw_tok(tmp_path_factory) -> Tokenizer:
+    """normalization: none (bytes kept as they arrive)."""
+    cfg = small_config(normalization="none", vocab_size=3200, hangul_coverage=False)
+    return train_tokenizer(cfg, SOURCES[:1], tmp_path_factory.mktemp("raw"), seed=7)
+
+
+def test_normalization_none_keeps_decomposed_text(raw_tok, tok):
     decomposed = unicodedata.normalize("NFD", corpus_texts("ko_reviews", 1, skip=123)[0])
-    assert raw.decode(raw.encode(decomposed)) == decomposed
+    assert decomposed != unicodedata.normalize("NFC", decomposed)
+    assert raw_tok.decode(raw_tok.encode(decomposed)) == decomposed
     # NFC (the default) reads composed and decomposed Korean as the same tokens.
     assert tok.encode(decomposed) == tok.encode(unicodedata.normalize("NFC", decomposed))
-    assert raw.fingerprint != tok.fingerprint
+    assert raw_tok.fingerprint != tok.fingerprint
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=200))
+def test_round_trip_arbitrary_unicode_without_normalization(raw_tok, text):
+    assert raw_tok.decode(raw_tok.encode(text)) == text
 
 
 def test_digits_split_and_unseen_chars_fall_back_to_bytes(tok):
