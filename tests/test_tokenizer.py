@@ -240,3 +240,11 @@ def test_round_trip_and_hf_ids_on_a_large_corpus_slice(tok):
 @pytest.mark.slow
 def test_round_trip_and_hf_ids_on_every_corpus_document(tok):
     check_corpus(tok, corpus_slice(full=True))
+
+
+def test_pickles_for_worker_processes(tok):
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(tok))
+    texts = corpus_texts("ko_docs", 20, skip=900)
+    assert copy.fingerprint == tok.fingerprint and copy.encode_batch(texts) == tok.encode_batch(texts)
