@@ -238,7 +238,7 @@ def test_gathered_weights_equal_checkpoint(runs, name):
 
 
 def test_ep2_checkpoint_loads_at_ep1(runs):
-    """EP=2 checkpoint -> standard state dict -> plain single-process Transformer: identical logits."""
+    """EP=2 checkpoint -> standard state dict -> plain single-process Transformer: the same logits."""
     ckpt = runs["ep2_z0"]["ckpt"]
     assert sorted(p.name for p in ckpt.glob("expert_shard_*")) == ["expert_shard_00_of_02.safetensors",
                                                                     "expert_shard_01_of_02.safetensors"]
@@ -247,7 +247,9 @@ def test_ep2_checkpoint_loads_at_ep1(runs):
     model.eval()
     with torch.no_grad():
         logits = model(runs["ep2_z0"]["eval_ids"]).logits
-    assert torch.equal(logits, runs["ep2_z0"]["logits"])
+    # Same weights bit for bit (test_gathered_weights_equal_checkpoint); the logits agree to fp32 rounding only,
+    # since a matmul's rounding may depend on how many rows it gets (one rank's tokens here, two ranks' there).
+    torch.testing.assert_close(logits, runs["ep2_z0"]["logits"], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("ep,n_experts,world,zero,needle", [

@@ -100,32 +100,34 @@ class AllToAll(torch.autograd.Function):
         return _all_to_all(grad, in_splits, out_splits, group, stats), None, None, None, None
 
 
-class ExpertParallelExperts(DeepSpeedMoE):
+class ExpertParallelExperts(DeepSpeedMoE, GroupedExperts):
     """This rank's E / ep_size experts of one MoE layer, fed by all-to-all from its expert-parallel group.
 
-    Subclasses DeepSpeed's MoE only so that the engine recognises an MoE model and switches on its
-    expert-data-parallel gradient reduction; none of DeepSpeed's MoE machinery (gate, capacity, experts) is used.
+    A GroupedExperts with the expert dimension sliced: parameter names, and so state-dict keys, are the
+    unsharded model's. Also a DeepSpeed MoE, only so that the engine recognises an MoE model and switches on
+    its expert-data-parallel gradient reduction; none of DeepSpeed's MoE machinery (gate, capacity, experts)
+    is used, and its constructor is skipped.
     """
 
     def __init__(self, experts: GroupedExperts, ep_group_name: str) -> None:
-        nn.Module.__init__(self)  # DeepSpeed MoE's constructor builds its own gate and experts; we bring ours
-        self.group = groups._get_expert_parallel_group(ep_group_name)
-        self.ep_size = dist.get_world_size(self.group)
-        self.ep_rank = dist.get_rank(self.group)
+        group = groups._get_expert_parallel_group(ep_group_name)
+        ep_size, ep_rank = dist.get_world_size(group), dist.get_rank(group)
         n_experts, two_hidden, dim = experts.gate_up_proj.shape
-        self.n_local = n_experts // self.ep_size
-        self.expert_start = self.ep_rank * self.n_local
-        # "local", not "experts": DeepSpeed's MoE checkpoint code parses keys containing "expert" as its own.
-        self.local = GroupedExperts(self.n_local, dim, two_hidden // 2, experts.dispatch)
+        GroupedExperts.__init__(self, n_experts // ep_size, dim, two_hidden // 2, experts.dispatch)
+        self.group, self.ep_size, self.ep_rank = group, ep_size, ep_rank
+        self.n_local = n_experts // ep_size
+        self.expert_start = ep_rank * self.n_local
         owned = slice(self.expert_start, self.expert_start + self.n_local)
         with torch.no_grad():
             for name in EXPERT_PARAMS:
-                getattr(self.local, name).copy_(getattr(experts, name)[owned])
-        for p in self.local.parameters():
+                getattr(self, name).copy_(getattr(experts, name)[owned])
+        for name in EXPERT_PARAMS:
+            p = getattr(self, name)
             p.allreduce = False  # DeepSpeed: reduce within the expert-data-parallel group named below
             p.group_name = ep_group_name
         # Attributes DeepSpeed's engine reads from its MoE layers. num_local_experts = 0 tells its checkpoint
-        # code there are no per-expert files of its own format to write or read; save_expert_shards writes ours.
+        # code there are no per-expert files of its own format to write or read (its parser would look for
+        # "expert" in our relative keys, which are gate_up_proj / down_proj); save_expert_shards writes ours.
         self.num_experts = n_experts
         self.expert_group_name = ep_group_name
         self.num_local_experts = 0
@@ -150,7 +152,7 @@ class ExpertParallelExperts(DeepSpeedMoE):
         # Received rows are grouped by source rank, then by local expert; the experts want them by expert.
         expert_of = torch.arange(L, device=x.device).repeat(ep).repeat_interleave(recv_counts.flatten())
         order = torch.argsort(expert_of, stable=True)
-        y_local = self.local(received[order], recv_counts.sum(0))
+        y_local = GroupedExperts.forward(self, received[order], recv_counts.sum(0))
         y_received = torch.empty_like(y_local).index_copy(0, order, y_local)
         return AllToAll.apply(y_received, in_splits, out_splits, self.group, stats)
 
@@ -196,7 +198,7 @@ def expert_parallel_metrics(model: nn.Module, seconds: float, steps: float) -> d
     layers = list(expert_parallel_layers(model).values())
     if not layers:
         return {}
-    device = layers[0].local.gate_up_proj.device  # nccl reduces GPU tensors only
+    device = layers[0].gate_up_proj.device  # nccl reduces GPU tensors only
     stats = [layer.stats for layer in layers]
     for layer in layers:
         layer.stats = CommStats()
@@ -240,10 +242,6 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor
 
 # ----- checkpoints: expert shards in the model's standard layout -------------------------------------------
 
-def _standard_key(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}"  # prefix ends in ".experts", as in the unsharded model
-
-
 def save_expert_shards(model: nn.Module, ckpt_dir: str | Path) -> None:
     """Write this expert-parallel rank's experts (one writer per expert-data-parallel group) to
     ckpt_dir/expert_shard_RR_of_NN.safetensors, keys in the standard layout. Collective: call on every rank
@@ -253,7 +251,7 @@ def save_expert_shards(model: nn.Module, ckpt_dir: str | Path) -> None:
         return
     first = next(iter(layers.values()))
     if groups._get_expert_data_parallel_rank(first.expert_group_name) == 0:
-        tensors = {_standard_key(prefix, name): getattr(layer.local, name).detach().contiguous().cpu()
+        tensors = {f"{prefix}.{name}": getattr(layer, name).detach().contiguous().cpu()
                    for prefix, layer in layers.items() for name in EXPERT_PARAMS}
         meta = {"expert_start": first.expert_start, "n_local": first.n_local, "n_experts": first.num_experts,
                 "ep_size": first.ep_size}
@@ -298,12 +296,12 @@ def full_state_dict_from_checkpoint(ckpt_dir: str | Path) -> dict[str, torch.Ten
 
 
 def to_local_layout(model: nn.Module, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A standard state dict re-keyed and sliced for `model` as sharded by apply_expert_parallel."""
+    """A standard state dict with each expert tensor sliced to the experts `model`'s rank owns."""
     out = dict(full)
     for prefix, layer in expert_parallel_layers(model).items():
         owned = slice(layer.expert_start, layer.expert_start + layer.n_local)
         for name in EXPERT_PARAMS:
-            out[f"{prefix}.local.{name}"] = out.pop(_standard_key(prefix, name))[owned]
+            out[f"{prefix}.{name}"] = out[f"{prefix}.{name}"][owned]
     return out
 
 
@@ -326,9 +324,9 @@ def full_state_dict(model: nn.Module, state: dict[str, torch.Tensor] | None = No
     sd = dict(model.state_dict() if state is None else state)
     for prefix, layer in expert_parallel_layers(model).items():
         for name in EXPERT_PARAMS:
-            local = sd.pop(f"{prefix}.local.{name}")
-            comm_device = getattr(layer.local, name).device  # nccl gathers on the GPU even if `state` is on CPU
+            local = sd[f"{prefix}.{name}"]
+            comm_device = getattr(layer, name).device  # nccl gathers on the GPU even if `state` is on CPU
             parts = [torch.empty_like(local, device=comm_device) for _ in range(layer.ep_size)]
             dist.all_gather(parts, local.to(comm_device).contiguous(), group=layer.group)
-            sd[_standard_key(prefix, name)] = torch.cat(parts).to(local.device)
+            sd[f"{prefix}.{name}"] = torch.cat(parts).to(local.device)
     return sd
