@@ -49,7 +49,8 @@ def assets(tmp_path_factory) -> Path:
     return build_assets(tmp_path_factory.getbasetemp() / "train_assets")
 
 
-def _launch(tmp: Path, run: Path, assets: Path, kill: str, *overrides: str, ranks: int = 1) -> int:
+def _launch(tmp: Path, run: Path, assets: Path, kill: str, *overrides: str, ranks: int = 1,
+            expect_error: str = "") -> int:
     """Run the driver (one process, or `ranks` under torchrun) on the tiny config; returns the exit code."""
     link_data(run, assets)
     config, driver = tmp / "run.yaml", tmp / "driver.py"
@@ -66,7 +67,9 @@ def _launch(tmp: Path, run: Path, assets: Path, kill: str, *overrides: str, rank
         cmd = [sys.executable, *args]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
                           check=False)
-    if done.returncode not in (0, -9) and ranks == 1:
+    if expect_error:
+        assert done.returncode != 0 and expect_error in done.stderr, done.stderr[-3000:]
+    elif done.returncode not in (0, -9) and ranks == 1:
         raise AssertionError(done.stderr[-3000:])
     return done.returncode
 
@@ -103,9 +106,10 @@ def test_sigkill_mid_save_and_mid_run_then_resume_is_bit_exact(assets, tmp_path)
 
 @pytest.mark.parametrize("expert_parallel", [1, 2])
 def test_two_ranks_match_one_rank_and_resume_on_one_rank(assets, tmp_path, expert_parallel):
-    """Global batch 4 as 2 ranks x 2 or 1 rank x 4: the same losses; a 2-rank run killed after its step-4
-    checkpoint resumes on 1 rank and ends with the 1-rank run's losses. With expert_parallel=2 each rank holds
-    half of the experts and the checkpoint's expert shards are re-joined for the 1-rank resume."""
+    """Global batch 4 as 2 ranks x 2 or 1 rank x 4: the same losses (with expert_parallel=2 each rank holds half
+    of the experts). A 2-rank run killed after its step-4 checkpoint resumes on 1 rank and ends with the 1-rank
+    run's losses; an expert-parallel checkpoint is refused at another EP size (its optimizer state is laid out
+    by expert group), with a message naming the key."""
     steps = ("train.steps=10", "train.save_every=4", "train.eval_every=5")
     reference = run_losses(tmp_path / "ref", assets, *steps)
     run = tmp_path / "run"
@@ -117,5 +121,8 @@ def test_two_ranks_match_one_rank_and_resume_on_one_rank(assets, tmp_path, exper
     assert two_ranks == pytest.approx(reference[:5], rel=1e-5)
     assert checkpoint.read_meta(checkpoint.latest_checkpoint(run / "checkpoints"))["world_size"] == 2
 
+    if expert_parallel > 1:
+        _launch(tmp_path, run, assets, "none", *steps, expect_error="deepspeed.expert_parallel_size: 2 -> 1")
+        return
     assert _launch(tmp_path, run, assets, "none", *steps) == 0
     assert _losses(run) == pytest.approx(reference, rel=1e-5)

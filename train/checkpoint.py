@@ -134,8 +134,9 @@ def check_compatible(folder: Path, meta: dict) -> None:
                       ("seq_len", "data.seq_len")):
         if saved.get(key) != meta.get(key):
             changed.append(f"{what}: {saved.get(key)!r} -> {meta.get(key)!r}")
-    if saved.get("zero_stage") != meta.get("zero_stage"):
-        changed.append(f"deepspeed.zero_stage: {saved.get('zero_stage')} -> {meta.get('zero_stage')}")
+    for key in ("zero_stage", "expert_parallel_size"):  # both decide how optimizer state is laid out
+        if saved.get(key, 1 if key == "expert_parallel_size" else None) != meta.get(key):
+            changed.append(f"deepspeed.{key}: {saved.get(key)} -> {meta.get(key)}")
     if changed:
         raise IncompatibleCheckpoint(
             f"cannot resume from {folder}: {'; '.join(changed)}. Restore the original setting, point "

@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from configs import load_config
-    from train import Trainer
+    """Train; a refused resume or a non-finite streak is one line on stderr and exit code 1."""
+    import sys
 
-    summary = Trainer(load_config(args.config, args.overrides)).fit()
-    print(json.dumps(summary, indent=2))
+    from configs import load_config
+    from train import NonFiniteError, Trainer
+    from train.checkpoint import IncompatibleCheckpoint
+
+    try:
+        summary = Trainer(load_config(args.config, args.overrides)).fit()
+    except (IncompatibleCheckpoint, NonFiniteError) as e:
+        print(f"ondol train: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
     return 0
 
 

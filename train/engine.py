@@ -103,7 +103,9 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, env: DistEnv):
                              foreach=True)
     engine, _, _, _ = deepspeed.initialize(model=model.to(env.device), optimizer=optimizer,
                                            config=deepspeed_config(cfg, env.world_size), dist_init_required=False)
-    if cfg.deepspeed.precision == "bf16":
+    if env.world_size == 1 and ds.zero_stage == 0:
+        engine.enable_backward_allreduce = False  # one rank: nothing to average, skip flattening every gradient
+    if ds.precision == "bf16":
         _keep_fp32_buffers(engine.module)
     return engine, optimizer
 

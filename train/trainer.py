@@ -49,7 +49,8 @@ class Trainer:
         manifest = read_manifest(data_dir(cfg))
         self.meta = {"model": config_dict(cfg.model), "tokenizer_fingerprint": tokenizer.fingerprint,
                      "data_hash": manifest["hash"], "seq_len": cfg.data.seq_len,
-                     "zero_stage": cfg.deepspeed.zero_stage, "world_size": self.env.world_size}
+                     "zero_stage": cfg.deepspeed.zero_stage, "world_size": self.env.world_size,
+                     "expert_parallel_size": cfg.deepspeed.expert_parallel_size}
 
         _seed_everything(cfg.seed)  # same initial weights on every rank and for every ZeRO stage
         self.model = Transformer(cfg.model)
@@ -76,8 +77,13 @@ class Trainer:
         self.interval = {"sums": zeros, "loads": loads, "t0": time.perf_counter()}
 
     def _client_state(self) -> dict:
+        """Collective. Interval sums are stored summed over ranks (loads already are), so a resume on any number
+        of ranks logs the same values."""
+        sums = self.interval["sums"].clone()
+        if self.env.world_size > 1:
+            dist.all_reduce(sums)
         return {"step": self.step, "loader": self.loader.state_dict(), "nonfinite": dict(self.nonfinite),
-                "interval_sums": self.interval["sums"].cpu(), "interval_loads": self.interval["loads"].cpu()}
+                "interval_sums": sums.cpu(), "interval_loads": self.interval["loads"].cpu()}
 
     def _resume(self) -> None:
         mode = self.cfg.train.resume
@@ -98,7 +104,8 @@ class Trainer:
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
         self.nonfinite = dict(state["nonfinite"])
-        self.interval["sums"].copy_(state["interval_sums"])
+        if self.env.is_main:  # the other ranks start their share of the interval from zero
+            self.interval["sums"].copy_(state["interval_sums"])
         self.interval["loads"].copy_(state["interval_loads"])
         if self.env.is_main:
             print(f"resumed from {folder} at step {self.step}", flush=True)
