@@ -79,7 +79,7 @@ def main() -> None:
         link_data(run, assets)
         total = args.steps + args.warmup
         shapes = [f"data.seq_len={args.seq_len}", f"train.micro_batch_size={args.micro_batch}",
-                  f"train.steps={total}", "train.log_every=10"]
+                  f"train.steps={total}", "train.log_every=10", "model.moe_dispatch=auto"]
         configs = {f"trainer ZeRO {z}": tiny_config(run, assets, *shapes, f"deepspeed.zero_stage={z}")
                    for z in (0, 2)}
         base = configs["trainer ZeRO 0"]

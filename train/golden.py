@@ -2,7 +2,8 @@
 
 The run is configs/tiny-ko.yaml shrunk to seconds: a 2,048-piece tokenizer and packed data from a few thousand
 real documents (built here with the tokenizer and data APIs; the trainer tests share them), micro-batches of
-4 x 64 tokens, fp32 on CPU, ZeRO 0.
+4 x 64 tokens, fp32 on CPU, ZeRO 0. Experts run through the `loop` dispatch, pinned so that a change of
+the fastest-kernel default (which rounds differently) does not move the golden losses.
 
   python -m train.golden --regenerate     # on purpose: after a change that is meant to move the losses
   python -m train.golden                  # compare a fresh run with the stored file
@@ -32,7 +33,7 @@ def tiny_config(run_dir: Path, assets: Path, *overrides: str) -> RunConfig:
     cfg = load_config(ROOT / "configs" / "tiny-ko.yaml", [
         f"run_dir={run_dir}", f"tokenizer.path={assets / 'tokenizer'}", "tokenizer.vocab_size=2048", "tokenizer.character_coverage=0.995",
         "tokenizer.hangul_coverage=false", "tokenizer.max_sentences=20000", "data.seq_len=64",
-        "data.num_proc=1", "train.steps=50", "train.micro_batch_size=4", "train.log_every=1",
+        "data.num_proc=1", "model.moe_dispatch=loop", "train.steps=50", "train.micro_batch_size=4", "train.log_every=1",
         "train.eval_every=25", "train.eval_batches=2", "train.save_every=25", "optim.warmup_steps=10",
         "logging.progress=false", "logging.wandb_mode=disabled", *overrides])
     corpora = Path(cfg.corpora_dir)
