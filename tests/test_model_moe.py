@@ -74,11 +74,10 @@ def test_moe_matches_per_token_loop(dispatch, variant):
     out.sum().backward()  # stride-0 output gradient (torch's CPU grouped_mm backward needs the wrapper)
 
 
-def test_auto_dispatch_on_cpu_is_grouped_mm():
+def test_auto_dispatch_on_cpu_is_bmm_padded():
     from model.moe import auto_dispatch
 
-    assert auto_dispatch(torch.zeros(1)) == "grouped_mm"
-    assert auto_dispatch(torch.zeros(1, dtype=torch.float64)) == "bmm_padded"
+    assert auto_dispatch(torch.zeros(1)) == "bmm_padded"
 
 
 def test_loads_accumulate_in_training_only():
