@@ -162,6 +162,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         cfg = OmegaConf.to_object(schema)  # resolves interpolations, runs each dataclass's checks
     except OmegaConfBaseException as e:
         raise _explain(e, str(path)) from None
+    except ValueError as e:  # a component's __post_init__ check; its message names the key
+        raise ConfigError(f"{path}{' with ' + ' '.join(overrides) if overrides else ''}: {e}") from None
     assert isinstance(cfg, RunConfig)
     return cfg
 

@@ -96,3 +96,13 @@ def test_missing_file_and_bad_yaml(tmp_path):
     broken.write_text("model: {d_model: 3\n")
     with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
         load_config(broken)
+
+
+def test_component_checks_become_one_line_config_errors():
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, ["deepspeed.zero_stage=3", "deepspeed.expert_parallel_size=2"])
+    assert str(info.value) == (
+        f"{TINY} with deepspeed.zero_stage=3 deepspeed.expert_parallel_size=2: deepspeed.zero_stage=3 is not "
+        "supported with deepspeed.expert_parallel_size=2: use ZeRO stage 0, 1 or 2")
+    with pytest.raises(ConfigError, match="model.n_heads must be divisible by model.n_kv_heads"):
+        load_config(TINY, ["model.n_kv_heads=3"])

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 HANGUL = re.compile("[\uac00-\ud7a3]")
 # A shortened tiny-ko run: the same stages and code, fewer documents and steps.
-SHORT = ["data.sources.0.max_docs=6000", "tokenizer.vocab_size=1024", "train.steps=40", "train.eval_every=20",
+SHORT = ["data.sources.0.max_docs=6000", "train.steps=40", "train.eval_every=20",
          "train.eval_batches=4", "train.save_every=40", "train.log_every=10", "optim.warmup_steps=5",
          "generate.max_new_tokens=12"]
 

@@ -48,6 +48,9 @@ class DeepSpeedConfig:
         _need(self.backend in ("auto", "gloo", "nccl"), f"deepspeed.backend must be auto, gloo or nccl, "
               f"not '{self.backend}'")
         _need(self.expert_parallel_size >= 1, "deepspeed.expert_parallel_size must be >= 1")
+        _need(self.expert_parallel_size == 1 or self.zero_stage in (0, 1, 2),
+              f"deepspeed.zero_stage={self.zero_stage} is not supported with deepspeed.expert_parallel_size="
+              f"{self.expert_parallel_size}: use ZeRO stage 0, 1 or 2")
 
 
 @dataclass
