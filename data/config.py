@@ -60,7 +60,6 @@ class DataConfig:
     shard_tokens: int = 16_777_216  # tokens per shard file
     num_proc: int = 2
     strict: bool = False  # any bad input line becomes an error instead of a counted skip
-    document_masking: bool = True  # loader returns per-token document ids for masking
     bos: bool = True  # start every document with bos, as generation prompts do (eos always ends one)
 
     def __post_init__(self) -> None:
