@@ -62,5 +62,6 @@ class GenerateConfig:
     prompt: str | None = None  # None: the first words of the first validation document
     prompt_words: int = 3
     max_new_tokens: int = 40
+    min_new_tokens: int = 8  # eos is not chosen before this many tokens
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0

@@ -48,6 +48,7 @@ def continue_prompt(cfg: RunConfig, prompt: str | None = None) -> tuple[str, str
         temperature=cfg.generate.temperature,
         top_k=cfg.generate.top_k,
         eos_id=tokenizer.eos_id,
+        min_new_tokens=cfg.generate.min_new_tokens,
     )
     return prompt, tokenizer.decode(ids)
 

@@ -13,8 +13,10 @@ from model.transformer import Transformer
 
 @torch.no_grad()
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, eos_id: int | None = None, generator: torch.Generator | None = None) -> list[int]:
-    """The new token ids (prompt excluded), stopping after eos_id when given. temperature 0 = greedy."""
+             top_k: int = 0, eos_id: int | None = None, generator: torch.Generator | None = None,
+             min_new_tokens: int = 0) -> list[int]:
+    """The new token ids (prompt excluded), stopping after eos_id when given. temperature 0 = greedy.
+    eos cannot be chosen before min_new_tokens tokens (a small model often ends a prompt at once)."""
     if not prompt_ids:
         raise ValueError("generate: prompt_ids is empty; start from at least one token (e.g. the bos id)")
     was_training = model.training
@@ -26,6 +28,8 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, tem
         for _ in range(max_new_tokens):
             context = torch.tensor([ids[-model.cfg.max_seq_len:]], device=device)
             logits = model(context).logits[0, -1].float()
+            if eos_id is not None and len(new) < min_new_tokens:
+                logits[eos_id] = float("-inf")
             if temperature <= 0:
                 token = int(logits.argmax())
             else:

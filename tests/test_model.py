@@ -111,6 +111,15 @@ def test_generate_greedy_is_argmax_rollout_and_stops_at_eos():
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     assert new == ids[3:]
     assert generate(model, prompt, max_new_tokens=6, eos_id=new[1]) == new[:2]
+    # min_new_tokens: eos is masked until then, so the rollout follows the argmax of the other tokens
+    held = generate(model, prompt, max_new_tokens=6, eos_id=new[0], min_new_tokens=3)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(3):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            logits[new[0]] = float("-inf")
+            ids.append(int(logits.argmax()))
+    assert held[:3] == ids[3:] and new[0] not in held[:3]
     g = torch.Generator().manual_seed(1)
     sampled = generate(model, prompt, 5, temperature=1.0, top_k=3, generator=g)
     assert len(sampled) == 5
