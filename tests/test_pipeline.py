@@ -52,7 +52,7 @@ def test_run_writes_everything_into_the_run_directory(tiny_run):
 def test_run_prints_a_continuation_of_a_korean_held_out_prompt(tiny_run):
     run_dir, result = tiny_run
     prompt = re.search(r"prompt: +(.*)", result.stdout).group(1)
-    continuation = re.search(r"continuation: +(.*)", result.stdout).group(1)
+    continuation = re.search(r"continuation: (.*)", result.stdout).group(1)
     assert HANGUL.search(prompt) and continuation.strip(), result.stdout[-1000:]
     # The prompt is the start of a real held-out document, not something the training data saw as a document.
     from data import first_documents
@@ -65,7 +65,7 @@ def test_run_prints_a_continuation_of_a_korean_held_out_prompt(tiny_run):
 def test_generate_command_is_deterministic_and_matches_the_run(tiny_run):
     run_dir, result = tiny_run
     prompt = re.search(r"prompt: +(.*)", result.stdout).group(1)
-    continuation = re.search(r"continuation: +(.*)", result.stdout).group(1)
+    continuation = re.search(r"continuation: (.*)", result.stdout).group(1)
     out = ondol("generate", str(run_dir), "--prompt", prompt)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == (prompt + continuation).strip()
