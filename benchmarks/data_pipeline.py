@@ -27,9 +27,10 @@ DOCS = {"ko_reviews": 617_741, "ko_docs": 994, "en_docs": 499, "code_python": 75
 
 
 def tokenizer_64k(path: Path | None, out: Path, max_sentences: int, seed: int):
-    from data.config import SourceConfig
-    from tokenizer import Tokenizer, train_tokenizer
-    from tokenizer.config import TokenizerConfig
+    from ondol.data.config import SourceConfig
+    from ondol.tokenizer.config import TokenizerConfig
+    from ondol.tokenizer.tokenizer import Tokenizer
+    from ondol.tokenizer.train import train_tokenizer
 
     for candidate in (path, ROOT / "runs" / "bench-tokenizer" / "default-v64000"):
         if candidate is not None and (candidate / "meta.json").is_file():
@@ -73,8 +74,10 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from data import TokenLoader, iter_documents, prepare
-    from data.config import DataConfig, SourceConfig
+    from ondol.data.config import DataConfig, SourceConfig
+    from ondol.data.loader import TokenLoader
+    from ondol.data.preparation import prepare
+    from ondol.data.sources import iter_documents
 
     args.out.mkdir(parents=True, exist_ok=True)
     tok = tokenizer_64k(args.tokenizer, args.out, args.max_sentences, args.seed)

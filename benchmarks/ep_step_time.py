@@ -36,9 +36,13 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
     import deepspeed
     import torch.distributed as dist
 
-    from model.config import load_preset
-    from model.transformer import Transformer
-    from train.expert_parallel import apply_expert_parallel, expert_parallel_metrics, optimizer_param_groups
+    from ondol.model.config import load_preset
+    from ondol.model.transformer import Transformer
+    from ondol.train.expert_parallel import (
+        apply_expert_parallel,
+        expert_parallel_metrics,
+        optimizer_param_groups,
+    )
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}

@@ -29,14 +29,15 @@ from torch.profiler import ProfilerActivity, profile, record_function
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data import TokenLoader, prepare
-from data.config import DataConfig, SourceConfig
-from model import Transformer
-from model.config import load_preset
-from model.export import hf_config, hf_state_dict
-from model.flops import param_counts, train_flops_per_token
-from tokenizer import train_tokenizer
-from tokenizer.config import TokenizerConfig
+from ondol.data.config import DataConfig, SourceConfig
+from ondol.data.loader import TokenLoader
+from ondol.data.preparation import prepare
+from ondol.model.config import load_preset
+from ondol.model.export import hf_config, hf_state_dict
+from ondol.model.flops import param_counts, train_flops_per_token
+from ondol.model.transformer import Transformer
+from ondol.tokenizer.config import TokenizerConfig
+from ondol.tokenizer.train import train_tokenizer
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
 # Each variant adds one fast path to the one before it, so the table shows each one's effect.

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from model.config import load_preset
-from model.export import hf_config, hf_state_dict
-from model.transformer import Transformer
+from ondol.model.config import load_preset
+from ondol.model.export import hf_config, hf_state_dict
+from ondol.model.transformer import Transformer
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "ko_reviews.jsonl.gz"
 
@@ -93,8 +93,6 @@ def bench_preset(name: str, overrides: dict, batch: int, seq: int, repeats: int,
     for label, runs in results.items():
         rows.append((label, runs[-1][0], min(r[1] for r in runs), statistics.median(r[1] for r in runs),
                      statistics.median(r[2] for r in runs)))
-    del model, hf
-    gc.collect()
     return rows
 
 
@@ -121,6 +119,7 @@ def main() -> None:
     for name in args.presets:
         console.print(f"[bold]{name}[/] {overrides} ...")
         rows = bench_preset(name, overrides, args.batch, args.seq, args.repeats, args.dispatch)
+        gc.collect()  # free this preset's two models before the next one is built
         hf_best = rows[-1][2]
         for impl, loss, best, wall, cpu in rows:
             table.add_row(name, impl, f"{loss:.6f}", f"{best:.3f}", f"{wall:.3f}", f"{cpu:.3f}", f"{hf_best / best:.2f}x")

@@ -39,13 +39,13 @@ VARIANTS = {
 
 
 def sources(weights: dict[str, float]):
-    from data.config import SourceConfig
+    from ondol.data.config import SourceConfig
 
     return [SourceConfig(name=n, path=str(CORPORA / f"{n}.jsonl.gz"), weight=w) for n, w in weights.items()]
 
 
 def _train_child(cfg, weights, out_dir, seed, queue) -> None:
-    from tokenizer import train_tokenizer
+    from ondol.tokenizer.train import train_tokenizer
 
     started = time.perf_counter()
     train_tokenizer(cfg, sources(weights), out_dir, seed)
@@ -124,9 +124,9 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tokenizer import Tokenizer
-    from tokenizer.config import TokenizerConfig
-    from tokenizer.evaluate import evaluate, evaluation_texts, load_encoder, table
+    from ondol.tokenizer.config import TokenizerConfig
+    from ondol.tokenizer.evaluate import evaluate, evaluation_texts, load_encoder, table
+    from ondol.tokenizer.tokenizer import Tokenizer
 
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "baselines" / "tiktoken_cache"))
     console = Console(width=150)

@@ -13,6 +13,7 @@ reduction every log_every steps (evaluation and checkpoints are excluded from bo
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,8 +25,8 @@ from rich.table import Table
 
 def bare_loop(cfg, batches: list[dict], warmup: int) -> float:
     """Seconds for the timed steps of a plain PyTorch loop."""
-    from model import Transformer
-    from train.optim import param_groups
+    from ondol.model.transformer import Transformer
+    from ondol.train.optim import param_groups
 
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model).train()
@@ -46,7 +47,7 @@ def bare_loop(cfg, batches: list[dict], warmup: int) -> float:
 
 
 def trainer_loop(cfg, steps: int, warmup: int) -> float:
-    from train import Trainer
+    from ondol.train.trainer import Trainer
 
     trainer = Trainer(cfg)
     start = 0.0
@@ -69,8 +70,10 @@ def main() -> None:
     parser.add_argument("--work-dir", help="reuse a folder for the tokenizer and data (default: a temp dir)")
     args = parser.parse_args()
 
-    from data import TokenLoader
-    from train.golden import build_assets, link_data, tiny_config
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the golden run's tiny assets
+    from golden import build_assets, link_data, tiny_config
+
+    from ondol.data.loader import TokenLoader
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
@@ -109,7 +112,7 @@ def _with_vocab(cfg, assets: Path):
     """The trainer takes vocab_size from the tokenizer; the bare loop must build the same model."""
     import dataclasses
 
-    from tokenizer import Tokenizer
+    from ondol.tokenizer.tokenizer import Tokenizer
 
     vocab = Tokenizer.load(assets / "tokenizer").vocab_size
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab))

@@ -8,22 +8,24 @@ key, the file, and the closest valid key.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import re
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from data.config import DataConfig
-from launch.config import GenerateConfig, LaunchConfig
-from model.config import ModelConfig
-from tokenizer.config import TokenizerConfig
-from train.config import DeepSpeedConfig, LoggingConfig, OptimConfig, TrainConfig
+from ondol.data.config import DataConfig
+from ondol.launch.config import GenerateConfig, LaunchConfig
+from ondol.model.config import ModelConfig
+from ondol.tokenizer.config import TokenizerConfig
+from ondol.train.config import DeepSpeedConfig, LoggingConfig, OptimConfig, TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
@@ -58,7 +60,7 @@ def _valid_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(key: str, choices: list[str], origin: str) -> "ConfigError":
+def _unknown_key(key: str, choices: list[str], origin: str) -> ConfigError:
     close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"{origin}: unknown key '{key}'{hint}")
@@ -69,7 +71,7 @@ def _check_keys(node: Any, schema: type, origin: str, prefix: str = "") -> None:
     if not isinstance(node, DictConfig):
         return
     hints = typing.get_type_hints(schema)
-    for key in node.keys():
+    for key in node:
         path = f"{prefix}{key}"
         if key not in hints:
             raise _unknown_key(path, [f"{prefix}{k}" for k in _valid_keys(schema)], origin)
@@ -166,6 +168,21 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{path}{' with ' + ' '.join(overrides) if overrides else ''}: {e}") from None
     assert isinstance(cfg, RunConfig)
     return cfg
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The CONFIG positional and the dotlist overrides that `load_config(config, overrides)` reads."""
+    parser.add_argument("config", help="run config YAML, e.g. configs/tiny-ko.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotlist overrides such as model.n_layers=4 train.steps=50")
+
+
+def add_config_command(commands: argparse._SubParsersAction, name: str, handler: Callable[[argparse.Namespace], int],
+                       **parser_args: Any) -> argparse.ArgumentParser:
+    """A subcommand `NAME CONFIG [overrides]` that runs `handler(args)`; its parser, for further options."""
+    parser = commands.add_parser(name, **parser_args)
+    add_config_args(parser)
+    parser.set_defaults(func=handler)
+    return parser
 
 
 def to_yaml(cfg: RunConfig) -> str:

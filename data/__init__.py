@@ -1,17 +1,6 @@
-"""Data pipeline: raw sources -> cleaned, tokenized, packed shards -> mixed, resumable training batches."""
+"""Data pipeline: raw sources -> cleaned, tokenized, packed shards -> mixed, resumable training batches.
 
-from data.preparation import prepare
-from data.shards import first_documents, read_manifest
-from data.sources import BadInputError, BadInputLog, Document, SourceError, iter_documents
-
-__all__ = ["BadInputError", "BadInputLog", "Document", "SourceError", "TokenLoader", "first_documents",
-           "iter_documents", "prepare", "read_manifest"]
-
-
-def __getattr__(name: str):
-    """TokenLoader is imported on first use, so reading configs does not import torch."""
-    if name == "TokenLoader":
-        from data.loader import TokenLoader
-
-        return TokenLoader
-    raise AttributeError(f"module 'data' has no attribute '{name}'")
+`sources` reads raw text, `clean` filters and deduplicates it, `preparation.prepare` tokenizes it into packed
+shards (`shards`), and `loader.TokenLoader` serves mixture-weighted batches from them. Importing the package
+imports none of these, so reading configs stays light.
+"""

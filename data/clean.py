@@ -12,7 +12,7 @@ import re
 import unicodedata
 from collections import Counter
 
-from data.config import CleaningConfig
+from ondol.data.config import CleaningConfig
 
 # Cc characters except tab and newline, plus the byte-order mark; a carriage return becomes a newline.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ufeff]")

@@ -10,6 +10,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from ondol.configs import ConfigError, add_config_command, data_dir, load_config, tokenizer_dir
+
 # long lines (paths, samples) stay whole; logs (not a terminal) get room for the whole table
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 140)
 
@@ -18,8 +20,6 @@ def _reported(handler):
     """Data errors (bad input, missing files, refused mixing) as one line on stderr and exit code 1."""
     @wraps(handler)
     def run(args: argparse.Namespace) -> int:
-        from configs import ConfigError
-
         try:
             return handler(args)
         except ConfigError:
@@ -31,8 +31,7 @@ def _reported(handler):
 
 
 def _load(args: argparse.Namespace):
-    from configs import data_dir, load_config, tokenizer_dir
-    from tokenizer import Tokenizer
+    from ondol.tokenizer.tokenizer import Tokenizer
 
     cfg = load_config(args.config, args.overrides)
     return cfg, Tokenizer.load(tokenizer_dir(cfg)), data_dir(cfg)
@@ -56,7 +55,7 @@ def _source_table(manifest: dict) -> Table:
 
 @_reported
 def _prepare(args: argparse.Namespace) -> int:
-    from data.preparation import prepare
+    from ondol.data.preparation import prepare
 
     cfg, tokenizer, out_dir = _load(args)
     manifest = prepare(cfg.data, tokenizer, out_dir, cfg.seed, progress=not args.no_progress)
@@ -85,7 +84,7 @@ def _histogram(lengths: np.ndarray, width: int = 40) -> Table:
 
 @_reported
 def _inspect(args: argparse.Namespace) -> int:
-    from data.shards import read_manifest, split_shards
+    from ondol.data.shards import read_manifest, split_shards
 
     cfg, tokenizer, out_dir = _load(args)
     manifest = read_manifest(out_dir)
@@ -107,27 +106,23 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from launch.cli import add_config_args
-
     data = sub.add_parser("data", help="prepare and inspect packed training data",
                           description="Clean, deduplicate, split and tokenize the configured sources into packed "
                           "token shards (RUN_DIR/data), and inspect the result.")
     commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
 
-    p = commands.add_parser("prepare", help="tokenize data.sources into RUN_DIR/data (resumes when re-run)",
-                            description="Read data.sources, clean (NFC, control characters, length, Hangul ratio, "
-                            "exact dedup), split train/val by document hash, tokenize in parallel with the run's "
-                            "tokenizer and write packed shards plus manifest.json. Finished shards are kept when "
-                            "re-run; a changed tokenizer or config is refused.")
-    add_config_args(p)
+    p = add_config_command(commands, "prepare", _prepare,
+                           help="tokenize data.sources into RUN_DIR/data (resumes when re-run)",
+                           description="Read data.sources, clean (NFC, control characters, length, Hangul ratio, "
+                           "exact dedup), split train/val by document hash, tokenize in parallel with the run's "
+                           "tokenizer and write packed shards plus manifest.json. Finished shards are kept when "
+                           "re-run; a changed tokenizer or config is refused.")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_prepare)
 
-    i = commands.add_parser("inspect", help="token counts per source, document lengths, decoded samples",
-                            description="Summarise RUN_DIR/data: counts per source from the manifest, a histogram "
-                            "of document lengths and a few decoded documents.")
-    add_config_args(i)
+    i = add_config_command(commands, "inspect", _inspect,
+                           help="token counts per source, document lengths, decoded samples",
+                           description="Summarise RUN_DIR/data: counts per source from the manifest, a histogram "
+                           "of document lengths and a few decoded documents.")
     i.add_argument("--split", default="train", choices=("train", "val"), help="which split to look at")
     i.add_argument("--samples", type=int, default=3, help="decoded documents to show per source")
     i.add_argument("--chars", type=int, default=200, help="characters shown per sample")
-    i.set_defaults(func=_inspect)

@@ -1,7 +1,6 @@
 """Typed configuration of text sources and of data preparation."""
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 @dataclass
@@ -14,9 +13,9 @@ class SourceConfig:
     text_field: str = "text"
     text_unit: str = "line"  # plain text only: one document per line | paragraph (blank-line separated) | document (file)
     weight: float = 1.0  # mixture weight (tokenizer sampling and training data share)
-    max_docs: Optional[int] = None  # read at most this many documents (None: all)
+    max_docs: int | None = None  # read at most this many documents (None: all)
     hf_split: str = "train"
-    hf_config: Optional[str] = None
+    hf_config: str | None = None
 
     def __post_init__(self) -> None:
         if self.format not in ("auto", "jsonl", "text", "parquet", "hf"):
@@ -36,7 +35,7 @@ class CleaningConfig:
     normalize: str = "nfc"  # nfc | none (must equal the tokenizer's normalization)
     remove_control: bool = True
     min_chars: int = 1
-    max_chars: Optional[int] = None
+    max_chars: int | None = None
     min_hangul_ratio: float = 0.0  # for sources listed in hangul_ratio_sources (empty: all)
     hangul_ratio_sources: list[str] = field(default_factory=list)
     dedup: bool = True

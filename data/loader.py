@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data.shards import Shard, read_manifest, split_shards
+from ondol.data.shards import Shard, read_manifest, split_shards
 
 PATTERN_LEN = 10_000
 log = logging.getLogger("ondol.data")

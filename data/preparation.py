@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.clean import Cleaner, check_normalization
-from data.config import DataConfig
-from data.shards import IDENTITY, MANIFEST, SPLITS, ShardWriter, shard_intact, token_dtype, write_json
-from data.sources import BadInputLog, iter_documents, resolve_files
+from ondol.data.clean import Cleaner, check_normalization
+from ondol.data.config import DataConfig
+from ondol.data.shards import IDENTITY, MANIFEST, SPLITS, ShardWriter, shard_intact, token_dtype, write_json
+from ondol.data.sources import BadInputLog, iter_documents, resolve_files
 
 FORMAT = "ondol-data/1"
 CHUNK_DOCS, CHUNK_CHARS = 2048, 1 << 20  # documents sent to a worker at a time

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from data.config import SourceConfig
+from ondol.data.config import SourceConfig
 
 log = logging.getLogger("ondol.data")
 

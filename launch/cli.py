@@ -6,19 +6,13 @@ import argparse
 import sys
 
 
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    """The CONFIG positional and dotlist overrides shared by every config-driven subcommand."""
-    p.add_argument("config", help="run config YAML, e.g. configs/tiny-ko.yaml")
-    p.add_argument("overrides", nargs="*", help="dotlist overrides such as model.n_layers=4 train.steps=50")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from data.cli import register as register_data
-    from launch.launcher_cli import register as register_launch
-    from launch.pipeline import register as register_run
-    from model.cli import register as register_model
-    from tokenizer.cli import register as register_tokenizer
-    from train.cli import register as register_train
+    from ondol.data.cli import register as register_data
+    from ondol.launch.launcher_cli import register as register_launch
+    from ondol.launch.pipeline import register as register_run
+    from ondol.model.cli import register as register_model
+    from ondol.tokenizer.cli import register as register_tokenizer
+    from ondol.train.cli import register as register_train
 
     parser = argparse.ArgumentParser(
         prog="ondol",
@@ -32,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from configs import ConfigError
+    from ondol.configs import ConfigError
 
     args = build_parser().parse_args(argv)
     try:

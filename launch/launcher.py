@@ -1,6 +1,6 @@
 """The DeepSpeed launcher command for one machine or a hostfile cluster, and running it under supervision.
 
-Every rank runs `python -m launch.rank ... train CONFIG overrides`, i.e. `python -m train CONFIG overrides`
+Every rank runs `python -m ondol.launch.rank ... ondol.train CONFIG overrides`, i.e. `python -m ondol.train CONFIG overrides`
 with the same rank environment and per-rank log (RUN_DIR/logs/rank{N}.log) whatever the runner:
 - local: `deepspeed --num_gpus N` on this machine (N gloo workers on CPU);
 - pdsh / openmpi / mvapich: `deepspeed --hostfile RUN_DIR/launch/hostfile --launcher X`, the hostfile being the
@@ -18,10 +18,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from configs import RunConfig
-from launch.preflight import Layout
+from ondol.configs import RunConfig
+from ondol.launch.preflight import Layout
 
-DEFAULT_MODULE = "train"
+DEFAULT_MODULE = "ondol.train"
 
 
 @dataclass
@@ -67,10 +67,10 @@ def deepspeed_executable() -> str:
 
 def rank_args(cfg: RunConfig, config_path: str | os.PathLike, overrides: list[str], module: str,
               master: tuple[str, int] | None = None) -> list[str]:
-    """`--module launch.rank ... MODULE CONFIG overrides`: the tail of every DeepSpeed runner command.
+    """`--module ondol.launch.rank ... MODULE CONFIG overrides`: the tail of every DeepSpeed runner command.
 
     `master` is passed on for MPI runners, which start ranks directly and set no MASTER_ADDR/MASTER_PORT."""
-    args = ["--module", "--no_local_rank", "launch.rank", "--log-dir", str(log_dir(cfg))]
+    args = ["--module", "--no_local_rank", "ondol.launch.rank", "--log-dir", str(log_dir(cfg))]
     if master:
         args += ["--master-addr", master[0], "--master-port", str(master[1])]
     return [*args, module, str(Path(config_path).resolve()), *overrides]
@@ -115,7 +115,7 @@ def write_files(plan: LaunchPlan) -> None:
 
 def run_plan(cfg: RunConfig, plan: LaunchPlan) -> int:
     """Write the plan's files and run its command under the supervisor; the job's exit code."""
-    from launch.supervise import supervise
+    from ondol.launch.supervise import supervise
 
     write_files(plan)
     return supervise(plan.command, plan.log_dir, env={**os.environ, **plan.env},

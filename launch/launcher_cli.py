@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from configs import RunConfig, load_config
-from launch.launcher import DEFAULT_MODULE, LaunchPlan, plan_launch, run_plan, write_files
-from launch.preflight import PreflightError, run_preflight
+from ondol.configs import RunConfig, add_config_command, load_config
+from ondol.launch.launcher import DEFAULT_MODULE, LaunchPlan, plan_launch, run_plan, write_files
+from ondol.launch.preflight import PreflightError, run_preflight
 
 EXAMPLES = """examples:
   ondol launch configs/tiny-ko.yaml launch.gpus_per_node=2            # 2 workers here (gloo on CPU)
@@ -22,7 +22,7 @@ EXAMPLES = """examples:
 def build_plan(cfg: RunConfig, config_path: str, overrides: list[str], module: str = DEFAULT_MODULE, *,
                check_hosts: bool = False, dry_run: bool = False) -> tuple[LaunchPlan, list[str]]:
     """Pre-flight checks, then the launch plan for the configured launcher; (plan, report lines)."""
-    from launch.slurm import plan_slurm
+    from ondol.launch.slurm import plan_slurm
 
     layout, report = run_preflight(cfg, check_inputs=module == DEFAULT_MODULE, check_hosts=check_hosts,
                                    dry_run=dry_run)
@@ -56,7 +56,7 @@ def launch_command(args: argparse.Namespace) -> int:
     if not args.submit:
         print(f"wrote {script}\nsubmit it with: sbatch {script}  (or add --submit)")
         return 0
-    from launch.slurm import SubmitError, submit
+    from ondol.launch.slurm import SubmitError, submit
 
     try:
         job = submit(plan)
@@ -69,12 +69,10 @@ def launch_command(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from launch.cli import add_config_args
-
-    p = sub.add_parser(
-        "launch",
+    p = add_config_command(
+        sub, "launch", launch_command,
         help="train on many processes/GPUs/nodes through DeepSpeed's launcher (local, hostfile, Slurm)",
-        description="Start `python -m train CONFIG overrides` on every rank through DeepSpeed's launcher. "
+        description="Start `python -m ondol.train CONFIG overrides` on every rank through DeepSpeed's launcher. "
         "launch.launcher=local runs launch.gpus_per_node ranks here (gloo workers on CPU); pdsh/openmpi/mvapich "
         "use launch.hostfile ('HOST slots=N' lines) and the first launch.nodes hosts; slurm writes "
         "RUN_DIR/launch/ondol.sbatch (srun starts one launcher per node). Pre-flight checks the hostfile, the "
@@ -83,12 +81,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_args(p)
     p.add_argument("--dry-run", action="store_true",
                    help="print the checks, every generated file and command, and run nothing")
     p.add_argument("--submit", action="store_true", help="slurm: submit the generated script with sbatch")
     p.add_argument("--no-host-check", action="store_true",
                    help="skip the passwordless-ssh check of the hostfile's hosts")
     p.add_argument("--module", default=DEFAULT_MODULE,
-                   help="module each rank runs as `python -m MODULE CONFIG overrides` (default: train)")
-    p.set_defaults(func=launch_command)
+                   help="module each rank runs as `python -m MODULE CONFIG overrides` (default: ondol.train)")

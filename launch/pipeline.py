@@ -12,7 +12,15 @@ import argparse
 import time
 from pathlib import Path
 
-from configs import RunConfig, data_dir, load_config, model_dir, to_yaml, tokenizer_dir
+from ondol.configs import (
+    RunConfig,
+    add_config_command,
+    data_dir,
+    load_config,
+    model_dir,
+    to_yaml,
+    tokenizer_dir,
+)
 
 
 def _stage(index: int, name: str) -> float:
@@ -26,7 +34,7 @@ def _done(start: float, what: str) -> None:
 
 def prompt_from_validation(cfg: RunConfig, tokenizer) -> str:
     """The first words of the first held-out document: a real Korean prompt the model never trained on."""
-    from data import first_documents
+    from ondol.data.shards import first_documents
 
     (text,) = first_documents(data_dir(cfg), "val", tokenizer, 1)
     return " ".join(text.split()[: cfg.generate.prompt_words])
@@ -34,9 +42,9 @@ def prompt_from_validation(cfg: RunConfig, tokenizer) -> str:
 
 def continue_prompt(cfg: RunConfig, prompt: str | None = None) -> tuple[str, str]:
     """Greedy (or sampled, per `generate`) continuation of `prompt` by the run's final model."""
-    from model.generate import generate
-    from model.io import load_pretrained
-    from tokenizer import Tokenizer
+    from ondol.model.generate import generate
+    from ondol.model.io import load_pretrained
+    from ondol.tokenizer.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(tokenizer_dir(cfg))
     model = load_pretrained(model_dir(cfg)).eval()
@@ -55,9 +63,10 @@ def continue_prompt(cfg: RunConfig, prompt: str | None = None) -> tuple[str, str
 
 def run_pipeline(cfg: RunConfig) -> dict:
     """Run every stage of a tiny-to-large training job described by one config; returns the summary."""
-    from data import prepare
-    from tokenizer import Tokenizer, train_tokenizer
-    from train import Trainer
+    from ondol.data.preparation import prepare
+    from ondol.tokenizer.tokenizer import Tokenizer
+    from ondol.tokenizer.train import train_tokenizer
+    from ondol.train.trainer import Trainer
 
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir)
@@ -109,16 +118,12 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from launch.cli import add_config_args
-
-    p = sub.add_parser(
-        "run",
+    add_config_command(
+        sub, "run", _run,
         help="the whole pipeline: train a tokenizer, prepare data, train, evaluate, generate",
         description="Train a tokenizer, prepare packed data, train the model with DeepSpeed (one process), "
         "evaluate it and print a continuation of a prompt. Finished stages are reused; training resumes.",
     )
-    add_config_args(p)
-    p.set_defaults(func=_run)
 
     g = sub.add_parser(
         "generate",

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from configs import RunConfig, data_dir, tokenizer_dir
+from ondol.configs import RunConfig, data_dir, tokenizer_dir
 
 # Variables that decide how ranks find each other and which network they use.
 NETWORK_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "TORCH_DISTRIBUTED_", "UCX_", "FI_", "MASTER_ADDR",

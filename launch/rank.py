@@ -1,6 +1,6 @@
-"""Per-rank entry the launchers start: `python -m launch.rank --log-dir DIR [...] -- MODULE ARGS...`.
+"""Per-rank entry the launchers start: `python -m ondol.launch.rank --log-dir DIR [...] -- MODULE ARGS...`.
 
-Runs MODULE exactly like `python -m MODULE ARGS` (the trainer: `python -m train CONFIG overrides`) after
+Runs MODULE exactly like `python -m MODULE ARGS` (the trainer: `python -m ondol.train CONFIG overrides`) after
 making every runner look the same to it:
 - MPI runners (OpenMPI, MVAPICH) set their own rank variables, not torch's RANK/WORLD_SIZE/LOCAL_RANK;
 - the rank's stdout and stderr go to DIR/rank{RANK}.log (appended, one header per start);
@@ -77,11 +77,11 @@ def _run_module(module: str, args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.rank", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ondol.launch.rank", description=__doc__.split("\n")[0])
     parser.add_argument("--log-dir", required=True, help="where rank{RANK}.log and rank{RANK}.exit go")
     parser.add_argument("--master-addr", help="MASTER_ADDR when the runner does not set it (MPI runners)")
     parser.add_argument("--master-port", type=int, help="MASTER_PORT when the runner does not set it")
-    parser.add_argument("module", help="module run as `python -m MODULE`, e.g. train")
+    parser.add_argument("module", help="module run as `python -m MODULE`, e.g. ondol.train")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
     ns = parser.parse_args(argv)
     args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args

@@ -4,7 +4,7 @@ Inside the allocation the script derives the master address (first allocated nod
 id, so jobs sharing a node do not collide), writes a DeepSpeed hostfile of the allocated nodes, and runs
 `deepspeed --no_ssh --node_rank=$SLURM_NODEID` on every node: no ssh between nodes is needed. srun's
 --kill-on-bad-exit stops all nodes when one launcher fails; without a container the supervisor
-(launch.supervise) also watches the ranks' exit records and logs.
+(ondol.launch.supervise) also watches the ranks' exit records and logs.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from configs import RunConfig
-from launch.launcher import LaunchPlan, launch_dir, log_dir, rank_args
-from launch.preflight import Layout
+from ondol.configs import RunConfig
+from ondol.launch.launcher import LaunchPlan, launch_dir, log_dir, rank_args
+from ondol.launch.preflight import Layout
 
 SCRIPT_NAME = "ondol.sbatch"
 
@@ -69,7 +69,7 @@ def sbatch_script(cfg: RunConfig, layout: Layout, config_path: str | os.PathLike
                  f"--container-workdir={workdir}"]
     srun_line = f"{shlex.join(srun)} bash -c {shlex.quote(node_command(cfg, config_path, overrides, module))}"
     if not sl.container:  # the supervisor needs this environment on the batch host; a container has it inside
-        srun_line = (f"python -m launch.supervise --log-dir {shlex.quote(str(logs))} "
+        srun_line = (f"python -m ondol.launch.supervise --log-dir {shlex.quote(str(logs))} "
                      f"--watchdog-minutes {cfg.launch.watchdog_minutes:g} "
                      f"--failure-grace-s {cfg.launch.failure_grace_s:g} -- {srun_line}")
     setup = sl.setup or ([] if sl.container else _venv_setup())

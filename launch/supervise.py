@@ -3,10 +3,10 @@ when no rank has written anything for too long, and surface the failed rank's er
 
 DeepSpeed's per-node launcher already stops its node when one of its ranks exits non-zero; across nodes the
 others would sit in a collective until the process-group timeout. The supervisor reads the exit records that
-`launch.rank` writes (shared run directory), so any rank's failure stops every node within
+`ondol.launch.rank` writes (shared run directory), so any rank's failure stops every node within
 `failure_grace_s`, and a job that hangs without failing is stopped by the watchdog.
 
-`python -m launch.supervise --log-dir DIR [--watchdog-minutes M] -- COMMAND...` is what the sbatch script runs.
+`python -m ondol.launch.supervise --log-dir DIR [--watchdog-minutes M] -- COMMAND...` is what the sbatch script runs.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def _tail(text: str, n: int = TAIL_LINES) -> str:
 def supervise(cmd: list[str], log_dir: str | os.PathLike, *, env: dict[str, str] | None = None,
               watchdog_minutes: float = 30.0, failure_grace_s: float = 15.0, echo_rank: int | None = 0,
               out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Run `cmd` (a launcher that starts `launch.rank` processes) to completion or failure; the exit code."""
+    """Run `cmd` (a launcher that starts `ondol.launch.rank` processes) to completion or failure; the exit code."""
     out, err = out or sys.stdout, err or sys.stderr
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -188,7 +188,7 @@ def supervise(cmd: list[str], log_dir: str | os.PathLike, *, env: dict[str, str]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.supervise", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m ondol.launch.supervise", description=__doc__.split("\n")[0])
     parser.add_argument("--log-dir", required=True, help="the run's logs/ folder (rank*.log, rank*.exit)")
     parser.add_argument("--watchdog-minutes", type=float, default=30.0, help="stop after this long without output")
     parser.add_argument("--failure-grace-s", type=float, default=15.0, help="wait after a rank fails, then stop")

@@ -1,10 +1,5 @@
 """Hybrid local/global attention MoE decoder (K-EXAONE family), exportable to transformers.
 
-`Transformer(cfg)` / `ModelOutput`; `model.io` (save/load), `model.flops` (counts), `model.generate`.
+`transformer.Transformer` is the model (plain PyTorch), `config.ModelConfig` its typed config; `io` saves and
+loads weights, `flops` counts parameters and FLOPs, `generate` decodes, `export` writes a transformers folder.
 """
-
-from model import flops, generate, io
-from model.config import ModelConfig
-from model.transformer import ModelOutput, Transformer
-
-__all__ = ["ModelConfig", "ModelOutput", "Transformer", "flops", "generate", "io"]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from model.layers import document_starts
+from ondol.model.layers import document_starts
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ class FlashVarlenBackend:
         cu = mask.cu_seqlens
         if cu is None:  # one sequence per row
             cu = torch.arange(0, (B + 1) * T, T, device=q.device, dtype=torch.int32)
-        flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], D)  # noqa: E731
+        flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], D)
         window = (-1, -1) if mask.window is None else (mask.window - 1, 0)
         res = flash_attn_varlen_func(flat(q), flat(k), flat(v), cu, cu, mask.max_seqlen, mask.max_seqlen,
                                      causal=True, window_size=window, return_attn_probs=sinks is not None)

@@ -7,7 +7,7 @@ import sys
 
 
 def _export_hf(args: argparse.Namespace) -> int:
-    from model.export import ExportError, export_hf
+    from ondol.model.export import ExportError, export_hf
 
     try:
         out = export_hf(args.run_dir, args.out)

@@ -43,7 +43,6 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     max_seq_len: int = 4096
-    # Added by issue 5 (defaults keep every earlier config meaning the same).
     norm_placement: str = "pre"  # pre: K-EXAONE (ExaoneMoe); post: EXAONE 4.0 (norm on attention/MLP outputs)
     doc_positions: bool = False  # RoPE positions restart at 0 at each packed document (needs doc_ids)
     moe_dispatch: str = "auto"  # auto | grouped_mm | loop | bmm_padded: how experts run their sorted tokens

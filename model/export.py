@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model.config import ModelConfig
-from model.io import load_pretrained
+from ondol.model.config import ModelConfig
+from ondol.model.io import load_pretrained
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
@@ -127,7 +127,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     if not (tok_dir / "meta.json").is_file():
         raise FileNotFoundError(f"{tok_dir}: no tokenizer (meta.json) in the run directory; train one with "
                                 "`ondol tokenizer` or copy the run's tokenizer folder there")
-    from tokenizer import Tokenizer
+    from ondol.tokenizer.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tok_dir)
     if tok.vocab_size > cfg.vocab_size:

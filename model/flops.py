@@ -10,7 +10,7 @@ number of keys a query sees over the sequence.
 
 from __future__ import annotations
 
-from model.config import ModelConfig
+from ondol.model.config import ModelConfig
 
 
 def _attention_params(cfg: ModelConfig) -> int:

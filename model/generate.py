@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from model.transformer import Transformer
+from ondol.model.transformer import Transformer
 
 
 @torch.no_grad()

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.config import ModelConfig
-from model.transformer import Transformer
+from ondol.model.config import ModelConfig
+from ondol.model.transformer import Transformer
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
-from model.layers import SwiGLU
+from ondol.model.config import ModelConfig
+from ondol.model.layers import SwiGLU
 
 
 @dataclass
@@ -108,9 +108,8 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def auto_dispatch(x: torch.Tensor) -> str:
     """grouped_mm on Hopper+ CUDA in bf16 (its fast kernel); elsewhere bmm_padded. On CPU torch's grouped_mm
-    works (fp32/bf16) and on a quiet machine ties on tiny and wins on the 1B geometry, but on the shared,
-    CPU-throttled machines this project tests on it ran the tiny preset 2x slower than bmm_padded, so there it
-    is opt-in (model.moe_dispatch=grouped_mm); see benchmarks/model_fwd_bwd.py."""
+    works (fp32/bf16) but its speed swings with core contention (from a tie to 2x slower than bmm_padded on the
+    tiny preset), so there it is opt-in (model.moe_dispatch=grouped_mm); see benchmarks/model_fwd_bwd.py."""
     if (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
             and torch.cuda.get_device_capability(x.device)[0] >= 9):
         return "grouped_mm"

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention_backends import MaskSpec, select_backend
-from model.config import ModelConfig
-from model.layers import RMSNorm, SwiGLU, apply_rope, document_positions, rope_cos_sin, rope_inv_freq
-from model.moe import MoE
+from ondol.model.attention_backends import MaskSpec, select_backend
+from ondol.model.config import ModelConfig
+from ondol.model.layers import RMSNorm, SwiGLU, apply_rope, document_positions, rope_cos_sin, rope_inv_freq
+from ondol.model.moe import MoE
 
 
 @dataclass
@@ -132,7 +132,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None) -> ModelOutput:
         cfg = self.cfg
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
         backend = self.backend(x.device, x.dtype)
         docs = doc_ids if cfg.document_masking else None

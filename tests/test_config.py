@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from configs import ConfigError, RunConfig, load_config, to_yaml
+from ondol.configs import ConfigError, RunConfig, load_config, to_yaml
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny-ko.yaml"
 

@@ -5,8 +5,8 @@ import ast
 
 import pytest
 
-from data import read_manifest
-from data.cli import register
+from ondol.data.cli import register
+from ondol.data.shards import read_manifest
 from tests.conftest import CORPORA, corpus_texts
 from tests.test_data_prepare import small_tokenizer
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from data import TokenLoader, prepare, read_manifest
-from data.config import DataConfig
-from data.shards import split_shards
+from ondol.data.config import DataConfig
+from ondol.data.loader import TokenLoader
+from ondol.data.preparation import prepare
+from ondol.data.shards import read_manifest, split_shards
 from tests.test_data_prepare import corpus_source, small_tokenizer
 
 SEQ = 64

@@ -14,12 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from data import BadInputError, SourceError, first_documents, prepare, read_manifest
-from data.config import CleaningConfig, DataConfig, SourceConfig
-from data.shards import split_shards
+from ondol.data.config import CleaningConfig, DataConfig, SourceConfig
+from ondol.data.preparation import prepare
+from ondol.data.shards import first_documents, read_manifest, split_shards
+from ondol.data.sources import BadInputError, SourceError
+from ondol.tokenizer.config import TokenizerConfig
+from ondol.tokenizer.tokenizer import Tokenizer
+from ondol.tokenizer.train import train_tokenizer
 from tests.conftest import CORPORA, ROOT, corpus_texts
-from tokenizer import Tokenizer, train_tokenizer
-from tokenizer.config import TokenizerConfig
 
 
 def small_tokenizer(out_dir: Path) -> Tokenizer:
@@ -185,7 +187,7 @@ def test_rerun_reuses_refuses_mixing_and_follows_weights(tmp_path, tok):
 
 
 def test_a_damaged_shard_is_named_by_the_loader_and_rebuilt_by_a_rerun(tmp_path, tok):
-    from data import TokenLoader
+    from ondol.data.loader import TokenLoader
 
     cfg = DataConfig(sources=[corpus_source("ko_reviews", 2000)], shard_tokens=5000, val_fraction=0.0)
     manifest = prepare(cfg, tok, tmp_path / "data", seed=0, progress=False)
@@ -273,9 +275,9 @@ def test_a_dead_worker_fails_the_run_instead_of_hanging_it(tmp_path, tok):
 
 KILLED_RUN = """
 import sys
-from data import prepare
-from data.config import DataConfig, SourceConfig
-from tokenizer import Tokenizer
+from ondol.data.preparation import prepare
+from ondol.data.config import DataConfig, SourceConfig
+from ondol.tokenizer.tokenizer import Tokenizer
 cfg = DataConfig(sources=[SourceConfig(name="ko_reviews", path=sys.argv[3], max_docs=30000)],
                  shard_tokens=4000, val_fraction=0.05, num_proc=2)
 prepare(cfg, Tokenizer.load(sys.argv[1]), sys.argv[2], seed=5, progress=False)
@@ -324,8 +326,8 @@ class _LargeVocabulary:
 
 
 def test_vocabularies_over_65536_ids_get_uint32_shards_with_the_same_tokens(tmp_path, tok):
-    from data import TokenLoader
-    from data.shards import token_dtype
+    from ondol.data.loader import TokenLoader
+    from ondol.data.shards import token_dtype
 
     assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
     cfg = DataConfig(sources=[corpus_source("ko_docs", 20)], val_fraction=0.0)

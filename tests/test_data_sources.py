@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from data.config import SourceConfig
-from data.sources import BadInputError, BadInputLog, SourceError, iter_documents
+from ondol.data.config import SourceConfig
+from ondol.data.sources import BadInputError, BadInputLog, SourceError, iter_documents
 from tests.conftest import CORPORA, corpus_texts
 
 TEXTS = corpus_texts("ko_reviews", 40, skip=1000)
@@ -139,7 +139,7 @@ def test_missing_and_empty_sources_are_clear_errors(tmp_path):
 
 def test_block_reader_matches_line_by_line_at_every_block_size(tmp_path, monkeypatch):
     """Arrow's fast path and the exact parser agree, whatever the block boundaries and wherever bad lines sit."""
-    from data import sources
+    from ondol.data import sources
 
     lines = [_good(t) for t in corpus_texts("ko_docs", 3) + TEXTS[:20]]  # documents longer than small blocks
     for i, raw in enumerate([*BAD_LINES.values(), b"", b'{"text": "a\\ud800b"}']):
@@ -162,7 +162,7 @@ def test_block_reader_matches_line_by_line_at_every_block_size(tmp_path, monkeyp
 
 
 def test_clean_files_take_the_fast_path(tmp_path, monkeypatch):
-    from data import sources
+    from ondol.data import sources
 
     def refuse(*args):
         raise AssertionError("a clean block went through the line-by-line parser")

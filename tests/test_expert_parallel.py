@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from model.config import ModelConfig
-from model.transformer import Transformer
-from train.expert_parallel import check_expert_parallel, full_state_dict_from_checkpoint
+from ondol.model.config import ModelConfig
+from ondol.model.transformer import Transformer
+from ondol.train.expert_parallel import check_expert_parallel, full_state_dict_from_checkpoint
 
 try:
     from conftest import corpus_texts
@@ -91,7 +91,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from train.expert_parallel import (
+    from ondol.train.expert_parallel import (
         apply_expert_parallel,
         checkpoint_load_fn,
         clip_grad_norm_,
@@ -266,7 +266,7 @@ def test_bad_layouts_refused(ep, n_experts, world, zero, needle):
 
 
 def test_apply_refuses_ep_larger_than_world():
-    from train.expert_parallel import apply_expert_parallel
+    from ondol.train.expert_parallel import apply_expert_parallel
     model = Transformer(ModelConfig(**CFG))
     with pytest.raises(ValueError, match="must divide the world size 1"):
         apply_expert_parallel(model, 2, 0)

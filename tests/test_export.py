@@ -9,15 +9,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data.config import SourceConfig
-from model import Transformer
-from model.cli import register
-from model.config import load_preset
-from model.generate import generate
-from model.io import save_pretrained
+from ondol.data.config import SourceConfig
+from ondol.model.cli import register
+from ondol.model.config import load_preset
+from ondol.model.generate import generate
+from ondol.model.io import save_pretrained
+from ondol.model.transformer import Transformer
+from ondol.tokenizer.config import TokenizerConfig
+from ondol.tokenizer.tokenizer import Tokenizer
+from ondol.tokenizer.train import train_tokenizer
 from tests.conftest import CORPORA, corpus_texts
-from tokenizer import Tokenizer, train_tokenizer
-from tokenizer.config import TokenizerConfig
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +68,10 @@ def korean_ids(tokenizer_dir: Path, n_tokens: int) -> list[int]:
 
 VARIANTS = {
     "moe": ({}, "ExaoneMoeForCausalLM"),
-    "dense_post_norm_tied": (dict(n_experts=0, norm_placement="post", tie_embeddings=True), "Exaone4ForCausalLM"),
-    "dense_pre_norm": (dict(n_experts=0), "ExaoneMoeForCausalLM"),
-    "all_global_nope": (dict(attn_pattern="G", routed_scaling=2.5, norm_topk=False), "ExaoneMoeForCausalLM"),
-    "all_global_rope_post_norm": (dict(attn_pattern="G", rope_on_global=True, n_experts=0, norm_placement="post"),
+    "dense_post_norm_tied": ({"n_experts": 0, "norm_placement": "post", "tie_embeddings": True}, "Exaone4ForCausalLM"),
+    "dense_pre_norm": ({"n_experts": 0}, "ExaoneMoeForCausalLM"),
+    "all_global_nope": ({"attn_pattern": "G", "routed_scaling": 2.5, "norm_topk": False}, "ExaoneMoeForCausalLM"),
+    "all_global_rope_post_norm": ({"attn_pattern": "G", "rope_on_global": True, "n_experts": 0, "norm_placement": "post"},
                                   "Exaone4ForCausalLM"),
 }
 
@@ -105,11 +106,11 @@ def test_tokenizer_and_greedy_generation_match(tmp_path, tokenizer_dir):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(attn_sinks=True), "model.attn_sinks=true"),
-    (dict(router_score="softmax"), "model.router_score=softmax"),
-    (dict(norm_placement="post"), "model.norm_placement=post with experts"),
-    (dict(rope_on_global=True), "model.rope_on_global=true with sliding layers"),
-    (dict(rope_on_global=True, attn_pattern="G"), "model.rope_on_global=true with pre-norm"),
+    ({"attn_sinks": True}, "model.attn_sinks=true"),
+    ({"router_score": "softmax"}, "model.router_score=softmax"),
+    ({"norm_placement": "post"}, "model.norm_placement=post with experts"),
+    ({"rope_on_global": True}, "model.rope_on_global=true with sliding layers"),
+    ({"rope_on_global": True, "attn_pattern": "G"}, "model.rope_on_global=true with pre-norm"),
 ])
 def test_inexpressible_options_are_refused(tmp_path, tokenizer_dir, capsys, overrides, message):
     run, _ = make_run(tmp_path, tokenizer_dir, **overrides)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from configs import load_config
-from launch.cli import main as ondol
-from launch.launcher_cli import build_plan
-from launch.preflight import (
+from ondol.configs import load_config
+from ondol.launch.cli import main as ondol
+from ondol.launch.launcher_cli import build_plan
+from ondol.launch.preflight import (
     LOCAL_FILESYSTEMS,
     PreflightError,
     check_global_batch,
@@ -28,8 +28,8 @@ from launch.preflight import (
     run_preflight,
     storage_warning,
 )
-from launch.rank import torch_rank_env
-from launch.supervise import supervise
+from ondol.launch.rank import torch_rank_env
+from ondol.launch.supervise import supervise
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny-ko.yaml")
@@ -82,8 +82,8 @@ def test_dry_run_single_node_prints_deepspeed_command_and_runs_nothing(tmp_path,
     assert _after(cmd, "--num_gpus") == "2"
     assert _after(cmd, "--master_port") == "29500"
     assert "--module" in cmd and "--no_local_rank" in cmd and "--hostfile" not in cmd
-    rank = cmd[cmd.index("launch.rank"):]  # each rank: python -m launch.rank ... train CONFIG overrides
-    assert rank == ["launch.rank", "--log-dir", str(run.resolve() / "logs"), "train", TINY,
+    rank = cmd[cmd.index("ondol.launch.rank"):]  # each rank: python -m ondol.launch.rank ... ondol.train CONFIG overrides
+    assert rank == ["ondol.launch.rank", "--log-dir", str(run.resolve() / "logs"), "ondol.train", TINY,
                     f"run_dir={run}", "launch.gpus_per_node=2", "train.steps=7"]
     assert f"export OMP_NUM_THREADS={max(1, (os.cpu_count() or 1) // 2)}" in out.splitlines()  # CPU: 2 workers
     assert "preflight: layout: 2 ranks = 1 node(s) x 2 gloo workers (CPU)" in out
@@ -111,7 +111,7 @@ def test_dry_run_hostfile_writes_trimmed_hostfile_and_pdsh_command(tmp_path, cap
     assert _after(cmd, "--master_port") == "29500"
     assert "--force_multi" in cmd and "--num_gpus" not in cmd
     assert "--master-addr" not in cmd  # deepspeed.launch sets MASTER_* for pdsh ranks
-    assert cmd[cmd.index("launch.rank") + 3:][:2] == ["train", TINY]
+    assert cmd[cmd.index("ondol.launch.rank") + 3:][:2] == ["ondol.train", TINY]
     assert f"preflight: hosts: node-a, node-b (from {hostfile})" in out
     assert "preflight: network env: DeepSpeed forwards NCCL_*, UCX_*, PYTHON* and MV2_* to the other nodes" in out
     fstype, _ = filesystem_of(run)
@@ -168,7 +168,7 @@ def test_dry_run_slurm_script_field_by_field(tmp_path, capsys):
     assert "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 40000))" in lines
     assert "scontrol show hostnames \"$SLURM_JOB_NODELIST\" | sed 's/$/ slots=8/' > \"$HOSTFILE\"" in lines
     srun = _srun_line(text)
-    assert srun[:3] == ["python", "-m", "launch.supervise"]
+    assert srun[:3] == ["python", "-m", "ondol.launch.supervise"]
     assert _after(srun, "--log-dir") == str(run.resolve() / "logs")
     assert _after(srun, "--watchdog-minutes") == "30"
     srun = srun[srun.index("srun"):]
@@ -177,7 +177,7 @@ def test_dry_run_slurm_script_field_by_field(tmp_path, capsys):
     node = shlex.split(srun[7])  # the per-node command, variables expanded by each node's shell
     assert node[:6] == ["deepspeed", "--hostfile", "$HOSTFILE", "--no_ssh", "--node_rank=$SLURM_NODEID",
                         "--master_addr=$MASTER_ADDR"]
-    assert node[node.index("launch.rank"):] == ["launch.rank", "--log-dir", str(run.resolve() / "logs"), "train",
+    assert node[node.index("ondol.launch.rank"):] == ["ondol.launch.rank", "--log-dir", str(run.resolve() / "logs"), "ondol.train",
                                                 TINY, *overrides]
     assert _commands(out)[-1] == ["sbatch", str(script)]
     assert "preflight: global batch: train.micro_batch_size (8) x train.grad_accum (2) x data-parallel size (32) " \

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from configs import data_dir, load_config, tokenizer_dir
+from ondol.configs import data_dir, load_config, tokenizer_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny-ko.yaml")
@@ -44,7 +44,7 @@ dist.destroy_process_group()
 
 
 def _ondol(args: list[str], env: dict[str, str] | None = None, timeout: float = LAUNCH_TIMEOUT_S):
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ondol.launch.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=ROOT, timeout=timeout, check=False)
 
 
@@ -208,8 +208,8 @@ launch:
 @pytest.fixture
 def tiny_run(tmp_path, corpora) -> Path:
     """A run config with its tokenizer trained and its data prepared (small), as `ondol run` would leave them."""
-    from data import prepare
-    from tokenizer import train_tokenizer
+    from ondol.data.preparation import prepare
+    from ondol.tokenizer.train import train_tokenizer
 
     config = tmp_path / "tiny-run.yaml"
     config.write_text(TINY_RUN.format(run_dir=tmp_path / "run"))
@@ -313,7 +313,7 @@ exit $rc
 @pytest.mark.slow
 def test_hostfile_launch_through_deepspeeds_openmpi_runner(tmp_path):
     """launch.launcher=openmpi through DeepSpeed's runner with a stand-in mpirun that sets only OpenMPI's rank
-    variables: launch.rank must turn them (and --master-addr/--master-port) into torch's."""
+    variables: ondol.launch.rank must turn them (and --master-addr/--master-port) into torch's."""
     env = _module(tmp_path, "summing_rank", SUMMING_RANK)
     _stand_ins(tmp_path, env, mpirun=FAKE_MPIRUN, ompi_info="#!/bin/sh\nexit 0\n", ssh="#!/bin/sh\nexit 0\n")
     hostfile = tmp_path / "hostfile"

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import ModelConfig, Transformer
-from model.config import load_preset
-from model.generate import generate
-from model.io import load_pretrained, save_pretrained
+from ondol.model.config import ModelConfig, load_preset
+from ondol.model.generate import generate
+from ondol.model.io import load_pretrained, save_pretrained
+from ondol.model.transformer import Transformer
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -126,11 +126,11 @@ def test_generate_greedy_is_argmax_rollout_and_stops_at_eos():
 
 
 @pytest.mark.parametrize("overrides,key", [
-    (dict(n_heads=6, n_kv_heads=4), "model.n_heads must be divisible by model.n_kv_heads"),
-    (dict(attn_pattern="LLX"), "model.attn_pattern"),
-    (dict(top_k=9), "model.top_k"),
-    (dict(router_score="relu"), "model.router_score"),
-    (dict(head_dim=33), "model.head_dim"),
+    ({"n_heads": 6, "n_kv_heads": 4}, "model.n_heads must be divisible by model.n_kv_heads"),
+    ({"attn_pattern": "LLX"}, "model.attn_pattern"),
+    ({"top_k": 9}, "model.top_k"),
+    ({"router_score": "relu"}, "model.router_score"),
+    ({"head_dim": 33}, "model.head_dim"),
 ])
 def test_config_errors_name_the_key(overrides, key):
     with pytest.raises(ValueError, match=key):

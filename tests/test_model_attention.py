@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from model.attention_backends import FlexBackend, MaskSpec, SDPABackend
-from model.config import load_preset
-from model.transformer import Transformer
+from ondol.model.attention_backends import FlexBackend, MaskSpec, SDPABackend
+from ondol.model.config import load_preset
+from ondol.model.transformer import Transformer
 
 
 def naive_attention(q, k, v, window, doc_ids, sinks):
@@ -121,7 +121,7 @@ def test_flash_varlen_glue_matches_naive(monkeypatch, window, docs, sinks):
     import sys
     import types
 
-    from model.attention_backends import FlashVarlenBackend
+    from ondol.model.attention_backends import FlashVarlenBackend
 
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=fake_flash_varlen))
     q, k, v, doc_ids, sink = make_inputs(2)

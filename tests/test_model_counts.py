@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import load_preset
-from model.flops import param_counts, train_flops_per_token
-from model.moe import GroupedExperts
-from model.transformer import Transformer
+from ondol.model.config import load_preset
+from ondol.model.flops import param_counts, train_flops_per_token
+from ondol.model.moe import GroupedExperts
+from ondol.model.transformer import Transformer
 
 CONFIGS = {
-    "tiny": dict(vocab_size=4096),
-    "tiny_tied_sinks": dict(vocab_size=4096, tie_embeddings=True, attn_sinks=True, qk_norm=False),
-    "tiny_dense": dict(vocab_size=4096, n_experts=0),
-    "tiny_no_shared_top3": dict(vocab_size=4096, n_shared_experts=0, top_k=3, first_k_dense=2),
+    "tiny": {"vocab_size": 4096},
+    "tiny_tied_sinks": {"vocab_size": 4096, "tie_embeddings": True, "attn_sinks": True, "qk_norm": False},
+    "tiny_dense": {"vocab_size": 4096, "n_experts": 0},
+    "tiny_no_shared_top3": {"vocab_size": 4096, "n_shared_experts": 0, "top_k": 3, "first_k_dense": 2},
 }
 
 

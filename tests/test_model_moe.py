@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import load_preset
-from model.moe import MoE
+from ondol.model.config import load_preset
+from ondol.model.moe import MoE
 
 
 def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -45,9 +45,9 @@ def build(seed=0, **overrides) -> MoE:
 
 
 VARIANTS = [
-    dict(),
-    dict(router_score="softmax", norm_topk=False, routed_scaling=2.5),
-    dict(top_k=3, n_shared_experts=0, routed_scaling=2.5),
+    {},
+    {"router_score": "softmax", "norm_topk": False, "routed_scaling": 2.5},
+    {"top_k": 3, "n_shared_experts": 0, "routed_scaling": 2.5},
 ]
 
 
@@ -75,7 +75,7 @@ def test_moe_matches_per_token_loop(dispatch, variant):
 
 
 def test_auto_dispatch_on_cpu_is_bmm_padded():
-    from model.moe import auto_dispatch
+    from ondol.model.moe import auto_dispatch
 
     assert auto_dispatch(torch.zeros(1)) == "bmm_padded"
 

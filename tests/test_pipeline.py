@@ -20,8 +20,8 @@ SHORT = ["data.sources.0.max_docs=6000", "train.steps=150", "train.eval_every=75
 
 
 def ondol(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run([sys.executable, "-m", "ondol.launch.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          check=False, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,8 @@ def test_run_prints_a_continuation_of_a_korean_held_out_prompt(tiny_run):
     continuation = re.search(r"continuation: (.*)", result.stdout).group(1)
     assert HANGUL.search(prompt) and continuation.strip(), result.stdout[-1000:]
     # The prompt is the start of a real held-out document, not something the training data saw as a document.
-    from data import first_documents
-    from tokenizer import Tokenizer
+    from ondol.data.shards import first_documents
+    from ondol.tokenizer.tokenizer import Tokenizer
 
     (held_out,) = first_documents(run_dir / "data", "val", Tokenizer.load(run_dir / "tokenizer"), 1)
     assert held_out.startswith(prompt)

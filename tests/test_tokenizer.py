@@ -9,11 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data.config import SourceConfig
+from ondol.data.config import SourceConfig
+from ondol.tokenizer.config import TokenizerConfig
+from ondol.tokenizer.korean import compatibility_jamo, hangul_syllables
+from ondol.tokenizer.tokenizer import Tokenizer
+from ondol.tokenizer.train import train_tokenizer
 from tests.conftest import CORPORA, corpus_texts
-from tokenizer import Tokenizer, train_tokenizer
-from tokenizer.config import TokenizerConfig
-from tokenizer.korean import compatibility_jamo, hangul_syllables
 
 SOURCES = [
     SourceConfig(name="ko_reviews", path=str(CORPORA / "ko_reviews.jsonl.gz"), weight=0.5, max_docs=20000),
@@ -176,7 +177,7 @@ def token_boundaries(tok: Tokenizer, text: str) -> set[int]:
 def test_morpheme_aware_and_jamo_split_pieces_never_cross_cuts(korean_tok):
     from kiwipiepy import Kiwi
 
-    from tokenizer.korean import HANGUL, JAMO_RUN
+    from ondol.tokenizer.korean import HANGUL, JAMO_RUN
 
     assert not any("\u241f" in korean_tok.id_to_token(i) for i in range(korean_tok.vocab_size))
     kiwi = Kiwi()

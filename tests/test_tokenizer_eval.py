@@ -8,8 +8,8 @@ import unicodedata
 
 import pytest
 
+from ondol.tokenizer.evaluate import evaluate, load_encoder, measure
 from tests.conftest import CORPORA, corpus_texts
-from tokenizer.evaluate import evaluate, load_encoder, measure
 
 
 def test_metrics_match_direct_counts_for_o200k():
@@ -37,7 +37,7 @@ def test_metrics_match_direct_counts_for_o200k():
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tokenizer trained through the CLI on a small real mix, with a 10% hold-out."""
-    from tokenizer.cli import register
+    from ondol.tokenizer.cli import register
 
     root = tmp_path_factory.mktemp("cli")
     cfg = root / "run.yaml"
@@ -103,7 +103,7 @@ def test_cli_eval_compares_on_held_out_documents(run, capsys):
         assert ours["tokens"] == hf["tokens"] and ours["round_trip_failures"] == 0
         assert o200k["ratio_vs_baseline"] == 1.0
         assert ours["ratio_vs_baseline"] == pytest.approx(ours["chars_per_token"] / o200k["chars_per_token"])
-    from tokenizer.sample import is_held_out
+    from ondol.tokenizer.sample import is_held_out
 
     held = [t for t in corpus_texts("ko_reviews", 6000) if is_held_out(t, 0.1)]
     assert rows["ko_reviews", "ondol"]["docs"] == len(held)

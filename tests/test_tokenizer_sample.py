@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from data.config import SourceConfig
+from ondol.data.config import SourceConfig
+from ondol.tokenizer.sample import SourceSample, is_held_out, mix, sample_source, split_sentences
 from tests.conftest import CORPORA, corpus_texts
-from tokenizer.sample import SourceSample, is_held_out, mix, sample_source, split_sentences
 
 
 def test_split_sentences_is_lossless_and_bounded():
@@ -77,7 +77,7 @@ def test_mix_honours_character_weights_and_cap(weights):
 def test_rare_characters_beyond_coverage_become_cuts():
     from collections import Counter
 
-    from tokenizer.train import CUT, drop_rare_chars
+    from ondol.tokenizer.train import CUT, drop_rare_chars
 
     sentences = corpus_texts("ko_reviews", 5000)
     counts = Counter("".join(sentences))

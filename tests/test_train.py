@@ -1,7 +1,7 @@
 """Trainer tests in this process (CPU, gloo, one rank) on a real tokenizer and real prepared Korean text.
 
 The tokenizer (2,048 pieces) and packed data (3,000 real documents) are built once per session with the
-tokenizer and data APIs (train.golden.build_assets). Multi-process and kill-and-resume tests live in
+tokenizer and data APIs (golden.build_assets). Multi-process and kill-and-resume tests live in
 test_train_dist.py and test_train_resume.py.
 """
 
@@ -13,20 +13,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden import GOLDEN, assets_identity, compare, link_data, run_losses, tiny_config
 from safetensors.torch import load_file
 
-from train import checkpoint
-from train.config import OptimConfig
-from train.golden import GOLDEN, assets_identity, compare, link_data, run_losses, tiny_config
-from train.metrics import read_metrics
-from train.schedule import lr_at
+from ondol.train import checkpoint
+from ondol.train.config import OptimConfig
+from ondol.train.metrics import read_metrics
+from ondol.train.schedule import lr_at
 
 ZERO_RUN = ("train.steps=8", "optim.eps=1e-4", "optim.grad_clip=0.5")
 
 
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> Path:
-    from train.golden import build_assets
+    from golden import build_assets
 
     return build_assets(tmp_path_factory.mktemp("train_assets"))
 
@@ -76,9 +76,9 @@ def test_constant_stays_at_the_peak():
 
 # ---- optimizer groups and DeepSpeed config --------------------------------------------------------------
 def test_weight_decay_skips_norms_embeddings_and_vectors():
-    from model import Transformer
-    from model.config import load_preset
-    from train.optim import param_groups
+    from ondol.model.config import load_preset
+    from ondol.model.transformer import Transformer
+    from ondol.train.optim import param_groups
 
     model = Transformer(load_preset("tiny", vocab_size=256))
     decay, no_decay = param_groups(model, 0.1)
@@ -94,7 +94,7 @@ def test_weight_decay_skips_norms_embeddings_and_vectors():
 
 
 def test_deepspeed_config_follows_the_run_config(assets, tmp_path):
-    from train.engine import deepspeed_config
+    from ondol.train.engine import deepspeed_config
 
     cfg = tiny_config(tmp_path, assets, "deepspeed.zero_stage=2", "deepspeed.precision=bf16", "train.grad_accum=3",
                       "optim.grad_clip=0.5", "deepspeed.extra={zero_optimization: {overlap_comm: true}}")
@@ -107,7 +107,7 @@ def test_deepspeed_config_follows_the_run_config(assets, tmp_path):
 
 
 def test_bad_values_name_the_key(assets, tmp_path):
-    from configs import ConfigError
+    from ondol.configs import ConfigError
 
     for override, key in (("deepspeed.zero_stage=4", "deepspeed.zero_stage"), ("optim.schedule=linear",
                           "optim.schedule"), ("logging.wandb_mode=on", "logging.wandb_mode"),
@@ -118,7 +118,7 @@ def test_bad_values_name_the_key(assets, tmp_path):
 
 # ---- training runs -----------------------------------------------------------------------------------------
 def test_run_writes_metrics_plot_and_weights_that_reload(zero0):
-    from model.io import load_pretrained
+    from ondol.model.io import load_pretrained
 
     run = zero0["run"]
     records = read_metrics(run / "metrics.jsonl")
@@ -152,12 +152,12 @@ def test_zero_stages_give_the_same_losses_and_weights(assets, zero0, tmp_path, s
 
 
 def test_golden_losses(assets, tmp_path):
-    """The first 50 steps of the tiny run match tests/golden (regenerate: python -m train.golden --regenerate)."""
+    """The first 50 steps of the tiny run match tests/golden (regenerate: python tests/golden.py --regenerate)."""
     golden = json.loads(GOLDEN.read_text(encoding="utf-8"))
     identity = assets_identity(assets)
     assert identity == {k: golden[k] for k in identity}, (
         "the tokenizer or data preparation now produces different output than when the golden losses were "
-        "recorded; if that change is intended, run `python -m train.golden --regenerate`")
+        "recorded; if that change is intended, run `python tests/golden.py --regenerate`")
     losses = run_losses(tmp_path, assets)
     assert compare(losses, golden["losses"]) == []
 
@@ -173,7 +173,7 @@ def _poison(trainer, steps: set[int]) -> None:
 
 @pytest.mark.parametrize("stage", [0, 2])
 def test_nonfinite_steps_are_skipped_and_counted(assets, tmp_path, stage):
-    from train import Trainer
+    from ondol.train.trainer import Trainer
 
     link_data(tmp_path, assets)
     trainer = Trainer(tiny_config(tmp_path, assets, "train.steps=6", "train.save_every=6",
@@ -198,7 +198,7 @@ def test_nonfinite_steps_are_skipped_and_counted(assets, tmp_path, stage):
 
 
 def test_nonfinite_run_stops_after_k_in_a_row_keeping_the_last_checkpoint(assets, tmp_path):
-    from train import NonFiniteError, Trainer
+    from ondol.train.trainer import NonFiniteError, Trainer
 
     link_data(tmp_path, assets)
     trainer = Trainer(tiny_config(tmp_path, assets, "train.steps=12", "train.save_every=3",
@@ -222,7 +222,7 @@ def test_resume_refuses_a_changed_model_or_tokenizer(zero0, tmp_path):
 
 
 def test_trainer_refuses_to_resume_a_different_shape(assets, zero0, tmp_path):
-    from train import Trainer
+    from ondol.train.trainer import Trainer
 
     run = tmp_path / "run"
     link_data(run, assets)

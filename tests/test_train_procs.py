@@ -1,5 +1,5 @@
 """Trainer tests across processes (CPU, gloo, real text): SIGKILL and exact resume, 2 ranks vs 1 rank, resume
-on another number of ranks. Runs go through the launcher entry `python -m train CONFIG` (under torchrun for 2
+on another number of ranks. Runs go through the launcher entry `python -m ondol.train CONFIG` (under torchrun for 2
 ranks); a small driver first installs the kill (at a step, or in the middle of writing a checkpoint)."""
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden import build_assets, link_data, run_losses, tiny_config
 from safetensors.torch import load_file
 
-from configs import to_yaml
-from train import checkpoint
-from train.golden import build_assets, link_data, run_losses, tiny_config
-from train.metrics import read_metrics
+from ondol.configs import to_yaml
+from ondol.train import checkpoint
+from ondol.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = '''
@@ -32,14 +32,14 @@ if kill.startswith("save:"):  # die inside DeepSpeed's save of that step, right 
             os.kill(os.getpid(), signal.SIGKILL)
     TorchCheckpointEngine.save = save
 elif kill.startswith("step:"):  # die right after that optimizer step, before anything is logged or saved
-    from train.trainer import Trainer
+    from ondol.train.trainer import Trainer
     n, original = int(kill[5:]), Trainer.train_step
     def train_step(self):
         original(self)
         if self.step == n:
             os.kill(os.getpid(), signal.SIGKILL)
     Trainer.train_step = train_step
-from train.__main__ import main
+from ondol.train.__main__ import main
 sys.exit(main(sys.argv[2:]))
 '''
 

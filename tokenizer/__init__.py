@@ -1,6 +1,2 @@
-"""Korean-first tokenizer: lossless SentencePiece training, encoding, HF export and evaluation."""
-
-from tokenizer.tokenizer import Tokenizer
-from tokenizer.train import train_tokenizer
-
-__all__ = ["Tokenizer", "train_tokenizer"]
+"""Korean-first tokenizer: lossless SentencePiece training (`train`), encoding (`tokenizer.Tokenizer`), HF export
+(`hf_export`) and evaluation beside other tokenizers (`evaluate`)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from launch.cli import add_config_args
+from ondol.configs import add_config_command, load_config, tokenizer_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,22 +19,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
 
-    t = tsub.add_parser(
-        "train",
+    add_config_command(
+        tsub, "train", _train,
         help="train the tokenizer into RUN_DIR/tokenizer (reused when already trained)",
         description="Sample sentences from tokenizer.sources (or data.sources), train "
         "SentencePiece losslessly, write tokenizer.model, meta.json, tokenizer.json.",
     )
-    add_config_args(t)
-    t.set_defaults(func=_train)
 
-    e = tsub.add_parser(
-        "eval",
+    e = add_config_command(
+        tsub, "eval", _eval,
         help="chars/token, bytes/token, tokens/eojeol, byte fallback, round trip",
         description="Measure the run's tokenizer per source beside comparison tokenizers; the "
         "last one listed (o200k by default) is the baseline of the ratio column.",
     )
-    add_config_args(e)
     e.add_argument(
         "--compare",
         action="append",
@@ -56,12 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=2000,
         help="documents per source to measure (held-out ones when tokenizer.holdout_fraction > 0)",
     )
-    e.set_defaults(func=_eval)
 
 
 def _train(args) -> int:
-    from configs import load_config, tokenizer_dir
-    from tokenizer.train import train_tokenizer
+    from ondol.tokenizer.train import train_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     tok = train_tokenizer(cfg.tokenizer, cfg.data.sources, tokenizer_dir(cfg), cfg.seed)
@@ -70,8 +65,7 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from configs import load_config, tokenizer_dir
-    from tokenizer.evaluate import evaluate, evaluation_texts, load_encoder, table
+    from ondol.tokenizer.evaluate import evaluate, evaluation_texts, load_encoder, table
 
     cfg = load_config(args.config, args.overrides)
     encoders = [load_encoder(str(tokenizer_dir(cfg)))] + [load_encoder(s) for s in args.compare or ["o200k"]]

@@ -1,14 +1,13 @@
 """Typed configuration of the Korean-first tokenizer."""
 
 from dataclasses import dataclass, field
-from typing import Optional
 
-from data.config import SourceConfig
+from ondol.data.config import SourceConfig
 
 
 @dataclass
 class TokenizerConfig:
-    path: Optional[str] = None  # use this trained tokenizer folder instead of training one
+    path: str | None = None  # use this trained tokenizer folder instead of training one
     sources: list[SourceConfig] = field(default_factory=list)  # empty: the data sources
     model_type: str = "bpe"  # bpe | unigram
     vocab_size: int = 8192  # rounded up to a multiple of 128

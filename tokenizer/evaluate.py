@@ -17,10 +17,10 @@ from typing import Protocol
 
 from rich.table import Table
 
-from data.config import SourceConfig
-from data.sources import iter_documents
-from tokenizer.sample import is_held_out
-from tokenizer.tokenizer import META_FILE, Tokenizer
+from ondol.data.config import SourceConfig
+from ondol.data.sources import iter_documents
+from ondol.tokenizer.sample import is_held_out
+from ondol.tokenizer.tokenizer import META_FILE, Tokenizer
 
 TIKTOKEN_CACHE = Path(__file__).resolve().parents[2] / "shared" / "baselines" / "tiktoken_cache"
 BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")

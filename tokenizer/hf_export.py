@@ -18,7 +18,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from tokenizer.korean import JAMO_RUN
+from ondol.tokenizer.korean import JAMO_RUN
 
 NORMAL, UNKNOWN, CONTROL, BYTE = (
     sp_pb.ModelProto.SentencePiece.NORMAL,

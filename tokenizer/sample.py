@@ -16,8 +16,8 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from data.config import SourceConfig
-from data.sources import BadInputLog, iter_documents
+from ondol.data.config import SourceConfig
+from ondol.data.sources import BadInputLog, iter_documents
 
 
 def split_sentences(text: str, max_chars: int) -> Iterator[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from tokenizer.korean import pretokenize
+from ondol.tokenizer.korean import pretokenize
 
 META_SPACE = "\u2581"
 MODEL_FILE, META_FILE, HF_FILE = "tokenizer.model", "meta.json", "tokenizer.json"

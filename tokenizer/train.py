@@ -22,12 +22,12 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from data.config import SourceConfig
-from tokenizer.config import TokenizerConfig
-from tokenizer.hf_export import write_hf_files
-from tokenizer.korean import compatibility_jamo, hangul_syllables, pretokenize
-from tokenizer.sample import mix, nfc, sample_source
-from tokenizer.tokenizer import META_FILE, MODEL_FILE, Tokenizer, fingerprint
+from ondol.data.config import SourceConfig
+from ondol.tokenizer.config import TokenizerConfig
+from ondol.tokenizer.hf_export import write_hf_files
+from ondol.tokenizer.korean import compatibility_jamo, hangul_syllables, pretokenize
+from ondol.tokenizer.sample import mix, nfc, sample_source
+from ondol.tokenizer.tokenizer import META_FILE, MODEL_FILE, Tokenizer, fingerprint
 
 CUT = "\u241f"  # marks pre-tokenization cuts in training sentences; SentencePiece cuts there and drops it
 console = Console(stderr=True)

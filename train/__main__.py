@@ -1,20 +1,19 @@
-"""Per-rank entry used by launchers: `python -m train CONFIG [overrides]` (same as `ondol train`)."""
+"""Per-rank entry used by launchers: `python -m ondol.train CONFIG [overrides]` (same as `ondol train`)."""
 
 import argparse
 import sys
 
-from configs import ConfigError
-from launch.cli import add_config_args
-from train.cli import train_command
+from ondol.configs import ConfigError, add_config_args
+from ondol.train.cli import train_command
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train", description="Train one rank (see `ondol train`).")
+    parser = argparse.ArgumentParser(prog="python -m ondol.train", description="Train one rank (see `ondol train`).")
     add_config_args(parser)
     try:
         return train_command(parser.parse_args(argv))
     except ConfigError as e:
-        print(f"python -m train: config error: {e}", file=sys.stderr)
+        print(f"python -m ondol.train: config error: {e}", file=sys.stderr)
         return 2
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from train import expert_parallel
+from ondol.train import expert_parallel
 
 META, LATEST = "meta.json", "latest"
 _TAG = re.compile(r"^step_(\d{8})$")

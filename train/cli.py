@@ -6,15 +6,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+
+from ondol.configs import add_config_command, load_config
 
 
 def train_command(args: argparse.Namespace) -> int:
     """Train; a refused resume or a non-finite streak is one line on stderr and exit code 1."""
-    import sys
-
-    from configs import load_config
-    from train import NonFiniteError, Trainer
-    from train.checkpoint import IncompatibleCheckpoint
+    from ondol.train.checkpoint import IncompatibleCheckpoint
+    from ondol.train.trainer import NonFiniteError, Trainer
 
     try:
         summary = Trainer(load_config(args.config, args.overrides)).fit()
@@ -27,15 +27,11 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from launch.cli import add_config_args
-
-    p = sub.add_parser(
-        "train",
+    add_config_command(
+        sub, "train", train_command,
         help="train the model on the run's prepared data with DeepSpeed",
         description="Train with DeepSpeed (ZeRO stage, precision and the rest from the config) on the tokenizer "
         "and data already in RUN_DIR (see `ondol tokenizer train`, `ondol data prepare`, or `ondol run` for all "
         "stages). Resumes from RUN_DIR/checkpoints unless train.resume=never; writes metrics.jsonl, loss.png "
         "and the final weights to RUN_DIR/model. For several processes use `ondol launch`.",
     )
-    add_config_args(p)
-    p.set_defaults(func=train_command)

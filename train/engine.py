@@ -13,8 +13,8 @@ from datetime import timedelta
 
 import torch
 
-from configs import RunConfig
-from train.optim import GuardedAdamW, param_groups
+from ondol.configs import RunConfig
+from ondol.train.optim import GuardedAdamW, param_groups
 
 
 @dataclass
@@ -91,7 +91,7 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, env: DistEnv):
     """(engine, optimizer): the model wrapped by DeepSpeed with GuardedAdamW over decay/no-decay groups."""
     import deepspeed
 
-    from train import expert_parallel
+    from ondol.train import expert_parallel
 
     o, ds = cfg.optim, cfg.deepspeed
     groups = param_groups(model, o.weight_decay)

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from model.moe import GroupedExperts
+from ondol.model.moe import GroupedExperts
 
 SUPPORTED_ZERO_STAGES = (0, 1, 2)
 SHARD_GLOB = "expert_shard_*.safetensors"

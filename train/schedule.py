@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from train.config import OptimConfig
+from ondol.train.config import OptimConfig
 
 
 def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:

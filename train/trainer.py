@@ -18,11 +18,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, tokenizer_dir
-from train import checkpoint, expert_parallel
-from train.engine import build_engine, init_distributed
-from train.metrics import MetricsSink, detect_peak_tflops, memory_gib, plot_losses, read_metrics
-from train.schedule import lr_at
+from ondol.configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, tokenizer_dir
+from ondol.train import checkpoint, expert_parallel
+from ondol.train.engine import build_engine, init_distributed
+from ondol.train.metrics import MetricsSink, detect_peak_tflops, memory_gib, plot_losses, read_metrics
+from ondol.train.schedule import lr_at
 
 
 class NonFiniteError(RuntimeError):
@@ -31,10 +31,11 @@ class NonFiniteError(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
-        from data import TokenLoader, read_manifest
-        from model import Transformer
-        from model.flops import train_flops_per_token
-        from tokenizer import Tokenizer
+        from ondol.data.loader import TokenLoader
+        from ondol.data.shards import read_manifest
+        from ondol.model.flops import train_flops_per_token
+        from ondol.model.transformer import Transformer
+        from ondol.tokenizer.tokenizer import Tokenizer
 
         self.env = init_distributed(cfg)
         tokenizer = Tokenizer.load(tokenizer_dir(cfg))
@@ -248,7 +249,7 @@ class Trainer:
         return expert_parallel.full_state_dict(module, state)  # experts gathered from their group, if sharded
 
     def save_final_weights(self) -> Path:
-        from model.io import save_pretrained
+        from ondol.model.io import save_pretrained
 
         state = self.consolidated_state_dict()
         out = model_dir(self.cfg)

@@ -5,8 +5,8 @@ real documents (built here with the tokenizer and data APIs; the trainer tests s
 4 x 64 tokens, fp32 on CPU, ZeRO 0. Experts run through the `loop` dispatch, pinned so that a change of
 the fastest-kernel default (which rounds differently) does not move the golden losses.
 
-  python -m train.golden --regenerate     # on purpose: after a change that is meant to move the losses
-  python -m train.golden                  # compare a fresh run with the stored file
+  python tests/golden.py --regenerate     # on purpose: after a change that is meant to move the losses
+  python tests/golden.py                  # compare a fresh run with the stored file
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from configs import RunConfig, load_config
-from data.config import SourceConfig
+from ondol.configs import RunConfig, load_config
+from ondol.data.config import SourceConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "tiny_losses.json"
@@ -44,8 +44,8 @@ def tiny_config(run_dir: Path, assets: Path, *overrides: str) -> RunConfig:
 
 def build_assets(assets: Path) -> Path:
     """Train the tokenizer and prepare the data once into `assets` (both reuse finished work)."""
-    from data import prepare
-    from tokenizer import train_tokenizer
+    from ondol.data.preparation import prepare
+    from ondol.tokenizer.train import train_tokenizer
 
     cfg = tiny_config(assets / "unused", assets)
     tok = train_tokenizer(cfg.tokenizer, cfg.data.sources, assets / "tokenizer", cfg.seed)
@@ -62,8 +62,8 @@ def link_data(run_dir: Path, assets: Path) -> None:
 
 def run_losses(run_dir: Path, assets: Path, *overrides: str) -> list[float]:
     """Train the golden config and return the loss of each step, from metrics.jsonl."""
-    from train import Trainer
-    from train.metrics import read_metrics
+    from ondol.train.metrics import read_metrics
+    from ondol.train.trainer import Trainer
 
     link_data(run_dir, assets)
     Trainer(tiny_config(run_dir, assets, f"train.steps={GOLDEN_STEPS}", *overrides)).fit()
@@ -72,7 +72,7 @@ def run_losses(run_dir: Path, assets: Path, *overrides: str) -> list[float]:
 
 def assets_identity(assets: Path) -> dict:
     """What the losses depend on besides the trainer and model: the tokenizer and the prepared data."""
-    from data import read_manifest
+    from ondol.data.shards import read_manifest
 
     meta = json.loads((assets / "tokenizer" / "meta.json").read_text(encoding="utf-8"))
     return {"tokenizer_fingerprint": meta["fingerprint"], "data_hash": read_manifest(assets / "data")["hash"]}
@@ -88,7 +88,7 @@ def compare(losses: list[float], golden: list[float]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.golden", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python tests/golden.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--regenerate", action="store_true", help=f"overwrite {GOLDEN.relative_to(ROOT)}")
     parser.add_argument("--work-dir", help="where to build the tokenizer, data and run (default: a temp dir)")
