@@ -27,6 +27,7 @@ CLI_RANK, COMMAND_RANK = 6, 7
 def module_files() -> dict[str, Path]:
     """Every module the distribution installs, by its dotted name under `ondol`."""
     modules = {"ondol": ROOT / "__init__.py"}
+    modules.update({f"ondol.{path.stem}": path for path in sorted(ROOT.glob("*.py")) if path.name != "__init__.py"})
     for package in SUBPACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
             parts = path.relative_to(ROOT).with_suffix("").parts
@@ -60,7 +61,7 @@ def rank(module: str) -> int:
     parts = module.split(".")
     if module == "ondol.launch.cli":
         return COMMAND_RANK
-    if module in ("ondol", "ondol.configs") or parts[-1] == "config":
+    if module in ("ondol", "ondol.configs", "ondol.files") or parts[-1] == "config":
         return 0
     if parts[-1] in ("cli", "__main__"):
         return CLI_RANK

@@ -1,26 +1,33 @@
 """Crash-safe DeepSpeed checkpoints: RUN_DIR/checkpoints/step_XXXXXXXX/ plus a `latest` pointer.
 
 A checkpoint counts only once its `meta.json` exists. Order of a save: stale folder of the same tag removed,
-DeepSpeed writes model/optimizer shards (every rank), each rank writes its RNG states, barrier, then rank 0
-writes meta.json (fsync) and swaps `latest` by atomic rename. A crash at any point before the rename leaves
-`latest` on the previous complete checkpoint; a folder without meta.json is ignored and later removed.
+DeepSpeed writes model/optimizer shards (every rank), each rank writes its RNG states and fsyncs the folder,
+barrier, then rank 0 writes meta.json (with every file's size) and swaps `latest`, both by temp + fsync +
+rename. A crash at any point before the rename leaves `latest` on the previous complete checkpoint; a folder
+without meta.json is ignored and later removed; a checkpoint whose files no longer match the sizes in its
+meta.json (truncated, deleted) is skipped with one line, and the previous complete one is used.
 meta.json also carries what decides compatibility (model shape, tokenizer, data), checked before DeepSpeed
 reads anything, so a mismatch is refused with a message instead of a tensor-shape traceback.
+
+Nothing is unpickled with `weights_only=False`: RNG states are stored as tensors and plain values, and
+DeepSpeed's own files are read through a checkpoint engine that loads weights-only with an allow-list of the
+three DeepSpeed classes its optimizer files contain.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from ondol.files import fsync_tree, write_atomic
 from ondol.train import expert_parallel
 
 META, LATEST = "meta.json", "latest"
@@ -39,20 +46,6 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def is_complete(folder: Path) -> bool:
     return (folder / META).is_file()
 
@@ -65,30 +58,87 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The folder `latest` names if it is complete, else the newest complete one (None: nothing to resume)."""
+def damage(folder: Path) -> str | None:
+    """What is wrong with a complete checkpoint's files compared with the sizes meta.json recorded (None: intact;
+    checkpoints from before sizes were recorded count as intact)."""
+    for name, size in read_meta(folder).get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size:,} bytes, {META} recorded {size:,}"
+    return None
+
+
+def latest_checkpoint(ckpt_dir: Path, report: Callable[[str], None] | None = None) -> Path | None:
+    """The newest intact complete checkpoint (None: nothing to resume). `latest` is followed only when it names a
+    direct child of `ckpt_dir`; a damaged checkpoint is skipped with one line passed to `report`."""
+    candidates = complete_checkpoints(ckpt_dir)[::-1]
     pointer = ckpt_dir / LATEST
     if pointer.is_file():
-        named = ckpt_dir / pointer.read_text(encoding="utf-8").strip()
-        if _TAG.match(named.name) and is_complete(named):
-            return named
-    found = complete_checkpoints(ckpt_dir)
-    return found[-1] if found else None
+        named = pointer.read_text(encoding="utf-8").strip()
+        first = [p for p in candidates if _TAG.match(named) and p.name == named]
+        candidates = first + [p for p in candidates if p not in first]
+    for folder in candidates:
+        problem = damage(folder)
+        if problem is None:
+            return folder
+        if report is not None:
+            report(f"skipping damaged checkpoint {folder.name}: {problem}")
+    return None
 
 
 def rng_states() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain values (loadable with weights_only=True)."""
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = {"python": [version, list(internal), gauss],
+             "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                       "pos": np_state["state"]["pos"], "has_gauss": np_state["has_gauss"],
+                       "gauss": np_state["gauss"]},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_states(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937", "state": {"key": n["key"].numpy().astype(np.uint32),
+                                                                "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _deepspeed_safe_globals() -> list:
+    """The classes DeepSpeed pickles into its ZeRO optimizer files besides tensors and containers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: str | Path, map_location=None):
+    """torch.load that cannot run code: weights-only, DeepSpeed's few classes allowed by name."""
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def use_weights_only_loading(engine) -> None:
+    """Make `engine.load_checkpoint` read every file weights-only (DeepSpeed's engine passes
+    weights_only=False)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return load_weights_only(path, map_location)
+
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict, meta: dict, rank: int, keep_last: int) -> Path:
@@ -103,10 +153,12 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, meta: dict, rank
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     expert_parallel.save_expert_shards(engine.module, folder)  # DeepSpeed leaves expert-parallel weights out
     torch.save(rng_states(), folder / f"rng_rank{rank}.pt")
+    fsync_tree(folder)  # what this rank wrote is on disk before meta.json can say the checkpoint is complete
     dist.barrier()
     if rank == 0:
-        _write_atomic(folder / META, json.dumps({**meta, "step": step}, indent=2) + "\n")
-        _write_atomic(ckpt_dir / LATEST, tag)
+        files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+        write_atomic(folder / META, json.dumps({**meta, "step": step, "files": files}, indent=2) + "\n")
+        write_atomic(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep_last, keep=folder)
     dist.barrier()
     return folder
@@ -145,6 +197,7 @@ def check_compatible(folder: Path, meta: dict) -> None:
 
 def load(engine, folder: Path, rank: int, seed: int) -> dict:
     """Load weights, optimizer and this rank's RNG states; returns the client state saved with them."""
+    use_weights_only_loading(engine)
     sharded = expert_parallel.expert_parallel_layers(engine.module) or list(folder.glob(expert_parallel.SHARD_GLOB))
     _, client_state = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
                                              load_lr_scheduler_states=False,
@@ -154,7 +207,7 @@ def load(engine, folder: Path, rank: int, seed: int) -> dict:
         raise IncompatibleCheckpoint(f"DeepSpeed could not load {folder} (see its log above)")
     rng_file = folder / f"rng_rank{rank}.pt"
     if rng_file.is_file():
-        set_rng_states(torch.load(rng_file, weights_only=False))
+        set_rng_states(torch.load(rng_file, weights_only=True))
     else:  # more ranks than when saved: a fresh, reproducible stream per new rank
         random.seed(seed + rank)
         np.random.seed(seed + rank)

@@ -291,7 +291,7 @@ def full_state_dict_from_checkpoint(ckpt_dir: str | Path) -> dict[str, torch.Ten
     model_file = Path(ckpt_dir) / "mp_rank_00_model_states.pt"
     if not model_file.is_file():
         raise FileNotFoundError(f"{model_file} not found: point at a checkpoint tag folder (save_dir/tag)")
-    module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    module = torch.load(model_file, map_location="cpu", weights_only=True)["module"]
     return {**module, **read_expert_shards(ckpt_dir)}
 
 

@@ -1,0 +1,61 @@
+"""Durable writes for files that mark work complete (manifests, shards, checkpoints' meta.json, final weights).
+
+A file is written under a unique temporary name in its own folder, fsynced, renamed over the target and the
+folder fsynced, so that a crash or kill -9 at any moment leaves either the old complete file or the new one,
+never a torn one, and two writers never share a temporary name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make renames and new entries in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
+    """Yields a temporary path beside `path` to write to; on a clean exit it is fsynced and renamed to `path`
+    (with permissions `mode`), on an exception removed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write `data` (text as UTF-8) to `path` durably and atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """fsync every file under `folder` and every folder in it (files written by a library that does not)."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            fsync_file(Path(root) / name)
+        fsync_dir(root)
