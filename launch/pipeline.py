@@ -9,6 +9,7 @@ where it stopped.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -106,7 +107,13 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
 
 def _run(args: argparse.Namespace) -> int:
-    run_pipeline(load_config(args.config, args.overrides))
+    from ondol.train.preemption import PREEMPTED_EXIT, Preempted
+
+    try:
+        run_pipeline(load_config(args.config, args.overrides))
+    except Preempted as e:
+        print(f"ondol run: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
     return 0
 
 

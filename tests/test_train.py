@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -234,11 +238,124 @@ def test_trainer_refuses_to_resume_a_different_shape(assets, zero0, tmp_path):
 def test_incomplete_checkpoint_is_ignored(zero0, tmp_path):
     ckpts = tmp_path / "checkpoints"
     for folder in checkpoint.complete_checkpoints(zero0["run"] / "checkpoints"):
-        (ckpts / folder.name).mkdir(parents=True)
-        (ckpts / folder.name / checkpoint.META).write_text(folder.joinpath(checkpoint.META).read_text())
+        shutil.copytree(folder, ckpts / folder.name)
     (ckpts / "step_00000012").mkdir()  # a save cut short: shards but no meta.json
     (ckpts / checkpoint.LATEST).write_text("step_00000012")  # even if the pointer were ahead
     assert checkpoint.latest_checkpoint(ckpts).name == "step_00000008"
+
+
+# ---- checkpoint safety ----------------------------------------------------------------------------------------
+def _copy_run(zero0: dict, run: Path, assets: Path) -> Path:
+    """A run directory holding a copy of the reference run's checkpoints and metrics."""
+    link_data(run, assets)
+    shutil.copytree(zero0["run"] / "checkpoints", run / "checkpoints")
+    shutil.copy(zero0["run"] / "metrics.jsonl", run / "metrics.jsonl")
+    return run / "checkpoints"
+
+
+def _rows(run: Path) -> list[tuple]:
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(run / "metrics.jsonl")]
+
+
+def test_latest_pointer_cannot_leave_the_checkpoint_directory(zero0, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(checkpoint.latest_checkpoint(zero0["run"] / "checkpoints"), elsewhere / "step_00000099")
+    ckpts = tmp_path / "run" / "checkpoints"
+    shutil.copytree(zero0["run"] / "checkpoints" / "step_00000004", ckpts / "step_00000004")
+    (ckpts / checkpoint.LATEST).write_text("../../elsewhere/step_00000099")
+    assert checkpoint.latest_checkpoint(ckpts).name == "step_00000004"
+
+
+def test_damaged_newest_checkpoint_falls_back_with_one_line_and_resumes_exactly(assets, zero0, tmp_path, capsys):
+    from ondol.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    ckpts = _copy_run(zero0, run, assets)
+    shard = ckpts / "step_00000008" / "mp_rank_00_model_states.pt"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    Trainer(tiny_config(run, assets, *ZERO_RUN, "train.save_every=4", "train.eval_every=4")).fit()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipping")]
+    expected = f"skipping damaged checkpoint step_00000008: {shard} has {size // 2:,} bytes, meta.json recorded {size:,}"
+    assert lines == [expected]
+    assert _rows(run) == _rows(zero0["run"])  # resumed at step 4; metrics.jsonl reads as one run
+    ref, got = (load_file(d / "model" / "model.safetensors") for d in (zero0["run"], run))
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_resume_unpickles_nothing_with_weights_only_false(assets, tmp_path, monkeypatch, stage):
+    from ondol.train.trainer import Trainer
+
+    run_losses(tmp_path, assets, "train.steps=2", f"deepspeed.zero_stage={stage}")
+    calls, load = [], torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append((str(args[0]), kwargs.get("weights_only")))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    trainer = Trainer(tiny_config(tmp_path, assets, "train.steps=3", f"deepspeed.zero_stage={stage}"))
+    trainer.fit()
+    assert trainer.step == 3
+    names = {Path(path).name for path, _ in calls}
+    assert {"rng_rank0.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"} <= names
+    assert [c for c in calls if c[1] is not True] == []
+
+
+def test_resume_never_moves_earlier_checkpoints_aside(assets, zero0, tmp_path):
+    run = tmp_path / "run"
+    _copy_run(zero0, run, assets)
+    run_losses(run, assets, "train.steps=2", "train.resume=never")
+    (aside,) = run.glob("checkpoints.replaced-*")
+    assert sorted(p.name for p in checkpoint.complete_checkpoints(aside)) == ["step_00000004", "step_00000008"]
+    assert [p.name for p in checkpoint.complete_checkpoints(run / "checkpoints")] == ["step_00000002"]
+    assert [r[0] for r in _rows(run)] == [0, 1, 2, 2]  # a fresh start: the old rows and step-0 row replaced
+
+
+def test_stop_signal_saves_at_that_step_and_resume_is_bit_exact(assets, zero0, tmp_path):
+    from ondol.train.preemption import Preempted
+    from ondol.train.trainer import Trainer
+
+    stop_at = random.Random().randint(1, 7)
+    run = tmp_path / "run"
+    link_data(run, assets)
+    cfg = tiny_config(run, assets, *ZERO_RUN, "train.save_every=4", "train.eval_every=4")
+    trainer = Trainer(cfg)
+    step = trainer.train_step
+
+    def signalled_step():
+        step()
+        if trainer.step == stop_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    trainer.train_step = signalled_step
+    with pytest.raises(Preempted, match=f"SIGUSR1.*after step {stop_at}"):
+        trainer.fit()
+    assert checkpoint.latest_checkpoint(run / "checkpoints").name == checkpoint.tag_for(stop_at)
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored
+    Trainer(cfg).fit()
+    assert _rows(run) == _rows(zero0["run"]), f"stopped at step {stop_at}"
+    ref, got = (load_file(d / "model" / "model.safetensors") for d in (zero0["run"], run))
+    assert all(torch.equal(ref[k], got[k]) for k in ref), f"stopped at step {stop_at}"
+
+
+def test_logged_loss_averages_only_the_applied_steps(assets, tmp_path):
+    """Per-step losses (log_every=1) are the reference for a 3-step interval holding one skipped step."""
+    from ondol.train.trainer import Trainer
+
+    logged = {}
+    for every in (1, 3):
+        run = tmp_path / f"every{every}"
+        link_data(run, assets)
+        trainer = Trainer(tiny_config(run, assets, "train.steps=3", f"train.log_every={every}"))
+        _poison(trainer, {2})
+        trainer.fit()
+        logged[every] = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    per_step = [r["loss"] for r in logged[1]]
+    assert math.isnan(per_step[1]) and logged[3][0]["nonfinite_steps"] == 1
+    assert logged[3][0]["loss"] == pytest.approx((per_step[0] + per_step[2]) / 2, rel=1e-12)
 
 
 # ---- wandb ----------------------------------------------------------------------------------------------

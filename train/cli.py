@@ -12,8 +12,10 @@ from ondol.configs import add_config_command, load_config
 
 
 def train_command(args: argparse.Namespace) -> int:
-    """Train; a refused resume or a non-finite streak is one line on stderr and exit code 1."""
+    """Train; a refused resume or a non-finite streak is one line on stderr and exit code 1, a stop on request
+    (signal or stop file) exits with PREEMPTED_EXIT after saving."""
     from ondol.train.checkpoint import IncompatibleCheckpoint
+    from ondol.train.preemption import PREEMPTED_EXIT, Preempted
     from ondol.train.trainer import NonFiniteError, Trainer
 
     try:
@@ -21,9 +23,23 @@ def train_command(args: argparse.Namespace) -> int:
     except (IncompatibleCheckpoint, NonFiniteError) as e:
         print(f"ondol train: {e}", file=sys.stderr)
         return 1
+    except Preempted as e:
+        print(f"ondol train: {e}", file=sys.stderr)
+        return PREEMPTED_EXIT
+    finally:
+        _close_process_group()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
     return 0
+
+
+def _close_process_group() -> None:
+    """Shut the process group down before the interpreter exits: torch's gloo/nccl worker threads torn down at
+    exit can abort the process (SIGABRT) after a run that succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def register(sub: argparse._SubParsersAction) -> None:

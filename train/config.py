@@ -62,14 +62,19 @@ class TrainConfig:
     eval_batches: int = 8
     save_every: int = 100
     keep_last: int = 2
-    resume: str = "auto"  # auto | never | a checkpoint folder
+    resume: str = "auto"  # auto | never (earlier checkpoints are moved aside, not deleted) | a checkpoint folder
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     log_every: int = 10
+    # Signals that make every rank finish its step, save a checkpoint and exit with code 75 (a second one: at once)
+    stop_signals: list[str] = field(default_factory=lambda: ["TERM", "USR1", "INT"])
 
     def __post_init__(self) -> None:
         for key in ("steps", "micro_batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
                     "keep_last", "max_nonfinite", "log_every"):
             _need(getattr(self, key) >= 1, f"train.{key} must be >= 1")
+        allowed = ("TERM", "USR1", "USR2", "INT", "HUP", "QUIT")
+        bad = [s for s in self.stop_signals if s.removeprefix("SIG") not in allowed]
+        _need(not bad, f"train.stop_signals: {bad} not among {', '.join(allowed)} (names without SIG)")
 
 
 @dataclass

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ondol.files import write_atomic
+
 # Dense bf16 peak TFLOP/s per GPU (vendor datasheets), used when logging.peak_tflops is 0.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
                "B200": 2250.0, "GH200": 989.0}
@@ -35,20 +37,30 @@ def memory_gib(device: torch.device) -> dict[str, float]:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a last line cut short by a killed writer is left out."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    try:
+        records += [json.loads(line) for line in lines[-1:]]
+    except json.JSONDecodeError:
+        pass
+    return records
 
 
 class MetricsSink:
-    """Rank 0's outputs. On resume, records past the resumed step (written after that checkpoint by the
-    crashed run) are dropped first, so metrics.jsonl reads as one uninterrupted run."""
+    """Rank 0's outputs. metrics.jsonl is only appended to; on resume, records past the resumed step (written
+    after that checkpoint by the interrupted run) are first dropped by an atomic rewrite, and a run starting
+    from step 0 starts the file afresh, so metrics.jsonl reads as one uninterrupted run."""
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, wandb_cfg, progress: bool,
                  config: dict) -> None:
         self.path = run_dir / "metrics.jsonl"
-        kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        records = read_metrics(self.path)
+        kept = [r for r in records if r["step"] <= start_step] if start_step else []
+        if kept != records:
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the sink's lifetime)
         self.wandb = None
         if wandb_cfg.wandb_mode != "disabled":

@@ -3,14 +3,14 @@
 One optimizer step = grad_accum micro-batches per rank. After each applied step the experts' token counts are
 summed over data-parallel ranks and the router biases move toward balance. Metrics are reduced across ranks
 only every log_every steps; the one host sync per step is the finite-gradient check that decides whether the
-update is applied.
+update is applied (plus, on several ranks, one all-reduce of the stop flag: see train/preemption.py). Losses of
+steps whose update was skipped as non-finite are counted, not averaged into the logged loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from ondol.configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, 
 from ondol.train import checkpoint, expert_parallel
 from ondol.train.engine import build_engine, init_distributed
 from ondol.train.metrics import MetricsSink, detect_peak_tflops, memory_gib, plot_losses, read_metrics
+from ondol.train.preemption import Preempted, StopRequest, stop_file
 from ondol.train.schedule import lr_at
 
 
@@ -73,7 +74,8 @@ class Trainer:
     # ---- state -------------------------------------------------------------------------------------------
     def _reset_interval(self) -> None:
         """Sums over the steps since the last log line (kept in checkpoints so a resume logs the same)."""
-        zeros = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # loss, aux, steps
+        # loss and aux loss summed over finite micro-batches, their count, all micro-batches
+        zeros = torch.zeros(4, dtype=torch.float64, device=self.env.device)
         loads = torch.zeros(len(self.moe_layers), self.cfg.model.n_experts, device=self.env.device)
         self.interval = {"sums": zeros, "loads": loads, "t0": time.perf_counter()}
 
@@ -90,11 +92,14 @@ class Trainer:
         mode = self.cfg.train.resume
         if mode == "never":
             if self.env.is_main and self.ckpt_dir.exists():
-                print(f"train.resume=never: removing the earlier checkpoints in {self.ckpt_dir}", flush=True)
-                shutil.rmtree(self.ckpt_dir)
+                aside = self.ckpt_dir.with_name(f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+                self.ckpt_dir.rename(aside)
+                print(f"train.resume=never: moved the earlier checkpoints to {aside} (delete it when no longer "
+                      "needed)", flush=True)
             dist.barrier()
             return
-        folder = checkpoint.latest_checkpoint(self.ckpt_dir) if mode == "auto" else Path(mode)
+        report = (lambda line: print(line, flush=True)) if self.env.is_main else None
+        folder = checkpoint.latest_checkpoint(self.ckpt_dir, report) if mode == "auto" else Path(mode)
         if folder is None:
             return
         if not checkpoint.is_complete(folder):
@@ -117,54 +122,71 @@ class Trainer:
 
     # ---- loop --------------------------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to train.steps; raises Preempted after saving when asked to stop (train/preemption.py)."""
         cfg, tr = self.cfg, self.cfg.train
-        self._resume()
-        sink = None
-        if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-            sink = MetricsSink(self.run_dir, tr.steps, self.step, cfg.logging, cfg.logging.progress,
-                               config_dict(cfg))
-        try:
-            if self.step == 0:
-                self._emit(sink, {"step": 0, "val_loss": self.evaluate()})
-            self.interval["t0"] = time.perf_counter()
-            while self.step < tr.steps:
-                self.train_step()
-                last = self.step == tr.steps
-                if self.step % tr.log_every == 0 or last:
-                    self._emit(sink, self._interval_metrics())
-                paused = time.perf_counter()  # evaluation and checkpoint time is not training throughput
-                if self.step % tr.eval_every == 0 or last:
-                    self._emit(sink, {"step": self.step, "val_loss": self.evaluate()})
-                if self.step % tr.save_every == 0 or last:
-                    self.save()
-                self.interval["t0"] += time.perf_counter() - paused
+        with StopRequest(tr.stop_signals, stop_file(self.run_dir), self.env.device, self.env.world_size) as stop:
+            self._resume()
+            sink = None
+            if self.env.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+                sink = MetricsSink(self.run_dir, tr.steps, self.step, cfg.logging, cfg.logging.progress,
+                                   config_dict(cfg))
+            try:
+                self._loop(sink, stop)
+            finally:
                 if sink is not None:
-                    sink.advance(self.step)
-            self.save_final_weights()
-        finally:
-            if sink is not None:
-                sink.close()
+                    sink.close()
         return self._summary()
+
+    def _loop(self, sink: MetricsSink | None, stop: StopRequest) -> None:
+        tr = self.cfg.train
+        if self.step == 0:
+            self._emit(sink, {"step": 0, "val_loss": self.evaluate()})
+        self.interval["t0"] = time.perf_counter()
+        while self.step < tr.steps:
+            self.train_step()
+            last = self.step == tr.steps
+            if self.step % tr.log_every == 0 or last:
+                self._emit(sink, self._interval_metrics())
+            paused = time.perf_counter()  # evaluation and checkpoint time is not training throughput
+            if self.step % tr.eval_every == 0 or last:
+                self._emit(sink, {"step": self.step, "val_loss": self.evaluate()})
+            saved = self.step % tr.save_every == 0 or last
+            if saved:
+                self.save()
+            if not last and stop.agreed():
+                if not saved:
+                    self.save()
+                stop.saved = True
+                if self.env.is_main:
+                    stop.stop_path.unlink(missing_ok=True)
+                raise Preempted(self.step, stop.reason)
+            self.interval["t0"] += time.perf_counter() - paused
+            if sink is not None:
+                sink.advance(self.step)
+        self.save_final_weights()
 
     def train_step(self) -> None:
         lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.applied = False
-        sums = self.interval["sums"]
-        for _ in range(self.cfg.train.grad_accum):
+        accum = self.cfg.train.grad_accum
+        step_sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)
+        for _ in range(accum):
             batch = {k: v.to(self.env.device, non_blocking=True) for k, v in next(self.loader).items()}
             out = self.engine(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"])
             self.engine.backward(out.loss + out.aux_loss)
             self.engine.step()
-            sums[0] += out.loss.detach()
-            sums[1] += out.aux_loss.detach()
+            step_sums[0] += out.loss.detach()
+            step_sums[1] += out.aux_loss.detach()
         self.last_lr, self.last_metrics = lr, out.metrics
         self.step += 1
-        sums[2] += self.cfg.train.grad_accum
+        self.interval["sums"][3] += accum
         if self.optimizer.applied:
+            self.interval["sums"][:2] += step_sums
+            self.interval["sums"][2] += accum
             self.nonfinite["in_a_row"] = 0
             self._update_router_biases()
             return
@@ -212,12 +234,12 @@ class Trainer:
         if self.env.world_size > 1:
             dist.all_reduce(sums)
         sums = sums.tolist()
-        micro = max(sums[2], 1.0)
+        finite = sums[2] or float("nan")  # an interval of skipped steps only has no loss to report
         elapsed = time.perf_counter() - self.interval["t0"]
-        steps = sums[2] / (self.cfg.train.grad_accum * self.env.world_size)
+        steps = sums[3] / (self.cfg.train.grad_accum * self.env.world_size)
         tokens_per_s = steps * self.tokens_per_step / max(elapsed, 1e-9)
         grad_norm = self.engine.get_global_grad_norm()
-        record = {"step": self.step, "loss": sums[0] / micro, "aux_loss": sums[1] / micro, "lr": self.last_lr,
+        record = {"step": self.step, "loss": sums[0] / finite, "aux_loss": sums[1] / finite, "lr": self.last_lr,
                   "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": tokens_per_s,
                   "steps_per_s": steps / max(elapsed, 1e-9), "nonfinite_steps": self.nonfinite["total"]}
         if self.peak_flops > 0:
