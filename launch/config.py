@@ -1,8 +1,38 @@
 """Typed configuration of how a job is started (one machine, a hostfile cluster, or Slurm)."""
 
+import os
+import re
+import stat
 from dataclasses import dataclass, field
+from pathlib import Path
 
 LAUNCHERS = ("local", "pdsh", "openmpi", "mvapich", "slurm")
+HOSTNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:-]*$")  # a host name or IP address, nothing a shell interprets
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def read_env_file(path: str | os.PathLike) -> dict[str, str]:
+    """NAME=value lines (`#` comments, blank lines) of launch.env_file. The file holds secrets: it must belong
+    to this user and be readable by nobody else (chmod 600). Errors are one line naming the file (and line)."""
+    path = Path(path).expanduser()
+    try:
+        info = path.stat()
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"launch.env_file {path}: cannot read it ({e.strerror})") from None
+    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(f"launch.env_file {path} is readable by others (mode {stat.filemode(info.st_mode)}): "
+                         f"run chmod 600 {path}")
+    found = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        name = name.strip().removeprefix("export ").strip()
+        if not sep or not ENV_NAME.match(name):
+            raise ValueError(f"launch.env_file {path}:{number}: expected NAME=value")
+        found[name] = value
+    return found
 
 
 @dataclass
@@ -17,10 +47,20 @@ class SlurmConfig:
     cpus_per_node: int = 0  # --cpus-per-task of the one launcher task per node; 0: Slurm's default
     job_name: str | None = None  # None: ondol-<run dir name>
     extra_sbatch: list[str] = field(default_factory=list)  # extra `#SBATCH` options, e.g. "--exclusive"
+    # Slurm sends USR1 to the batch script this many seconds before the time limit (--signal=B:USR1@N): every
+    # rank saves and stops, and with `requeue` the job queues itself again and resumes; 0: no early signal
+    stop_signal_s: int = 300
+    requeue: bool = True
 
     def __post_init__(self) -> None:
         if self.cpus_per_node < 0:
             raise ValueError("launch.slurm.cpus_per_node must be >= 0 (0: Slurm's default)")
+        if self.stop_signal_s < 0:
+            raise ValueError("launch.slurm.stop_signal_s must be >= 0 (0: no signal before the time limit)")
+        for key in ("partition", "time", "account", "job_name", "container"):
+            value = getattr(self, key) or ""
+            if "\n" in value or "\r" in value:
+                raise ValueError(f"launch.slurm.{key} must be one line")
 
 
 @dataclass
@@ -33,6 +73,9 @@ class LaunchConfig:
     master_addr: str = "127.0.0.1"  # multi-node: 127.0.0.1 means the first host; Slurm: the first allocated node
     master_port: int = 29500  # 0: a free port (local); Slurm derives it from the job id
     global_batch_size: int = 0  # expected micro x grad_accum x data-parallel size; 0: not checked
+    # NAME=value lines (chmod 600) every rank reads on its own node: secrets such as WANDB_API_KEY reach the
+    # ranks without being on a command line, in a log or in a generated file
+    env_file: str | None = None
     watchdog_minutes: float = 30.0  # stop the job when no rank log grew for this long; 0: never
     failure_grace_s: float = 15.0  # after a rank fails, how long the others get to exit before being stopped
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
@@ -44,6 +87,8 @@ class LaunchConfig:
             raise ValueError("launch.nodes must be >= 1")
         if self.gpus_per_node < 1:
             raise ValueError("launch.gpus_per_node must be >= 1")
+        if not HOSTNAME.match(self.master_addr):
+            raise ValueError(f"launch.master_addr must be a host name or IP address, not {self.master_addr!r}")
         if not 0 <= self.master_port < 65536:
             raise ValueError("launch.master_port must lie in [0, 65535] (0: pick a free port)")
         if self.global_batch_size < 0:

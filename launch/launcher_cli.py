@@ -19,15 +19,15 @@ EXAMPLES = """examples:
 """
 
 
-def build_plan(cfg: RunConfig, config_path: str, overrides: list[str], module: str = DEFAULT_MODULE, *,
-               check_hosts: bool = False, dry_run: bool = False) -> tuple[LaunchPlan, list[str]]:
+def build_plan(cfg: RunConfig, module: str = DEFAULT_MODULE, *, check_hosts: bool = False,
+               dry_run: bool = False) -> tuple[LaunchPlan, list[str]]:
     """Pre-flight checks, then the launch plan for the configured launcher; (plan, report lines)."""
     from ondol.launch.slurm import plan_slurm
 
     layout, report = run_preflight(cfg, check_inputs=module == DEFAULT_MODULE, check_hosts=check_hosts,
                                    dry_run=dry_run)
     plan_for = plan_slurm if cfg.launch.launcher == "slurm" else plan_launch
-    return plan_for(cfg, layout, config_path, overrides, module), report
+    return plan_for(cfg, layout, module), report
 
 
 def launch_command(args: argparse.Namespace) -> int:
@@ -38,8 +38,8 @@ def launch_command(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        plan, report = build_plan(cfg, args.config, args.overrides, args.module,
-                                  check_hosts=not args.dry_run and not args.no_host_check, dry_run=args.dry_run)
+        plan, report = build_plan(cfg, args.module, check_hosts=not args.dry_run and not args.no_host_check,
+                                  dry_run=args.dry_run)
     except PreflightError as e:
         print(f"ondol launch: pre-flight: {e}", file=sys.stderr)
         return 2
@@ -52,7 +52,7 @@ def launch_command(args: argparse.Namespace) -> int:
         return run_plan(cfg, plan)
     write_files(plan)
     plan.log_dir.mkdir(parents=True, exist_ok=True)  # Slurm opens --output before the script's first line runs
-    (script,) = plan.files
+    script = next(path for path in plan.files if path.suffix == ".sbatch")
     if not args.submit:
         print(f"wrote {script}\nsubmit it with: sbatch {script}  (or add --submit)")
         return 0
@@ -72,7 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_config_command(
         sub, "launch", launch_command,
         help="train on many processes/GPUs/nodes through DeepSpeed's launcher (local, hostfile, Slurm)",
-        description="Start `python -m ondol.train CONFIG overrides` on every rank through DeepSpeed's launcher. "
+        description="Start `python -m ondol.train CONFIG` on every rank through DeepSpeed's launcher, CONFIG being "
+        "the checked config with its overrides, written to RUN_DIR/launch/config.<hash>.yaml. "
         "launch.launcher=local runs launch.gpus_per_node ranks here (gloo workers on CPU); pdsh/openmpi/mvapich "
         "use launch.hostfile ('HOST slots=N' lines) and the first launch.nodes hosts; slurm writes "
         "RUN_DIR/launch/ondol.sbatch (srun starts one launcher per node). Pre-flight checks the hostfile, the "
@@ -87,4 +88,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-host-check", action="store_true",
                    help="skip the passwordless-ssh check of the hostfile's hosts")
     p.add_argument("--module", default=DEFAULT_MODULE,
-                   help="module each rank runs as `python -m MODULE CONFIG overrides` (default: ondol.train)")
+                   help="module each rank runs as `python -m MODULE CONFIG` (default: ondol.train)")

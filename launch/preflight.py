@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ondol.configs import RunConfig, data_dir, tokenizer_dir
+from ondol.launch.config import HOSTNAME, read_env_file
 
 # Variables that decide how ranks find each other and which network they use.
 NETWORK_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "TORCH_DISTRIBUTED_", "UCX_", "FI_", "MASTER_ADDR",
@@ -21,6 +22,11 @@ NETWORK_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "TORCH_DISTRIBUTED_", "
 SHARED_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "cifs", "smb3", "smbfs", "ceph", "cephfs",
                       "glusterfs", "wekafs", "panfs", "pvfs2", "orangefs", "9p", "virtiofs")
 LOCAL_FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "tmpfs", "overlay", "f2fs", "vfat", "ramfs")
+# Variables DeepSpeed's multi-node runners copy into the remote command line (deepspeed/launcher/runner.py
+# EXPORT_ENVS plus the CUDA accelerator's), besides every line of .deepspeed_env.
+DEEPSPEED_EXPORTED_PREFIXES = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL")
+SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH")
+SHELL_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_@%+=:,./-")
 
 
 class PreflightError(ValueError):
@@ -65,6 +71,8 @@ def parse_hostfile(path: str | os.PathLike) -> list[Host]:
         name, slots = parts[0], parts[1][len("slots="):]
         if not slots.isdigit() or int(slots) < 1:
             raise PreflightError(f"hostfile {path}:{number}: slots must be a positive integer, got '{slots}'")
+        if not HOSTNAME.match(name):
+            raise PreflightError(f"hostfile {path}:{number}: '{name}' is not a host name or IP address")
         if name in seen:
             raise PreflightError(f"hostfile {path}:{number}: host '{name}' is already listed on line {seen[name]}")
         seen[name] = number
@@ -221,6 +229,48 @@ def unreachable_hosts(hosts: list[str], timeout_s: int = 5) -> list[str]:
         return [h for h, bad in zip(hosts, pool.map(fails, hosts)) if bad]
 
 
+def _looks_secret(name: str) -> bool:
+    return any(word in name.upper() for word in SECRET_WORDS)
+
+
+def check_remote_shell(cfg: RunConfig, environ: dict[str, str] | None = None, home: Path | None = None) -> list[str]:
+    """pdsh / OpenMPI / MVAPICH: DeepSpeed's runner writes the working directory, the Python path and exported
+    variables unquoted into the remote shell line, and secrets there show in `ps` and its log."""
+    import sys
+
+    environ = os.environ if environ is None else environ
+    for what, value in (("working directory", os.getcwd()), ("Python executable", sys.executable)):
+        if not set(value) <= SHELL_SAFE:
+            raise PreflightError(f"the {what} {value!r} has characters a remote shell would interpret and DeepSpeed's "
+                                 f"{cfg.launch.launcher} runner does not quote: use a path of letters, digits and ._-/")
+    exported = sorted(k for k in environ if k.startswith(DEEPSPEED_EXPORTED_PREFIXES) and _looks_secret(k))
+    if exported:
+        raise PreflightError(f"{exported[0]} is set and DeepSpeed's {cfg.launch.launcher} runner would put its value on "
+                             "the remote command line: unset it and put it in launch.env_file (chmod 600)")
+    for folder in (Path.cwd(), home or Path.home()):
+        path = folder / ".deepspeed_env"
+        if not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            name = line.split("=", 1)[0].strip()
+            if _looks_secret(name):
+                raise PreflightError(f"{path}:{number}: {name} would be written into the remote command line (visible "
+                                     "in ps and DeepSpeed's log): move it to launch.env_file (chmod 600)")
+    return ["remote shell: every rank argument is shell-safe; secrets only in launch.env_file"]
+
+
+def check_env_file(cfg: RunConfig) -> list[str]:
+    """launch.env_file exists, is private and well-formed; its variable names (never values) are reported."""
+    if not cfg.launch.env_file:
+        return []
+    try:
+        names = sorted(read_env_file(cfg.launch.env_file))
+    except ValueError as e:
+        raise PreflightError(str(e)) from None
+    line = f"env file: {cfg.launch.env_file} gives every rank {', '.join(names) or 'no variables'}"
+    return [f"{line} (values not shown; read on each node)"]
+
+
 def run_preflight(cfg: RunConfig, *, check_inputs: bool = True, check_hosts: bool = False,
                   dry_run: bool = False) -> tuple[Layout, list[str]]:
     """Every check for this launch; returns the layout and the report lines (raises PreflightError).
@@ -251,9 +301,11 @@ def run_preflight(cfg: RunConfig, *, check_inputs: bool = True, check_hosts: boo
             report.append(f"warning: {e} (a real launch stops here)")
     report.append(timeouts_line(cfg))
     report += network_env_report()
+    report += check_env_file(cfg)
     if cfg.launch.launcher in ("pdsh", "openmpi", "mvapich"):
+        report += check_remote_shell(cfg)
         report.append("network env: DeepSpeed forwards NCCL_*, UCX_*, PYTHON* and MV2_* to the other nodes; put "
-                      "other variables in ./.deepspeed_env or ~/.deepspeed_env (NAME=value lines)")
+                      "other variables in ./.deepspeed_env (non-secret) or launch.env_file (secrets)")
     warning = storage_warning(cfg.run_dir, layout.nodes)
     if warning:
         report.append(warning)

@@ -1,11 +1,14 @@
-"""Per-rank entry the launchers start: `python -m ondol.launch.rank --log-dir DIR [...] -- MODULE ARGS...`.
+"""Per-rank entry the launchers start: `python -m ondol.launch.rank --spec=SPEC`.
 
-Runs MODULE exactly like `python -m MODULE ARGS` (the trainer: `python -m ondol.train CONFIG overrides`) after
-making every runner look the same to it:
+SPEC (base64url JSON, see launch/launcher.py) holds the log directory, MODULE and its ARGS, and for MPI runners
+the master address and port. Runs MODULE exactly like `python -m MODULE ARGS` (the trainer:
+`python -m ondol.train RUN_DIR/launch/config.<hash>.yaml`) after making every runner look the same to it:
 - MPI runners (OpenMPI, MVAPICH) set their own rank variables, not torch's RANK/WORLD_SIZE/LOCAL_RANK;
 - the rank's stdout and stderr go to DIR/rank{RANK}.log (appended, one header per start);
 - its exit code goes to DIR/rank{RANK}.exit, so the supervisor can tell the rank that failed first from the
-  ranks that were stopped because of it.
+  ranks that were stopped because of it;
+- the variables of `launch.env_file` (secrets such as WANDB_API_KEY) are read from that file on the rank's own
+  node, so their values are never part of a command line.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+from ondol.launch.config import read_env_file
+from ondol.launch.launcher import SPEC_PREFIX, decode_spec
 
 # (rank, world size, local rank) variables of the MPI implementations DeepSpeed's runners can use.
 MPI_RANK_VARS = (
@@ -78,24 +84,27 @@ def _run_module(module: str, args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ondol.launch.rank", description=__doc__.split("\n")[0])
-    parser.add_argument("--log-dir", required=True, help="where rank{RANK}.log and rank{RANK}.exit go")
-    parser.add_argument("--master-addr", help="MASTER_ADDR when the runner does not set it (MPI runners)")
-    parser.add_argument("--master-port", type=int, help="MASTER_PORT when the runner does not set it")
-    parser.add_argument("module", help="module run as `python -m MODULE`, e.g. ondol.train")
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="its arguments")
-    ns = parser.parse_args(argv)
-    args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
-    os.environ.update(torch_rank_env(dict(os.environ), ns.master_addr, ns.master_port))
+    parser.add_argument(SPEC_PREFIX.removesuffix("="), dest="spec", required=True,
+                        help="base64url JSON: log_dir, module, args, env_file, master_addr, master_port")
+    spec = decode_spec(parser.parse_args(argv).spec)
+    os.environ.update(torch_rank_env(dict(os.environ), spec.get("master_addr"), spec.get("master_port")))
     rank = int(os.environ.get("RANK", "0"))
-    log_dir = Path(ns.log_dir)
+    log_dir = Path(spec["log_dir"])
     log_dir.mkdir(parents=True, exist_ok=True)
     log, exit_record = log_paths(log_dir, rank)
     exit_record.unlink(missing_ok=True)
     _redirect_output(log)
     host = socket.gethostname()
+    module, args = spec["module"], spec["args"]
     print(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} rank {rank}/{os.environ.get('WORLD_SIZE', '1')} on {host} "
-          f"(pid {os.getpid()}): python -m {ns.module} {' '.join(args)}", flush=True)
-    code = _run_module(ns.module, args)
+          f"(pid {os.getpid()}): python -m {module} {' '.join(args)}", flush=True)
+    try:
+        if spec.get("env_file"):
+            os.environ.update(read_env_file(spec["env_file"]))
+        code = _run_module(module, args)
+    except ValueError as e:  # the env file is unreadable or malformed
+        print(f"ondol.launch.rank: {e}", file=sys.stderr)
+        code = 2
     sys.stdout.flush()
     sys.stderr.flush()
     exit_record.write_text(json.dumps({"rank": rank, "host": host, "exit_code": code, "time": time.time()}))

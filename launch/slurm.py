@@ -5,11 +5,16 @@ id, so jobs sharing a node do not collide), writes a DeepSpeed hostfile of the a
 `deepspeed --no_ssh --node_rank=$SLURM_NODEID` on every node: no ssh between nodes is needed. srun's
 --kill-on-bad-exit stops all nodes when one launcher fails; without a container the supervisor
 (ondol.launch.supervise) also watches the ranks' exit records and logs.
+
+Preemption and time limits: Slurm signals the batch script (USR1 `launch.slurm.stop_signal_s` before the limit,
+TERM on scancel); the script's trap writes the run's stop file, every rank saves at the end of its step and
+exits with 75, and after a USR1 stop the script requeues its own job (`--requeue`, output appended), which
+resumes from that checkpoint. Every value from the config is quoted: `#SBATCH` lines in Slurm's double quotes,
+shell lines with shlex; the ranks read the resolved config the pre-flight checked, never overrides.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
@@ -17,8 +22,9 @@ import sys
 from pathlib import Path
 
 from ondol.configs import RunConfig
-from ondol.launch.launcher import LaunchPlan, launch_dir, log_dir, rank_args
+from ondol.launch.launcher import LaunchPlan, launch_dir, log_dir, rank_args, resolved_config
 from ondol.launch.preflight import Layout
+from ondol.train.preemption import PREEMPTED_EXIT, stop_file
 
 SCRIPT_NAME = "ondol.sbatch"
 
@@ -28,6 +34,11 @@ def _venv_setup() -> list[str]:
     if sys.prefix != sys.base_prefix and (Path(sys.prefix) / "bin" / "activate").is_file():
         return [f"source {shlex.quote(str(Path(sys.prefix) / 'bin' / 'activate'))}"]
     return []
+
+
+def _directive(option: str) -> str:
+    """One `#SBATCH` line; sbatch reads its argument with double quotes grouping and backslash escaping."""
+    return "#SBATCH " + '"' + option.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def sbatch_directives(cfg: RunConfig, layout: Layout) -> list[str]:
@@ -42,20 +53,22 @@ def sbatch_directives(cfg: RunConfig, layout: Layout) -> list[str]:
         lines.append(f"--partition={sl.partition}")
     if sl.account:
         lines.append(f"--account={sl.account}")
-    lines += [f"--time={sl.time}", f"--output={log_dir(cfg) / 'slurm-%j.out'}", *sl.extra_sbatch]
-    return lines
+    lines += [f"--time={sl.time}", f"--output={log_dir(cfg) / 'slurm-%j.out'}", "--open-mode=append"]
+    if sl.stop_signal_s:
+        lines.append(f"--signal=B:USR1@{sl.stop_signal_s}")
+    if sl.requeue:
+        lines.append("--requeue")
+    return [*lines, *sl.extra_sbatch]
 
 
-def node_command(cfg: RunConfig, config_path: str | os.PathLike, overrides: list[str], module: str) -> str:
+def node_command(cfg: RunConfig, config_file: Path, module: str) -> str:
     """The per-node shell command srun runs (variables expand on each node)."""
     fixed = ["deepspeed", "--hostfile", '"$HOSTFILE"', "--no_ssh", '--node_rank="$SLURM_NODEID"',
              '--master_addr="$MASTER_ADDR"', '--master_port="$MASTER_PORT"']
-    quoted = [shlex.quote(arg) for arg in rank_args(cfg, config_path, overrides, module)]
-    return " ".join(fixed + quoted)
+    return " ".join(fixed + [shlex.quote(arg) for arg in rank_args(cfg, config_file, module)])
 
 
-def sbatch_script(cfg: RunConfig, layout: Layout, config_path: str | os.PathLike, overrides: list[str],
-                  module: str) -> str:
+def sbatch_script(cfg: RunConfig, layout: Layout, config_file: Path, module: str) -> str:
     sl = cfg.launch.slurm
     workdir = Path.cwd().resolve()
     logs = log_dir(cfg)
@@ -67,20 +80,24 @@ def sbatch_script(cfg: RunConfig, layout: Layout, config_path: str | os.PathLike
         mounts = [f"{workdir}:{workdir}", *sl.container_mounts]
         srun += [f"--container-image={sl.container}", f"--container-mounts={','.join(mounts)}",
                  f"--container-workdir={workdir}"]
-    srun_line = f"{shlex.join(srun)} bash -c {shlex.quote(node_command(cfg, config_path, overrides, module))}"
+    job_line = f"{shlex.join(srun)} bash -c {shlex.quote(node_command(cfg, config_file, module))}"
     if not sl.container:  # the supervisor needs this environment on the batch host; a container has it inside
-        srun_line = (f"python -m ondol.launch.supervise --log-dir {shlex.quote(str(logs))} "
-                     f"--watchdog-minutes {cfg.launch.watchdog_minutes:g} "
-                     f"--failure-grace-s {cfg.launch.failure_grace_s:g} -- {srun_line}")
+        job_line = (f"python -m ondol.launch.supervise --log-dir {shlex.quote(str(logs))} "
+                    f"--stop-file {shlex.quote(str(stop_file(cfg.run_dir)))} "
+                    f"--watchdog-minutes {cfg.launch.watchdog_minutes:g} "
+                    f"--failure-grace-s {cfg.launch.failure_grace_s:g} -- {job_line}")
     setup = sl.setup or ([] if sl.container else _venv_setup())
     cpu_threads = []
     if not sl.request_gpus:  # CPU nodes: the gloo workers share the node's cores, at least one thread each
         per_worker = f"${{SLURM_CPUS_ON_NODE:-1}} / {layout.gpus_per_node}"
         cpu_threads.append(f"export OMP_NUM_THREADS=$(( {per_worker} > 0 ? {per_worker} : 1 ))")
+    requeue = (f'if [ "$code" -eq {PREEMPTED_EXIT} ] && [ "$stop_signal" = USR1 ]; then\n'
+               '  echo "ondol: saved before the time limit; requeueing job $SLURM_JOB_ID"\n'
+               '  scontrol requeue "$SLURM_JOB_ID"\nfi') if sl.requeue else ""
     lines = [
         "#!/bin/bash",
-        f"# Generated by `ondol launch` for {Path(config_path).resolve()}: one DeepSpeed launcher per node.",
-        *[f"#SBATCH {d}" for d in sbatch_directives(cfg, layout)],
+        f"# Generated by `ondol launch`: one DeepSpeed launcher per node, every rank reading {config_file}.",
+        *[_directive(d) for d in sbatch_directives(cfg, layout)],
         "set -euo pipefail",
         f"cd {shlex.quote(str(workdir))}",
         *setup,
@@ -89,19 +106,32 @@ def sbatch_script(cfg: RunConfig, layout: Layout, config_path: str | os.PathLike
         "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 40000))",
         f"export HOSTFILE={shlex.quote(str(hostfile.parent))}/hostfile.$SLURM_JOB_ID",
         f"scontrol show hostnames \"$SLURM_JOB_NODELIST\" | sed 's/$/ slots={layout.gpus_per_node}/' > \"$HOSTFILE\"",
-        'echo "ondol: job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES node(s), master $MASTER_ADDR:$MASTER_PORT"',
+        ('echo "ondol: job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES node(s), master $MASTER_ADDR:$MASTER_PORT'
+         ' (restart ${SLURM_RESTART_COUNT:-0})"'),
         *cpu_threads,
-        srun_line,
+        "# A signal to this script asks every rank to save at the end of its step and stop (exit 75).",
+        f"stop() {{ stop_signal=$1; touch {shlex.quote(str(stop_file(cfg.run_dir)))}; }}",
+        'stop_signal=""',
+        "trap 'stop USR1' USR1",
+        "trap 'stop TERM' TERM",
+        f"{job_line} &",
+        "job=$!",
+        "while :; do",
+        '  wait "$job" && code=0 || code=$?',
+        '  kill -0 "$job" 2>/dev/null || break  # wait was interrupted by a trapped signal: wait again',
+        "done",
+        *([requeue] if requeue else []),
+        'exit "$code"',
     ]
     return "\n".join(lines) + "\n"
 
 
-def plan_slurm(cfg: RunConfig, layout: Layout, config_path: str | os.PathLike, overrides: list[str],
-               module: str) -> LaunchPlan:
-    """The sbatch script (RUN_DIR/launch/ondol.sbatch) and the `sbatch` command that submits it."""
+def plan_slurm(cfg: RunConfig, layout: Layout, module: str) -> LaunchPlan:
+    """The sbatch script (RUN_DIR/launch/ondol.sbatch), the resolved config it runs, and the `sbatch` command."""
     script = launch_dir(cfg) / SCRIPT_NAME
-    text = sbatch_script(cfg, layout, config_path, overrides, module)
-    return LaunchPlan(layout, log_dir(cfg), ["sbatch", str(script)], {script: text})
+    config_file, config_text = resolved_config(cfg)
+    text = sbatch_script(cfg, layout, config_file, module)
+    return LaunchPlan(layout, log_dir(cfg), ["sbatch", str(script)], {config_file: config_text, script: text})
 
 
 class SubmitError(RuntimeError):

@@ -6,7 +6,13 @@ others would sit in a collective until the process-group timeout. The supervisor
 `ondol.launch.rank` writes (shared run directory), so any rank's failure stops every node within
 `failure_grace_s`, and a job that hangs without failing is stopped by the watchdog.
 
-`python -m ondol.launch.supervise --log-dir DIR [--watchdog-minutes M] -- COMMAND...` is what the sbatch script runs.
+Signals (TERM, INT, HUP, USR1, USR2) to the supervisor are a request to stop: it writes the run's stop file,
+every rank saves at the end of its step and exits with 75, and the supervisor exits with 75 too. A second
+signal stops the whole job at once (SIGTERM to the launcher's process group, SIGKILL after 10 s), leaving no
+process behind.
+
+`python -m ondol.launch.supervise --log-dir DIR [--stop-file F] [--watchdog-minutes M] -- COMMAND...` is what the
+sbatch script runs.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
+
+from ondol.train.preemption import PREEMPTED_EXIT
 
 TAIL_LINES = 20
 POLL_S = 0.5
@@ -85,16 +93,65 @@ def clear_exit_records(log_dir: Path) -> None:
 
 
 def rank_failures(log_dir: Path) -> list[RankFailure]:
-    """Ranks that recorded a non-zero exit, first failure first."""
+    """Ranks that recorded a non-zero exit other than a stop on request, first failure first."""
     failures = []
     for record in log_dir.glob("rank*.exit"):
         try:
             info = json.loads(record.read_text())
         except (OSError, ValueError):
             continue  # being written right now; read again on the next poll
-        if info.get("exit_code"):
+        if info.get("exit_code") not in (0, PREEMPTED_EXIT, None):
             failures.append(RankFailure(info["rank"], info.get("host", "?"), info["exit_code"], info["time"]))
     return sorted(failures, key=lambda f: f.time)
+
+
+def stopped_ranks(log_dir: Path) -> int:
+    """How many ranks recorded that they saved and stopped on request."""
+    count = 0
+    for record in log_dir.glob("rank*.exit"):
+        try:
+            count += json.loads(record.read_text()).get("exit_code") == PREEMPTED_EXIT
+        except (OSError, ValueError):
+            continue
+    return count
+
+
+class _StopSignals:
+    """While supervising: the first signal writes the stop file, a second asks for an immediate stop."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self, stop_path: Path | None, out: TextIO) -> None:
+        self.stop_path, self.out = stop_path, out
+        self.received: list[str] = []
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        self.received.append(name)
+        if len(self.received) > 1:
+            return
+        if self.stop_path is None:
+            print(f"ondol launch: received {name}: stopping the job", file=self.out, flush=True)
+            return
+        self.stop_path.parent.mkdir(parents=True, exist_ok=True)
+        self.stop_path.touch()
+        print(f"ondol launch: received {name}: every rank saves a checkpoint at the end of its step and stops "
+              "(signal again to stop at once)", file=self.out, flush=True)
+
+    @property
+    def now(self) -> bool:
+        """Stop the job without waiting for the ranks: a second signal, or any when there is no stop file."""
+        return len(self.received) > (0 if self.stop_path is None else 1)
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -122,12 +179,24 @@ def _tail(text: str, n: int = TAIL_LINES) -> str:
 
 def supervise(cmd: list[str], log_dir: str | os.PathLike, *, env: dict[str, str] | None = None,
               watchdog_minutes: float = 30.0, failure_grace_s: float = 15.0, echo_rank: int | None = 0,
-              out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Run `cmd` (a launcher that starts `ondol.launch.rank` processes) to completion or failure; the exit code."""
+              stop_path: str | os.PathLike | None = None, out: TextIO | None = None,
+              err: TextIO | None = None) -> int:
+    """Run `cmd` (a launcher that starts `ondol.launch.rank` processes) to completion or failure; the exit code.
+    `stop_path`: the stop file the ranks watch (train/preemption.py), written on the first signal."""
     out, err = out or sys.stdout, err or sys.stderr
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     clear_exit_records(log_dir)
+    stop_path = Path(stop_path) if stop_path else None
+    if stop_path is not None:
+        stop_path.unlink(missing_ok=True)  # a request left by an earlier job is not one for this job
+    with _StopSignals(stop_path, out) as signals:
+        return _supervise(cmd, log_dir, env, watchdog_minutes, failure_grace_s, echo_rank, signals, out, err)
+
+
+def _supervise(cmd: list[str], log_dir: Path, env: dict[str, str] | None, watchdog_minutes: float,
+               failure_grace_s: float, echo_rank: int | None, signals: _StopSignals, out: TextIO,
+               err: TextIO) -> int:
     logs = _Logs(log_dir)
     started = last_growth = time.monotonic()
     failing_since: float | None = None
@@ -144,7 +213,9 @@ def supervise(cmd: list[str], log_dir: str | os.PathLike, *, env: dict[str, str]
                 logs.echo(out, echo_rank)
             if failing_since is None and rank_failures(log_dir):
                 failing_since = now
-            if failing_since is not None and now - failing_since > failure_grace_s:
+            if signals.now:
+                reason = f"stopped at once on a second signal ({', '.join(signals.received)})"
+            elif failing_since is not None and now - failing_since > failure_grace_s:
                 reason = f"a rank failed and the job was still running {failure_grace_s:.0f} s later: stopped it"
             elif watchdog_minutes and now - last_growth > watchdog_minutes * 60:
                 reason = (f"watchdog: no rank log in {log_dir} grew for {watchdog_minutes:g} min "
@@ -153,9 +224,9 @@ def supervise(cmd: list[str], log_dir: str | os.PathLike, *, env: dict[str, str]
                 _stop(proc)
                 code = proc.returncode if proc.returncode else 1
                 break
-    except KeyboardInterrupt:
-        _stop(proc)
-        raise
+    finally:
+        if proc.poll() is None:  # an exception in this loop: leave nothing running
+            _stop(proc)
     if echo_rank is not None:
         logs.echo(out, echo_rank)
     elapsed = time.monotonic() - started
@@ -163,6 +234,10 @@ def supervise(cmd: list[str], log_dir: str | os.PathLike, *, env: dict[str, str]
     if code == 0 and not failures:
         print(f"ondol launch: all ranks finished in {elapsed:.0f} s (logs in {log_dir})", file=out, flush=True)
         return 0
+    if not failures and not reason and stopped_ranks(log_dir):
+        print(f"ondol launch: stopped on request after {elapsed:.0f} s; every rank saved its checkpoint: run the same "
+              f"command to resume (exit {PREEMPTED_EXIT})", file=out, flush=True)
+        return PREEMPTED_EXIT
     code = code if code and code > 0 else 1  # killed by a signal (negative) or failed ranks under a clean exit
     if reason:
         print(f"ondol launch: {reason}", file=err)
@@ -192,12 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-dir", required=True, help="the run's logs/ folder (rank*.log, rank*.exit)")
     parser.add_argument("--watchdog-minutes", type=float, default=30.0, help="stop after this long without output")
     parser.add_argument("--failure-grace-s", type=float, default=15.0, help="wait after a rank fails, then stop")
+    parser.add_argument("--stop-file", help="the run's stop file (RUN_DIR/launch/stop), written on a signal")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND...: the launcher to run")
     ns = parser.parse_args(argv)
     cmd = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
     if not cmd:
         parser.error("give the command to run after --")
-    return supervise(cmd, ns.log_dir, watchdog_minutes=ns.watchdog_minutes, failure_grace_s=ns.failure_grace_s)
+    return supervise(cmd, ns.log_dir, watchdog_minutes=ns.watchdog_minutes, failure_grace_s=ns.failure_grace_s,
+                     stop_path=ns.stop_file)
 
 
 if __name__ == "__main__":

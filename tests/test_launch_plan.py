@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ondol.configs import load_config
 from ondol.launch.cli import main as ondol
+from ondol.launch.launcher import SPEC_PREFIX, decode_spec
 from ondol.launch.launcher_cli import build_plan
 from ondol.launch.preflight import (
     LOCAL_FILESYSTEMS,
@@ -54,6 +56,24 @@ def _after(tokens: list[str], flag: str) -> str:
     return tokens[tokens.index(flag) + 1]
 
 
+def _rank_spec(tokens: list[str]) -> dict:
+    """The spec every rank gets: the last word, after `ondol.launch.rank` (nothing else follows it)."""
+    rank = tokens[tokens.index("ondol.launch.rank"):]
+    assert len(rank) == 2 and rank[1].startswith(SPEC_PREFIX), rank
+    return decode_spec(rank[1].removeprefix(SPEC_PREFIX))
+
+
+def _resolved(out: str, spec: dict) -> dict:
+    """The resolved config a dry run printed for the ranks (the file the spec names), as plain values."""
+    (path,) = spec["args"]
+    return yaml.safe_load(_file(out, Path(path)))
+
+
+def _file(out: str, path: Path) -> str:
+    start = out.index(f"# file {path}\n") + len(f"# file {path}\n")
+    return out[start:out.index(f"# end of {path}")]
+
+
 def _stand_ins(tmp_path: Path, monkeypatch, **scripts: str) -> None:
     """Put executables (name -> shell script) first on PATH, in place of cluster tools this machine lacks."""
     bin_dir = tmp_path / "bin"
@@ -82,9 +102,12 @@ def test_dry_run_single_node_prints_deepspeed_command_and_runs_nothing(tmp_path,
     assert _after(cmd, "--num_gpus") == "2"
     assert _after(cmd, "--master_port") == "29500"
     assert "--module" in cmd and "--no_local_rank" in cmd and "--hostfile" not in cmd
-    rank = cmd[cmd.index("ondol.launch.rank"):]  # each rank: python -m ondol.launch.rank ... ondol.train CONFIG overrides
-    assert rank == ["ondol.launch.rank", "--log-dir", str(run.resolve() / "logs"), "ondol.train", TINY,
-                    f"run_dir={run}", "launch.gpus_per_node=2", "train.steps=7"]
+    spec = _rank_spec(cmd)  # each rank: python -m ondol.train RUN_DIR/launch/config.<hash>.yaml
+    assert spec == {"log_dir": str(run.resolve() / "logs"), "module": "ondol.train", "env_file": None,
+                    "args": [spec["args"][0]]}
+    assert Path(spec["args"][0]).parent == run.resolve() / "launch"
+    resolved = _resolved(out, spec)  # the overrides travel inside the file, never as command words
+    assert (resolved["train"]["steps"], resolved["launch"]["gpus_per_node"], resolved["run_dir"]) == (7, 2, str(run))
     assert f"export OMP_NUM_THREADS={max(1, (os.cpu_count() or 1) // 2)}" in out.splitlines()  # CPU: 2 workers
     assert "preflight: layout: 2 ranks = 1 node(s) x 2 gloo workers (CPU)" in out
     assert "preflight: global batch: train.micro_batch_size (8) x train.grad_accum (1) x data-parallel size (2) " \
@@ -111,7 +134,7 @@ def test_dry_run_hostfile_writes_trimmed_hostfile_and_pdsh_command(tmp_path, cap
     assert _after(cmd, "--master_port") == "29500"
     assert "--force_multi" in cmd and "--num_gpus" not in cmd
     assert "--master-addr" not in cmd  # deepspeed.launch sets MASTER_* for pdsh ranks
-    assert cmd[cmd.index("ondol.launch.rank") + 3:][:2] == ["ondol.train", TINY]
+    assert _resolved(out, _rank_spec(cmd))["launch"]["nodes"] == 2
     assert f"preflight: hosts: node-a, node-b (from {hostfile})" in out
     assert "preflight: network env: DeepSpeed forwards NCCL_*, UCX_*, PYTHON* and MV2_* to the other nodes" in out
     fstype, _ = filesystem_of(run)
@@ -129,13 +152,13 @@ def test_dry_run_openmpi_passes_master_to_ranks(tmp_path, capsys):
     (cmd,) = _commands(capsys.readouterr().out)
     assert code == 0
     assert _after(cmd, "--launcher") == "openmpi"
-    assert _after(cmd, "--master-addr") == "n1" and _after(cmd, "--master-port") == "31000"  # mpirun sets neither
+    spec = _rank_spec(cmd)
+    assert (spec["master_addr"], spec["master_port"]) == ("n1", 31000)  # mpirun sets neither
     assert _after(cmd, "--launcher_args") == "--mca btl_tcp_if_include ib0"
 
 
 def _sbatch(out: str, script: Path) -> str:
-    start = out.index(f"# file {script}\n") + len(f"# file {script}\n")
-    return out[start:out.index(f"# end of {script}")]
+    return _file(out, script)
 
 
 def _srun_line(text: str) -> list[str]:
@@ -158,9 +181,10 @@ def test_dry_run_slurm_script_field_by_field(tmp_path, capsys):
     lines = text.splitlines()
     assert lines[0] == "#!/bin/bash"
     directives = [x.split(" ", 1)[1] for x in lines if x.startswith("#SBATCH ")]
-    assert directives == ["--job-name=ondol-run", "--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8",
-                          "--cpus-per-task=64", "--partition=gpu", "--account=proj42", "--time=02:30:00",
-                          f"--output={run.resolve() / 'logs' / 'slurm-%j.out'}", "--exclusive"]
+    assert directives == [f'"{d}"' for d in (
+        "--job-name=ondol-run", "--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--cpus-per-task=64",
+        "--partition=gpu", "--account=proj42", "--time=02:30:00", f"--output={run.resolve() / 'logs' / 'slurm-%j.out'}",
+        "--open-mode=append", "--signal=B:USR1@300", "--requeue", "--exclusive")]
     body = lines[len(directives) + 2:]
     assert body[:4] == ["set -euo pipefail", f"cd {Path.cwd().resolve()}", "module load cuda/12.4",
                         "source /opt/venv/bin/activate"]
@@ -168,8 +192,9 @@ def test_dry_run_slurm_script_field_by_field(tmp_path, capsys):
     assert "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 40000))" in lines
     assert "scontrol show hostnames \"$SLURM_JOB_NODELIST\" | sed 's/$/ slots=8/' > \"$HOSTFILE\"" in lines
     srun = _srun_line(text)
-    assert srun[:3] == ["python", "-m", "ondol.launch.supervise"]
+    assert srun[:3] == ["python", "-m", "ondol.launch.supervise"] and srun[-1] == "&"
     assert _after(srun, "--log-dir") == str(run.resolve() / "logs")
+    assert _after(srun, "--stop-file") == str(run.resolve() / "launch" / "stop")
     assert _after(srun, "--watchdog-minutes") == "30"
     srun = srun[srun.index("srun"):]
     assert srun[:7] == ["srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=64",
@@ -177,8 +202,9 @@ def test_dry_run_slurm_script_field_by_field(tmp_path, capsys):
     node = shlex.split(srun[7])  # the per-node command, variables expanded by each node's shell
     assert node[:6] == ["deepspeed", "--hostfile", "$HOSTFILE", "--no_ssh", "--node_rank=$SLURM_NODEID",
                         "--master_addr=$MASTER_ADDR"]
-    assert node[node.index("ondol.launch.rank"):] == ["ondol.launch.rank", "--log-dir", str(run.resolve() / "logs"), "ondol.train",
-                                                TINY, *overrides]
+    resolved = _resolved(out, _rank_spec(node))
+    assert (resolved["launch"]["slurm"]["partition"], resolved["train"]["grad_accum"]) == ("gpu", 2)
+    assert not [line for line in lines if "02:30:00" in line and not line.startswith("#SBATCH")]
     assert _commands(out)[-1] == ["sbatch", str(script)]
     assert "preflight: global batch: train.micro_batch_size (8) x train.grad_accum (2) x data-parallel size (32) " \
            "= 512 sequences" in out
@@ -189,22 +215,22 @@ def test_dry_run_slurm_script_field_by_field(tmp_path, capsys):
 def test_slurm_container_runs_srun_with_pyxis_options(tmp_path):
     cfg = _cfg(tmp_path, "launch.launcher=slurm", "launch.nodes=2", "launch.gpus_per_node=4",
                "launch.slurm.container=nvcr.io/nvidia/pytorch:25.01-py3", "launch.slurm.container_mounts=[/data:/data]")
-    plan, _ = build_plan(cfg, TINY, [], dry_run=True)
-    (text,) = plan.files.values()
+    plan, _ = build_plan(cfg, dry_run=True)
+    text = plan.files[plan.log_dir.parent / "launch" / "ondol.sbatch"]
     srun = _srun_line(text)
     workdir = Path.cwd().resolve()
     assert srun[0] == "srun"  # no supervisor on the batch host: the environment lives in the container
     assert "--container-image=nvcr.io/nvidia/pytorch:25.01-py3" in srun
     assert f"--container-mounts={workdir}:{workdir},/data:/data" in srun
     assert f"--container-workdir={workdir}" in srun
-    assert "#SBATCH --gpus-per-node=4" in text.splitlines()
+    assert '#SBATCH "--gpus-per-node=4"' in text.splitlines()
 
 
 def test_slurm_cpu_nodes_request_no_gpus_and_split_cores_between_workers(tmp_path):
     cfg = _cfg(tmp_path, "launch.launcher=slurm", "launch.nodes=2", "launch.gpus_per_node=4",
                "launch.slurm.request_gpus=false")
-    plan, _ = build_plan(cfg, TINY, [], dry_run=True)
-    (text,) = plan.files.values()
+    plan, _ = build_plan(cfg, dry_run=True)
+    text = plan.files[plan.log_dir.parent / "launch" / "ondol.sbatch"]
     assert not [x for x in text.splitlines() if "gpus" in x]
     (threads,) = [x for x in text.splitlines() if "OMP_NUM_THREADS" in x]
     for cpus, expected in (("10", "2"), ("3", "1"), (None, "1")):  # floor(cores / 4 workers), at least 1
@@ -212,8 +238,8 @@ def test_slurm_cpu_nodes_request_no_gpus_and_split_cores_between_workers(tmp_pat
         shell = subprocess.run(["bash", "-c", f"{threads}; echo $OMP_NUM_THREADS"], env=env, capture_output=True,
                                text=True, check=True)
         assert shell.stdout.strip() == expected
-    gpu_plan, _ = build_plan(_cfg(tmp_path, "launch.launcher=slurm"), TINY, [], dry_run=True)
-    assert "OMP_NUM_THREADS" not in next(iter(gpu_plan.files.values()))
+    gpu_plan, _ = build_plan(_cfg(tmp_path, "launch.launcher=slurm"), dry_run=True)
+    assert "OMP_NUM_THREADS" not in gpu_plan.files[gpu_plan.log_dir.parent / "launch" / "ondol.sbatch"]
 
 
 def test_submit_runs_sbatch_and_reports_the_job(tmp_path, capsys, monkeypatch):
@@ -230,7 +256,7 @@ def test_submit_runs_sbatch_and_reports_the_job(tmp_path, capsys, monkeypatch):
     assert calls.read_text().split() == [str(script)]
     assert f"submitted Slurm job 4242: {script}" in out
     lines = script.read_text().splitlines()
-    assert "#SBATCH --nodes=2" in lines
+    assert "#SBATCH \"--nodes=2\"" in lines
     assert (run / "logs").is_dir()  # Slurm opens --output=RUN_DIR/logs/slurm-%j.out before the script runs
     if sys.prefix != sys.base_prefix:  # no setup lines: the script activates the venv ondol runs from
         assert f"source {Path(sys.prefix) / 'bin' / 'activate'}" in lines

@@ -5,7 +5,8 @@ supervisor writes when it is signalled itself.
 The trainer asks `StopRequest.agreed()` after every optimizer step; the ranks agree with one all-reduce, so
 they all stop after the same step, save a complete checkpoint and exit with PREEMPTED_EXIT. Running the same
 command again (or Slurm's requeue) resumes from that checkpoint. A second signal exits at once; the same
-signal relayed by a launcher within REPEAT_WINDOW_S counts as one.
+signal relayed by a launcher within REPEAT_WINDOW_S counts as one. Light to import (torch only when used):
+the supervisor on a Slurm batch host shares the exit code and the stop file's place.
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on request after saving a checkpoint; run again to continue
 REPEAT_WINDOW_S = 2.0
@@ -40,7 +38,7 @@ class Preempted(Exception):
 class StopRequest:
     """Signal handlers plus the stop file, for the lifetime of a `with` block (main thread only)."""
 
-    def __init__(self, signals: list[str], stop_path: Path, device: torch.device, world_size: int) -> None:
+    def __init__(self, signals: list[str], stop_path: Path, device, world_size: int) -> None:
         self.signals = [signal.Signals[f"SIG{name}" if not name.startswith("SIG") else name] for name in signals]
         self.stop_path = stop_path
         self.device, self.world_size = device, world_size
@@ -79,6 +77,9 @@ class StopRequest:
 
     def agreed(self) -> bool:
         """Collective: True on every rank when any rank was asked to stop."""
+        import torch
+        import torch.distributed as dist
+
         if self.world_size == 1:
             return self.local()
         flag = torch.tensor([1.0 if self.local() else 0.0], device=self.device)
