@@ -5,7 +5,9 @@ DATA_DIR/prepare.json         the identity hash of a preparation, written first:
 DATA_DIR/{split}/{source}/NNNNN.bin   packed tokens (uint16, or uint32 for vocabularies over 65,536): each
                                       document as [bos] text tokens eos (bos when the manifest says "bos")
 DATA_DIR/{split}/{source}/NNNNN.idx   int64 document start offsets into the .bin, then its length
-DATA_DIR/{split}/{source}/NNNNN.json  the shard record; written last, by rename, so it marks a complete shard
+DATA_DIR/{split}/{source}/NNNNN.json  the shard record; written last, so it marks a complete shard
+
+Every file is written by temp + fsync + rename (ondol.files), so a kill at any moment leaves whole files only.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ondol.files import write_atomic
+
 MANIFEST = "manifest.json"
 IDENTITY = "prepare.json"
 SPLITS = ("train", "val")
@@ -24,14 +28,6 @@ SPLITS = ("train", "val")
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that readers see either nothing or all of it (write a temporary, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, obj: dict) -> None:
@@ -72,7 +68,7 @@ class ShardWriter:
                 break
             self.records.append(record)
         keep = {f"{i:05d}{ext}" for i in range(len(self.records)) for ext in (".bin", ".idx", ".json")}
-        for stale in self.dir.iterdir():
+        for stale in self.dir.iterdir():  # incomplete shards, and temporaries of a killed writer
             if stale.name not in keep:
                 stale.unlink()
         self.skip_docs = sum(r["docs"] for r in self.records)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ondol.files import atomic_path, write_atomic
 from ondol.model.config import ModelConfig
 from ondol.model.io import load_pretrained
 
@@ -135,12 +136,14 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
                           f"{cfg.vocab_size}; export the tokenizer the model was trained with")
     special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(hf_config(cfg, special), indent=2) + "\n", encoding="utf-8")
-    (out / "generation_config.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
-    save_file(hf_state_dict(model.state_dict(), cfg), str(out / "model.safetensors"), metadata={"format": "pt"})
+    with atomic_path(out / "model.safetensors") as tmp:  # every file whole or not replaced; config.json last
+        save_file(hf_state_dict(model.state_dict(), cfg), str(tmp), metadata={"format": "pt"})
     copied = [name for name in TOKENIZER_FILES if (tok_dir / name).is_file()]
     for name in copied:
-        shutil.copy2(tok_dir / name, out / name)
+        with atomic_path(out / name) as tmp:
+            shutil.copyfile(tok_dir / name, tmp)
+    write_atomic(out / "generation_config.json", json.dumps(special, indent=2) + "\n")
+    write_atomic(out / "config.json", json.dumps(hf_config(cfg, special), indent=2) + "\n")
     if "tokenizer.json" not in copied:
         print(f"export: warning: {tok_dir} has no tokenizer.json; transformers' AutoTokenizer will not load {out}")
     return out

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ondol.files import atomic_path, write_atomic
 from ondol.model.config import ModelConfig
 from ondol.model.transformer import Transformer
 
@@ -26,8 +27,9 @@ def save_pretrained(model: Transformer, cfg: ModelConfig, out_dir: str | Path,
     sd = model.state_dict() if state_dict is None else state_dict
     if cfg.tie_embeddings:
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
-    save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(out / WEIGHTS))
-    (out / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+    with atomic_path(out / WEIGHTS) as tmp:  # each file whole or not replaced; the config last
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(tmp))
+    write_atomic(out / CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
     return out
 
 

@@ -23,6 +23,7 @@ from rich.progress import (
 )
 
 from ondol.data.config import SourceConfig
+from ondol.files import fsync_dir, fsync_tree
 from ondol.tokenizer.config import TokenizerConfig
 from ondol.tokenizer.hf_export import write_hf_files
 from ondol.tokenizer.korean import compatibility_jamo, hangul_syllables, pretokenize
@@ -218,7 +219,9 @@ def _write_folder(out_dir: Path, model_proto: bytes, meta: dict) -> None:
     (scratch / MODEL_FILE).write_bytes(model_proto)
     write_hf_files(model_proto, meta, scratch)
     (scratch / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+    fsync_tree(scratch)
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in sorted(scratch.iterdir(), key=lambda p: p.name == META_FILE):
         os.replace(f, out_dir / f.name)
+    fsync_dir(out_dir)
     scratch.rmdir()

@@ -1,0 +1,73 @@
+"""Durable writes (ondol.files), killed with SIGKILL at random moments: the target is always the old complete
+file or the new complete one, never torn; the same for a whole `ondol export hf` folder."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_export import make_run, tokenizer_dir  # noqa: F401 (the fixture is used by name)
+
+from ondol.files import atomic_path, write_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 4 << 20
+
+REWRITER = """
+import sys
+from pathlib import Path
+from ondol.files import write_atomic
+target = Path(sys.argv[1])
+for i in range(1, 10**6):
+    write_atomic(target, bytes([i % 256]) * int(sys.argv[2]))
+"""
+
+
+def test_write_atomic_replaces_whole_files_and_keeps_the_mode(tmp_path):
+    target = tmp_path / "manifest.json"
+    write_atomic(target, "첫")  # text is written as UTF-8
+    write_atomic(target, b"{}\n")
+    assert target.read_bytes() == b"{}\n"
+    assert target.stat().st_mode & 0o777 == 0o644  # mkstemp's 0600 does not leak into the result
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer failed")
+    assert target.read_bytes() == b"{}\n" and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
+def test_write_atomic_killed_ten_times_leaves_old_or_new_never_torn(tmp_path):
+    target = tmp_path / "shard.bin"
+    write_atomic(target, bytes([0]) * SIZE)
+    rng = random.Random()
+    for _ in range(10):
+        proc = subprocess.Popen([sys.executable, "-c", REWRITER, str(target), str(SIZE)], cwd=ROOT)
+        time.sleep(rng.uniform(0.3, 1.5))
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        data = target.read_bytes()
+        assert len(data) == SIZE and data == data[:1] * SIZE  # one complete version
+
+
+def test_export_killed_while_writing_keeps_a_complete_folder(tmp_path, tokenizer_dir):  # noqa: F811
+    from ondol.model.export import export_hf
+
+    run, _ = make_run(tmp_path, tokenizer_dir)
+    out = tmp_path / "hf"
+    export_hf(run, out)
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
+    code = f"from ondol.model.export import export_hf; export_hf({str(run)!r}, {str(out)!r})"
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+        while proc.poll() is None and not list(out.glob(".*.tmp")):  # kill while a file is being written
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir() if not p.name.startswith(".")}
+        assert after == before  # the same model exported again: every file whole, equal to the complete export
