@@ -31,6 +31,14 @@ if kill.startswith("save:"):  # die inside DeepSpeed's save of that step, right 
         if tag in str(path):
             os.kill(os.getpid(), signal.SIGKILL)
     TorchCheckpointEngine.save = save
+elif kill.startswith("term:"):  # rank 0 gets SIGTERM right after that optimizer step (a preemption notice)
+    from ondol.train.trainer import Trainer
+    n, original = int(kill[5:]), Trainer.train_step
+    def train_step(self):
+        original(self)
+        if self.step == n and self.env.rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+    Trainer.train_step = train_step
 elif kill.startswith("step:"):  # die right after that optimizer step, before anything is logged or saved
     from ondol.train.trainer import Trainer
     n, original = int(kill[5:]), Trainer.train_step
@@ -126,3 +134,19 @@ def test_two_ranks_match_one_rank_and_resume_on_one_rank(assets, tmp_path, exper
         return
     assert _launch(tmp_path, run, assets, "none", *steps) == 0
     assert _losses(run) == pytest.approx(reference, rel=1e-5)
+
+
+def test_sigterm_on_one_of_two_ranks_saves_that_step_everywhere_and_resumes(assets, tmp_path):
+    """Rank 0 alone is signalled; the ranks agree (one all-reduce per step), both save the same step and exit
+    with 75, and the resumed run continues the losses of an uninterrupted run (1 rank x 4 = 2 ranks x 2).
+    Bit-exact resume after a signal is test_train's (1 rank) and benchmarks/preemption.py's (2 ranks, repeated)."""
+    steps = ("train.steps=8", "train.save_every=100", "train.eval_every=4")
+    reference = run_losses(tmp_path / "ref", assets, *steps)
+    stop_at = random.Random().randint(1, 7)
+    run = tmp_path / "run"
+    assert _launch(tmp_path, run, assets, f"term:{stop_at}", *steps, "train.micro_batch_size=2", ranks=2) != 0
+    folder = checkpoint.latest_checkpoint(run / "checkpoints")
+    assert folder.name == checkpoint.tag_for(stop_at)
+    assert sorted(p.name for p in folder.glob("rng_rank*")) == ["rng_rank0.pt", "rng_rank1.pt"]
+    assert _launch(tmp_path, run, assets, "none", *steps, "train.micro_batch_size=2", ranks=2) == 0
+    assert _losses(run) == pytest.approx(reference[:8], rel=1e-5), f"stopped at step {stop_at}"
