@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -326,3 +327,39 @@ def test_hostfile_launch_through_deepspeeds_openmpi_runner(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for rank in (0, 1):
         assert f"rank {rank} world 2 sum 3 local {rank}" in (run / "logs" / f"rank{rank}.log").read_text()
+
+
+def test_sigterm_to_the_launch_saves_every_rank_leaves_no_process_and_resumes(tiny_run):
+    """SIGTERM to `ondol launch` (as Slurm or a user would send it): the supervisor writes the stop file, both
+    ranks save the same step and exit 75, nothing is left running; the same command then finishes the run."""
+    run = tiny_run.parent / "run"
+    steps = ["train.steps=40", "train.save_every=100", "train.eval_every=100"]
+    proc = subprocess.Popen([sys.executable, "-m", "ondol.launch.cli", "launch", str(tiny_run), *steps],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run / "logs" / "rank0.log"
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    while not (log.is_file() and "step      3 |" in log.read_text()) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    assert proc.returncode == 75, out[-3000:] + err[-3000:]
+    assert "ondol launch: received SIGTERM: every rank saves a checkpoint" in out
+    assert "ondol launch: stopped on request" in out
+    pids = [int(line.split("(pid ")[1].split(")")[0]) for r in (0, 1)
+            for line in (run / "logs" / f"rank{r}.log").read_text().splitlines() if "(pid " in line]
+    assert len(pids) == 2
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    for r in (0, 1):
+        assert json.loads((run / "logs" / f"rank{r}.exit").read_text())["exit_code"] == 75
+    stopped = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert 3 <= stopped < 40
+    assert not (run / "launch" / "stop").exists()  # the request was consumed
+
+    result = _ondol(["launch", str(tiny_run), *steps])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"resumed from {(run / 'checkpoints').resolve() / f'step_{stopped:08d}'} at step {stopped}" in (
+        run / "logs" / "rank0.log").read_text()
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 41))
