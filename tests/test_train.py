@@ -13,6 +13,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -367,3 +369,29 @@ def test_wandb_offline_writes_a_local_run_and_disabled_writes_nothing(assets, tm
     run_losses(disabled, assets, "train.steps=2", "logging.wandb_mode=disabled", "train.eval_every=2")
     assert not (disabled / "wandb").exists()
     assert len([r for r in read_metrics(disabled / "metrics.jsonl") if "loss" in r]) == 2
+
+
+SECOND_SIGNAL = """
+import os, signal, sys, time
+from pathlib import Path
+from ondol.train import preemption
+preemption.REPEAT_WINDOW_S = 0.5
+with preemption.StopRequest(["TERM", "USR1"], Path(sys.argv[1]), None, 1) as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # the same signal relayed at once by a launcher: one request
+    print("asked:", stop.local(), stop.reason, flush=True)
+    time.sleep(0.6)
+    os.kill(os.getpid(), signal.SIGUSR1)  # a second request: exit now, without saving
+    time.sleep(5)
+    print("still running", flush=True)
+"""
+
+
+def test_a_second_signal_exits_at_once_and_a_relayed_one_does_not(tmp_path):
+    done = subprocess.run([sys.executable, "-c", SECOND_SIGNAL, str(tmp_path / "stop")], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 128 + signal.SIGUSR1
+    assert done.stdout == "asked: True SIGTERM\n"
+    assert done.stderr.splitlines() == [
+        ("received SIGTERM: finishing this optimizer step, saving a checkpoint, then exiting (signal again to stop "
+        "at once)"), "received SIGUSR1 again: exiting now without saving"]

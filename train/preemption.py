@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class Preempted(Exception):
 
 
 class StopRequest:
-    """Signal handlers plus the stop file, for the lifetime of a `with` block (main thread only)."""
+    """Signal handlers (installed from the main thread) plus the stop file, for the lifetime of a `with` block."""
 
     def __init__(self, signals: list[str], stop_path: Path, device, world_size: int) -> None:
         self.signals = [signal.Signals[f"SIG{name}" if not name.startswith("SIG") else name] for name in signals]
@@ -48,8 +49,9 @@ class StopRequest:
         self.previous: dict[signal.Signals, object] = {}
 
     def __enter__(self):
-        for sig in self.signals:
-            self.previous[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():  # elsewhere only the stop file can ask
+            for sig in self.signals:
+                self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:
