@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+from clusters import slurm_cluster, ssh_localhost  # noqa: F401  (fixtures: real test clusters)
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPORA = Path(os.environ.get("ONDOL_CORPORA", ROOT.parent / "shared" / "corpora"))
