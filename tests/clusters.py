@@ -67,7 +67,8 @@ def _die_with_parent() -> None:
 class Daemons:
     """Daemons run in the foreground as children of pytest, each logging to a file; stopped in reverse order."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name  # what they make up, to start the lines of unavailable()
         self.procs: list[tuple[subprocess.Popen, Path]] = []
 
     def start(self, args: list[str], log: Path) -> subprocess.Popen:
@@ -80,15 +81,18 @@ class Daemons:
     def wait_until(self, ready: Callable[[], bool], what: str) -> None:
         """Poll ready() until it holds; unavailable() if a daemon exits or START_TIMEOUT_S passes."""
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not ready():
+        while True:
+            # Checked first: a client command asking a daemon that has died waits for its timeout.
             for proc, log in self.procs:
                 if proc.poll() is not None:
-                    unavailable(f"{Path(proc.args[0]).name} exited with {proc.returncode} before {what}: "
-                                f"{last_line(log)}")
+                    unavailable(f"{self.name}: {Path(proc.args[0]).name} exited with {proc.returncode} before "
+                                f"{what}: {last_line(log)}")
+            if ready():
+                return
             if time.monotonic() > deadline:
                 proc, log = self.procs[-1]
-                unavailable(f"{what} not within {START_TIMEOUT_S:.0f} s; {Path(proc.args[0]).name}'s last log "
-                            f"line: {last_line(log)}")
+                unavailable(f"{self.name}: {what} not within {START_TIMEOUT_S:.0f} s; {Path(proc.args[0]).name}'s "
+                            f"last log line: {last_line(log)}")
             time.sleep(0.2)
 
     def stop(self) -> None:
@@ -222,7 +226,7 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     conf = root / "slurm.conf"
     conf.write_text(slurm_conf(root, node, cpus, memory_mb()))
     env = {k: v for k, v in os.environ.items() if not k.startswith(SLURM_ENV_PREFIXES)} | {"SLURM_CONF": str(conf)}
-    daemons = Daemons()
+    daemons = Daemons("slurm cluster")
     up = False
     try:
         munge = root / "munge"
@@ -307,7 +311,7 @@ def ssh_localhost() -> Iterator[SshHosts]:
         # sshd started as root insists on its privilege-separation directory, which Debian's service creates.
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="ondol-ssh-"))
-    daemons = Daemons()
+    daemons = Daemons("ssh hosts")
     try:
         for key in ("ssh_host_ed25519_key", "id_ed25519"):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / key)], check=True,
