@@ -1,4 +1,4 @@
-"""Real clusters on this machine for tests: a one-node Slurm cluster and a private sshd that pdsh can use.
+"""Real clusters on this machine for tests: a two-node Slurm cluster and a private sshd that pdsh can use.
 
 Each runs its own daemons (munged + slurmctld + slurmd; sshd) with its own keys, sockets, free ports and state in
 a temp dir, so it clashes with nothing installed here, and stops them at the end of the session. When this
@@ -112,11 +112,15 @@ class Daemons:
 
 @dataclass(frozen=True)
 class SlurmCluster:
-    """A running one-node cluster: pass `env` to sbatch/squeue/scancel/scontrol/srun (it sets SLURM_CONF)."""
+    """A running cluster: pass `env` to sbatch/squeue/scancel/scontrol/srun (it sets SLURM_CONF).
+
+    Its nodes are one slurmd each on this machine, named this machine's short hostname and `localhost` so that
+    a node name (e.g. MASTER_ADDR taken from $SLURM_JOB_NODELIST) resolves to this machine; each has all of
+    this machine's CPUs (`cpus`), so `sbatch --nodes=2` runs a real two-node job here."""
 
     conf: Path
-    node: str  # the node's name, this machine's short hostname
-    cpus: int
+    nodes: tuple[str, ...]
+    cpus: int  # per node
     env: dict[str, str]
 
 
@@ -152,12 +156,15 @@ def wait_job(job_id: str | int, env: dict[str, str], timeout: float = 60.0,
     return state
 
 
-def slurm_conf(root: Path, node: str, cpus: int, memory_mb: int) -> str:
+def slurm_conf(root: Path, nodes: tuple[str, ...], cpus: int, memory_mb: int) -> str:
+    # Every node is a slurmd of this host (NodeHostname) on its own port; each gets an equal share of memory.
+    host = nodes[0]
+    node_lines = "\n".join(f"NodeName={node} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} "
+                           f"CPUs={cpus} RealMemory={memory_mb // len(nodes)} State=UNKNOWN" for node in nodes)
     return f"""\
 ClusterName=ondoltest
-SlurmctldHost={node}(127.0.0.1)
+SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -176,21 +183,21 @@ KillWait=30
 MinJobAge=3600
 ReturnToService=2
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
+{node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
 def memory_mb() -> int:
-    """Half of this machine's memory: RealMemory must not exceed what slurmd finds, or the node drains."""
+    """Half of this machine's memory: the nodes' RealMemory must not exceed what slurmd finds, or they drain."""
     kb = int(re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())[1])
     return kb // 1024 // 2
 
@@ -207,7 +214,7 @@ def cancel_all(env: dict[str, str], timeout: float) -> None:
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
-    """munged, slurmctld and slurmd for this machine alone, up until the end of the test session."""
+    """munged, slurmctld and two slurmd for this machine alone, up until the end of the test session."""
     if os.geteuid() != 0:
         unavailable("slurm cluster: needs root (slurmd runs jobs as their user)")
     if missing := missing_binaries(("munged", "slurmctld", "slurmd", "sinfo", "sbatch", "scontrol", "scancel",
@@ -216,15 +223,16 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     # Not under pytest's tmp_path: munged wants every directory above its socket searchable by all.
     root = Path(tempfile.mkdtemp(prefix="ondol-slurm-"))
     root.chmod(0o755)
-    for sub in ("munge", "state", "spool"):
-        (root / sub).mkdir(mode=0o755)
+    host = socket.gethostname().split(".")[0]
+    nodes = (host, "localhost") if host != "localhost" else (host,)
+    for sub in ("munge", "state", *(f"spool/{node}" for node in nodes)):
+        (root / sub).mkdir(mode=0o755, parents=True)
     key = root / "munge" / "munge.key"
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
-    node = socket.gethostname().split(".")[0]
     cpus = len(os.sched_getaffinity(0))
     conf = root / "slurm.conf"
-    conf.write_text(slurm_conf(root, node, cpus, memory_mb()))
+    conf.write_text(slurm_conf(root, nodes, cpus, memory_mb()))
     env = {k: v for k, v in os.environ.items() if not k.startswith(SLURM_ENV_PREFIXES)} | {"SLURM_CONF": str(conf)}
     daemons = Daemons("slurm cluster")
     up = False
@@ -235,16 +243,18 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
                       munge / "munged.log")
         daemons.wait_until(lambda: (munge / "munge.sock").exists(), "munged's socket")
         daemons.start([shutil.which("slurmctld"), "-D", "-f", str(conf)], root / "slurmctld.stderr")
-        daemons.start([shutil.which("slurmd"), "-D", "-f", str(conf)], root / "slurmd.stderr")
+        for node in nodes:
+            daemons.start([shutil.which("slurmd"), "-D", "-N", node, "-f", str(conf)],
+                          root / f"slurmd-{node}.stderr")
 
         def idle() -> bool:
-            sinfo = subprocess.run(["sinfo", "-h", "-N", "-n", node, "-o", "%T"], env=env, check=False,
-                                   capture_output=True, text=True, timeout=30)
-            return sinfo.stdout.strip() == "idle"
+            sinfo = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, check=False, capture_output=True,
+                                   text=True, timeout=30)
+            return sinfo.stdout.split() == ["idle"] * len(nodes)
 
-        daemons.wait_until(idle, f"node {node} idle in sinfo")
+        daemons.wait_until(idle, f"nodes {','.join(nodes)} idle in sinfo")
         up = True
-        yield SlurmCluster(conf=conf, node=node, cpus=cpus, env=env)
+        yield SlurmCluster(conf=conf, nodes=nodes, cpus=cpus, env=env)
     finally:
         if up:
             cancel_all(env, timeout=40)
