@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clusters import SSH_HOSTS, job_record, job_state, run_slurm, wait_job
+from clusters import SSH_HOSTS, free_port, job_record, job_state, run_slurm, wait_job
 
 
 def wait_for(path: Path, timeout: float = 30.0) -> str:
@@ -109,6 +109,24 @@ def test_pdsh_returns_the_remote_exit_status(ssh_localhost):
     done = subprocess.run(["pdsh", "-S", "-w", ssh_localhost.hosts[0], "exit 3"], env=ssh_localhost.env,
                           capture_output=True, text=True, check=False, timeout=60)
     assert done.returncode == 3, done.stderr
+
+
+@pytest.mark.slow
+def test_deepspeed_pdsh_runner_starts_one_rank_per_host(ssh_localhost, tmp_path):
+    """DeepSpeed's own pdsh runner over the aliases, as a launch.launcher=pdsh run (~20 s, mostly imports)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("".join(f"{host} slots=1\n" for host in ssh_localhost.hosts))
+    script = tmp_path / "rank.py"
+    script.write_text("import os, pathlib\n"
+                      "pathlib.Path(__file__).with_name(os.environ['RANK']).write_text(os.environ['WORLD_SIZE'])\n")
+    # A plain `ssh ondol-node1` (DeepSpeed's ssh check and master-address lookup) does not know the aliases.
+    done = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--hostfile", str(hostfile),
+                           "--launcher", "pdsh", "--no_ssh_check", "--master_addr", "localhost",
+                           "--master_port", str(free_port()), str(script)],
+                          env=ssh_localhost.env, cwd=tmp_path, capture_output=True, text=True, check=False,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [(tmp_path / rank).read_text() for rank in ("0", "1")] == ["2", "2"]
 
 
 CHILD_SESSION = """\
