@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -222,22 +223,22 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         unavailable(f"slurm cluster: {', '.join(missing)} not installed (apt-get install slurm-wlm munge)")
     # Not under pytest's tmp_path: munged wants every directory above its socket searchable by all.
     root = Path(tempfile.mkdtemp(prefix="ondol-slurm-"))
-    root.chmod(0o755)
-    host = socket.gethostname().split(".")[0]
-    nodes = (host, "localhost") if host != "localhost" else (host,)
-    for sub in ("munge", "state", *(f"spool/{node}" for node in nodes)):
-        (root / sub).mkdir(mode=0o755, parents=True)
-    key = root / "munge" / "munge.key"
-    key.write_bytes(os.urandom(1024))
-    key.chmod(0o400)
-    cpus = len(os.sched_getaffinity(0))
     conf = root / "slurm.conf"
-    conf.write_text(slurm_conf(root, nodes, cpus, memory_mb()))
     env = {k: v for k, v in os.environ.items() if not k.startswith(SLURM_ENV_PREFIXES)} | {"SLURM_CONF": str(conf)}
     daemons = Daemons("slurm cluster")
     up = False
     try:
+        root.chmod(0o755)
+        host = socket.gethostname().split(".")[0]
+        nodes = (host, "localhost") if host != "localhost" else (host,)
+        for sub in ("munge", "state", *(f"spool/{node}" for node in nodes)):
+            (root / sub).mkdir(mode=0o755, parents=True)
         munge = root / "munge"
+        key = munge / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        cpus = len(os.sched_getaffinity(0))
+        conf.write_text(slurm_conf(root, nodes, cpus, memory_mb()))
         daemons.start([shutil.which("munged"), "--foreground", f"--socket={munge}/munge.sock",
                        f"--key-file={key}", f"--pid-file={munge}/munged.pid", f"--seed-file={munge}/munged.seed"],
                       munge / "munged.log")
@@ -256,10 +257,12 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         up = True
         yield SlurmCluster(conf=conf, nodes=nodes, cpus=cpus, env=env)
     finally:
-        if up:
-            cancel_all(env, timeout=40)
-        daemons.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        try:
+            if up:
+                cancel_all(env, timeout=40)
+        finally:
+            daemons.stop()
+            shutil.rmtree(root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- ssh
@@ -330,7 +333,7 @@ def ssh_localhost() -> Iterator[SshHosts]:
         port = free_port()
         host_key = (root / "ssh_host_ed25519_key.pub").read_text().split()
         (root / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key[0]} {host_key[1]}\n")
-        user = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
+        user = pwd.getpwuid(os.geteuid()).pw_name
         (root / "sshd_config").write_text(sshd_config(root, port, user))
         config = root / "ssh_config"
         config.write_text(ssh_client_config(root, port, user))
