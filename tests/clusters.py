@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from ondol.launch.launcher import free_port
+
 START_TIMEOUT_S = 30.0
 # States a Slurm job does not leave on its own (a requeue can still take it out of them).
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
@@ -43,12 +45,6 @@ def unavailable(reason: str) -> None:
 
 def missing_binaries(names: tuple[str, ...]) -> list[str]:
     return [name for name in names if shutil.which(name) is None]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def last_line(path: Path) -> str:

@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from clusters import SSH_HOSTS, free_port, job_record, job_state, run_slurm, wait_job
+from clusters import SSH_HOSTS, job_record, job_state, run_slurm, wait_job
+
+from ondol.launch.launcher import free_port
 
 
 def wait_for(path: Path, timeout: float = 30.0) -> str:
