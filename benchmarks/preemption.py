@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="signalled runs per rank count")
     parser.add_argument("--launches", type=int, default=20, help="clean 2-rank launches")
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=150)  # readable in a log file too
     table = Table(title="stop on request and clean exits (tiny config, CPU, gloo)")
     for column in ("case", "runs", "result", "seconds", "detail"):
         table.add_column(column)

@@ -1,7 +1,9 @@
 """Hostile values through every launcher, for real: `ondol launch` builds the command, DeepSpeed's own runners
 (pdsh, OpenMPI, MVAPICH) or the generated sbatch script carry it, and the remote side runs it the way the real
 tool would (pdsh: the joined remote line through `bash -c`; mpirun: the program's argv; srun: `bash -c` of the
-node command). Stand-ins replace only the transport (pdsh, mpirun, srun), and record their command lines.
+node command). Stand-ins replace only the transport (pdsh, mpirun, srun), and record their command lines; two
+more cases use the real tools: pdsh over ssh to a private sshd, and a job on the test Slurm cluster
+(tests/clusters.py).
 
 Each launch runs a probe module as every rank: it reads the resolved config and writes what it received.
 Nothing may be executed (the payloads would create a canary file) and every rank must receive the exact values;
@@ -13,11 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from clusters import SSH_HOSTS, wait_job
 from conftest import corpus_texts
 from test_launch_run import (
     FAKE_MPIRUN,
@@ -90,7 +94,7 @@ def hostile_values(canary: Path) -> dict[str, str]:
 
 LAUNCHERS = {  # launcher -> (stand-ins, extra overrides)
     "local": ({}, ["launch.gpus_per_node=1"]),
-    "pdsh": ({"pdsh": _recording(FAKE_PDSH), "ssh": "#!/bin/sh\nexit 0\n"}, ["launch.gpus_per_node=1"]),
+    "pdsh": ({"pdsh": _recording(FAKE_PDSH), "ssh": "#!/bin/sh\nexit 0\n"}, ["launch.gpus_per_node=1", "launch.nodes=2"]),
     "openmpi": ({"mpirun": _recording(FAKE_MPIRUN), "ompi_info": "#!/bin/sh\nexit 0\n", "ssh": "#!/bin/sh\nexit 0\n"},
                 ["launch.gpus_per_node=2"]),
     "mvapich": ({"mpirun": _recording(FAKE_MPIRUN_MVAPICH), "mpiname": "#!/bin/sh\necho MVAPICH2-GDR 2.3\n",
@@ -101,19 +105,22 @@ LAUNCHERS = {  # launcher -> (stand-ins, extra overrides)
 }
 
 
-def _launch(tmp_path: Path, launcher: str) -> tuple[dict, Path, Path, list[str]]:
-    """Launch the probe through `launcher` with hostile values; (values, run dir, canary, recorded command lines)."""
+def _launch(tmp_path: Path, launcher: str, stand_ins: dict[str, str], extra: list[str], *,
+            env: dict[str, str] | None = None, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"),
+            slurm_env: dict[str, str] | None = None) -> tuple[dict, Path, Path, list[str]]:
+    """Launch the probe through `launcher` with hostile values; (values, run dir, canary, recorded command lines).
+    `slurm_env`: submit to that real Slurm cluster and wait for the job instead of running the script here."""
     canary = tmp_path / "canary"
     values = hostile_values(canary)
     run = tmp_path / "run $(touch canary) `touch canary`; 'q' \"dq\" & | > x"  # a hostile run directory too
     env_file = tmp_path / "secrets.env"
     env_file.write_text(f"# secrets for the ranks\nWANDB_API_KEY={SECRET}\n")
     env_file.chmod(0o600)
-    env = {**_module(tmp_path, "probe_rank", PROBE), "ARGV_LOG": str(tmp_path / "argv.log"), "PDSH_RCMD_TYPE": "ssh"}
-    stand_ins, extra = LAUNCHERS[launcher]
+    env = {**(env or {}), **_module(tmp_path, "probe_rank", PROBE), "ARGV_LOG": str(tmp_path / "argv.log")}
+    env.setdefault("PDSH_RCMD_TYPE", "ssh")
     _stand_ins(tmp_path, env, **stand_ins)
     hostfile = tmp_path / "hostfile"
-    hostfile.write_text("localhost slots=2\n127.0.0.1 slots=2\n")
+    hostfile.write_text("".join(f"{host} slots=2\n" for host in hosts))
     overrides = [f"run_dir={run}", f"launch.launcher={launcher}", f"launch.env_file={env_file}",
                  # JSON is YAML: the override grammar reads these strings back exactly
                  "launch.slurm.container_mounts=" + json.dumps(list(values.values()), ensure_ascii=False),
@@ -121,13 +128,19 @@ def _launch(tmp_path: Path, launcher: str) -> tuple[dict, Path, Path, list[str]]
                  "logging.wandb_run_name=a;id>" + str(canary), "launch.watchdog_minutes=2", *extra]
     if launcher in ("pdsh", "openmpi", "mvapich"):
         overrides += [f"launch.hostfile={hostfile}", f"launch.master_port={_free_port_in(1024, 65536)}"]
-    if launcher == "pdsh":
-        overrides.append("launch.nodes=2")
     if launcher == "local":
         overrides.append("launch.master_port=0")
+    if slurm_env is not None:
+        env = {**slurm_env, **env}
+        overrides.append("--submit")
     result = _ondol(["launch", TINY, *overrides, "--module", "probe_rank"], env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    if launcher == "slurm":  # the sbatch script, as Slurm would run it on the batch host
+    if slurm_env is not None:
+        job = result.stdout.split("submitted Slurm job ")[1].split(":")[0]
+        state = wait_job(job, slurm_env, timeout=300)
+        output = (run / "logs" / f"slurm-{job}.out").read_text(encoding="utf-8", errors="replace")
+        assert state == "COMPLETED", output[-3000:]
+    elif launcher == "slurm":  # the sbatch script, as Slurm would run it on the batch host
         script = run / "launch" / "ondol.sbatch"
         job_id = _free_port_in(20000, 60000) - 20000
         slurm = {**os.environ, **env, "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": "node[1-2]",
@@ -140,12 +153,10 @@ def _launch(tmp_path: Path, launcher: str) -> tuple[dict, Path, Path, list[str]]
     return values, run, canary, [*commands, result.stdout, result.stderr]
 
 
-@pytest.mark.parametrize("launcher", list(LAUNCHERS))
-def test_hostile_values_execute_nothing_and_arrive_exactly(tmp_path, launcher):
-    values, run, canary, commands = _launch(tmp_path, launcher)
+def _check(values: dict, run: Path, canary: Path, commands: list[str], launcher: str, ranks: int) -> None:
     assert not canary.exists() and not (run.parent / "canary").exists(), f"{launcher}: a payload ran"
     probes = sorted(run.glob("probe-rank*.json"))
-    assert len(probes) == (1 if launcher in ("local",) else 2)
+    assert len(probes) == ranks
     for probe in probes:
         received = json.loads(probe.read_text(encoding="utf-8"))
         table = dict(zip(values, received["mounts"]))
@@ -158,3 +169,25 @@ def test_hostile_values_execute_nothing_and_arrive_exactly(tmp_path, launcher):
     assert not [c for c in commands if SECRET in c]
     leaked = [p for p in run.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert leaked == []
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_hostile_values_execute_nothing_and_arrive_exactly(tmp_path, launcher):
+    stand_ins, extra = LAUNCHERS[launcher]
+    _check(*_launch(tmp_path, launcher, stand_ins, extra), launcher, ranks=1 if launcher == "local" else 2)
+
+
+def test_hostile_values_through_real_pdsh_and_sshd(tmp_path, ssh_localhost):
+    """pdsh itself, over ssh to a real sshd whose remote shell runs the joined command line (ssh is wrapped
+    only to add the private config and to record what it was asked to run)."""
+    ssh = _recording(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {ssh_localhost.config} "$@"\n')
+    extra = ["launch.nodes=2", "launch.gpus_per_node=1", "launch.master_addr=localhost"]
+    result = _launch(tmp_path, "pdsh", {"ssh": ssh}, extra, env=ssh_localhost.env, hosts=ssh_localhost.hosts)
+    assert any(SSH_HOSTS[0] in line and "deepspeed.launcher.launch" in line for line in result[3])
+    _check(*result, "pdsh over sshd", ranks=2)
+
+
+def test_hostile_values_through_a_real_slurm_job(tmp_path, slurm_cluster):
+    """sbatch, the generated script and srun on the test cluster's two nodes."""
+    extra = ["launch.nodes=2", "launch.gpus_per_node=1", "launch.slurm.request_gpus=false"]
+    _check(*_launch(tmp_path, "slurm", {}, extra, slurm_env=slurm_cluster.env), "slurm cluster", ranks=2)

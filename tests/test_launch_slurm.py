@@ -1,0 +1,54 @@
+"""`ondol launch` on a real Slurm cluster (tests/clusters.py: munged, slurmctld and two slurmd on this machine):
+the generated script runs to completion, and USR1 to its batch shell (what `--signal=B:USR1@N` sends before the
+time limit) makes every rank save and stop, the script requeue its own job, and the requeued job resume to the
+weights of an uninterrupted job, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from clusters import job_record, run_slurm, wait_job
+from safetensors.torch import load_file
+from test_launch_run import _ondol, tiny_run  # noqa: F401 (the fixture is used by name)
+
+JOB_TIMEOUT_S = 600
+
+
+def _submit(config, run_dir, env: dict[str, str]) -> str:
+    result = _ondol(["launch", str(config), f"run_dir={run_dir}", "launch.launcher=slurm", "launch.nodes=2",
+                     "launch.gpus_per_node=1", "launch.slurm.request_gpus=false", "train.steps=30",
+                     "train.save_every=100", "train.eval_every=100", "--submit"], env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout.split("submitted Slurm job ")[1].split(":")[0]
+
+
+def test_usr1_before_the_time_limit_saves_requeues_and_resumes_bit_identical(tiny_run, slurm_cluster):  # noqa: F811
+    run = tiny_run.parent / "run"  # the fixture prepared its tokenizer and data here
+    reference = tiny_run.parent / "reference"
+    reference.mkdir()
+    for name in ("tokenizer", "data"):
+        (reference / name).symlink_to(run / name, target_is_directory=True)
+    env = slurm_cluster.env
+    ref_job = _submit(tiny_run, reference, env)
+    job = _submit(tiny_run, run, env)
+
+    log = run / "logs" / "rank0.log"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (log.is_file() and "step      5 |" in log.read_text()):
+        assert time.monotonic() < deadline and job_record(job, env)["JobState"] in ("PENDING", "RUNNING")
+        time.sleep(0.2)
+    run_slurm(env, "scancel", "--signal=USR1", "--batch", job)
+    assert wait_job(job, env, timeout=JOB_TIMEOUT_S) == "COMPLETED"
+    assert wait_job(ref_job, env, timeout=JOB_TIMEOUT_S) == "COMPLETED"
+
+    output = (run / "logs" / f"slurm-{job}.out").read_text()
+    assert job_record(job, env)["Restarts"] == "1", output[-3000:]
+    assert f"ondol: saved before the time limit; requeueing job {job}" in output  # the script requeued itself
+    assert "(restart 1)" in output  # --open-mode=append kept the first attempt's output above the second's
+    stopped = [line for line in log.read_text().splitlines() if line.startswith("resumed from")]
+    assert len(stopped) == 1 and 5 <= int(stopped[0].rsplit(" ", 1)[1]) < 30
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 31))
+    ref, got = (load_file(d / "model" / "model.safetensors") for d in (reference, run))
+    assert ref.keys() == got.keys() and all((got[k] == ref[k]).all() for k in ref)
