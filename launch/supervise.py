@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from ondol.train.preemption import PREEMPTED_EXIT
+from ondol.train.preemption import PREEMPTED_EXIT, SignalScope
 
 TAIL_LINES = 20
 POLL_S = 0.5
@@ -116,24 +116,13 @@ def stopped_ranks(log_dir: Path) -> int:
     return count
 
 
-class _StopSignals:
+class _StopSignals(SignalScope):
     """While supervising: the first signal writes the stop file, a second asks for an immediate stop."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-
     def __init__(self, stop_path: Path | None, out: TextIO) -> None:
+        self.signals = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2]
         self.stop_path, self.out = stop_path, out
         self.received: list[str] = []
-        self.previous = {}
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name

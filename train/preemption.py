@@ -36,8 +36,30 @@ class Preempted(Exception):
         self.step = step
 
 
-class StopRequest:
-    """Signal handlers (installed from the main thread) plus the stop file, for the lifetime of a `with` block."""
+class SignalScope:
+    """`self._handle` handles `self.signals` inside a `with` block (installed from the main thread only;
+    elsewhere signal.signal is not allowed), and the previous handlers come back after it."""
+
+    signals: list[signal.Signals]
+    previous: dict[signal.Signals, object]
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        raise NotImplementedError
+
+
+class StopRequest(SignalScope):
+    """Signal handlers plus the stop file (the only way to ask outside the main thread), within a `with` block."""
 
     def __init__(self, signals: list[str], stop_path: Path, device, world_size: int) -> None:
         self.signals = [signal.Signals[f"SIG{name}" if not name.startswith("SIG") else name] for name in signals]
@@ -46,17 +68,6 @@ class StopRequest:
         self.reason: str | None = None
         self.first_at = 0.0
         self.saved = False  # once the stop checkpoint is written, a further signal just ends the exit path
-        self.previous: dict[signal.Signals, object] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # elsewhere only the stop file can ask
-            for sig in self.signals:
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
