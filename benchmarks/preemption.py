@@ -71,9 +71,13 @@ def signal_runs(tmp: Path, assets: Path, ranks: int, repeats: int) -> tuple[int,
         latest = checkpoint.latest_checkpoint(run / "checkpoints")
         # one rank exits 75 itself; torchrun reports its workers' 75s as a failure (1)
         saved += latest is not None and latest.name == checkpoint.tag_for(step) and (code == 75 or ranks > 1)
+        same = False
         if _run(tmp, run, assets, "none", ranks) == 0:
             got = _weights(run)
-            exact += got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+            same = got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+        exact += same
+        print(f"{ranks} rank(s), run {i + 1}: SIGTERM after step {step}, exit {code}, saved "
+              f"{latest.name if latest else None}, resumed bit-identical: {same}", flush=True)
         shutil.rmtree(run)
     return saved, exact, steps
 
@@ -89,6 +93,7 @@ def clean_launches(tmp: Path, assets: Path, launches: int) -> tuple[int, list[in
         done = subprocess.run([sys.executable, "-m", "ondol.launch.cli", "launch", str(config)], cwd=ROOT,
                               capture_output=True, check=False)
         codes.append(done.returncode)
+        print(f"launch {i + 1}: exit {done.returncode}", flush=True)
         shutil.rmtree(run)
     return sum(c == 0 for c in codes), codes
 
