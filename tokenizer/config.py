@@ -11,7 +11,7 @@ class TokenizerConfig:
     sources: list[SourceConfig] = field(default_factory=list)  # empty: the data sources
     model_type: str = "bpe"  # bpe | unigram
     vocab_size: int = 8192  # rounded up to a multiple of 128
-    normalization: str = "nfc"  # nfc | none
+    normalization: str = "none"  # none (lossless: decode(encode(x)) == x) | nfc (decode gives NFC(x))
     max_sentences: int = 2_000_000  # cap on training sentences (sampled, shuffled)
     morpheme_aware: bool = False  # Kiwi morpheme boundaries as pre-tokenization
     hangul_coverage: bool = True  # every Hangul syllable is its own piece (no 3-byte fallback)

@@ -1,9 +1,11 @@
 """Ondol's tokenizer: a SentencePiece model plus the normalization and pre-tokenization it was trained with.
 
 Everything SentencePiece itself would change is switched off at training time (identity normalization,
-whitespace kept, no dummy prefix), so `decode(encode(x)) == normalize(x)` for every string. The one
-character SentencePiece cannot pass through is its own whitespace mark U+2581, which it would decode as a
-space; encode emits it as its three UTF-8 byte tokens instead.
+whitespace kept, no dummy prefix), so `decode(encode(x)) == normalize(x)` for every string, and with the
+default `normalization: none` that is x itself: nothing is lost, compatibility ideographs (U+F900..U+FAFF,
+which NFC maps to other characters) included. The one character SentencePiece cannot pass through is its
+own whitespace mark U+2581, which it would decode as a space; encode emits it as its three UTF-8 byte
+tokens instead.
 """
 
 from __future__ import annotations
