@@ -38,6 +38,8 @@ class Tokenizer:
         self.morpheme_aware: bool = meta["morpheme_aware"]
         self.jamo_split: bool = meta["jamo_split"]
         self.num_threads: int = meta.get("config", {}).get("num_threads", 2)
+        self._nfc = self.normalization == "nfc"
+        self._pretokenized = self.morpheme_aware or self.jamo_split
         self._meta_space_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode()]
         self._fingerprint = fingerprint(model_proto, self.normalization, self.morpheme_aware, self.jamo_split)
         self.directory: Path | None = None  # the folder it was loaded from
@@ -68,7 +70,11 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of normalize(text), without bos/eos."""
-        return self.encode_batch([text])[0]
+        if self._nfc:
+            text = unicodedata.normalize("NFC", text)
+        if self._pretokenized or META_SPACE in text:
+            return self._encode_segments(pretokenize([text], self.morpheme_aware, self.jamo_split)[0])
+        return self._sp.encode(text)  # one text: SentencePiece's single-text path, no thread pool
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         texts = [self.normalize(t) for t in texts]
