@@ -291,3 +291,45 @@ def test_pickles_for_worker_processes(tok):
     copy = pickle.loads(pickle.dumps(tok))
     texts = corpus_texts("ko_docs", 20, skip=900)
     assert copy.fingerprint == tok.fingerprint and copy.encode_batch(texts) == tok.encode_batch(texts)
+
+
+def test_sentencepiece_minimum_version_is_declared_and_installed():
+    """0.2.2 aborts in C++ while training ("bpe_model_trainer.cc(45) Check failed: freq > 0"); 0.2.3 trains."""
+    from importlib.metadata import version
+
+    from tests.conftest import ROOT
+
+    assert '"sentencepiece>=0.2.3"' in (ROOT / "pyproject.toml").read_text()
+    assert tuple(int(x) for x in version("sentencepiece").split(".")[:3]) >= (0, 2, 3)
+
+
+def test_a_trainer_abort_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """A C++ abort in SentencePiece's trainer ends a child process; the caller gets one line naming it."""
+    import os
+
+    import sentencepiece as spm
+
+    from ondol.launch.cli import main
+    from ondol.tokenizer.train import TrainerAbort
+
+    def abort(**options):  # what a failed CHECK does: a line on file descriptor 2, then abort()
+        os.write(2, b"bpe_model_trainer.cc(45) [freq > 0]\n")
+        os.abort()
+
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", abort)
+    cfg = small_config(vocab_size=3200, hangul_coverage=False, max_sentences=2000)
+    with pytest.raises(TrainerAbort, match=r"aborted training \(bpe_model_trainer.cc\(45\) \[freq > 0\]\)$"):
+        train_tokenizer(cfg, SOURCES[:1], tmp_path / "tok", seed=0)
+    assert not (tmp_path / "tok" / "meta.json").exists()
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"run_dir: {tmp_path}/run\n"
+        f"data: {{sources: [{{name: ko_docs, path: {CORPORA}/ko_docs.jsonl.gz, max_docs: 50}}]}}\n"
+        "tokenizer: {vocab_size: 3200, hangul_coverage: false}\n",
+        encoding="utf-8",
+    )
+    capsys.readouterr()
+    assert main(["tokenizer", "train", str(config)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the sampling progress lines
+    assert last.startswith("ondol: tokenizer: SentencePiece") and last.endswith("[freq > 0])")
