@@ -72,6 +72,11 @@ def test_mix_honours_character_weights_and_cap(weights):
     assert any(s in from_a for s in first) and any(s not in from_a for s in first)  # shuffled, not grouped
     rng_share = sum(len(s) for s in capped if s in from_a) / sum(map(len, capped))
     assert abs(rng_share - weights[0] / sum(weights)) < 0.06
+    chars = sum(map(len, a.sentences)) + sum(map(len, b.sentences))
+    by_chars = mix([a, b], max_sentences=10**9, seed=0, max_chars=chars // 4)
+    assert abs(sum(map(len, by_chars)) - chars // 4) < 0.01 * chars
+    share = sum(len(s) for s in by_chars if s in from_a) / sum(map(len, by_chars))
+    assert abs(share - weights[0] / sum(weights)) < 0.02
 
 
 def test_rare_characters_beyond_coverage_become_cuts():

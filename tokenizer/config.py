@@ -13,6 +13,7 @@ class TokenizerConfig:
     vocab_size: int = 8192  # rounded up to a multiple of 128
     normalization: str = "none"  # none (lossless: decode(encode(x)) == x) | nfc (decode gives NFC(x))
     max_sentences: int = 2_000_000  # cap on training sentences (sampled, shuffled)
+    max_chars: int = 0  # cap on training characters after weighting (0: all the sources' sampled characters)
     morpheme_aware: bool = False  # Kiwi morpheme boundaries as pre-tokenization
     hangul_coverage: bool = True  # every Hangul syllable is its own piece (no 3-byte fallback)
     special_tokens: list[str] = field(
@@ -51,6 +52,8 @@ class TokenizerConfig:
             )
         if not 0.98 <= self.character_coverage <= 1.0:
             raise ValueError("tokenizer.character_coverage must lie in [0.98, 1.0]")
+        if self.max_chars < 0:
+            raise ValueError("tokenizer.max_chars must be >= 0 (0: no cap)")
         if self.max_sentences < 1 or self.max_sentence_chars < 16 or self.max_piece_chars < 1:
             raise ValueError(
                 "tokenizer.max_sentences, max_sentence_chars (>= 16) and max_piece_chars must be positive"

@@ -119,7 +119,7 @@ def training_sentences(
                     lambda n, t=task: progress.advance(t, n),
                 )
             )
-    sentences = mix(samples, cfg.max_sentences, seed)
+    sentences = mix(samples, cfg.max_sentences, seed, cfg.max_chars)
     if cfg.morpheme_aware or cfg.jamo_split:
         with console.status(
             f"tokenizer: pre-tokenizing {len(sentences):,} sentences"
