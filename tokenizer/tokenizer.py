@@ -77,9 +77,10 @@ class Tokenizer:
         return self._sp.encode(text)  # one text: SentencePiece's single-text path, no thread pool
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        texts = [self.normalize(t) for t in texts]
-        if not (self.morpheme_aware or self.jamo_split or any(META_SPACE in t for t in texts)):
-            return self._sp.encode(texts, num_threads=self.num_threads)
+        if self._nfc:
+            texts = [unicodedata.normalize("NFC", t) for t in texts]
+        if not (self._pretokenized or any(META_SPACE in t for t in texts)):
+            return self._sp.encode(list(texts), num_threads=self.num_threads)
         return [self._encode_segments(s) for s in pretokenize(texts, self.morpheme_aware, self.jamo_split)]
 
     def _encode_segments(self, segments: list[str]) -> list[int]:
