@@ -94,3 +94,17 @@ def test_rare_characters_beyond_coverage_become_cuts():
     assert len(gone) == dropped > 0 and rarest in kept
     assert sum(counts[c] for c in kept - {rarest}) >= 0.99 * sum(counts.values())
     assert max(counts[c] for c in gone) <= min(counts[c] for c in kept - {rarest})
+
+
+def test_ko_64k_config_trains_on_every_shared_corpus():
+    """configs/ko-64k.yaml (the README figures) mixes every source in ../shared/corpora, Korean ones included."""
+    from ondol.configs import load_config
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "ko-64k.yaml", [f"corpora_dir={CORPORA}"])
+    paths = {s.path for s in cfg.data.sources if s.weight > 0}
+    assert paths == {str(p) for p in CORPORA.glob("*.jsonl.gz")}
+    korean = sum(s.weight for s in cfg.data.sources if s.name.startswith("ko_"))
+    assert korean / sum(s.weight for s in cfg.data.sources) >= 0.7
+    assert cfg.tokenizer.rounded_vocab_size() == 64000 and cfg.tokenizer.holdout_fraction == 0.1
+    assert cfg.tokenizer.normalization == "none"
