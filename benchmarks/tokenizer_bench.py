@@ -39,6 +39,7 @@ VARIANTS = {
     "split_by_script": {"split_by_script": True},
     "unigram": {"model_type": "unigram"},
     "coverage_0.9999": {"character_coverage": 0.9999},
+    "no_split_digits": {"split_digits": False},
     "max_piece_8": {"max_piece_chars": 8},
     "max_piece_24": {"max_piece_chars": 24},
     "chars_20M": {"max_chars": 20_000_000},

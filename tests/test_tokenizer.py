@@ -114,8 +114,8 @@ def test_round_trip_whitespace_runs(tok, text):
 
 @pytest.fixture(scope="module")
 def nfc_tok(tmp_path_factory) -> Tokenizer:
-    """normalization: nfc (composed and decomposed text read alike; decode gives NFC(x))."""
-    cfg = small_config(normalization="nfc", vocab_size=3200, hangul_coverage=False)
+    """normalization: nfc (composed and decomposed text read alike; decode gives NFC(x)), digits not split."""
+    cfg = small_config(normalization="nfc", vocab_size=3200, hangul_coverage=False, split_digits=False)
     return train_tokenizer(cfg, SOURCES[:1], tmp_path_factory.mktemp("nfc"), seed=7)
 
 
@@ -146,6 +146,12 @@ def test_digits_split_and_unseen_chars_fall_back_to_bytes(tok):
     ids = tok.encode(rare)
     assert all(tok.is_byte(i) for i in ids) and len(ids) == len(rare.encode()) and tok.decode(ids) == rare
     assert tok.encode("\u2581") == [tok.token_to_id(f"<0x{b:02X}>") for b in "\u2581".encode()]
+
+
+def test_split_digits_off_learns_number_pieces(nfc_tok):
+    numbers = [nfc_tok.id_to_token(i) for i in range(nfc_tok.vocab_size) if nfc_tok.id_to_token(i).isdigit()]
+    assert any(len(piece) >= 2 for piece in numbers), numbers
+    assert nfc_tok.decode(nfc_tok.encode("20240517")) == "20240517"
 
 
 def test_hangul_and_jamo_coverage(tok):

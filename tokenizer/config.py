@@ -33,6 +33,7 @@ class TokenizerConfig:
         2000  # documents are cut at line ends into training sentences of at most this size
     )
     max_piece_chars: int = 16  # longest piece, in characters
+    split_digits: bool = True  # every digit its own piece (numbers read digit by digit)
     split_by_script: bool = False  # True: no piece mixes scripts (no '다.' or '요!'); measured worse
     split_by_whitespace: bool = False  # True: no piece crosses a space (no '▁수▁있다'); measured worse
     holdout_fraction: float = 0.0  # documents kept out of training (by text hash) for `ondol tokenizer eval`

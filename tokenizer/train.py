@@ -182,7 +182,7 @@ def _train_sentencepiece(cfg: TokenizerConfig, sentences: list[str], seed: int) 
         "remove_extra_whitespaces": False,
         "add_dummy_prefix": False,
         "allow_whitespace_only_pieces": True,
-        "split_digits": True,
+        "split_digits": cfg.split_digits,
         "byte_fallback": True,
         "split_by_unicode_script": cfg.split_by_script,
         "split_by_whitespace": cfg.split_by_whitespace,
