@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ondol.data.config import SourceConfig
 from ondol.tokenizer.config import TokenizerConfig
-from ondol.tokenizer.korean import compatibility_jamo, hangul_syllables
+from ondol.tokenizer.korean import compatibility_jamo, conjoining_jamo, hangul_syllables
 from ondol.tokenizer.tokenizer import Tokenizer
 from ondol.tokenizer.train import train_tokenizer
 from tests.conftest import CORPORA, corpus_texts
@@ -155,10 +155,24 @@ def test_split_digits_off_learns_number_pieces(nfc_tok):
 
 
 def test_hangul_and_jamo_coverage(tok):
-    for ch in hangul_syllables("common") + compatibility_jamo():
+    for ch in hangul_syllables("common") + compatibility_jamo() + conjoining_jamo():
         ids = tok.encode(ch)
         assert len(ids) == 1 and not tok.is_byte(ids[0]), ch
     assert len(hangul_syllables("all")) == 11172 and len(hangul_syllables("common")) == 2350
+    # conjoining_jamo is exactly what NFD decomposes the 11,172 syllables into
+    nfd = {j for s in hangul_syllables("all") for j in unicodedata.normalize("NFD", s)}
+    assert nfd == set(conjoining_jamo()) and len(conjoining_jamo()) == 67
+    # Decomposed Korean is kept as it is, at no more than 3 tokens a syllable
+    texts = corpus_texts("ko_reviews", 300, skip=7000)
+    syllables = sum(len(hangul_syllables_in(t)) for t in texts)
+    nfd_ids = tok.encode_batch([unicodedata.normalize("NFD", t) for t in texts])
+    assert [tok.decode(ids) for ids in nfd_ids] == [unicodedata.normalize("NFD", t) for t in texts]
+    extra = sum(map(len, nfd_ids)) - sum(map(len, tok.encode_batch(texts)))
+    assert extra <= 2 * syllables
+
+
+def hangul_syllables_in(text: str) -> str:
+    return "".join(c for c in text if "\uac00" <= c <= "\ud7a3")
 
 
 def test_rerun_reuses_and_changed_config_refuses(tmp_path):

@@ -15,7 +15,7 @@ class TokenizerConfig:
     max_sentences: int = 2_000_000  # cap on training sentences (sampled, shuffled)
     max_chars: int = 0  # cap on training characters after weighting (0: all the sources' sampled characters)
     morpheme_aware: bool = False  # Kiwi morpheme boundaries as pre-tokenization
-    hangul_coverage: bool = True  # every Hangul syllable is its own piece (no 3-byte fallback)
+    hangul_coverage: bool = True  # every Hangul syllable and conjoining jamo is its own piece (no 3-byte fallback)
     special_tokens: list[str] = field(
         default_factory=lambda: ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
     )
@@ -91,4 +91,5 @@ class TokenizerConfig:
         ]
 
     def required_hangul(self) -> int:
-        return 2350 if self.hangul_syllables == "common" else 11172
+        """Pieces hangul_coverage guarantees: the syllables plus the 67 modern conjoining jamo."""
+        return (2350 if self.hangul_syllables == "common" else 11172) + 67

@@ -28,7 +28,7 @@ from rich.progress import (
 from ondol.data.config import SourceConfig
 from ondol.tokenizer.config import TokenizerConfig
 from ondol.tokenizer.hf_export import write_hf_files
-from ondol.tokenizer.korean import compatibility_jamo, hangul_syllables, pretokenize
+from ondol.tokenizer.korean import compatibility_jamo, conjoining_jamo, hangul_syllables, pretokenize
 from ondol.tokenizer.sample import mix, nfc, sample_source
 from ondol.tokenizer.tokenizer import META_FILE, MODEL_FILE, Tokenizer, fingerprint
 
@@ -168,7 +168,9 @@ def drop_rare_chars(sentences: list[str], coverage: float, required: str) -> tup
 
 
 def _train_sentencepiece(cfg: TokenizerConfig, sentences: list[str], seed: int) -> bytes:
-    required = (hangul_syllables(cfg.hangul_syllables) if cfg.hangul_coverage else "") + (
+    # Text is kept as it comes (no NFC), so decomposed Hangul needs its jamo as pieces, not 3 bytes each.
+    hangul = hangul_syllables(cfg.hangul_syllables) + conjoining_jamo()
+    required = (hangul if cfg.hangul_coverage else "") + (
         compatibility_jamo() if cfg.jamo_coverage else ""
     )
     sentences, dropped = drop_rare_chars(sentences, cfg.character_coverage, required)
