@@ -32,7 +32,7 @@ class SourceConfig:
 class CleaningConfig:
     """Cleaning steps; each is counted in the manifest."""
 
-    normalize: str = "nfc"  # nfc | none (must equal the tokenizer's normalization)
+    normalize: str = "nfc"  # nfc | none (nfc when the tokenizer applies NFC)
     remove_control: bool = True
     min_chars: int = 1
     max_chars: int | None = None

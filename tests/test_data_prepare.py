@@ -27,7 +27,7 @@ from tests.conftest import CORPORA, ROOT, corpus_texts
 def small_tokenizer(out_dir: Path) -> Tokenizer:
     """A real (small) Ondol tokenizer trained on the shared Korean corpora."""
     cfg = TokenizerConfig(vocab_size=2048, hangul_coverage=False, jamo_coverage=False, max_sentences=20_000,
-                          character_coverage=0.995)
+                          character_coverage=0.995, normalization="nfc")
     sources = [SourceConfig(name="ko_reviews", path=str(CORPORA / "ko_reviews.jsonl.gz"), max_docs=20_000),
                SourceConfig(name="ko_docs", path=str(CORPORA / "ko_docs.jsonl.gz"))]
     return train_tokenizer(cfg, sources, out_dir, seed=0)

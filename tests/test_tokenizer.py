@@ -1,4 +1,4 @@
-"""Tokenizer contract: lossless round trip, special tokens, Korean coverage, reuse, HF export ids."""
+"""Tokenizer contract: strictly lossless round trip, special tokens, Korean coverage, reuse, HF export ids."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ondol.data.config import SourceConfig
 from ondol.tokenizer.config import TokenizerConfig
-from ondol.tokenizer.korean import compatibility_jamo, hangul_syllables
+from ondol.tokenizer.korean import compatibility_jamo, conjoining_jamo, hangul_syllables
 from ondol.tokenizer.tokenizer import Tokenizer
 from ondol.tokenizer.train import train_tokenizer
 from tests.conftest import CORPORA, corpus_texts
@@ -60,14 +60,50 @@ def test_vocab_rounded_and_special_ids(tok):
 def test_round_trip_on_held_out_real_documents(tok):
     texts = held_out_texts()
     for text, ids in zip(texts, tok.encode_batch(texts)):
-        assert tok.decode(ids) == unicodedata.normalize("NFC", text)
-        assert ids == tok.encode(text)
+        assert tok.decode(ids) == text
+        assert ids == tok.encode(text) == tok.sentencepiece.encode(text)  # no U+2581 in these texts
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.text(max_size=200))
-def test_round_trip_arbitrary_unicode(tok, text):
-    assert tok.decode(tok.encode(text)) == unicodedata.normalize("NFC", text)
+# Arbitrary Unicode, with extra weight on what NFC would change or what SentencePiece treats specially:
+# CJK compatibility ideographs (NFC maps each to another code point, U+F91F to U+862D), conjoining Hangul
+# jamo (NFC composes them), combining marks, U+2581 and whitespace runs.
+SPECIAL_CHARS = st.one_of(
+    st.characters(min_codepoint=0xF900, max_codepoint=0xFAFF),
+    st.characters(min_codepoint=0x1100, max_codepoint=0x11FF),
+    st.characters(min_codepoint=0x0300, max_codepoint=0x036F),
+    st.sampled_from("\u2581 \t\n\r\u3000\u00a0가ㅋA1\u212b\u1e9b"),
+)
+UNICODE_TEXT = st.text(alphabet=st.one_of(st.characters(codec="utf-8"), SPECIAL_CHARS), max_size=200)
+
+
+@pytest.fixture(scope="module")
+def hf(tok):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return HFTokenizer.from_file(str(tok.directory / "tokenizer.json"))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(UNICODE_TEXT)
+def test_round_trip_arbitrary_unicode_is_strict(tok, hf, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.encode_batch([text, text]) == [ids, ids]
+    assert hf.decode(ids, skip_special_tokens=False) == text
+    theirs = hf.encode(text, add_special_tokens=False).ids
+    assert hf.decode(theirs, skip_special_tokens=False) == text
+    if not any(name in text for name in tok.special_tokens):  # the HF file reads those as special tokens
+        assert theirs == ids
+
+
+def test_compatibility_ideographs_survive(tok, hf):
+    """The reviews that NFC would change (U+F933, U+F91B, ...) come back exactly, through both files."""
+    texts = [t for t in corpus_texts("ko_reviews") if not unicodedata.is_normalized("NFC", t)]
+    assert len(texts) >= 40 and any("\uf933" in t for t in texts)
+    ids = tok.encode_batch(texts)
+    assert [tok.decode(i) for i in ids] == texts
+    assert [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)] == ids
+    assert hf.decode_batch(ids, skip_special_tokens=False) == texts
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -77,25 +113,27 @@ def test_round_trip_whitespace_runs(tok, text):
 
 
 @pytest.fixture(scope="module")
-def raw_tok(tmp_path_factory) -> Tokenizer:
-    """normalization: none (bytes kept as they arrive)."""
-    cfg = small_config(normalization="none", vocab_size=3200, hangul_coverage=False)
-    return train_tokenizer(cfg, SOURCES[:1], tmp_path_factory.mktemp("raw"), seed=7)
+def nfc_tok(tmp_path_factory) -> Tokenizer:
+    """normalization: nfc (composed and decomposed text read alike; decode gives NFC(x)), digits not split."""
+    cfg = small_config(normalization="nfc", vocab_size=3200, hangul_coverage=False, split_digits=False)
+    return train_tokenizer(cfg, SOURCES[:1], tmp_path_factory.mktemp("nfc"), seed=7)
 
 
-def test_normalization_none_keeps_decomposed_text(raw_tok, tok):
+def test_normalization_nfc_reads_decomposed_text_as_composed(nfc_tok, tok):
     decomposed = unicodedata.normalize("NFD", corpus_texts("ko_reviews", 1, skip=123)[0])
-    assert decomposed != unicodedata.normalize("NFC", decomposed)
-    assert raw_tok.decode(raw_tok.encode(decomposed)) == decomposed
-    # NFC (the default) reads composed and decomposed Korean as the same tokens.
-    assert tok.encode(decomposed) == tok.encode(unicodedata.normalize("NFC", decomposed))
-    assert raw_tok.fingerprint != tok.fingerprint
+    composed = unicodedata.normalize("NFC", decomposed)
+    assert decomposed != composed
+    assert nfc_tok.encode(decomposed) == nfc_tok.encode(composed)
+    assert nfc_tok.decode(nfc_tok.encode(decomposed)) == composed
+    # The default keeps decomposed text as it is.
+    assert tok.decode(tok.encode(decomposed)) == decomposed and tok.encode(decomposed) != tok.encode(composed)
+    assert nfc_tok.fingerprint != tok.fingerprint
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.text(max_size=200))
-def test_round_trip_arbitrary_unicode_without_normalization(raw_tok, text):
-    assert raw_tok.decode(raw_tok.encode(text)) == text
+@given(UNICODE_TEXT)
+def test_round_trip_arbitrary_unicode_with_nfc(nfc_tok, text):
+    assert nfc_tok.decode(nfc_tok.encode(text)) == unicodedata.normalize("NFC", text)
 
 
 def test_digits_split_and_unseen_chars_fall_back_to_bytes(tok):
@@ -110,11 +148,31 @@ def test_digits_split_and_unseen_chars_fall_back_to_bytes(tok):
     assert tok.encode("\u2581") == [tok.token_to_id(f"<0x{b:02X}>") for b in "\u2581".encode()]
 
 
+def test_split_digits_off_learns_number_pieces(nfc_tok):
+    numbers = [nfc_tok.id_to_token(i) for i in range(nfc_tok.vocab_size) if nfc_tok.id_to_token(i).isdigit()]
+    assert any(len(piece) >= 2 for piece in numbers), numbers
+    assert nfc_tok.decode(nfc_tok.encode("20240517")) == "20240517"
+
+
 def test_hangul_and_jamo_coverage(tok):
-    for ch in hangul_syllables("common") + compatibility_jamo():
+    for ch in hangul_syllables("common") + compatibility_jamo() + conjoining_jamo():
         ids = tok.encode(ch)
         assert len(ids) == 1 and not tok.is_byte(ids[0]), ch
     assert len(hangul_syllables("all")) == 11172 and len(hangul_syllables("common")) == 2350
+    # conjoining_jamo is exactly what NFD decomposes the 11,172 syllables into
+    nfd = {j for s in hangul_syllables("all") for j in unicodedata.normalize("NFD", s)}
+    assert nfd == set(conjoining_jamo()) and len(conjoining_jamo()) == 67
+    # Decomposed Korean is kept as it is, at no more than 3 tokens a syllable
+    texts = corpus_texts("ko_reviews", 300, skip=7000)
+    syllables = sum(len(hangul_syllables_in(t)) for t in texts)
+    nfd_ids = tok.encode_batch([unicodedata.normalize("NFD", t) for t in texts])
+    assert [tok.decode(ids) for ids in nfd_ids] == [unicodedata.normalize("NFD", t) for t in texts]
+    extra = sum(map(len, nfd_ids)) - sum(map(len, tok.encode_batch(texts)))
+    assert extra <= 2 * syllables
+
+
+def hangul_syllables_in(text: str) -> str:
+    return "".join(c for c in text if "\uac00" <= c <= "\ud7a3")
 
 
 def test_rerun_reuses_and_changed_config_refuses(tmp_path):
@@ -203,20 +261,27 @@ def test_jamo_split_hf_export_gives_identical_ids(tmp_path):
     assert [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)] == tok.encode_batch(texts)
 
 
+CORPUS_NAMES = ("ko_reviews", "ko_docs", "en_docs", "code_python", "ko_law", "ko_mixed")
+
+
 def corpus_slice(full: bool) -> dict[str, list[str]]:
-    """Every shared corpus document (full), or a slice: 30k reviews, all Korean docs, some English and code."""
+    """Every shared corpus document (full), or a slice of each: 30k reviews, all Korean docs, some English,
+    code, law and ko_mixed."""
     if full:
-        return {name: corpus_texts(name) for name in ("ko_reviews", "ko_docs", "en_docs", "code_python")}
+        return {name: corpus_texts(name) for name in CORPUS_NAMES}
     return {
         "ko_reviews": corpus_texts("ko_reviews", 30000, skip=300_000),
         "ko_docs": corpus_texts("ko_docs"),
         "en_docs": corpus_texts("en_docs", 40, skip=200),
         "code_python": corpus_texts("code_python", 60, skip=500),
+        "ko_law": corpus_texts("ko_law", 3000, skip=5000),
+        "ko_mixed": corpus_texts("ko_mixed", 10000, skip=20000),
     }
 
 
 def check_corpus(tok: Tokenizer, texts_by_source: dict[str, list[str]]) -> None:
-    """Round trip and HF ids on each document; failures are listed by source and index, not just counted."""
+    """Strict round trip (Ondol and tokenizer.json) and HF ids on each document; failures are listed by
+    source and index, not just counted."""
     from tokenizers import Tokenizer as HFTokenizer
 
     hf = HFTokenizer.from_file(str(tok.directory / "tokenizer.json"))
@@ -225,11 +290,8 @@ def check_corpus(tok: Tokenizer, texts_by_source: dict[str, list[str]]) -> None:
             batch = texts[start : start + 5000]
             ours = tok.encode_batch(batch)
             theirs = [e.ids for e in hf.encode_batch(batch, add_special_tokens=False)]
-            lossy = [
-                start + i
-                for i, (t, ids) in enumerate(zip(batch, ours))
-                if tok.decode(ids) != unicodedata.normalize("NFC", t)
-            ]
+            back = zip(batch, ours, hf.decode_batch(ours, skip_special_tokens=False))
+            lossy = [start + i for i, (t, ids, h) in enumerate(back) if not tok.decode(ids) == h == t]
             differ = [start + i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b]
             assert not lossy and not differ, (source, lossy[:10], differ[:10])
 
@@ -249,3 +311,45 @@ def test_pickles_for_worker_processes(tok):
     copy = pickle.loads(pickle.dumps(tok))
     texts = corpus_texts("ko_docs", 20, skip=900)
     assert copy.fingerprint == tok.fingerprint and copy.encode_batch(texts) == tok.encode_batch(texts)
+
+
+def test_sentencepiece_minimum_version_is_declared_and_installed():
+    """0.2.2 aborts in C++ while training ("bpe_model_trainer.cc(45) Check failed: freq > 0"); 0.2.3 trains."""
+    from importlib.metadata import version
+
+    from tests.conftest import ROOT
+
+    assert '"sentencepiece>=0.2.3"' in (ROOT / "pyproject.toml").read_text()
+    assert tuple(int(x) for x in version("sentencepiece").split(".")[:3]) >= (0, 2, 3)
+
+
+def test_a_trainer_abort_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """A C++ abort in SentencePiece's trainer ends a child process; the caller gets one line naming it."""
+    import os
+
+    import sentencepiece as spm
+
+    from ondol.launch.cli import main
+    from ondol.tokenizer.train import TrainerAbort
+
+    def abort(**options):  # what a failed CHECK does: a line on file descriptor 2, then abort()
+        os.write(2, b"bpe_model_trainer.cc(45) [freq > 0]\n")
+        os.abort()
+
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", abort)
+    cfg = small_config(vocab_size=3200, hangul_coverage=False, max_sentences=2000)
+    with pytest.raises(TrainerAbort, match=r"aborted training \(bpe_model_trainer.cc\(45\) \[freq > 0\]\)$"):
+        train_tokenizer(cfg, SOURCES[:1], tmp_path / "tok", seed=0)
+    assert not (tmp_path / "tok" / "meta.json").exists()
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"run_dir: {tmp_path}/run\n"
+        f"data: {{sources: [{{name: ko_docs, path: {CORPORA}/ko_docs.jsonl.gz, max_docs: 50}}]}}\n"
+        "tokenizer: {vocab_size: 3200, hangul_coverage: false}\n",
+        encoding="utf-8",
+    )
+    capsys.readouterr()
+    assert main(["tokenizer", "train", str(config)]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the sampling progress lines
+    assert last.startswith("ondol: tokenizer: SentencePiece") and last.endswith("[freq > 0])")

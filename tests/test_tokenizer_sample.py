@@ -72,6 +72,11 @@ def test_mix_honours_character_weights_and_cap(weights):
     assert any(s in from_a for s in first) and any(s not in from_a for s in first)  # shuffled, not grouped
     rng_share = sum(len(s) for s in capped if s in from_a) / sum(map(len, capped))
     assert abs(rng_share - weights[0] / sum(weights)) < 0.06
+    chars = sum(map(len, a.sentences)) + sum(map(len, b.sentences))
+    by_chars = mix([a, b], max_sentences=10**9, seed=0, max_chars=chars // 4)
+    assert abs(sum(map(len, by_chars)) - chars // 4) < 0.01 * chars
+    share = sum(len(s) for s in by_chars if s in from_a) / sum(map(len, by_chars))
+    assert abs(share - weights[0] / sum(weights)) < 0.02
 
 
 def test_rare_characters_beyond_coverage_become_cuts():
@@ -89,3 +94,17 @@ def test_rare_characters_beyond_coverage_become_cuts():
     assert len(gone) == dropped > 0 and rarest in kept
     assert sum(counts[c] for c in kept - {rarest}) >= 0.99 * sum(counts.values())
     assert max(counts[c] for c in gone) <= min(counts[c] for c in kept - {rarest})
+
+
+def test_ko_64k_config_trains_on_every_shared_corpus():
+    """configs/ko-64k.yaml (the README figures) mixes every source in ../shared/corpora, Korean ones included."""
+    from ondol.configs import load_config
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "ko-64k.yaml", [f"corpora_dir={CORPORA}"])
+    paths = {s.path for s in cfg.data.sources if s.weight > 0}
+    assert paths == {str(p) for p in CORPORA.glob("*.jsonl.gz")}
+    korean = sum(s.weight for s in cfg.data.sources if s.name.startswith("ko_"))
+    assert korean / sum(s.weight for s in cfg.data.sources) >= 0.7
+    assert cfg.tokenizer.rounded_vocab_size() == 64000 and cfg.tokenizer.holdout_fraction == 0.1
+    assert cfg.tokenizer.normalization == "none"

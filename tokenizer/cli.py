@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -56,10 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args) -> int:
-    from ondol.tokenizer.train import train_tokenizer
+    from ondol.tokenizer.train import TrainerAbort, train_tokenizer
 
     cfg = load_config(args.config, args.overrides)
-    tok = train_tokenizer(cfg.tokenizer, cfg.data.sources, tokenizer_dir(cfg), cfg.seed)
+    try:
+        tok = train_tokenizer(cfg.tokenizer, cfg.data.sources, tokenizer_dir(cfg), cfg.seed)
+    except TrainerAbort as e:
+        print(f"ondol: {e}", file=sys.stderr)
+        return 1
     print(f"{tokenizer_dir(cfg)}: {tok}")
     return 0
 

@@ -11,10 +11,11 @@ class TokenizerConfig:
     sources: list[SourceConfig] = field(default_factory=list)  # empty: the data sources
     model_type: str = "bpe"  # bpe | unigram
     vocab_size: int = 8192  # rounded up to a multiple of 128
-    normalization: str = "nfc"  # nfc | none
+    normalization: str = "none"  # none (lossless: decode(encode(x)) == x) | nfc (decode gives NFC(x))
     max_sentences: int = 2_000_000  # cap on training sentences (sampled, shuffled)
+    max_chars: int = 0  # cap on training characters after weighting (0: all the sources' sampled characters)
     morpheme_aware: bool = False  # Kiwi morpheme boundaries as pre-tokenization
-    hangul_coverage: bool = True  # every Hangul syllable is its own piece (no 3-byte fallback)
+    hangul_coverage: bool = True  # every Hangul syllable and conjoining jamo is its own piece (no 3-byte fallback)
     special_tokens: list[str] = field(
         default_factory=lambda: ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
     )
@@ -32,6 +33,7 @@ class TokenizerConfig:
         2000  # documents are cut at line ends into training sentences of at most this size
     )
     max_piece_chars: int = 16  # longest piece, in characters
+    split_digits: bool = True  # every digit its own piece (numbers read digit by digit)
     split_by_script: bool = False  # True: no piece mixes scripts (no '다.' or '요!'); measured worse
     split_by_whitespace: bool = False  # True: no piece crosses a space (no '▁수▁있다'); measured worse
     holdout_fraction: float = 0.0  # documents kept out of training (by text hash) for `ondol tokenizer eval`
@@ -51,6 +53,8 @@ class TokenizerConfig:
             )
         if not 0.98 <= self.character_coverage <= 1.0:
             raise ValueError("tokenizer.character_coverage must lie in [0.98, 1.0]")
+        if self.max_chars < 0:
+            raise ValueError("tokenizer.max_chars must be >= 0 (0: no cap)")
         if self.max_sentences < 1 or self.max_sentence_chars < 16 or self.max_piece_chars < 1:
             raise ValueError(
                 "tokenizer.max_sentences, max_sentence_chars (>= 16) and max_piece_chars must be positive"
@@ -87,4 +91,5 @@ class TokenizerConfig:
         ]
 
     def required_hangul(self) -> int:
-        return 2350 if self.hangul_syllables == "common" else 11172
+        """Pieces hangul_coverage guarantees: the syllables plus the 67 modern conjoining jamo."""
+        return (2350 if self.hangul_syllables == "common" else 11172) + 67

@@ -2,15 +2,14 @@
 
 Metrics, per source: chars/token and bytes/token (higher is better), tokens per eojeol (space-separated
 word), the byte-fallback rate (share of tokens that are a fragment of a character: SentencePiece byte
-pieces, or byte-level tokens that are not whole UTF-8) and round-trip failures (decode(encode(x)) is
-neither x nor the tokenizer's declared normalization of x).
+pieces, or byte-level tokens that are not whole UTF-8) and strict round-trip failures (decode(encode(x))
+is not x; a tokenizer that normalizes counts every text it changes).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -32,7 +31,6 @@ class Encoder(Protocol):
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
     def decode(self, ids: list[int]) -> str: ...
     def is_fragment(self, token_id: int) -> bool: ...
-    def normalize(self, text: str) -> str: ...
 
 
 @dataclass
@@ -48,9 +46,6 @@ class OndolEncoder:
 
     def is_fragment(self, token_id):
         return self.tok.is_byte(token_id)
-
-    def normalize(self, text):
-        return self.tok.normalize(text)
 
 
 @dataclass
@@ -69,9 +64,6 @@ class HFEncoder:
 
     def is_fragment(self, token_id):
         return token_id in self._bytes
-
-    def normalize(self, text):
-        return unicodedata.normalize("NFC", text)  # a tokenizer.json may compose; that is not a failure
 
 
 @dataclass
@@ -96,9 +88,6 @@ class TiktokenEncoder:
             except UnicodeDecodeError:
                 self._whole[token_id] = False
         return not self._whole[token_id]
-
-    def normalize(self, text):
-        return text
 
 
 def load_encoder(spec: str) -> Encoder:
@@ -147,10 +136,7 @@ def measure(encoder: Encoder, source: str, texts: list[str]) -> SourceMetrics:
     ids = encoder.encode_batch(texts)
     tokens = sum(map(len, ids))
     fallback = sum(encoder.is_fragment(i) for seq in ids for i in seq)
-    failures = 0
-    for text, seq in zip(texts, ids):
-        back = encoder.decode(seq)
-        failures += back != text and back != encoder.normalize(text)
+    failures = sum(encoder.decode(seq) != text for text, seq in zip(texts, ids))
     chars = sum(map(len, texts))
     nbytes = sum(len(t.encode()) for t in texts)
     eojeols = sum(len(t.split()) for t in texts)

@@ -2,11 +2,13 @@
 
 SentencePiece BPE merges, at each step, the adjacent pair whose concatenation is the best-scored piece;
 HF BPE merges by rank over a merge list. Listing every split (a, b) of every piece, ranked by the piece's
-id (SentencePiece orders BPE pieces by score), makes the two agree. Whitespace is SentencePiece's: a space
-becomes U+2581 in the normalizer and back in the decoder; there is no dummy prefix, and the only
-pre-tokenizer is the optional cut around compatibility-jamo runs (jamo_split).
-Limits, both documented in tokenizer/README.md: a literal U+2581 in the input is read as a space (Ondol's
-encoder sends it as bytes), and morpheme-aware tokenizers need Kiwi's cuts applied before this file.
+id (SentencePiece orders BPE pieces by score), makes the two agree. SentencePiece's space mark U+2581 is
+written as a plain space in the exported pieces, so no normalizer rewrites the input: a literal U+2581
+is not a piece there and falls back to its three byte tokens, as Ondol's encoder sends it, and
+decode(encode(x)) == x for every string (with `normalization: nfc`, NFC(x)). There is no dummy prefix,
+and the only pre-tokenizer is the optional cut around compatibility-jamo runs (jamo_split).
+Limit, documented in tokenizer/README.md: morpheme-aware tokenizers need Kiwi's cuts applied before this
+file.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ NORMAL, UNKNOWN, CONTROL, BYTE = (
 def build_hf_tokenizer(model_proto: bytes, normalization: str, jamo_split: bool) -> HFTokenizer:
     proto = sp_pb.ModelProto()
     proto.ParseFromString(model_proto)
-    pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    pieces = [(p.piece.replace("\u2581", " "), p.score, p.type) for p in proto.pieces]
     unk_id = next(i for i, (_, _, t) in enumerate(pieces) if t == UNKNOWN)
     if proto.trainer_spec.model_type == sp_pb.TrainerSpec.BPE:
         vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
@@ -47,13 +49,11 @@ def build_hf_tokenizer(model_proto: bytes, normalization: str, jamo_split: bool)
             [(piece, score) for piece, score, _ in pieces], unk_id=unk_id, byte_fallback=True
         )
     tok = HFTokenizer(model)
-    steps = [normalizers.NFC()] if normalization == "nfc" else []
-    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
+    if normalization == "nfc":
+        tok.normalizer = normalizers.NFC()
     if jamo_split:
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(JAMO_RUN.pattern), behavior="isolated")
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    )
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     tok.add_special_tokens(
         [
             AddedToken(piece, special=True, normalized=False)

@@ -25,6 +25,12 @@ def _in_ksx1001(ch: str) -> bool:
         return False
 
 
+def conjoining_jamo() -> str:
+    """The 67 modern conjoining jamo (19 leading, 21 vowels, 27 trailing): decomposed (NFD) Hangul."""
+    ranges = ((0x1100, 0x1112), (0x1161, 0x1175), (0x11A8, 0x11C2))
+    return "".join(chr(c) for first, last in ranges for c in range(first, last + 1))
+
+
 def compatibility_jamo() -> str:
     return "".join(chr(c) for c in range(COMPAT_JAMO_FIRST, COMPAT_JAMO_LAST + 1))
 

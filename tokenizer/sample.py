@@ -5,7 +5,8 @@ the trainer never sees raw documents: each is cut at line ends into sentences of
 `max_sentence_chars` (newlines stay inside, so pieces such as ".\\n" and indentation can be learned), and
 each source keeps a reservoir sample of at most `max_sentences` sentences however large it is. The
 reservoirs are then weighted by characters: source i contributes weight_i / sum(weights) of the training
-characters, by subsampling or by repeating its sentences.
+characters, by subsampling or by repeating its sentences; the total is every reservoir character, or
+`max_chars` when that is smaller (training time and memory grow with it).
 """
 
 from __future__ import annotations
@@ -88,13 +89,14 @@ def sample_source(
     return out
 
 
-def mix(samples: list[SourceSample], max_sentences: int, seed: int) -> list[str]:
-    """Weight the reservoirs by characters, cap the total at max_sentences, and shuffle."""
+def mix(samples: list[SourceSample], max_sentences: int, seed: int, max_chars: int = 0) -> list[str]:
+    """Weight the reservoirs by characters, cap the total at max_chars (0: every reservoir character) and
+    max_sentences, and shuffle."""
     rng = random.Random(seed)
     samples = [s for s in samples if s.sentences and s.weight > 0]
     total_w = sum(s.weight for s in samples)
     kept = {s.name: sum(map(len, s.sentences)) for s in samples}
-    total_chars = sum(kept.values())
+    total_chars = min(sum(kept.values()), max_chars or sum(kept.values()))
     mixed: list[str] = []
     for s in samples:
         factor = total_chars * s.weight / total_w / kept[s.name]  # > 1: repeat, < 1: subsample

@@ -1,9 +1,11 @@
 """Ondol's tokenizer: a SentencePiece model plus the normalization and pre-tokenization it was trained with.
 
 Everything SentencePiece itself would change is switched off at training time (identity normalization,
-whitespace kept, no dummy prefix), so `decode(encode(x)) == normalize(x)` for every string. The one
-character SentencePiece cannot pass through is its own whitespace mark U+2581, which it would decode as a
-space; encode emits it as its three UTF-8 byte tokens instead.
+whitespace kept, no dummy prefix), so `decode(encode(x)) == normalize(x)` for every string, and with the
+default `normalization: none` that is x itself: nothing is lost, compatibility ideographs (U+F900..U+FAFF,
+which NFC maps to other characters) included. The one character SentencePiece cannot pass through is its
+own whitespace mark U+2581, which it would decode as a space; encode emits it as its three UTF-8 byte
+tokens instead.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class Tokenizer:
         self.morpheme_aware: bool = meta["morpheme_aware"]
         self.jamo_split: bool = meta["jamo_split"]
         self.num_threads: int = meta.get("config", {}).get("num_threads", 2)
+        self._nfc = self.normalization == "nfc"
+        self._pretokenized = self.morpheme_aware or self.jamo_split
         self._meta_space_ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in META_SPACE.encode()]
         self._fingerprint = fingerprint(model_proto, self.normalization, self.morpheme_aware, self.jamo_split)
         self.directory: Path | None = None  # the folder it was loaded from
@@ -66,12 +70,17 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of normalize(text), without bos/eos."""
-        return self.encode_batch([text])[0]
+        if self._nfc:
+            text = unicodedata.normalize("NFC", text)
+        if self._pretokenized or META_SPACE in text:
+            return self._encode_segments(pretokenize([text], self.morpheme_aware, self.jamo_split)[0])
+        return self._sp.encode(text)  # one text: SentencePiece's single-text path, no thread pool
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        texts = [self.normalize(t) for t in texts]
-        if not (self.morpheme_aware or self.jamo_split or any(META_SPACE in t for t in texts)):
-            return self._sp.encode(texts, num_threads=self.num_threads)
+        if self._nfc:
+            texts = [unicodedata.normalize("NFC", t) for t in texts]
+        if not (self._pretokenized or any(META_SPACE in t for t in texts)):
+            return self._sp.encode(list(texts), num_threads=self.num_threads)
         return [self._encode_segments(s) for s in pretokenize(texts, self.morpheme_aware, self.jamo_split)]
 
     def _encode_segments(self, segments: list[str]) -> list[int]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import faulthandler
 import io
 import json
+import multiprocessing
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +29,7 @@ from ondol.data.config import SourceConfig
 from ondol.files import fsync_dir, fsync_tree
 from ondol.tokenizer.config import TokenizerConfig
 from ondol.tokenizer.hf_export import write_hf_files
-from ondol.tokenizer.korean import compatibility_jamo, hangul_syllables, pretokenize
+from ondol.tokenizer.korean import compatibility_jamo, conjoining_jamo, hangul_syllables, pretokenize
 from ondol.tokenizer.sample import mix, nfc, sample_source
 from ondol.tokenizer.tokenizer import META_FILE, MODEL_FILE, Tokenizer, fingerprint
 
@@ -117,7 +120,7 @@ def training_sentences(
                     lambda n, t=task: progress.advance(t, n),
                 )
             )
-    sentences = mix(samples, cfg.max_sentences, seed)
+    sentences = mix(samples, cfg.max_sentences, seed, cfg.max_chars)
     if cfg.morpheme_aware or cfg.jamo_split:
         with console.status(
             f"tokenizer: pre-tokenizing {len(sentences):,} sentences"
@@ -166,49 +169,89 @@ def drop_rare_chars(sentences: list[str], coverage: float, required: str) -> tup
 
 
 def _train_sentencepiece(cfg: TokenizerConfig, sentences: list[str], seed: int) -> bytes:
-    required = (hangul_syllables(cfg.hangul_syllables) if cfg.hangul_coverage else "") + (
+    # Text is kept as it comes (no NFC), so decomposed Hangul needs its jamo as pieces, not 3 bytes each.
+    hangul = hangul_syllables(cfg.hangul_syllables) + conjoining_jamo()
+    required = (hangul if cfg.hangul_coverage else "") + (
         compatibility_jamo() if cfg.jamo_coverage else ""
     )
     sentences, dropped = drop_rare_chars(sentences, cfg.character_coverage, required)
     console.print(f"tokenizer: {dropped:,} rare characters left to byte fallback")
     special = cfg.all_special_tokens()
+    options = {
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.rounded_vocab_size(),
+        # lossless: SentencePiece changes nothing; Ondol applies the declared normalization itself
+        "normalization_rule_name": "identity",
+        "remove_extra_whitespaces": False,
+        "add_dummy_prefix": False,
+        "allow_whitespace_only_pieces": True,
+        "split_digits": cfg.split_digits,
+        "byte_fallback": True,
+        "split_by_unicode_script": cfg.split_by_script,
+        "split_by_whitespace": cfg.split_by_whitespace,
+        "character_coverage": 1.0,  # drop_rare_chars applied cfg.character_coverage
+        "required_chars": required,
+        "max_sentencepiece_length": cfg.max_piece_chars,
+        "max_sentence_length": 4 * cfg.max_sentence_chars + 16,
+        "input_sentence_size": 0,
+        "shuffle_input_sentence": False,  # the sample is already bounded and shuffled
+        "pretokenization_delimiter": CUT,
+        "unk_id": 0,
+        "bos_id": 1,
+        "eos_id": 2,
+        "pad_id": 3,
+        "unk_piece": special[0],
+        "bos_piece": special[1],
+        "eos_piece": special[2],
+        "pad_piece": special[3],
+        "control_symbols": special[4:],
+        "hard_vocab_limit": True,
+        "num_threads": cfg.num_threads,
+        "minloglevel": 2,
+    }
+    return run_trainer(sentences, options, seed)
+
+
+class TrainerAbort(RuntimeError):
+    """SentencePiece's trainer died in C++ (a failed CHECK aborts the process); the message is one line."""
+
+
+def run_trainer(sentences: list[str], options: dict, seed: int) -> bytes:
+    """Train in a forked child, so a C++ abort ends the child, not this process, and becomes a TrainerAbort.
+
+    The child inherits the sentences (fork, no copy) and sends back the model; its stderr goes to a file
+    whose last line (SentencePiece's failed CHECK) names the cause."""
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    with tempfile.TemporaryFile() as log:
+        child = ctx.Process(target=_trainer_child, args=(sentences, options, seed, send, log.fileno()))
+        child.start()
+        send.close()
+        try:
+            model = receive.recv_bytes()
+        except EOFError:
+            model = None
+        child.join()
+        log.seek(0)
+        lines = log.read().decode("utf-8", "replace").strip().splitlines()
+    if child.exitcode != 0 or model is None:
+        checks = [line for line in lines if "Check failed" in line]  # glog's line before its stack trace
+        cause = (checks or lines or [f"exit code {child.exitcode}"])[-1].strip()
+        too_old = tuple(int(x) for x in spm.__version__.split(".")[:3]) < (0, 2, 3)
+        raise TrainerAbort(
+            f"tokenizer: SentencePiece {spm.__version__} aborted training ({cause})"
+            + ("; install sentencepiece >= 0.2.3" if too_old else "")
+        )
+    return model
+
+
+def _trainer_child(sentences: list[str], options: dict, seed: int, send, stderr_fd: int) -> None:
+    faulthandler.disable()  # an abort's last stderr line stays SentencePiece's, not a Python stack dump
+    os.dup2(stderr_fd, 2)
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_writer=model,
-        model_type=cfg.model_type,
-        vocab_size=cfg.rounded_vocab_size(),
-        # lossless: SentencePiece changes nothing; Ondol applies the declared normalization itself
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        byte_fallback=True,
-        split_by_unicode_script=cfg.split_by_script,
-        split_by_whitespace=cfg.split_by_whitespace,
-        character_coverage=1.0,  # drop_rare_chars applied cfg.character_coverage
-        required_chars=required,
-        max_sentencepiece_length=cfg.max_piece_chars,
-        max_sentence_length=4 * cfg.max_sentence_chars + 16,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,  # the sample is already bounded and shuffled
-        pretokenization_delimiter=CUT,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        unk_piece=special[0],
-        bos_piece=special[1],
-        eos_piece=special[2],
-        pad_piece=special[3],
-        control_symbols=special[4:],
-        hard_vocab_limit=True,
-        num_threads=cfg.num_threads,
-        minloglevel=2,
-    )
-    return model.getvalue()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **options)
+    send.send_bytes(model.getvalue())
 
 
 def _write_folder(out_dir: Path, model_proto: bytes, meta: dict) -> None:
