@@ -6,8 +6,9 @@ Three tables (CPU, best of --repeats, since the cores may be shared):
   2. speculative: greedy vs MTP self-speculative decoding with a run trained with model.mtp_layers=1
                   (--run RUN_DIR, e.g. `ondol run configs/tiny-ko.yaml model.mtp_layers=1`) on held-out
                   Korean prompts: acceptance rate, main-model forwards, wall time; outputs must agree.
-  3. training:    forward+backward+AdamW step time of the moe-1b preset (--train-tokens per step) with and
-                  without one MTP layer, against the ratio of their training FLOPs (model.flops).
+  3. training:    forward+backward+AdamW step time of the moe-1b geometry (--train-layers of its 16, so that
+                  it fits beside other jobs; --train-tokens per step) with and without one MTP layer,
+                  against the ratio of their training FLOPs (model.flops).
 
   .venv/bin/python benchmarks/generation.py --run runs/tiny-ko-mtp
   .venv/bin/python benchmarks/generation.py --skip-training
@@ -92,10 +93,11 @@ def speculative_table(args) -> Table:
 
 
 def training_table(args) -> Table:
-    table = Table(title=f"moe-1b preset on CPU: one training step of {args.train_tokens} tokens")
+    table = Table(title=f"moe-1b geometry, {args.train_layers} layers, vocab 32,768, on CPU: one training step "
+                        f"of {args.train_tokens} tokens")
     for col in ("model", "seconds/step", "time ratio", "FLOPs/token", "FLOPs ratio"):
         table.add_column(col)
-    base = load_preset("moe-1b", vocab_size=32768)
+    base = load_preset("moe-1b", vocab_size=32768, n_layers=args.train_layers)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 32768, (1, args.train_tokens + 1), generator=g)
     rows = {}
@@ -129,6 +131,8 @@ def main() -> None:
     parser.add_argument("--run", help="a run trained with model.mtp_layers>=1 (speculative table)")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--train-tokens", type=int, default=512)
+    parser.add_argument("--train-layers", type=int, default=4,
+                        help="layers of the moe-1b geometry (16, the preset, needs ~18 GB per model with AdamW)")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on shared cores)")
     args = parser.parse_args()
