@@ -110,3 +110,4 @@ class GenerateConfig:
     min_new_tokens: int = 8  # eos is not chosen before this many tokens
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0
+    speculative: bool = False  # greedy only: draft with the model's MTP depth 1 and verify (same output, faster)

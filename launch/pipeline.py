@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from ondol.configs import (
+    ConfigError,
     RunConfig,
     add_config_command,
     data_dir,
@@ -49,6 +50,9 @@ def continue_prompt(cfg: RunConfig, prompt: str | None = None) -> tuple[str, str
 
     tokenizer = Tokenizer.load(tokenizer_dir(cfg))
     model = load_pretrained(model_dir(cfg)).eval()
+    if cfg.generate.speculative and (cfg.generate.temperature > 0 or not model.cfg.mtp_layers):
+        raise ConfigError(f"generate.speculative=true needs generate.temperature=0 and a model trained with "
+                          f"model.mtp_layers >= 1 ({model_dir(cfg)} has {model.cfg.mtp_layers})")
     prompt = prompt if prompt is not None else (cfg.generate.prompt or prompt_from_validation(cfg, tokenizer))
     ids = generate(
         model,
@@ -58,6 +62,7 @@ def continue_prompt(cfg: RunConfig, prompt: str | None = None) -> tuple[str, str
         top_k=cfg.generate.top_k,
         eos_id=tokenizer.eos_id,
         min_new_tokens=cfg.generate.min_new_tokens,
+        speculative=cfg.generate.speculative,
     )
     return prompt, tokenizer.decode(ids)
 

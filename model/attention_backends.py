@@ -65,12 +65,12 @@ class SDPABackend:
         if sinks is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         # Sinks as one extra key with a zero value whose score is the sink logit, carried by a float mask.
-        B, H, T, _ = q.shape
+        (B, H, T, _), S = q.shape, k.shape[2]  # S keys: T, or more when earlier keys come from a KV cache
         if mask is None:
             mask = dense_mask(MaskSpec(T, None, None), q.device)
-        bias = torch.zeros(mask.shape[:-1] + (T + 1,), dtype=q.dtype, device=q.device)
-        bias[..., :T].masked_fill_(~mask, float("-inf"))
-        bias = bias.expand(B, H, T, T + 1) + F.pad(sinks.to(q.dtype)[None, :, None, None], (T, 0))
+        bias = torch.zeros(mask.shape[:-1] + (S + 1,), dtype=q.dtype, device=q.device)
+        bias[..., :S].masked_fill_(~mask, float("-inf"))
+        bias = bias.expand(B, H, T, S + 1) + F.pad(sinks.to(q.dtype)[None, :, None, None], (S, 0))
         zero = k.new_zeros(k.shape[0], k.shape[1], 1, k.shape[3])
         return F.scaled_dot_product_attention(q, torch.cat([k, zero], 2), torch.cat([v, zero], 2),
                                               attn_mask=bias, enable_gqa=True)

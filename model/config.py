@@ -46,6 +46,8 @@ class ModelConfig:
     norm_placement: str = "pre"  # pre: K-EXAONE (ExaoneMoe); post: EXAONE 4.0 (norm on attention/MLP outputs)
     doc_positions: bool = False  # RoPE positions restart at 0 at each packed document (needs doc_ids)
     moe_dispatch: str = "auto"  # auto | grouped_mm | loop | bmm_padded: how experts run their sorted tokens
+    mtp_layers: int = 0  # multi-token-prediction depths (DeepSeek-V3 style); 0: off
+    mtp_loss_weight: float = 0.3  # weight of the mean MTP loss over depths (DeepSeek-V3: 0.3, later 0.1)
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -71,7 +73,7 @@ class ModelConfig:
             need(self.expert_hidden > 0, "model.expert_hidden must be positive")
             need(self.n_shared_experts >= 0, "model.n_shared_experts must be >= 0")
             need(0 <= self.first_k_dense <= self.n_layers, "model.first_k_dense must be in 0..model.n_layers")
-        for key in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
+        for key in ("bias_update_rate", "aux_loss_coef", "z_loss_coef", "mtp_layers", "mtp_loss_weight"):
             need(getattr(self, key) >= 0, f"model.{key} must be >= 0")
 
     @property
@@ -80,6 +82,11 @@ class ModelConfig:
         kinds = [self.attn_pattern[i % len(self.attn_pattern)] for i in range(self.n_layers)]
         kinds[-1] = "G"
         return kinds
+
+    @property
+    def mtp_kinds(self) -> list[str]:
+        """Attention kind of each MTP depth's block: the layer pattern continued past the last layer."""
+        return [self.attn_pattern[(self.n_layers + i) % len(self.attn_pattern)] for i in range(self.mtp_layers)]
 
     def is_moe_layer(self, i: int) -> bool:
         return self.n_experts > 0 and i >= self.first_k_dense

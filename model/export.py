@@ -8,6 +8,8 @@ cannot express is refused (`ExportError`), never silently approximated:
     only when a window is set, and to every layer when none is; ExaoneMoe always has a window).
 Training-only options (document masking, per-document positions, balancing, aux/z losses) do not change a
 single-sequence forward and export as is. The expert bias becomes `e_score_correction_bias`.
+MTP depths (model.mtp_layers) are left out, with a console note: transformers' ExaoneMoe has no MTP module (it
+ignores `mtp.*` weights on load, and its config has no num_nextn_predict_layers); they stay in RUN_DIR/model.
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ def hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
              else {"attn_norm": "post_attention_layernorm", "mlp_norm": "post_feedforward_layernorm"})
     out = {}
     for name, t in sd.items():
+        if name.startswith("mtp."):
+            continue
         if name == "lm_head.weight":
             if cfg.tie_embeddings:
                 continue
@@ -138,6 +142,12 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.safetensors") as tmp:  # every file whole or not replaced; config.json last
         save_file(hf_state_dict(model.state_dict(), cfg), str(tmp), metadata={"format": "pt"})
+    if cfg.mtp_layers:
+        import transformers
+
+        print(f"export: the {cfg.mtp_layers} MTP depth(s) are not in {out}: transformers "
+              f"{transformers.__version__}'s ExaoneMoe has no MTP module; they stay in {run_dir / 'model'} "
+              "(Ondol's format, used by `ondol generate generate.speculative=true`)")
     copied = [name for name in TOKENIZER_FILES if (tok_dir / name).is_file()]
     for name in copied:
         with atomic_path(out / name) as tmp:

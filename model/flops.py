@@ -1,11 +1,11 @@
 """Parameter counts and training FLOPs per token, from the config alone (no model is built).
 
-total:  every parameter (tied embeddings counted once).
+total:  every parameter (tied embeddings counted once), MTP depths included ("mtp" says how many are theirs).
 active: parameters that take part in computing one token: all but the unchosen routed experts and the input
         embedding table (a row lookup, no arithmetic; when tied, the table is the LM head and counts).
 Training FLOPs per token = 6 x active matmul parameters + attention score/value FLOPs, where attention counts
 only the causal (and, on local layers, windowed) key range actually computed: 12 x heads x head_dim x the mean
-number of keys a query sees over the sequence.
+number of keys a query sees over the sequence. Each MTP depth runs the shared LM head once more.
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     moe_always = d * E + cfg.n_shared_experts * expert  # router + shared experts
     embed = cfg.vocab_size * d
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    mtp = cfg.mtp_layers * (per_layer + dense_mlp + 2 * d * d + 3 * d)  # block, eh_proj, enorm/hnorm/norm
     total = (cfg.n_layers * per_layer + n_dense * dense_mlp + n_moe * (moe_always + E * expert)
-             + embed + head + d)
+             + embed + head + d + mtp)
     inactive = n_moe * (E - cfg.top_k) * expert + (0 if cfg.tie_embeddings else embed)
-    return {"total": total, "active": total - inactive, "embedding": embed}
+    return {"total": total, "active": total - inactive, "embedding": embed, "mtp": mtp}
 
 
 def mean_keys_per_query(seq_len: int, window: int | None) -> float:
@@ -51,8 +52,11 @@ def mean_keys_per_query(seq_len: int, window: int | None) -> float:
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward + backward FLOPs per trained token (matmuls; norms and activations are ignored)."""
     counts = param_counts(cfg)
-    norms = cfg.n_layers * (2 * cfg.d_model + (2 * cfg.head_dim if cfg.qk_norm else 0)) + cfg.d_model
-    matmul_params = counts["active"] - norms - (cfg.n_layers * cfg.n_heads if cfg.attn_sinks else 0)
+    blocks = cfg.n_layers + cfg.mtp_layers
+    norms = blocks * (2 * cfg.d_model + (2 * cfg.head_dim if cfg.qk_norm else 0)) + cfg.d_model
+    norms += cfg.mtp_layers * 3 * cfg.d_model
+    matmul_params = counts["active"] - norms - (blocks * cfg.n_heads if cfg.attn_sinks else 0)
+    matmul_params += cfg.mtp_layers * cfg.vocab_size * cfg.d_model  # the shared LM head, once per depth
     attn = sum(12 * cfg.n_heads * cfg.head_dim * mean_keys_per_query(seq_len, cfg.window if k == "L" else None)
-               for k in cfg.layer_kinds)
+               for k in cfg.layer_kinds + cfg.mtp_kinds)
     return 6.0 * matmul_params + attn

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ondol.model.attention_backends import MaskSpec, select_backend
+from ondol.model.attention_backends import MaskSpec, SDPABackend, select_backend
 from ondol.model.config import ModelConfig
+from ondol.model.kv_cache import KVCache, LayerCache
 from ondol.model.layers import RMSNorm, SwiGLU, apply_rope, document_positions, rope_cos_sin, rope_inv_freq
 from ondol.model.moe import MoE
 
@@ -23,7 +24,9 @@ class ModelOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None
     aux_loss: torch.Tensor  # weighted sum of MoE balance and z losses (0-dim)
+    mtp_loss: torch.Tensor  # model.mtp_loss_weight x mean MTP loss over depths (0-dim; 0 without MTP)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached
+    hidden: torch.Tensor | None = None  # last layer's output before the final norm [B, T, D] (feeds MTP)
 
 
 class Attention(nn.Module):
@@ -39,13 +42,17 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sinks else None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask, backend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask, backend,
+                cache: LayerCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2))
         k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2))
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:  # earlier positions' keys from the cache, with an explicit mask: SDPA
+            k, v, mask = cache.update(k, v)
+            backend = SDPA
         out = backend.attend(q, k, v, mask, self.sinks)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -53,27 +60,58 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """Pre-norm (K-EXAONE: x + f(norm(x))) or post-norm (EXAONE 4.0: x + norm(f(x))) residual block."""
 
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, kind: str, moe: bool) -> None:
         super().__init__()
-        self.kind = cfg.layer_kinds[layer]
+        self.kind = kind
         self.pre_norm = cfg.norm_placement == "pre"
         self.self_attn = Attention(cfg, self.kind)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg.d_model, cfg.ffn_hidden)
+        self.mlp = MoE(cfg) if moe else SwiGLU(cfg.d_model, cfg.ffn_hidden)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
-    def forward(self, x, rope, masks, backend) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    def forward(self, x, rope, masks, backend, cache: LayerCache | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         mask = masks[self.kind]
         if self.pre_norm:
-            x = x + self.self_attn(self.attn_norm(x), rope, mask, backend)
+            x = x + self.self_attn(self.attn_norm(x), rope, mask, backend, cache)
             h, stats = self._mlp(self.mlp_norm(x))
             return x + h, stats
-        x = x + self.attn_norm(self.self_attn(x, rope, mask, backend))
+        x = x + self.attn_norm(self.self_attn(x, rope, mask, backend, cache))
         h, stats = self._mlp(x)
         return x + self.mlp_norm(h), stats
 
     def _mlp(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         return self.mlp(x) if isinstance(self.mlp, MoE) else (self.mlp(x), None)
+
+
+class MTPDepth(nn.Module):
+    """One multi-token-prediction depth (DeepSeek-V3, section 2.2). At position t it takes the previous depth's
+    hidden state (the main model's for depth 1) and the embedding of token t+k, RMS-normalises each, projects
+    their concatenation back to d_model (embedding first, the layout of released MTP checkpoints), runs one
+    block and a final norm; the shared LM head then predicts token t+k+1. The block's MLP is dense, as in
+    K-EXAONE (Megatron-Bridge's EXAONE-MoE spec keeps MTP layers dense); its attention kind continues the
+    layer pattern (model.mtp_kinds)."""
+
+    def __init__(self, cfg: ModelConfig, kind: str) -> None:
+        super().__init__()
+        self.enorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+        self.block = Block(cfg, kind, moe=False)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, hidden, embedded, rope, masks, backend, cache: LayerCache | None = None) -> torch.Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(hidden)], dim=-1))
+        return self.block(x, rope, masks, backend, cache)[0]
+
+
+SDPA = SDPABackend()
+CACHED_MASKS = {"L": None, "G": None}  # cached attention builds its mask from the cache's positions
+
+
+def shift_left(x: torch.Tensor, n: int, fill: int) -> torch.Tensor:
+    """x [B, T] moved n positions to the left along T, the last n filled with `fill`."""
+    return torch.cat([x[:, n:], x.new_full((x.shape[0], min(n, x.shape[1])), fill)], dim=1)
 
 
 class Transformer(nn.Module):
@@ -84,9 +122,10 @@ class Transformer(nn.Module):
                              "from the tokenizer when it is 0")
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, kind, cfg.is_moe_layer(i)) for i, kind in enumerate(cfg.layer_kinds))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(MTPDepth(cfg, kind) for kind in cfg.mtp_kinds)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
@@ -129,28 +168,41 @@ class Transformer(nn.Module):
             self._backends[key] = select_backend(self.cfg.attn_backend, device, dtype)
         return self._backends[key]
 
+    def new_cache(self, slack: int = 0) -> tuple[KVCache, KVCache]:
+        """Empty KV caches for the main layers and the MTP blocks (see model/kv_cache.py for `slack`)."""
+        window = lambda kind: self.cfg.window if kind == "L" else None
+        return (KVCache([window(k) for k in self.cfg.layer_kinds], slack),
+                KVCache([window(k) for k in self.cfg.mtp_kinds], slack))
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None) -> ModelOutput:
+                doc_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> ModelOutput:
+        """Logits and losses for input_ids [B, T]. With `cache`, input_ids continue the positions the cache
+        holds (generation: no labels, no document ids) and the cache is extended by them."""
         cfg = self.cfg
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
         backend = self.backend(x.device, x.dtype)
         docs = doc_ids if cfg.document_masking else None
-        masks = {kind: backend.prepare(MaskSpec(T, cfg.window if kind == "L" else None, docs), x.device)
-                 for kind in set(cfg.layer_kinds)}
-        if cfg.doc_positions and doc_ids is not None:
-            positions = document_positions(doc_ids)
+        if cache is not None:
+            masks, positions = CACHED_MASKS, torch.arange(cache.length, cache.length + T, device=x.device)[None]
         else:
-            positions = torch.arange(T, device=x.device)[None]
+            masks = {kind: backend.prepare(MaskSpec(T, cfg.window if kind == "L" else None, docs), x.device)
+                     for kind in set(cfg.layer_kinds + cfg.mtp_kinds)}
+            if cfg.doc_positions and doc_ids is not None:
+                positions = document_positions(doc_ids)
+            else:
+                positions = torch.arange(T, device=x.device)[None]
         rope = rope_cos_sin(positions, self.inv_freq, x.dtype)
 
         aux_loss = x.new_zeros((), dtype=torch.float32)
         moe_stats: list[dict[str, torch.Tensor]] = []
-        for block in self.layers:
-            x, stats = block(x, rope, masks, backend)
+        for i, block in enumerate(self.layers):
+            x, stats = block(x, rope, masks, backend, None if cache is None else cache.layers[i])
             if stats is not None:
                 aux_loss = aux_loss + stats.pop("aux_loss")
                 moe_stats.append(stats)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.norm(x))
 
         loss = None
@@ -159,4 +211,38 @@ class Transformer(nn.Module):
         metrics = {f"moe/{k}": torch.stack([s[k] for s in moe_stats]).mean() for k in (moe_stats[0] if moe_stats
                                                                                           else {})}
         metrics["moe/aux_loss"] = aux_loss.detach()
-        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, metrics=metrics)
+        mtp_loss = aux_loss.new_zeros(())
+        if self.mtp and labels is not None:
+            mtp_loss = self.mtp_loss(x, labels, rope, masks, backend, metrics)
+        return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, mtp_loss=mtp_loss, metrics=metrics,
+                           hidden=x)
+
+    def mtp_loss(self, hidden, labels, rope, masks, backend, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+        """model.mtp_loss_weight x the mean over depths of each depth's cross-entropy. Depth k at position t
+        sees token t+k (labels[t + k - 1]) and predicts token t+k+1 (labels[t + k]); positions whose tokens lie
+        past the row, or are ignored (-100), are ignored. Logs mtp/loss (mean) and mtp/acc (depth 1)."""
+        V, losses = self.cfg.vocab_size, []
+        for k, depth in enumerate(self.mtp, start=1):
+            seen = shift_left(labels, k - 1, -100)
+            targets = shift_left(labels, k, -100).masked_fill(seen == -100, -100)
+            hidden = depth(hidden, self.embed_tokens(seen.clamp_min(0)), rope, masks, backend)
+            logits = self.lm_head(depth.norm(hidden))
+            losses.append(F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1), ignore_index=-100))
+            if k == 1:
+                valid = targets != -100
+                hits = (logits.detach().argmax(-1) == targets) & valid
+                metrics["mtp/acc"] = hits.sum() / valid.sum().clamp_min(1)
+        mean = torch.stack(losses).mean()
+        metrics["mtp/loss"] = mean.detach()
+        return self.cfg.mtp_loss_weight * mean
+
+    @torch.no_grad()
+    def mtp_draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Depth-1 MTP logits [B, V] at the last of T positions that continue `cache` (the MTP blocks' cache):
+        `hidden` [B, T, D] is the main model's output there and `next_ids` [B, T] the token after each."""
+        positions = torch.arange(cache.length, cache.length + hidden.shape[1], device=hidden.device)[None]
+        rope = rope_cos_sin(positions, self.inv_freq, hidden.dtype)
+        depth = self.mtp[0]
+        h = depth(hidden, self.embed_tokens(next_ids), rope, CACHED_MASKS, SDPA, cache.layers[0])
+        cache.length += hidden.shape[1]
+        return self.lm_head(depth.norm(h[:, -1]))

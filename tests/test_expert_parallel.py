@@ -2,7 +2,7 @@
 
 EP runs are real DeepSpeed engines (gloo, CPU, fp32) in spawned worker processes; the reference is one process
 without DeepSpeed holding every expert and the whole global batch. All train on UTF-8 bytes of real Korean
-reviews with the trainer's step: loss + aux backward, optimizer step, loads summed over ranks, bias update.
+reviews with the trainer's step: loss + aux + MTP backward, optimizer step, loads summed over ranks, bias update.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ STEPS, GLOBAL_BATCH, SEQ, CLIP = 20, 8, 32, 0.3
 CFG = {"vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16,
        "attn_pattern": "LG", "window": 16, "ffn_hidden": 64, "n_experts": 8, "top_k": 2,
        "n_shared_experts": 1, "expert_hidden": 32, "first_k_dense": 0, "bias_update_rate": 1e-2,
-       "max_seq_len": 64, "attn_backend": "sdpa"}
+       "max_seq_len": 64, "attn_backend": "sdpa", "mtp_layers": 1}  # MTP on: its loss reaches the experts too
 # name: (world size, expert_parallel_size, ZeRO stage). Scenarios of one world share its processes. All clip
 # gradients to CLIP as the trainer does: at ZeRO 0 its optimizer (clip_grad_norm_), at ZeRO 1/2 DeepSpeed.
 SCENARIOS = {"ep2_z0": (2, 2, 0), "ep4_z1": (4, 4, 1), "ep2_w4_z2": (4, 2, 2)}
@@ -75,7 +75,7 @@ def train_reference(clip: float) -> dict:
     for step in range(STEPS):
         out = model(batches[step, :, :-1], labels=batches[step, :, 1:])
         opt.zero_grad()
-        (out.loss + out.aux_loss).backward()
+        (out.loss + out.aux_loss + out.mtp_loss).backward()
         opt.step()
         model.update_router_biases()
         losses.append(float(out.loss.detach()))
@@ -125,7 +125,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
         losses = []
         for step in range(STEPS):
             result = engine(batches[step, :, :-1], labels=batches[step, :, 1:])
-            engine.backward(result.loss + result.aux_loss)
+            engine.backward(result.loss + result.aux_loss + result.mtp_loss)
             engine.step()
             loads = torch.stack([m.tokens_per_expert for m in model.moe_layers()])
             dist.all_reduce(loads)  # the trainer's global loads

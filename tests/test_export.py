@@ -105,6 +105,24 @@ def test_tokenizer_and_greedy_generation_match(tmp_path, tokenizer_dir):
     assert generate(model, prompt, max_new_tokens=20) == hf_new
 
 
+def test_mtp_is_left_out_with_a_note_and_transformers_has_no_mtp(tmp_path, tokenizer_dir, capsys):
+    from safetensors.torch import load_file
+    from transformers import ExaoneMoeConfig, ExaoneMoeForCausalLM
+
+    # when transformers gains an MTP module, export should write it instead of leaving it out
+    assert not hasattr(ExaoneMoeConfig(), "num_nextn_predict_layers")
+    assert r"mtp.*" in ExaoneMoeForCausalLM._keys_to_ignore_on_load_unexpected
+    run, model = make_run(tmp_path, tokenizer_dir, mtp_layers=1)
+    out = tmp_path / "hf"
+    assert cli_export(run, out) == 0
+    assert "the 1 MTP depth(s) are not in" in capsys.readouterr().out
+    assert not [k for k in load_file(out / "model.safetensors") if "mtp" in k]
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.tensor([korean_ids(tokenizer_dir, 100)])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids).logits, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"attn_sinks": True}, "model.attn_sinks=true"),
     ({"router_score": "softmax"}, "model.router_score=softmax"),

@@ -15,6 +15,7 @@ CONFIGS = {
     "tiny_tied_sinks": {"vocab_size": 4096, "tie_embeddings": True, "attn_sinks": True, "qk_norm": False},
     "tiny_dense": {"vocab_size": 4096, "n_experts": 0},
     "tiny_no_shared_top3": {"vocab_size": 4096, "n_shared_experts": 0, "top_k": 3, "first_k_dense": 2},
+    "tiny_mtp2_tied_sinks": {"vocab_size": 4096, "mtp_layers": 2, "tie_embeddings": True, "attn_sinks": True},
 }
 
 
@@ -50,8 +51,12 @@ def test_k_exaone_counts_match_published_figures():
     total, active, _ = counted(model)
     counts = param_counts(cfg)
     assert (counts["total"], counts["active"]) == (total, active)
-    assert abs(total / 236e9 - 1) < 0.01, total
-    assert abs(active / 23e9 - 1) < 0.01, active
+    # Published (model card, transformers docs): 236B total, 23B active, "48 main layers + 1 MTP layer".
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    assert counts["mtp"] == mtp and len(model.mtp) == 1
+    assert abs(total / 236e9 - 1) < 0.01 and abs((total - mtp) / 236e9 - 1) < 0.01, total
+    assert abs((active - mtp) / 23e9 - 1) < 0.01, active  # the published active count is the main model's
+    assert abs(active / 23e9 - 1) > 0.01
     assert cfg.layer_kinds == ["L", "L", "L", "G"] * 12
     assert len(model.moe_layers()) == 47
 
@@ -61,12 +66,15 @@ def test_one_b_preset_is_about_one_billion():
     assert 0.9e9 < total < 1.3e9 and active < 0.3 * total
 
 
-@pytest.mark.parametrize("name,seq_len", [("tiny", 256), ("tiny", 40), ("tiny_tied_sinks", 100), ("tiny_dense", 7)])
+@pytest.mark.parametrize("name,seq_len", [("tiny", 256), ("tiny", 40), ("tiny_tied_sinks", 100), ("tiny_dense", 7),
+                                           ("tiny_mtp2_tied_sinks", 100)])
 def test_train_flops_match_hand_formula(name, seq_len):
     cfg = load_preset("tiny", **CONFIGS[name])
-    _, _, matmul_params = counted(build_meta(cfg))
+    model = build_meta(cfg)
+    _, _, matmul_params = counted(model)
+    matmul_params += len(model.mtp) * model.lm_head.weight.numel()  # each MTP depth runs the shared head
     attn = 0
-    for kind in cfg.layer_kinds:
+    for kind in cfg.layer_kinds + [depth.block.kind for depth in model.mtp]:
         window = cfg.window if kind == "L" else seq_len
         keys = sum(min(i + 1, window) for i in range(seq_len))  # causal, windowed key count over the sequence
         attn += 3 * 2 * 2 * cfg.n_heads * cfg.head_dim * keys / seq_len  # (fwd + 2x bwd) x (QK, PV) x 2 flops

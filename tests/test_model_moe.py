@@ -77,7 +77,10 @@ def test_moe_matches_per_token_loop(dispatch, variant):
 def test_auto_dispatch_on_cpu_is_bmm_padded():
     from ondol.model.moe import auto_dispatch
 
-    assert auto_dispatch(torch.zeros(1)) == "bmm_padded"
+    assert auto_dispatch(torch.zeros(9, 4), n_experts=8) == "bmm_padded"
+    with torch.no_grad():
+        assert auto_dispatch(torch.zeros(2, 4), n_experts=8) == "loop"  # one decoded token, top-2
+    assert auto_dispatch(torch.zeros(2, 4), n_experts=8) == "bmm_padded"  # training: one path on every rank
 
 
 def test_loads_accumulate_in_training_only():

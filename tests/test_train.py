@@ -168,6 +168,48 @@ def test_golden_losses(assets, tmp_path):
     assert compare(losses, golden["losses"]) == []
 
 
+# ---- multi-token prediction -------------------------------------------------------------------------------
+MTP = ("model.mtp_layers=1", "model.mtp_loss_weight=0.3")
+
+
+@pytest.fixture(scope="module")
+def mtp_run(assets, tmp_path_factory) -> dict:
+    run = tmp_path_factory.mktemp("mtp")
+    losses = run_losses(run, assets, *ZERO_RUN, *MTP, "train.save_every=4", "train.eval_every=4")
+    return {"run": run, "losses": losses, "records": [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]}
+
+
+def test_mtp_run_logs_its_loss_and_accuracy_and_saves_its_weights(mtp_run, zero0):
+    records = mtp_run["records"]
+    assert all(0 < r["mtp/loss"] < 10 and 0 <= r["mtp/acc"] <= 1 for r in records)
+    assert records[-1]["mtp/loss"] < records[0]["mtp/loss"] and records[-1]["loss"] < records[0]["loss"]  # warmup
+    assert mtp_run["losses"] != zero0["losses"]
+    weights = load_file(mtp_run["run"] / "model" / "model.safetensors")
+    assert "mtp.0.eh_proj.weight" in weights and "mtp.0.block.self_attn.q_proj.weight" in weights
+
+
+def test_mtp_resume_is_bit_exact(assets, mtp_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "resumed"
+    link_data(run, assets)
+    step4 = "step_00000004"
+    shutil.copytree(mtp_run["run"] / "checkpoints" / step4, run / "checkpoints" / step4)
+    losses = run_losses(run, assets, *ZERO_RUN, *MTP, "train.save_every=4", "train.eval_every=4")
+    assert losses == mtp_run["losses"][4:]
+    resumed = [r["mtp/loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert resumed == [r["mtp/loss"] for r in mtp_run["records"][4:]]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_mtp_zero_stages_give_the_same_losses(assets, mtp_run, tmp_path, stage):
+    losses = run_losses(tmp_path, assets, *ZERO_RUN, *MTP, "train.save_every=8", "train.eval_every=8",
+                        f"deepspeed.zero_stage={stage}")
+    assert losses == pytest.approx(mtp_run["losses"], rel=1e-5)
+    mtp = [r["mtp/loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert mtp == pytest.approx([r["mtp/loss"] for r in mtp_run["records"]], rel=1e-5)
+
+
 # ---- non-finite guard -----------------------------------------------------------------------------------
 def _poison(trainer, steps: set[int]) -> None:
     """Make the logits non-finite on the given (1-based) steps, as a blown-up activation would."""

@@ -177,7 +177,7 @@ class Trainer:
         for _ in range(accum):
             batch = {k: v.to(self.env.device, non_blocking=True) for k, v in next(self.loader).items()}
             out = self.engine(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"])
-            self.engine.backward(out.loss + out.aux_loss)
+            self.engine.backward(out.loss + out.aux_loss + out.mtp_loss)  # mtp_loss: 0 without MTP
             self.engine.step()
             step_sums[0] += out.loss.detach()
             step_sums[1] += out.aux_loss.detach()
