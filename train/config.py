@@ -60,6 +60,7 @@ class TrainConfig:
     grad_accum: int = 1
     eval_every: int = 50
     eval_batches: int = 8
+    eval_bpb_tokens: int = 8192  # held-out tokens per source scored for bits per byte at each evaluation; 0: off
     save_every: int = 100
     keep_last: int = 2
     resume: str = "auto"  # auto | never | a checkpoint folder
@@ -70,6 +71,7 @@ class TrainConfig:
         for key in ("steps", "micro_batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
                     "keep_last", "max_nonfinite", "log_every"):
             _need(getattr(self, key) >= 1, f"train.{key} must be >= 1")
+        _need(self.eval_bpb_tokens >= 0, "train.eval_bpb_tokens must be >= 0 (0 turns bits per byte off)")
 
 
 @dataclass

@@ -203,3 +203,16 @@ def print_table(result: dict) -> None:
                       f"{r['bytes'] / max(r['tokens'], 1):.2f}", f"{r['bits_per_byte']:.4f}",
                       f"{r['bits_per_char']:.4f}")
     Console(width=None if sys.stdout.isatty() else 120).print(table)
+
+
+class InLoopBitsPerByte:
+    """Bits per byte per source on the first `max_tokens` held-out tokens of each source, every evaluation of
+    the training loop. Every rank scores the same documents (a ZeRO-3 forward is collective), so all agree."""
+
+    def __init__(self, data_dir, tokenizer, max_tokens: int, context: int, bos: bool) -> None:
+        self.documents = held_out_documents(data_dir, tokenizer, max_tokens)
+        self.tokenizer, self.context, self.bos = tokenizer, context, bos
+
+    def __call__(self, model) -> dict[str, float]:
+        rows = bits_per_byte(model, self.tokenizer, self.documents, self.context, self.bos)
+        return {f"bpb/{name}": row["bits_per_byte"] for name, row in rows.items() if row["bytes"]}
