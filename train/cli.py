@@ -40,14 +40,30 @@ def eval_command(args: argparse.Namespace) -> int:
               "`ondol train`", file=sys.stderr)
         return 1
     try:
+        task_data = dict(_task_file(item) for item in args.task_data or ())
         result = evaluate_run(args.run_dir, args.checkpoint, args.data or ())
-    except (FileNotFoundError, SourceError, IncompatibleCheckpoint, ConfigError, ValueError) as e:
-        print(f"ondol eval: {str(e).splitlines()[0]}", file=sys.stderr)
+        print_table(result)
+        if args.tasks:
+            try:
+                from ondol.train.harness import print_tasks, run_tasks
+            except ImportError:
+                raise ValueError("--tasks needs lm-evaluation-harness: pip install 'ondol[eval]'") from None
+            result["tasks"] = run_tasks(args.run_dir, args.tasks.split(","), task_data, args.checkpoint)
+            print_tasks(result["tasks"])
+    except (FileNotFoundError, SourceError, IncompatibleCheckpoint, ConfigError, ValueError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"ondol eval: {str(message).splitlines()[0]}", file=sys.stderr)
         return 1
-    print_table(result)
     if args.json:
         write_atomic(Path(args.json), (json.dumps(result, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
     return 0
+
+
+def _task_file(item: str) -> tuple[str, str]:
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--task-data {item}: write TASK=FILE, e.g. kobest_copa=copa.jsonl")
+    return name, path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -69,5 +85,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--checkpoint", help="step_N: a checkpoint of the run instead of its final weights")
     e.add_argument("--data", action="append", metavar="FILE", help="a .jsonl[.gz] or text file to score instead "
                    "of the validation split (repeat for several; each is a source named after the file)")
+    e.add_argument("--tasks", metavar="T1,T2", help="also run these lm-evaluation-harness tasks zero-shot, e.g. "
+                   "kobest_copa,kobest_hellaswag,haerae,kmmlu,click (needs pip install 'ondol[eval]')")
+    e.add_argument("--task-data", action="append", metavar="TASK=FILE", help="evaluate TASK on a local JSON "
+                   "Lines file (lm-eval's definition of the task, its dataset read from FILE); repeat per task")
     e.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     e.set_defaults(func=eval_command)
