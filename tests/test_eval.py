@@ -6,8 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,18 +16,6 @@ from ondol.model.config import load_preset
 from ondol.model.transformer import Transformer
 from ondol.train.evaluation import token_logprobs, windows
 from tests.conftest import corpus_texts
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """A 4-step run on the golden assets (checkpoints at steps 2 and 4, context 64 tokens)."""
-    from golden import build_assets, run_losses
-
-    assets = build_assets(tmp_path_factory.mktemp("eval_assets"))
-    run = tmp_path_factory.mktemp("eval_run")
-    run_losses(run, assets, "train.steps=4", "train.save_every=2", "train.eval_every=2")
-    shutil.copytree(assets / "tokenizer", run / "tokenizer")  # `ondol export hf` reads RUN_DIR/tokenizer
-    return run
 
 
 def ondol_eval(capsys, *args: str) -> tuple[int, str, str]:
@@ -66,27 +52,28 @@ def test_batched_scoring_equals_one_forward_per_window():
         assert s.tokens == len(ids) - first
 
 
-def test_bits_per_byte_matches_transformers_on_the_exported_model(run, tmp_path, capsys):
-    """Every held-out document scored by transformers (its own tokenizer and model from `ondol export hf`) in
-    windows of 64 tokens advancing by 32, against `ondol eval` per source: within 0.5% (fp32: far closer)."""
+def test_bits_per_byte_matches_transformers_on_the_exported_model(eval_run, tmp_path, capsys):
+    """Reviews and two encyclopedia documents longer than the context, scored by transformers (its own tokenizer
+    and the model from `ondol export hf`) in windows of 64 tokens advancing by 32, against `ondol eval --data`
+    per file and overall: within 0.5% (fp32: far closer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    assert ondol_eval(capsys, run, "--json", tmp_path / "eval.json")[0] == 0
-    result = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))
-    assert main(["export", "hf", str(run), str(tmp_path / "hf")]) == 0
+    docs = [d for d in corpus_texts("ko_docs", 40, skip=900) if 300 <= len(d) <= 600][:2]
+    files = {"reviews": corpus_texts("ko_reviews", 12, skip=50_000), "docs": docs}
+    args = []
+    for name, texts in files.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                                        for t in texts), encoding="utf-8")
+        args += ["--data", tmp_path / f"{name}.jsonl"]
+    assert ondol_eval(capsys, eval_run, *args, "--json", tmp_path / "eval.json")[0] == 0
+    result = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))["sources"]
+    assert main(["export", "hf", str(eval_run), str(tmp_path / "hf")]) == 0
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    from ondol.data.shards import first_documents
-    from ondol.tokenizer.tokenizer import Tokenizer
-
-    ours = Tokenizer.load(run / "tokenizer")
-    manifest = json.loads((run / "data" / "manifest.json").read_text(encoding="utf-8"))
-    counts = {name: sum(r["docs"] for r in recs) for name, recs in manifest["splits"]["val"].items()}
-    texts = first_documents(run / "data", "val", ours, sum(counts.values()))
-    bits, nbytes, i = {}, {}, 0
-    for name, n in counts.items():
+    bits, nbytes = {}, {}
+    for name, texts in files.items():
         bits[name] = nbytes[name] = 0.0
-        for text in texts[i:i + n]:
+        for text in texts:
             ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
             done = 1
             for end in (65, *range(65 + 32, len(ids) + 32, 32)):
@@ -99,22 +86,22 @@ def test_bits_per_byte_matches_transformers_on_the_exported_model(run, tmp_path,
                 bits[name] -= sum(float(logp[p - start - 1, ids[p]]) for p in range(done, end)) / math.log(2)
                 done = end
             nbytes[name] += len(text.encode("utf-8"))
-        i += n
-    for name in counts:
-        assert result["sources"][name]["bits_per_byte"] == pytest.approx(bits[name] / nbytes[name], rel=5e-3)
-        assert result["sources"][name]["bytes"] == nbytes[name]
+    assert len(tok(docs[0], add_special_tokens=False)["input_ids"]) > 2 * 64  # several windows
+    for name in files:
+        assert result[name]["bytes"] == nbytes[name]
+        assert result[name]["bits_per_byte"] == pytest.approx(bits[name] / nbytes[name], rel=5e-3)
     total = sum(bits.values()) / sum(nbytes.values())
-    assert result["sources"]["all"]["bits_per_byte"] == pytest.approx(total, rel=5e-3)
+    assert result["all"]["bits_per_byte"] == pytest.approx(total, rel=5e-3)
 
 
-def test_a_checkpoint_scores_like_the_final_weights_it_equals(run, tmp_path, capsys):
+def test_a_checkpoint_scores_like_the_final_weights_it_equals(eval_run, tmp_path, capsys):
     """The last checkpoint (DeepSpeed's model states) holds the weights of RUN_DIR/model (safetensors)."""
     corpus = tmp_path / "reviews.jsonl"
     corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
                               for t in corpus_texts("ko_reviews", 20, skip=50_000)), encoding="utf-8")
-    a = ondol_eval(capsys, run, "--data", corpus, "--json", tmp_path / "a.json")
-    b = ondol_eval(capsys, run, "--data", corpus, "--checkpoint", "step_4", "--json", tmp_path / "b.json")
-    c = ondol_eval(capsys, run, "--data", corpus, "--checkpoint", "step_2", "--json", tmp_path / "c.json")
+    a = ondol_eval(capsys, eval_run, "--data", corpus, "--json", tmp_path / "a.json")
+    b = ondol_eval(capsys, eval_run, "--data", corpus, "--checkpoint", "step_4", "--json", tmp_path / "b.json")
+    c = ondol_eval(capsys, eval_run, "--data", corpus, "--checkpoint", "step_2", "--json", tmp_path / "c.json")
     assert a[0] == b[0] == c[0] == 0 and "reviews" in a[1] and "bits/byte" in a[1]
     rows = [json.loads((tmp_path / f"{k}.json").read_text())["sources"]["reviews"] for k in "abc"]
     assert rows[0]["documents"] == 20
@@ -122,29 +109,29 @@ def test_a_checkpoint_scores_like_the_final_weights_it_equals(run, tmp_path, cap
     assert rows[0]["bits_per_byte"] != pytest.approx(rows[2]["bits_per_byte"], rel=1e-4)
 
 
-def test_bad_input_is_one_line(run, tmp_path, capsys):
+def test_bad_input_is_one_line(eval_run, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl.gz"
     with gzip.open(empty, "wt", encoding="utf-8"):
         pass
     cases = [(("--checkpoint", "step_3"), "step_00000003"), (("--data", tmp_path / "missing.jsonl"), "missing.jsonl"),
              (("--data", empty), "no documents"), (("--checkpoint", "latest"), "step_N")]
     for args, needle in cases:
-        rc, _, err = ondol_eval(capsys, run, *args)
+        rc, _, err = ondol_eval(capsys, eval_run, *args)
         assert rc == 1 and needle in err and len(err.strip().splitlines()) == 1, err
     rc, _, err = ondol_eval(capsys, tmp_path / "nowhere")
     assert rc == 1 and "config.yaml" in err and len(err.strip().splitlines()) == 1
 
 
-def test_in_loop_bits_per_byte_is_logged_per_source_and_equals_ondol_eval(run, tmp_path, capsys):
+def test_in_loop_bits_per_byte_is_logged_per_source_and_equals_ondol_eval(eval_run, tmp_path, capsys):
     """metrics.jsonl has bits per byte per source at every evaluation; at the last step it equals `ondol eval` of
     the final weights on the same held-out documents (all of ko_reviews' validation text fits the budget)."""
     from ondol.train.metrics import read_metrics
 
-    evals = [r for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
+    evals = [r for r in read_metrics(eval_run / "metrics.jsonl") if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]
     assert all({"bpb/ko_reviews", "bpb/ko_docs", "bpb/all"} <= set(r) for r in evals)
     assert evals[-1]["bpb/all"] < evals[0]["bpb/all"]
-    assert ondol_eval(capsys, run, "--json", tmp_path / "eval.json")[0] == 0
+    assert ondol_eval(capsys, eval_run, "--json", tmp_path / "eval.json")[0] == 0
     reviews = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))["sources"]["ko_reviews"]
     assert evals[-1]["bpb/ko_reviews"] == pytest.approx(reviews["bits_per_byte"], rel=1e-5)
-    assert (run / "loss.png").stat().st_size > 0
+    assert (eval_run / "loss.png").stat().st_size > 0

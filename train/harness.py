@@ -89,17 +89,19 @@ def local_task_yaml(name: str, data_file: str, folder: Path) -> Path:
 
 
 def _task_yaml(name: str) -> Path:
-    """lm-eval's YAML file defining task `name`: its family's folder is searched first (fast), then every task."""
-    import lm_eval.tasks
-    from lm_eval.tasks import TaskManager
+    """lm-eval's YAML file that defines task `name` (its family's folder first, then every task folder): a scan
+    of the files for `task: NAME`, much faster than building lm-eval's whole task index."""
+    import re
 
-    family = Path(lm_eval.tasks.__file__).parent / name.split("_")[0]
-    for manager in ([TaskManager(include_path=str(family), include_defaults=False)] if family.is_dir() else []) + [
-            None]:
-        manager = manager or TaskManager()
-        entry = manager._entry(name)
-        if entry is not None and entry.yaml_path is not None:
-            return Path(entry.yaml_path)
+    import lm_eval.tasks
+
+    root = Path(lm_eval.tasks.__file__).parent
+    line = re.compile(rf"^task:\s*[\"']?{re.escape(name)}[\"']?\s*$", re.MULTILINE)
+    family = root / name.split("_")[0]
+    for folder in ([family] if family.is_dir() else []) + [root]:
+        for path in sorted(folder.rglob("*.yaml")):
+            if line.search(path.read_text(encoding="utf-8", errors="replace")):
+                return path
     raise KeyError(f"--task-data: lm-eval has no task '{name}' (Korean ones: kobest_boolq, kobest_copa, "
                    "kobest_hellaswag, kobest_sentineg, kobest_wic, haerae_general_knowledge, kmmlu_..., click_...)")
 
