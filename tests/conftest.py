@@ -33,3 +33,18 @@ def corpora() -> Path:
     if not CORPORA.is_dir():
         pytest.fail(f"shared corpora not found at {CORPORA}: clone with ../shared beside the checkout")
     return CORPORA
+
+
+@pytest.fixture(scope="session")
+def eval_run(tmp_path_factory) -> Path:
+    """A 4-step run on the golden assets (checkpoints at steps 2 and 4, context 64 tokens), with the tokenizer
+    copied into RUN_DIR/tokenizer as `ondol export hf` expects: the model that evaluation tests score."""
+    import shutil
+
+    from golden import build_assets, run_losses
+
+    assets = build_assets(tmp_path_factory.mktemp("eval_assets"))
+    run = tmp_path_factory.mktemp("eval_run")
+    run_losses(run, assets, "train.steps=4", "train.save_every=2", "train.eval_every=2")
+    shutil.copytree(assets / "tokenizer", run / "tokenizer")
+    return run

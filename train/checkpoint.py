@@ -213,3 +213,16 @@ def load(engine, folder: Path, rank: int, seed: int) -> dict:
         np.random.seed(seed + rank)
         torch.manual_seed(seed + rank)
     return client_state
+
+
+def model_state(folder: Path) -> dict[str, torch.Tensor]:
+    """The fp32 model weights of a complete checkpoint, read without an engine (for evaluation)."""
+    if list(folder.glob(expert_parallel.SHARD_GLOB)):
+        raise IncompatibleCheckpoint(f"{folder} holds expert-parallel shards: evaluate the final weights "
+                                     f"(RUN_DIR/model) or resume the run on its expert-parallel layout")
+    if read_meta(folder).get("zero_stage") == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    return {k: v.float() for k, v in states["module"].items()}

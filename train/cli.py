@@ -7,8 +7,10 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from ondol.configs import add_config_command, load_config
+from ondol.data.shards import write_atomic
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -42,6 +44,44 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def eval_command(args: argparse.Namespace) -> int:
+    """Bits per byte per source as a table (and JSON); bad input is one line on stderr and exit code 1."""
+    from ondol.configs import ConfigError
+    from ondol.data.sources import SourceError
+    from ondol.train.checkpoint import IncompatibleCheckpoint
+    from ondol.train.evaluation import evaluate_run, print_table
+
+    if not (Path(args.run_dir) / "config.yaml").is_file():
+        print(f"ondol eval: {args.run_dir} has no config.yaml: give a run directory written by `ondol run` or "
+              "`ondol train`", file=sys.stderr)
+        return 1
+    try:
+        task_data = dict(_task_file(item) for item in args.task_data or ())
+        result = evaluate_run(args.run_dir, args.checkpoint, args.data or ())
+        print_table(result)
+        if args.tasks:
+            try:
+                from ondol.train.harness import print_tasks, run_tasks
+            except ImportError:
+                raise ValueError("--tasks needs lm-evaluation-harness: pip install 'ondol[eval]'") from None
+            result["tasks"] = run_tasks(args.run_dir, args.tasks.split(","), task_data, args.checkpoint)
+            print_tasks(result["tasks"])
+    except (FileNotFoundError, SourceError, IncompatibleCheckpoint, ConfigError, ValueError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"ondol eval: {str(message).splitlines()[0]}", file=sys.stderr)
+        return 1
+    if args.json:
+        write_atomic(Path(args.json), (json.dumps(result, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    return 0
+
+
+def _task_file(item: str) -> tuple[str, str]:
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--task-data {item}: write TASK=FILE, e.g. kobest_copa=copa.jsonl")
+    return name, path
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     add_config_command(
         sub, "train", train_command,
@@ -51,3 +91,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         "stages). Resumes from RUN_DIR/checkpoints unless train.resume=never; writes metrics.jsonl, loss.png "
         "and the final weights to RUN_DIR/model. For several processes use `ondol launch`.",
     )
+
+    e = sub.add_parser(
+        "eval", help="bits per byte and per character of a run's model on held-out text, per source",
+        description="Bits per byte (UTF-8) and per character of RUN_DIR's model on the held-out documents of "
+        "every source of the run (or on --data files), each document scored whole from its start with the "
+        "run's context length (sliding windows beyond it): numbers that compare across tokenizers.")
+    e.add_argument("run_dir", help="a run directory written by `ondol run` or `ondol train`")
+    e.add_argument("--checkpoint", help="step_N: a checkpoint of the run instead of its final weights")
+    e.add_argument("--data", action="append", metavar="FILE", help="a .jsonl[.gz] or text file to score instead "
+                   "of the validation split (repeat for several; each is a source named after the file)")
+    e.add_argument("--tasks", metavar="T1,T2", help="also run these lm-evaluation-harness tasks zero-shot, e.g. "
+                   "kobest_copa,kobest_hellaswag,haerae,kmmlu,click (needs pip install 'ondol[eval]')")
+    e.add_argument("--task-data", action="append", metavar="TASK=FILE", help="evaluate TASK on a local JSON "
+                   "Lines file (lm-eval's definition of the task, its dataset read from FILE); repeat per task")
+    e.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
+    e.set_defaults(func=eval_command)

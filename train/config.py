@@ -60,6 +60,7 @@ class TrainConfig:
     grad_accum: int = 1
     eval_every: int = 50
     eval_batches: int = 8
+    eval_bpb_tokens: int = 8192  # held-out tokens per source scored for bits per byte at each evaluation; 0: off
     save_every: int = 100
     keep_last: int = 2
     resume: str = "auto"  # auto | never (earlier checkpoints are moved aside, not deleted) | a checkpoint folder
@@ -75,6 +76,7 @@ class TrainConfig:
         allowed = ("TERM", "USR1", "USR2", "INT", "HUP", "QUIT")
         bad = [s for s in self.stop_signals if s.removeprefix("SIG") not in allowed]
         _need(not bad, f"train.stop_signals: {bad} not among {', '.join(allowed)} (names without SIG)")
+        _need(self.eval_bpb_tokens >= 0, "train.eval_bpb_tokens must be >= 0 (0 turns bits per byte off)")
 
 
 @dataclass

@@ -111,7 +111,7 @@ def _wandb_id(run_dir: Path) -> str:
 
 
 def _console_line(r: dict) -> str:
-    keys = [("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"),
+    keys = [("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("bpb/all", "bits/byte {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"),
             ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}"), ("moe/load_cv_max", "load cv {:.2f}"),
             ("nonfinite_steps", "nonfinite {}")]
     parts = [fmt.format(r[k]) for k, fmt in keys if k in r]
@@ -119,7 +119,8 @@ def _console_line(r: dict) -> str:
 
 
 def plot_losses(metrics_path: Path, out_png: Path) -> Path:
-    """Training loss per logged step and validation loss, as a PNG (matplotlib's Agg backend, no display)."""
+    """Training and validation loss per step and, beside them when logged, held-out bits per byte with one line
+    per source, as a PNG (matplotlib's Agg backend, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,7 +129,9 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path:
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    sources = sorted({k for r in records for k in r if k.startswith("bpb/")})
+    fig, axes = plt.subplots(1, 2 if sources else 1, figsize=(12 if sources else 7, 4), dpi=110, squeeze=False)
+    ax = axes[0, 0]
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1.2)
     if val:
@@ -137,6 +140,15 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path:
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if sources:
+        ax = axes[0, 1]
+        for key in sources:
+            ax.plot(*zip(*[(r["step"], r[key]) for r in records if key in r]), "o-", lw=1.2,
+                    label=key.removeprefix("bpb/").replace("all", "all sources"))
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out bits per byte (UTF-8)")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from ondol.configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, tokenizer_dir
 from ondol.train import checkpoint, expert_parallel
 from ondol.train.engine import build_engine, init_distributed
+from ondol.train.evaluation import InLoopBitsPerByte
 from ondol.train.metrics import MetricsSink, detect_peak_tflops, memory_gib, plot_losses, read_metrics
 from ondol.train.preemption import Preempted, StopRequest, stop_file
 from ondol.train.schedule import lr_at
@@ -67,6 +68,8 @@ class Trainer:
         self.tokens_per_step = tr.micro_batch_size * tr.grad_accum * env.world_size * cfg.data.seq_len
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = detect_peak_tflops(env.device, cfg.logging.peak_tflops) * 1e12 * env.world_size
+        self.bits_per_byte = (InLoopBitsPerByte(data_dir(cfg), tokenizer, tr.eval_bpb_tokens, cfg.data.seq_len,
+                                                manifest["bos"]) if tr.eval_bpb_tokens else None)
         self.step = 0
         self.nonfinite = {"total": 0, "in_a_row": 0}
         self._reset_interval()
@@ -142,7 +145,7 @@ class Trainer:
     def _loop(self, sink: MetricsSink | None, stop: StopRequest) -> None:
         tr = self.cfg.train
         if self.step == 0:
-            self._emit(sink, {"step": 0, "val_loss": self.evaluate()})
+            self._emit(sink, self._evaluation())
         self.interval["t0"] = time.perf_counter()
         while self.step < tr.steps:
             self.train_step()
@@ -151,7 +154,7 @@ class Trainer:
                 self._emit(sink, self._interval_metrics())
             paused = time.perf_counter()  # evaluation and checkpoint time is not training throughput
             if self.step % tr.eval_every == 0 or last:
-                self._emit(sink, {"step": self.step, "val_loss": self.evaluate()})
+                self._emit(sink, self._evaluation())
             saved = self.step % tr.save_every == 0 or last
             if saved:
                 self.save()
@@ -228,6 +231,13 @@ class Trainer:
         if self.env.world_size > 1:
             dist.all_reduce(total)
         return float(total) / (self.cfg.train.eval_batches * self.env.world_size)
+
+    def _evaluation(self) -> dict:
+        """The validation loss, and bits per byte per source of held-out text unless train.eval_bpb_tokens=0."""
+        record = {"step": self.step, "val_loss": self.evaluate()}
+        if self.bits_per_byte is not None:
+            record.update(self.bits_per_byte(self.engine.module))
+        return record
 
     def _interval_metrics(self) -> dict:
         sums = self.interval["sums"].clone()

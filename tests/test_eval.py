@@ -1,0 +1,137 @@
+"""`ondol eval`: bits per byte per source, checked against a naive scorer and against transformers on the
+exported model; bad input is one line."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ondol.launch.cli import main
+from ondol.model.config import load_preset
+from ondol.model.transformer import Transformer
+from ondol.train.evaluation import token_logprobs, windows
+from tests.conftest import corpus_texts
+
+
+def ondol_eval(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(["eval", *map(str, args)])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize("length,first", [(5, 1), (65, 1), (66, 1), (300, 1), (300, 120), (40, 39)])
+def test_windows_score_every_position_once_with_at_least_context_minus_stride(length, first):
+    context, stride = 64, 32
+    scored = []
+    for start, end, score_from in windows(length, first, context, stride):
+        assert end - 1 - start <= context and start <= score_from - 1
+        scored += range(score_from, end)
+        assert all(p - start >= min(p, context - stride) for p in range(score_from, end))
+    assert scored == list(range(first, length))
+
+
+def test_batched_scoring_equals_one_forward_per_window():
+    """Right-padded batches of windows give each sequence the log-likelihood of a plain loop of forwards."""
+    torch.manual_seed(0)
+    model = Transformer(load_preset("tiny", vocab_size=300, moe_dispatch="loop")).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    seqs = [(torch.randint(0, 300, (n,), generator=g).tolist(), first) for n, first in
+            ((3, 1), (40, 1), (64, 1), (65, 1), (150, 1), (150, 100), (20, 15))]
+    got = token_logprobs(model, seqs, context=64, stride=24, batch_tokens=200)
+    for (ids, first), s in zip(seqs, got):
+        want = 0.0
+        for start, end, score_from in windows(len(ids), first, 64, 24):
+            logp = F.log_softmax(model(torch.tensor([ids[start:end - 1]])).logits[0].double(), -1)
+            want += sum(float(logp[p - start - 1, ids[p]]) for p in range(score_from, end))
+        assert s.logprob == pytest.approx(want, rel=1e-5, abs=1e-4)
+        assert s.tokens == len(ids) - first
+
+
+def test_bits_per_byte_matches_transformers_on_the_exported_model(eval_run, tmp_path, capsys):
+    """Reviews and two encyclopedia documents longer than the context, scored by transformers (its own tokenizer
+    and the model from `ondol export hf`) in windows of 64 tokens advancing by 32, against `ondol eval --data`
+    per file and overall: within 0.5% (fp32: far closer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    docs = [d for d in corpus_texts("ko_docs", 40, skip=900) if 300 <= len(d) <= 600][:2]
+    files = {"reviews": corpus_texts("ko_reviews", 12, skip=50_000), "docs": docs}
+    args = []
+    for name, texts in files.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                                        for t in texts), encoding="utf-8")
+        args += ["--data", tmp_path / f"{name}.jsonl"]
+    assert ondol_eval(capsys, eval_run, *args, "--json", tmp_path / "eval.json")[0] == 0
+    result = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))["sources"]
+    assert main(["export", "hf", str(eval_run), str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    bits, nbytes = {}, {}
+    for name, texts in files.items():
+        bits[name] = nbytes[name] = 0.0
+        for text in texts:
+            ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"]]
+            done = 1
+            for end in (65, *range(65 + 32, len(ids) + 32, 32)):
+                end = min(end, len(ids))
+                if end <= done:
+                    break
+                start = max(0, end - 65)
+                with torch.no_grad():
+                    logp = F.log_softmax(hf(torch.tensor([ids[start:end - 1]])).logits[0].double(), -1)
+                bits[name] -= sum(float(logp[p - start - 1, ids[p]]) for p in range(done, end)) / math.log(2)
+                done = end
+            nbytes[name] += len(text.encode("utf-8"))
+    assert len(tok(docs[0], add_special_tokens=False)["input_ids"]) > 2 * 64  # several windows
+    for name in files:
+        assert result[name]["bytes"] == nbytes[name]
+        assert result[name]["bits_per_byte"] == pytest.approx(bits[name] / nbytes[name], rel=5e-3)
+    total = sum(bits.values()) / sum(nbytes.values())
+    assert result["all"]["bits_per_byte"] == pytest.approx(total, rel=5e-3)
+
+
+def test_a_checkpoint_scores_like_the_final_weights_it_equals(eval_run, tmp_path, capsys):
+    """The last checkpoint (DeepSpeed's model states) holds the weights of RUN_DIR/model (safetensors)."""
+    corpus = tmp_path / "reviews.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                              for t in corpus_texts("ko_reviews", 20, skip=50_000)), encoding="utf-8")
+    a = ondol_eval(capsys, eval_run, "--data", corpus, "--json", tmp_path / "a.json")
+    b = ondol_eval(capsys, eval_run, "--data", corpus, "--checkpoint", "step_4", "--json", tmp_path / "b.json")
+    c = ondol_eval(capsys, eval_run, "--data", corpus, "--checkpoint", "step_2", "--json", tmp_path / "c.json")
+    assert a[0] == b[0] == c[0] == 0 and "reviews" in a[1] and "bits/byte" in a[1]
+    rows = [json.loads((tmp_path / f"{k}.json").read_text())["sources"]["reviews"] for k in "abc"]
+    assert rows[0]["documents"] == 20
+    assert rows[0]["bits_per_byte"] == pytest.approx(rows[1]["bits_per_byte"], rel=1e-6)
+    assert rows[0]["bits_per_byte"] != pytest.approx(rows[2]["bits_per_byte"], rel=1e-4)
+
+
+def test_bad_input_is_one_line(eval_run, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl.gz"
+    with gzip.open(empty, "wt", encoding="utf-8"):
+        pass
+    cases = [(("--checkpoint", "step_3"), "step_00000003"), (("--data", tmp_path / "missing.jsonl"), "missing.jsonl"),
+             (("--data", empty), "no documents"), (("--checkpoint", "latest"), "step_N")]
+    for args, needle in cases:
+        rc, _, err = ondol_eval(capsys, eval_run, *args)
+        assert rc == 1 and needle in err and len(err.strip().splitlines()) == 1, err
+    rc, _, err = ondol_eval(capsys, tmp_path / "nowhere")
+    assert rc == 1 and "config.yaml" in err and len(err.strip().splitlines()) == 1
+
+
+def test_in_loop_bits_per_byte_is_logged_per_source_and_equals_ondol_eval(eval_run, tmp_path, capsys):
+    """metrics.jsonl has bits per byte per source at every evaluation; at the last step it equals `ondol eval` of
+    the final weights on the same held-out documents (all of ko_reviews' validation text fits the budget)."""
+    from ondol.train.metrics import read_metrics
+
+    evals = [r for r in read_metrics(eval_run / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert all({"bpb/ko_reviews", "bpb/ko_docs", "bpb/all"} <= set(r) for r in evals)
+    assert evals[-1]["bpb/all"] < evals[0]["bpb/all"]
+    assert ondol_eval(capsys, eval_run, "--json", tmp_path / "eval.json")[0] == 0
+    reviews = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))["sources"]["ko_reviews"]
+    assert evals[-1]["bpb/ko_reviews"] == pytest.approx(reviews["bits_per_byte"], rel=1e-5)
+    assert (eval_run / "loss.png").stat().st_size > 0

@@ -1,0 +1,218 @@
+"""Bits per byte and per character of held-out text, per source: a measure that compares across tokenizers.
+
+A document is scored as the model trains on it: its own tokens after the run's document start (bos when the
+data has one, else the eos that ends the document before it), one context of data.seq_len tokens at a time.
+A document longer than that is scored in sliding windows: each window predicts `stride` new tokens with the
+tokens before them as context (at least seq_len - stride of them). The eos that ends a document is not scored:
+it has no bytes. bits/byte = sum over text tokens of -log2 p(token | context) / UTF-8 bytes of the text.
+
+`token_logprobs` is the scorer underneath, shared with the lm-evaluation-harness adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Scored:
+    logprob: float  # sum of natural-log probabilities of the scored tokens
+    greedy: bool  # every scored token was the model's argmax
+    tokens: int
+
+
+def windows(length: int, first: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, score_from) windows over a sequence of `length` tokens scoring positions first..length-1:
+    the window feeds tokens [start, end - 1) and scores the predictions of positions [score_from, end)."""
+    out, pos = [], first
+    while pos < length:
+        end = min(length, max(pos + stride, context + 1))
+        out.append((max(0, end - 1 - context), end, pos))
+        pos = end
+    return out
+
+
+@torch.no_grad()
+def token_logprobs(model, sequences: list[tuple[list[int], int]], context: int, stride: int | None = None,
+                   batch_tokens: int = 8192) -> list[Scored]:
+    """For each (ids, first): log p(ids[first:] | what precedes them), at most `context` tokens of it per
+    prediction. Windows of similar length are batched together (padded on the right, which a causal model
+    never sees)."""
+    stride = stride or max(1, context // 2)
+    jobs = [(i, *w) for i, (ids, first) in enumerate(sequences) for w in windows(len(ids), max(first, 1), context,
+                                                                                   stride)]
+    jobs.sort(key=lambda j: j[2] - j[1], reverse=True)
+    logprob = [0.0] * len(sequences)
+    greedy = [True] * len(sequences)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        k = 0
+        while k < len(jobs):
+            width = jobs[k][2] - jobs[k][1] - 1
+            batch = jobs[k:k + max(1, batch_tokens // width)]
+            k += len(batch)
+            inputs = torch.zeros(len(batch), width, dtype=torch.long)
+            labels = torch.full((len(batch), width), -100, dtype=torch.long)
+            for row, (i, start, end, score_from) in enumerate(batch):
+                ids = torch.tensor(sequences[i][0][start:end])
+                inputs[row, :end - start - 1] = ids[:-1]
+                scored = slice(score_from - start - 1, end - start - 1)
+                labels[row, scored] = ids[1:][scored]
+            logits = model(inputs.to(device)).logits.float()
+            labels = labels.to(device)
+            nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            hit = (logits.argmax(-1) == labels) | (labels == -100)
+            for row, (i, *_) in enumerate(batch):
+                logprob[i] -= float(nll[row].double().sum())
+                greedy[i] = greedy[i] and bool(hit[row].all())
+    finally:
+        model.train(was_training)
+    return [Scored(lp, g, len(ids) - max(first, 1)) for lp, g, (ids, first) in zip(logprob, greedy, sequences)]
+
+
+def document_start(tokenizer, bos: bool) -> int:
+    """The token a document follows in training: bos when the data has one, else the previous document's eos."""
+    return tokenizer.bos_id if bos and tokenizer.bos_id >= 0 else tokenizer.eos_id
+
+
+def bits_per_byte(model, tokenizer, documents: dict[str, list[str]], context: int, bos: bool,
+                  batch_tokens: int = 8192) -> dict:
+    """Per source and overall: documents, bytes, characters, tokens, bits per byte and per character."""
+    start = document_start(tokenizer, bos)
+    names = [name for name, texts in documents.items() for t in texts if t]
+    texts = [t for texts in documents.values() for t in texts if t]
+    scored = token_logprobs(model, [([start, *ids], 1) for ids in tokenizer.encode_batch(texts)], context,
+                            batch_tokens=batch_tokens)
+    rows = {name: {"documents": 0, "bytes": 0, "chars": 0, "tokens": 0, "bits": 0.0} for name in documents}
+    for name, text, s in zip(names, texts, scored):
+        row = rows[name]
+        row["documents"] += 1
+        row["bytes"] += len(text.encode("utf-8"))
+        row["chars"] += len(text)
+        row["tokens"] += s.tokens
+        row["bits"] -= s.logprob / math.log(2)
+    rows["all"] = {k: sum(r[k] for r in rows.values()) for k in ("documents", "bytes", "chars", "tokens", "bits")}
+    for row in rows.values():
+        row["bits_per_byte"] = row["bits"] / row["bytes"] if row["bytes"] else float("nan")
+        row["bits_per_char"] = row["bits"] / row["chars"] if row["chars"] else float("nan")
+    return rows
+
+
+def held_out_documents(data_dir, tokenizer, max_tokens: int | None = None) -> dict[str, list[str]]:
+    """The validation documents of every source as text (decode(encode(x)) == x for cleaned text), each source
+    cut after the document that reaches `max_tokens` tokens when given."""
+    from ondol.data.shards import split_shards
+
+    out: dict[str, list[str]] = {}
+    for name, shards in split_shards(data_dir, "val").items():
+        texts, tokens = out.setdefault(name, []), 0
+        for shard in _shard_documents(shards):
+            texts.append(tokenizer.decode(shard.tolist()))
+            tokens += len(shard)
+            if max_tokens is not None and tokens >= max_tokens:
+                break
+    return out
+
+
+def _shard_documents(shards) -> Iterable:
+    for shard in shards:
+        for i in range(shard.docs):
+            yield shard.document(i)
+
+
+def load_model(run_dir, checkpoint: str | None = None):
+    """The run's final weights (RUN_DIR/model), or those of checkpoint `step_N` (or its folder)."""
+    from pathlib import Path
+
+    from ondol.model.config import ModelConfig
+    from ondol.model.io import load_pretrained
+    from ondol.model.transformer import Transformer
+    from ondol.train import checkpoint as ckpt
+
+    run_dir = Path(run_dir)
+    if checkpoint is None:
+        return load_pretrained(run_dir / "model")
+    folder = Path(checkpoint) if Path(checkpoint).is_dir() else run_dir / "checkpoints" / _tag(checkpoint)
+    if not ckpt.is_complete(folder):
+        have = ", ".join(p.name for p in ckpt.complete_checkpoints(run_dir / "checkpoints")) or "none"
+        raise FileNotFoundError(f"checkpoint '{checkpoint}': no complete checkpoint at {folder} (complete ones in "
+                                f"{run_dir / 'checkpoints'}: {have})")
+    model = Transformer(ModelConfig(**ckpt.read_meta(folder)["model"]))
+    missing, unexpected = model.load_state_dict(ckpt.model_state(folder), strict=False)
+    if [k for k in missing if k != "lm_head.weight"] or unexpected:
+        raise ValueError(f"{folder}: weights do not match the model in its meta.json (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    return model.eval()
+
+
+def _tag(name: str) -> str:
+    from ondol.train.checkpoint import tag_for
+
+    digits = name.removeprefix("step_")
+    if not digits.isdigit():
+        raise FileNotFoundError(f"checkpoint '{name}': give step_N (e.g. step_250) or a checkpoint folder")
+    return tag_for(int(digits))
+
+
+
+def evaluate_run(run_dir, checkpoint: str | None = None, data_files: list[str] | tuple[str, ...] = (),
+                 batch_tokens: int = 8192) -> dict:
+    """`ondol eval`: bits per byte of RUN_DIR's model on the run's held-out documents of every source, or on
+    the given jsonl/text files (one source each, named after the file)."""
+    from pathlib import Path
+
+    from ondol.configs import data_dir, load_config, tokenizer_dir
+    from ondol.data.config import SourceConfig
+    from ondol.data.sources import iter_documents
+    from ondol.tokenizer.tokenizer import Tokenizer
+
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    tokenizer = Tokenizer.load(tokenizer_dir(cfg))
+    model = load_model(run_dir, checkpoint)
+    if data_files:
+        documents = {}
+        for path in data_files:
+            name = Path(path).name.split(".")[0]
+            source = SourceConfig(name=name, path=path)
+            documents[name if name not in documents else path] = [d.text for d in iter_documents(source)]
+    else:
+        documents = held_out_documents(data_dir(cfg), tokenizer)
+    rows = bits_per_byte(model, tokenizer, documents, cfg.data.seq_len, cfg.data.bos, batch_tokens)
+    return {"run_dir": str(run_dir), "checkpoint": checkpoint or "final", "context": cfg.data.seq_len,
+            "tokenizer_fingerprint": tokenizer.fingerprint, "sources": rows}
+
+
+def print_table(result: dict) -> None:
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{result['run_dir']} ({result['checkpoint']}, context {result['context']})")
+    for col in ("source", "documents", "bytes", "chars", "tokens", "bytes/token", "bits/byte", "bits/char"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for name, r in result["sources"].items():
+        table.add_row(name, f"{r['documents']:,}", f"{r['bytes']:,}", f"{r['chars']:,}", f"{r['tokens']:,}",
+                      f"{r['bytes'] / max(r['tokens'], 1):.2f}", f"{r['bits_per_byte']:.4f}",
+                      f"{r['bits_per_char']:.4f}")
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
+
+
+class InLoopBitsPerByte:
+    """Bits per byte per source on the first `max_tokens` held-out tokens of each source, every evaluation of
+    the training loop. Every rank scores the same documents (a ZeRO-3 forward is collective), so all agree."""
+
+    def __init__(self, data_dir, tokenizer, max_tokens: int, context: int, bos: bool) -> None:
+        self.documents = held_out_documents(data_dir, tokenizer, max_tokens)
+        self.tokenizer, self.context, self.bos = tokenizer, context, bos
+
+    def __call__(self, model) -> dict[str, float]:
+        rows = bits_per_byte(model, self.tokenizer, self.documents, self.context, self.bos)
+        return {f"bpb/{name}": row["bits_per_byte"] for name, row in rows.items() if row["bytes"]}
