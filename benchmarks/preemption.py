@@ -91,9 +91,11 @@ def clean_launches(tmp: Path, assets: Path, launches: int) -> tuple[int, list[in
         config.write_text(to_yaml(tiny_config(run, assets, *STEPS, "launch.gpus_per_node=2",
                                               "launch.master_port=0")), encoding="utf-8")
         done = subprocess.run([sys.executable, "-m", "ondol.launch.cli", "launch", str(config)], cwd=ROOT,
-                              capture_output=True, check=False)
+                              capture_output=True, text=True, check=False)
         codes.append(done.returncode)
         print(f"launch {i + 1}: exit {done.returncode}", flush=True)
+        if done.returncode:  # what the supervisor said about the failure
+            print(done.stderr[-2000:], flush=True)
         shutil.rmtree(run)
     return sum(c == 0 for c in codes), codes
 
