@@ -112,7 +112,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         assets = build_assets(tmp / "assets")
-        for ranks in (1, 2):
+        for ranks in (1, 2) if args.repeats else ():
             started = time.perf_counter()
             saved, exact, steps = signal_runs(tmp, assets, ranks, args.repeats)
             table.add_row(f"SIGTERM, {ranks} rank(s)", str(args.repeats),
