@@ -35,16 +35,17 @@ MPI_RANK_VARS = (
 
 
 def torch_rank_env(environ: dict[str, str], master_addr: str | None, master_port: int | None) -> dict[str, str]:
-    """The RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* variables to add, taken from an MPI runner's when absent."""
+    """The RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* variables to set. An MPI runner's rank variables and the master
+    the launcher chose win over any inherited from the submitting shell (a stale RANK=0 there would make every
+    rank rank 0); without them, the runner's own RANK stands."""
     added: dict[str, str] = {}
-    if "RANK" not in environ:
-        for rank, size, local in MPI_RANK_VARS:
-            if rank in environ and size in environ:
-                added.update(RANK=environ[rank], WORLD_SIZE=environ[size], LOCAL_RANK=environ.get(local, "0"))
-                break
-    if master_addr and "MASTER_ADDR" not in environ:
+    for rank, size, local in MPI_RANK_VARS:
+        if rank in environ and size in environ:
+            added.update(RANK=environ[rank], WORLD_SIZE=environ[size], LOCAL_RANK=environ.get(local, "0"))
+            break
+    if master_addr:
         added["MASTER_ADDR"] = master_addr
-    if master_port and "MASTER_PORT" not in environ:
+    if master_port:
         added["MASTER_PORT"] = str(master_port)
     return added
 

@@ -220,7 +220,10 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     # Not under pytest's tmp_path: munged wants every directory above its socket searchable by all.
     root = Path(tempfile.mkdtemp(prefix="ondol-slurm-"))
     conf = root / "slurm.conf"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(SLURM_ENV_PREFIXES)} | {"SLURM_CONF": str(conf)}
+    from conftest import without_rank_variables
+
+    env = {k: v for k, v in without_rank_variables(os.environ).items() if not k.startswith(SLURM_ENV_PREFIXES)}
+    env |= {"SLURM_CONF": str(conf)}
     daemons = Daemons("slurm cluster")
     up = False
     try:
@@ -340,7 +343,9 @@ def ssh_localhost() -> Iterator[SshHosts]:
                                   check=False, timeout=30).returncode == 0
 
         daemons.wait_until(answers, f"ssh -F {config} {SSH_HOSTS[0]} true succeeding")
-        env = os.environ | {"PDSH_RCMD_TYPE": "ssh", "PDSH_SSH_ARGS_APPEND": f"-F {config}"}
+        from conftest import without_rank_variables
+
+        env = without_rank_variables(os.environ) | {"PDSH_RCMD_TYPE": "ssh", "PDSH_SSH_ARGS_APPEND": f"-F {config}"}
         yield SshHosts(config=config, hosts=SSH_HOSTS, port=port, env=env)
     finally:
         daemons.stop()

@@ -21,6 +21,24 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "baselines" / "tiktoken_cache"))
 
 
+# Set in this process by an in-process trainer (train/engine.py gives a launcher-less process rank 0 of 1 on a
+# free port, and its process group stays up for the next in-process run).
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def without_rank_variables(environ) -> dict[str, str]:
+    """The environment minus this process's rank variables: a child that inherited them would bind the port
+    this process holds, or take rank 0 under an MPI runner."""
+    return {k: v for k, v in environ.items() if k not in RANK_VARIABLES}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rank_variables():
+    """Every test starts without them, so the subprocesses it starts do not inherit them."""
+    for name in RANK_VARIABLES:
+        os.environ.pop(name, None)
+
+
 def corpus_texts(name: str, n: int | None = None, skip: int = 0) -> list[str]:
     """The texts of documents skip..skip+n of a shared corpus file (e.g. 'ko_reviews'), in file order."""
     with gzip.open(CORPORA / f"{name}.jsonl.gz", "rt", encoding="utf-8") as f:

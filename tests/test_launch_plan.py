@@ -435,8 +435,10 @@ def test_rank_env_from_mpi_runners():
                                                  "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
     mv2 = {"MV2_COMM_WORLD_RANK": "3", "MV2_COMM_WORLD_SIZE": "4", "MV2_COMM_WORLD_LOCAL_RANK": "3"}
     assert torch_rank_env(mv2, None, None) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}
-    launched = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1", **ompi}
-    assert torch_rank_env(launched, "n1", 29500) == {}  # deepspeed.launch already set them: left alone
+    stale = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "a", "MASTER_PORT": "1"}  # from the submitting shell
+    assert torch_rank_env({**stale, **ompi}, "n1", 29500) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1",
+                                                              "MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
+    assert torch_rank_env({**stale, "RANK": "1"}, None, None) == {}  # deepspeed.launch set them: left alone
 
 
 # ---------------------------------------------------------------- supervisor

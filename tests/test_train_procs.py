@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import without_rank_variables
 from golden import build_assets, link_data, run_losses, tiny_config
 from safetensors.torch import load_file
 
@@ -64,8 +65,7 @@ def _launch(tmp: Path, run: Path, assets: Path, kill: str, *overrides: str, rank
     config, driver = tmp / "run.yaml", tmp / "driver.py"
     config.write_text(to_yaml(tiny_config(run, assets)), encoding="utf-8")
     driver.write_text(DRIVER, encoding="utf-8")
-    inherited = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}  # set by
-    env = {k: v for k, v in os.environ.items() if k not in inherited}  # this process's own in-process runs
+    env = without_rank_variables(os.environ)  # set by this process's own in-process runs
     env["PYTHONPATH"] = str(ROOT)
     args = [str(driver), kill, str(config), *overrides]
     if ranks > 1:
