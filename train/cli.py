@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ondol.configs import add_config_command, load_config
-from ondol.data.shards import write_atomic
+from ondol.files import write_atomic
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -71,7 +71,7 @@ def eval_command(args: argparse.Namespace) -> int:
         print(f"ondol eval: {str(message).splitlines()[0]}", file=sys.stderr)
         return 1
     if args.json:
-        write_atomic(Path(args.json), (json.dumps(result, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+        write_atomic(Path(args.json), json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     return 0
 
 
