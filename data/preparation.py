@@ -40,8 +40,11 @@ _worker_tokenizer = None  # set before forking the pool; each worker inherits it
 
 
 def _encode_chunk(texts: list[str], dtype: str, bos: bool) -> tuple[np.ndarray, np.ndarray]:
+    return encode_documents(_worker_tokenizer, texts, dtype, bos)
+
+
+def encode_documents(tok, texts: list[str], dtype: str, bos: bool) -> tuple[np.ndarray, np.ndarray]:
     """Tokens of every text between bos (if asked) and eos, packed into one array, and each document's length."""
-    tok = _worker_tokenizer
     head = [tok.bos_id] if bos else []
     flat, lengths = [], []
     for ids in tok.encode_batch(texts):
@@ -172,6 +175,12 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
     if cfg.bos and tokenizer.bos_id < 0:
         raise ValueError("data.bos is on but the tokenizer has no bos token: set data.bos=false")
     identity = _identity(cfg, tokenizer, seed)
+    if cfg.executor == "single" and (cfg.near_dedup.enabled or cfg.pii != "off"):
+        raise ValueError("data.near_dedup and data.pii run on DataTrove: set data.executor=local "
+                         "(data.tasks=1 is fine) or slurm")
+    # Only when on, so that preparations from before these settings keep their identity.
+    identity |= {"near_dedup": asdict(cfg.near_dedup)} if cfg.near_dedup.enabled else {}
+    identity |= {"pii": cfg.pii} if cfg.pii != "off" else {}
     digest = _digest(identity)
     _refuse_mixing(out_dir, identity, digest)
     manifest = _reuse(out_dir, cfg, digest)
@@ -179,6 +188,10 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
         return manifest
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / IDENTITY, {"hash": digest, "identity": identity})
+    if cfg.executor != "single":
+        from ondol.data.cluster import prepare_on_datatrove
+
+        return prepare_on_datatrove(cfg, tokenizer, out_dir, seed, digest, identity, progress)
 
     started = time.perf_counter()
     dtype = token_dtype(tokenizer.vocab_size)
@@ -186,13 +199,7 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
                for split in SPLITS for s in cfg.sources}
 
     def deliver(routes: list, flat: np.ndarray, lengths: np.ndarray) -> None:
-        """Hand each run of consecutive documents bound for the same shard stream to its writer."""
-        doc = offset = 0
-        for key, run in itertools.groupby(routes):
-            n = sum(1 for _ in run)
-            size = int(lengths[doc:doc + n].sum())
-            writers[key].add(flat[offset:offset + size], lengths[doc:doc + n])
-            doc, offset = doc + n, offset + size
+        deliver_documents(writers, routes, flat, lengths)
 
     cleaner = Cleaner(cfg.cleaning, seed, cfg.val_fraction)
     encoder = _OrderedEncoder(tokenizer, cfg.num_proc, dtype, cfg.bos, deliver)
@@ -212,6 +219,16 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
     manifest["seconds"] = round(time.perf_counter() - started, 2)
     write_json(out_dir / MANIFEST, manifest)
     return manifest
+
+
+def deliver_documents(writers: dict, routes: list, flat: np.ndarray, lengths: np.ndarray) -> None:
+    """Hand each run of consecutive documents bound for the same shard stream (routes[i]) to its writer."""
+    doc = offset = 0
+    for key, run in itertools.groupby(routes):
+        n = sum(1 for _ in run)
+        size = int(lengths[doc:doc + n].sum())
+        writers[key].add(flat[offset:offset + size], lengths[doc:doc + n])
+        doc, offset = doc + n, offset + size
 
 
 def _prepare_source(source, cfg: DataConfig, cleaner: Cleaner, encoder: _OrderedEncoder,
