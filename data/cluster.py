@@ -53,6 +53,7 @@ from datatrove.pipeline.dedup.minhash import (
     MinhashDedupSignature,
 )
 from datatrove.utils.hashing import HashConfig
+from datatrove.utils.word_tokenizers import KiwiTokenizer
 from tqdm import tqdm
 
 from ondol.data import pii
@@ -66,7 +67,7 @@ log = logging.getLogger("ondol.data")
 WORK = "datatrove"  # DATA_DIR/datatrove: stage logs, completion files and intermediate data, removed when done
 ENCODE_DOCS = 2048  # documents tokenized at a time
 MAX_PRIORITY = 65535  # DataTrove keeps the duplicate of highest priority (16 bits)
-KOREAN = "kor_Hang"  # DataTrove's language code: Korean words for MinHash n-grams come from Kiwi
+KOREAN = "kor_Hang"  # DataTrove's language code for Korean (its MinHash n-grams are of Kiwi's words)
 # Values that DataTrove writes into an sbatch script: no spaces, quotes, $, ;, newlines or other shell syntax.
 _SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_./:%+,=@-]+$")
 
@@ -291,13 +292,15 @@ def _stages(cfg: DataConfig, tokenizer, seed: int, work: Path, counts: dict) -> 
         tokenize += [ExactDedupFilter(f"{work}/exact_duplicates", _exact_config()), _Tally("after_exact_dedup")]
     if cfg.near_dedup.enabled:
         minhash = _minhash_config(cfg)
-        stages.append(("near_signatures", [_ReadCleaned(w), MinhashDedupSignature(
-            f"{work}/minhash_signatures", minhash, language=KOREAN)], n))
+        signatures = MinhashDedupSignature(f"{work}/minhash_signatures", minhash, language=KOREAN)
+        # DataTrove asks Kiwi for its "sbg" model, which kiwipiepy_model does not ship: Kiwi's default model
+        signatures.word_tokenizer = KiwiTokenizer(model_type=None)
+        stages.append(("near_signatures", [_ReadCleaned(w), signatures], n))
         stages.append(("near_buckets", [MinhashDedupBuckets(f"{work}/minhash_signatures", f"{work}/minhash_buckets",
                                                             config=minhash)], minhash.num_buckets))
         stages.append(("near_clusters", [MinhashDedupCluster(f"{work}/minhash_buckets", f"{work}/minhash_remove",
                                                              config=minhash)], 1))
-        tokenize += [MinhashDedupFilter(f"{work}/minhash_remove", config=minhash, language=KOREAN),
+        tokenize += [MinhashDedupFilter(f"{work}/minhash_remove"),
                      _Tally("after_near_dedup")]
     scrubber = _ScrubPersonalData(cfg.pii) if cfg.pii != "off" else None
     if scrubber:
