@@ -116,7 +116,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                            description="Read data.sources, clean (NFC, control characters, length, Hangul ratio, "
                            "exact dedup), split train/val by document hash, tokenize in parallel with the run's "
                            "tokenizer and write packed shards plus manifest.json. Finished shards are kept when "
-                           "re-run; a changed tokenizer or config is refused.")
+                           "re-run; a changed tokenizer or config is refused. data.executor=local|slurm runs the "
+                           "same as data.tasks DataTrove tasks, here or as Slurm job arrays, with optional "
+                           "near-dedup (data.near_dedup.enabled) and PII masking (data.pii=mask|drop).")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     i = add_config_command(commands, "inspect", _inspect,
