@@ -117,7 +117,7 @@ from ondol.data.preparation import prepare
 from ondol.data.config import DataConfig, SourceConfig
 from ondol.tokenizer.tokenizer import Tokenizer
 if __name__ == "__main__":
-    cfg = DataConfig(sources=[SourceConfig(name="ko_reviews", path=sys.argv[3], max_docs=20000)], shard_tokens=2000,
+    cfg = DataConfig(sources=[SourceConfig(name="ko_reviews", path=sys.argv[3], max_docs=8000)], shard_tokens=1000,
                      val_fraction=0.05, executor="local", tasks=2, num_proc=1)
     prepare(cfg, Tokenizer.load(sys.argv[1]), sys.argv[2], seed=5, progress=False)
 """
@@ -143,7 +143,7 @@ def test_a_task_killed_mid_write_is_redone_alone_and_the_output_is_identical(tmp
         monkeypatch.setattr(step, "run", lambda self, data=None, rank=0, world_size=1, run=step.run:
                             ran.append((self.name, rank)) or run(self, data, rank, world_size))
     cfg = DataConfig(sources=[SourceConfig(name="ko_reviews", path=str(CORPORA / "ko_reviews.jsonl.gz"),
-                                           max_docs=20000)], shard_tokens=2000, val_fraction=0.05,
+                                           max_docs=8000)], shard_tokens=1000, val_fraction=0.05,
                      executor="local", tasks=2, num_proc=1)
     prepare(cfg, tok, killed, seed=5, progress=False)
     assert ran == [("tokenize", 1)]  # finished tasks are not redone
