@@ -327,6 +327,8 @@ def _executors(cfg: DataConfig, stages: list, work: Path) -> list:
             executors.append(LocalPipelineExecutor(**common, workers=min(tasks, cfg.num_proc)))
             continue
         s = cfg.slurm
+        if not s.partition:
+            raise ValueError("data.executor=slurm needs data.slurm.partition (sinfo lists the partitions)")
         bin_dir = os.path.dirname(sys.executable)  # launch_pickled_pipeline and merge_stats live beside python
         executors.append(SlurmPipelineExecutor(
             **common, partition=_sbatch_safe("data.slurm.partition", s.partition),

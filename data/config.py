@@ -74,7 +74,7 @@ class NearDedupConfig:
 class SlurmConfig:
     """The sbatch settings of `data.executor=slurm` (one job array per stage, one task per array element)."""
 
-    partition: str = "???"
+    partition: str = ""  # required with data.executor=slurm
     time: str = "24:00:00"
     cpus_per_task: int = 1
     mem_per_cpu_gb: int = 2

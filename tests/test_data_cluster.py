@@ -81,7 +81,7 @@ def test_near_duplicates_go_and_personal_data_is_masked(tmp_path, tok):
     (tmp_path / "near.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
                                                  for t in texts), encoding="utf-8")
     cfg = DataConfig(sources=[SourceConfig(name="near", path=str(tmp_path / "near.jsonl"))], val_fraction=0.0,
-                     executor="local", tasks=2, num_proc=2, near_dedup=NearDedupConfig(enabled=True), pii="mask")
+                     executor="local", tasks=2, num_proc=1, near_dedup=NearDedupConfig(enabled=True), pii="mask")
     manifest = prepare(cfg, tok, tmp_path / "data", seed=0, progress=False)
     kept = decoded_split(tmp_path / "data", "train", tok)["near"]
     assert manifest["sources"][0]["dropped"] == {"near_duplicate": 10}
@@ -173,8 +173,10 @@ def test_bad_input_behaves_as_in_single_machine_prepare(tmp_path, tok):
 
 
 def test_sbatch_script_values_cannot_be_shell_words(tmp_path, tok):
-    cfg = DataConfig(sources=[corpus_source("ko_docs", 5)], executor="slurm", tasks=1,
-                     slurm=SlurmConfig(partition="debug", job_name="x$(touch pwned)"))
+    cfg = DataConfig(sources=[corpus_source("ko_docs", 5)], executor="slurm", tasks=1)
+    with pytest.raises(ValueError, match="data.executor=slurm needs data.slurm.partition"):
+        prepare(cfg, tok, tmp_path / "data", seed=0, progress=False)
+    cfg.slurm = SlurmConfig(partition="debug", job_name="x$(touch pwned)")
     with pytest.raises(ValueError, match=r"data.slurm.job_name 'x\$\(touch pwned\)-clean' goes into an sbatch"):
         prepare(cfg, tok, tmp_path / "data", seed=0, progress=False)
     cfg.slurm.job_name = "ondol"
