@@ -61,6 +61,9 @@ def _prepare(args: argparse.Namespace) -> int:
     manifest = prepare(cfg.data, tokenizer, out_dir, cfg.seed, progress=not args.no_progress)
     console.print(_source_table(manifest))
     for s in manifest["sources"]:
+        if "personal_data" in s:  # data.pii on: what was masked or dropped
+            found = ", ".join(f"{n:,} {kind}" for kind, n in sorted(s["personal_data"].items())) or "none"
+            console.print(f"  {s['name']}: personal data ({manifest['config']['pii']}): {found}", highlight=False)
         for examples in s["bad_input_examples"].values():
             for line in examples:
                 console.print(f"  skipped {line}", highlight=False, markup=False)
