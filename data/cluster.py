@@ -111,6 +111,7 @@ class _CleanShare(PipelineStep):
         quiet = logging.getLogger("ondol.data")
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # the count stage has reported bad input once already
+        read = kept = 0  # counted here, recorded once: DataTrove's per-call statistics cost more than cleaning
         try:
             for index, source in enumerate(cfg.sources):
                 start, end = share(self.counts[source.name], rank, world_size)
@@ -120,15 +121,17 @@ class _CleanShare(PipelineStep):
                         break
                     if number < start:
                         continue
-                    self.stat_update("read")
+                    read += 1
                     cleaned = cleaner.clean(doc.text, source.name)
                     if cleaned is None:
                         continue
-                    self.stat_update("kept")
+                    kept += 1
                     yield TroveDocument(text=cleaned[0], id=f"{source.name}/{number}",
                                         metadata={"source": source.name, "split": cleaned[1], "priority": priority})
         finally:
             quiet.setLevel(level)
+        self.stat_update("read", value=read)
+        self.stat_update("kept", value=kept)
         write_json(Path(self.work) / "clean" / f"{rank:05d}.json",
                    {"modified": cleaner.modified, "dropped": cleaner.dropped})
 
@@ -245,13 +248,13 @@ class _TokenizeAndWrite(PipelineStep):
             chars[source][split] += len(doc.text)
             texts.append(doc.text)
             routes.append((split, source))
-            self.stat_update("documents")
             if len(texts) >= ENCODE_DOCS:
                 encode()
         if texts:
             encode()
         for writer in writers.values():
             writer.flush()
+        self.stat_update("documents", value=sum(sum(k.values()) for k in kept.values()))
         stats = {"kept": kept, "chars": chars, "passed": {t.name: t.counts for t in self.tallies},
                  "pii": self.scrubber.hits if self.scrubber else {},
                  "pii_dropped": self.scrubber.dropped if self.scrubber else {}}
