@@ -30,6 +30,7 @@ from ondol.data.clean import Cleaner, check_normalization
 from ondol.data.config import DataConfig
 from ondol.data.shards import IDENTITY, MANIFEST, SPLITS, ShardWriter, shard_intact, token_dtype, write_json
 from ondol.data.sources import BadInputLog, iter_documents, resolve_files
+from ondol.errors import ignore_interrupts
 
 FORMAT = "ondol-data/1"
 CHUNK_DOCS, CHUNK_CHARS = 2048, 1 << 20  # documents sent to a worker at a time
@@ -62,7 +63,8 @@ class _OrderedEncoder:
         global _worker_tokenizer
         _worker_tokenizer = tokenizer  # forked workers inherit it: nothing to pickle
         self.args, self.deliver = (dtype.name, bos), deliver
-        self.pool = (ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork"))
+        self.pool = (ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork"),
+                                         initializer=ignore_interrupts)
                      if num_proc > 1 else None)
         self.window = 2 * num_proc
         self.pending: deque = deque()

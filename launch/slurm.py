@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from ondol.configs import RunConfig
+from ondol.errors import LaunchError
 from ondol.launch.launcher import LaunchPlan, launch_dir, log_dir, rank_args, resolved_config
 from ondol.launch.preflight import Layout
 from ondol.train.preemption import PREEMPTED_EXIT, stop_file
@@ -134,7 +135,7 @@ def plan_slurm(cfg: RunConfig, layout: Layout, module: str) -> LaunchPlan:
     return LaunchPlan(layout, log_dir(cfg), ["sbatch", str(script)], {config_file: config_text, script: text})
 
 
-class SubmitError(RuntimeError):
+class SubmitError(LaunchError):
     """sbatch is missing or refused the script; the message says what it printed."""
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ondol.errors import ModelError
 from ondol.files import atomic_path, write_atomic
 from ondol.model.config import ModelConfig
 from ondol.model.io import load_pretrained
@@ -28,7 +29,7 @@ from ondol.model.io import load_pretrained
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
-class ExportError(ValueError):
+class ExportError(ModelError):
     """The model uses an option the transformers architecture cannot express."""
 
 

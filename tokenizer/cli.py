@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -57,14 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args) -> int:
-    from ondol.tokenizer.train import TrainerAbort, train_tokenizer
+    from ondol.tokenizer.train import train_tokenizer
 
     cfg = load_config(args.config, args.overrides)
-    try:
-        tok = train_tokenizer(cfg.tokenizer, cfg.data.sources, tokenizer_dir(cfg), cfg.seed)
-    except TrainerAbort as e:
-        print(f"ondol: {e}", file=sys.stderr)
-        return 1
+    tok = train_tokenizer(cfg.tokenizer, cfg.data.sources, tokenizer_dir(cfg), cfg.seed)
     print(f"{tokenizer_dir(cfg)}: {tok}")
     return 0
 

@@ -26,6 +26,7 @@ from rich.progress import (
 )
 
 from ondol.data.config import SourceConfig
+from ondol.errors import TokenizerError, ignore_interrupts
 from ondol.files import fsync_dir, fsync_tree
 from ondol.tokenizer.config import TokenizerConfig
 from ondol.tokenizer.hf_export import write_hf_files
@@ -212,7 +213,7 @@ def _train_sentencepiece(cfg: TokenizerConfig, sentences: list[str], seed: int) 
     return run_trainer(sentences, options, seed)
 
 
-class TrainerAbort(RuntimeError):
+class TrainerAbort(TokenizerError):
     """SentencePiece's trainer died in C++ (a failed CHECK aborts the process); the message is one line."""
 
 
@@ -231,6 +232,10 @@ def run_trainer(sentences: list[str], options: dict, seed: int) -> bytes:
             model = receive.recv_bytes()
         except EOFError:
             model = None
+        except BaseException:  # Ctrl-C: the child ignores it, so stop it here
+            child.terminate()
+            child.join()
+            raise
         child.join()
         log.seek(0)
         lines = log.read().decode("utf-8", "replace").strip().splitlines()
@@ -247,6 +252,7 @@ def run_trainer(sentences: list[str], options: dict, seed: int) -> bytes:
 
 def _trainer_child(sentences: list[str], options: dict, seed: int, send, stderr_fd: int) -> None:
     faulthandler.disable()  # an abort's last stderr line stays SentencePiece's, not a Python stack dump
+    ignore_interrupts()
     os.dup2(stderr_fd, 2)
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ondol.configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, tokenizer_dir
+from ondol.errors import TrainError
 from ondol.train import checkpoint, expert_parallel
 from ondol.train.engine import build_engine, init_distributed
 from ondol.train.evaluation import InLoopBitsPerByte
@@ -27,7 +28,7 @@ from ondol.train.preemption import Preempted, StopRequest, stop_file
 from ondol.train.schedule import lr_at
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(TrainError):
     """Too many optimizer steps in a row had non-finite loss or gradients."""
 
 
