@@ -30,6 +30,7 @@ from ondol.tokenizer.config import TokenizerConfig
 from ondol.train.config import DeepSpeedConfig, LoggingConfig, OptimConfig, TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent
+REPO_DIR = CONFIG_DIR.parent  # the clone; the default corpora_dir (../shared/corpora) is relative to it
 
 
 @dataclass
@@ -109,7 +110,10 @@ def _read_yaml(path: Path) -> DictConfig:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         what = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{where}: not valid YAML: {what} (fix the syntax at that line)") from None
+        opened = getattr(e, "context_mark", None)
+        if getattr(e, "context", None) and opened and opened.line != mark.line:
+            what += f" {e.context} that starts on line {opened.line + 1}"
+        raise ConfigError(f"{where}: not valid YAML: {what} (fix the syntax there)") from None
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     return node
@@ -143,6 +147,25 @@ def _apply_override(schema: DictConfig, item: str) -> DictConfig:
     return schema
 
 
+def _locate_corpora(schema: DictConfig, user: DictConfig, path: Path, overrides: list[str] | tuple[str, ...]) -> None:
+    """Make a relative corpora_dir absolute, so commands work from any folder: relative to the shell's folder
+    when given on the command line or in ONDOL_CORPORA, to the config file when set there, else (the default
+    ../shared/corpora) to the repository."""
+    try:
+        value = str(schema.corpora_dir)
+    except OmegaConfBaseException as e:
+        raise _explain(e, str(path)) from None
+    if os.path.isabs(os.path.expanduser(value)):
+        return
+    if any(item.startswith("corpora_dir=") for item in overrides):
+        base = Path.cwd()
+    elif "corpora_dir" in user:
+        base = path.parent
+    else:
+        base = Path.cwd() if os.environ.get("ONDOL_CORPORA") else REPO_DIR
+    schema.corpora_dir = os.path.normpath(base / value)
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a run YAML, apply its `defaults` presets and the dotlist overrides, and validate every key."""
     path = Path(path)
@@ -163,6 +186,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     schema = _merge(schema, user, str(path))
     for item in overrides:
         schema = _apply_override(schema, item)
+    _locate_corpora(schema, user, path, overrides)
     try:
         cfg = OmegaConf.to_object(schema)  # resolves interpolations, runs each dataclass's checks
     except OmegaConfBaseException as e:

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ondol.data.clean import Cleaner, check_normalization
 from ondol.data.config import DataConfig
 from ondol.data.shards import IDENTITY, MANIFEST, SPLITS, ShardWriter, shard_intact, token_dtype, write_json
-from ondol.data.sources import BadInputLog, iter_documents, resolve_files
+from ondol.data.sources import BadInputLog, iter_documents, resolve_files, source_identity
 from ondol.errors import ignore_interrupts
 
 FORMAT = "ondol-data/1"
@@ -101,10 +101,7 @@ def _identity(cfg: DataConfig, tokenizer, seed: int) -> dict:
     """Everything that decides the shards' bytes (not weights, seq_len or num_proc: those never change them)."""
     sources = []
     for s in cfg.sources:
-        entry = {k: v for k, v in asdict(s).items() if k != "weight"}
-        if s.format != "hf":
-            entry["files"] = [[f, os.path.getsize(f)] for f in resolve_files(s)]
-        sources.append(entry)
+        sources.append({k: v for k, v in source_identity(s).items() if k != "weight"})
     return {"format": FORMAT, "seed": seed, "sources": sources, "cleaning": asdict(cfg.cleaning),
             "val_fraction": cfg.val_fraction, "shard_tokens": cfg.shard_tokens, "bos": cfg.bos,
             "tokenizer": _tokenizer_record(tokenizer)}
@@ -208,8 +205,8 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
         raise
     for writer in writers.values():
         writer.flush()
-    for entry, source in zip(stats, identity["sources"]):
-        entry["files"] = source.get("files", [])
+    for entry, source in zip(stats, cfg.sources):
+        entry["files"] = [] if source.format == "hf" else [[f, os.path.getsize(f)] for f in resolve_files(source)]
     manifest = _manifest(cfg, tokenizer, seed, digest, dtype, stats, cleaner, writers)
     manifest["seconds"] = round(time.perf_counter() - started, 2)
     write_json(out_dir / MANIFEST, manifest)

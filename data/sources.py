@@ -13,6 +13,7 @@ Arrow's JSON reader; a block holding any bad line goes through the exact line-by
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import logging
@@ -20,7 +21,7 @@ import os
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -174,6 +175,33 @@ class _Decompressed(io.RawIOBase):
     def close(self) -> None:
         self.file.close()
         super().close()
+
+
+def file_digest(path: str, sample: int = 1 << 20) -> str:
+    """A content identity of a file, independent of how its path is spelled: SHA-256 of its size and its first
+    and last `sample` bytes (a whole-file hash of a multi-GB corpus on every run would cost minutes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode())
+        h.update(f.read(sample))
+        if size > 2 * sample:
+            f.seek(size - sample)
+        h.update(f.read(sample))
+    return h.hexdigest()[:16]
+
+
+def source_identity(source: SourceConfig) -> dict:
+    """What a source's documents depend on: its settings and its files' sizes and content digests in order,
+    not the spelling of its path (the same files by a relative, absolute or linked path are the same run)."""
+    entry = asdict(source)
+    if source.format == "hf":
+        if os.path.exists(os.path.expanduser(source.path)):  # a saved dataset folder
+            entry["path"] = os.path.realpath(os.path.expanduser(source.path))
+        return entry
+    del entry["path"]
+    entry["content"] = [[os.path.getsize(f), file_digest(f)] for f in resolve_files(source)]
+    return entry
 
 
 def _open_binary(path: str) -> IO[bytes]:

@@ -20,7 +20,6 @@ from ondol.configs import (
     data_dir,
     load_config,
     model_dir,
-    to_yaml,
     tokenizer_dir,
 )
 
@@ -77,7 +76,6 @@ def run_pipeline(cfg: RunConfig) -> dict:
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     print(f"Ondol run -> {run_dir.resolve()}")
 
     t = _stage(1, "tokenizer")

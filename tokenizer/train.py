@@ -26,6 +26,7 @@ from rich.progress import (
 )
 
 from ondol.data.config import SourceConfig
+from ondol.data.sources import source_identity
 from ondol.errors import TokenizerError, ignore_interrupts
 from ondol.files import fsync_dir, fsync_tree
 from ondol.tokenizer.config import TokenizerConfig
@@ -46,9 +47,10 @@ def train_tokenizer(
     sources = list(cfg.sources or sources)
     if not sources:
         raise ValueError("tokenizer: no sources to train on (set tokenizer.sources or data.sources)")
+    # what the tokenizer depends on, by content: not where it is stored nor how the source paths are spelled
     recipe = {
-        "config": dataclasses.asdict(cfg),
-        "sources": [dataclasses.asdict(s) for s in sources],
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("path", "sources")},
+        "sources": [source_identity(s) for s in sources],
         "seed": seed,
     }
     if (out_dir / META_FILE).is_file():
@@ -82,7 +84,7 @@ def train_tokenizer(
         "bos_token": cfg.bos_token,
         "eos_token": cfg.eos_token,
         "pad_token": cfg.pad_token,
-        "config": recipe["config"],
+        "config": dataclasses.asdict(cfg),
         "recipe": recipe,
         "sample": stats,
         "train_seconds": round(seconds, 2),

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from ondol.configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, tokenizer_dir
 from ondol.errors import TrainError
+from ondol.files import write_atomic
 from ondol.train import checkpoint, expert_parallel
 from ondol.train.engine import build_engine, init_distributed
 from ondol.train.evaluation import InLoopBitsPerByte
@@ -30,6 +31,10 @@ from ondol.train.schedule import lr_at
 
 class NonFiniteError(TrainError):
     """Too many optimizer steps in a row had non-finite loss or gradients."""
+
+
+class NothingToTrain(TrainError):
+    """The checkpoint to resume from is already past train.steps."""
 
 
 class Trainer:
@@ -110,6 +115,11 @@ class Trainer:
             raise checkpoint.IncompatibleCheckpoint(f"train.resume={mode}: {folder} is not a complete checkpoint "
                                                     f"(no {checkpoint.META}); give a folder under {self.ckpt_dir}")
         checkpoint.check_compatible(folder, self.meta)
+        saved_step, steps = int(checkpoint.read_meta(folder)["step"]), self.cfg.train.steps
+        if saved_step > steps:
+            raise NothingToTrain(f"{folder} is at step {saved_step}, past train.steps={steps}: nothing to train. Set "
+                                 f"train.steps above {saved_step} to train further (the schedule stretches to the "
+                                 "new length), or train.resume=never to start over")
         state = checkpoint.load(self.engine, folder, self.env.rank, self.cfg.seed)
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
@@ -119,6 +129,20 @@ class Trainer:
         self.interval["loads"].copy_(state["interval_loads"])
         if self.env.is_main:
             print(f"resumed from {folder} at step {self.step}", flush=True)
+            if self.step == steps:
+                print(f"already trained to train.steps={steps}: nothing to train (set train.steps higher to "
+                      "continue)", flush=True)
+
+    def _record_config(self) -> None:
+        """RUN_DIR/config.yaml: the config of the latest attempt that started training (what `ondol eval` and
+        `ondol generate` read, so it always matches the checkpoints); each attempt's is kept in RUN_DIR/configs."""
+        text = to_yaml(self.cfg)
+        history = self.run_dir / "configs"
+        history.mkdir(parents=True, exist_ok=True)
+        attempt = 1 + len(list(history.glob("attempt-*.yaml")))
+        write_atomic(history / f"attempt-{attempt}.yaml",
+                     f"# attempt {attempt}, started {time.strftime('%Y-%m-%d %H:%M:%S')} at step {self.step}\n{text}")
+        write_atomic(self.run_dir / "config.yaml", text)
 
     def save(self) -> Path:
         return checkpoint.save(self.engine, self.ckpt_dir, self.step, self._client_state(), self.meta,
@@ -132,8 +156,8 @@ class Trainer:
             self._resume()
             sink = None
             if self.env.is_main:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+                if self.step < tr.steps:
+                    self._record_config()
                 sink = MetricsSink(self.run_dir, tr.steps, self.step, cfg.logging, cfg.logging.progress,
                                    config_dict(cfg))
             try:
