@@ -119,8 +119,8 @@ class _Decompressed(io.RawIOBase):
     the break and reports the rest (compression libraries either raise without saying where, or, for zstd,
     end silently)."""
 
-    def __init__(self, path: str, decompressor: Callable[[], Any]) -> None:
-        self.file = open(path, "rb")  # noqa: SIM115 - closed by close()
+    def __init__(self, file: IO[bytes], decompressor: Callable[[], Any]) -> None:
+        self.file = file
         self.new_decompressor = decompressor
         self.decompressor = decompressor()
         self.size = os.fstat(self.file.fileno()).st_size
@@ -181,7 +181,7 @@ def file_digest(path: str, sample: int = 1 << 20) -> str:
     """A content identity of a file, independent of how its path is spelled: SHA-256 of its size and its first
     and last `sample` bytes (a whole-file hash of a multi-GB corpus on every run would cost minutes)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _open_file(path) as f:
         size = os.fstat(f.fileno()).st_size
         h.update(str(size).encode())
         h.update(f.read(sample))
@@ -204,20 +204,25 @@ def source_identity(source: SourceConfig) -> dict:
     return entry
 
 
-def _open_binary(path: str) -> IO[bytes]:
-    """The file's (decompressed) bytes; a file that cannot be opened is a SourceError naming it and the fix."""
+def _open_file(path: str) -> IO[bytes]:
+    """The file opened for reading; one that cannot be is a SourceError naming it and the fix."""
     try:
-        if path.endswith(".gz"):
-            raw = _Decompressed(path, lambda: zlib.decompressobj(wbits=31))
-        elif path.endswith((".zst", ".zstd")):
-            import zstandard
-
-            raw = _Decompressed(path, lambda: zstandard.ZstdDecompressor().decompressobj())
-        else:
-            return open(path, "rb")
+        return open(path, "rb")
     except OSError as e:
         fix = "give a file, not a folder" if isinstance(e, IsADirectoryError) else "fix its permissions or path"
         raise SourceError(f"{path}: cannot read it ({e.strerror or e}): {fix}") from None
+
+
+def _open_binary(path: str) -> IO[bytes]:
+    """The file's bytes, decompressed for .gz and .zst."""
+    if path.endswith(".gz"):
+        raw = _Decompressed(_open_file(path), lambda: zlib.decompressobj(wbits=31))
+    elif path.endswith((".zst", ".zstd")):
+        import zstandard
+
+        raw = _Decompressed(_open_file(path), lambda: zstandard.ZstdDecompressor().decompressobj())
+    else:
+        return _open_file(path)
     return io.BufferedReader(raw, buffer_size=JSONL_BLOCK_BYTES)
 
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ondol.data.config import SourceConfig
-from ondol.model.cli import register
+from ondol.launch.cli import main
 from ondol.model.config import load_preset
 from ondol.model.generate import generate
 from ondol.model.io import save_pretrained
@@ -50,12 +50,7 @@ def make_run(tmp_path: Path, tokenizer_dir: Path, **overrides) -> tuple[Path, Tr
 
 
 def cli_export(run: Path, out: Path) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args(["export", "hf", str(run), str(out)])
-    return args.func(args)
+    return main(["export", "hf", str(run), str(out)])
 
 
 def korean_ids(tokenizer_dir: Path, n_tokens: int) -> list[int]:
@@ -132,6 +127,6 @@ def test_mtp_is_left_out_with_a_note_and_transformers_has_no_mtp(tmp_path, token
 ])
 def test_inexpressible_options_are_refused(tmp_path, tokenizer_dir, capsys, overrides, message):
     run, _ = make_run(tmp_path, tokenizer_dir, **overrides)
-    assert cli_export(run, tmp_path / "hf") == 2
+    assert cli_export(run, tmp_path / "hf") == 5
     assert message in capsys.readouterr().err
     assert not (tmp_path / "hf" / "model.safetensors").exists()

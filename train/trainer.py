@@ -114,6 +114,9 @@ class Trainer:
         if not checkpoint.is_complete(folder):
             raise checkpoint.IncompatibleCheckpoint(f"train.resume={mode}: {folder} is not a complete checkpoint "
                                                     f"(no {checkpoint.META}); give a folder under {self.ckpt_dir}")
+        if problem := checkpoint.damage(folder):
+            raise checkpoint.IncompatibleCheckpoint(f"train.resume={mode}: {problem}: the checkpoint is damaged; "
+                                                    f"point train.resume at another one under {self.ckpt_dir}")
         checkpoint.check_compatible(folder, self.meta)
         saved_step, steps = int(checkpoint.read_meta(folder)["step"]), self.cfg.train.steps
         if saved_step > steps:
