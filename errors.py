@@ -38,26 +38,38 @@ class OndolError(Exception):
 
 
 class ConfigError(OndolError, ValueError):
+    """The config file, an override or a command-line argument."""
+
     exit_code, kind = 2, "config error"
 
 
 class DataError(OndolError, ValueError):
+    """A data source, prepared shards or their manifest."""
+
     exit_code, kind = 3, "data error"
 
 
 class TokenizerError(OndolError, RuntimeError):
+    """Training or loading the tokenizer."""
+
     exit_code, kind = 4, "tokenizer error"
 
 
 class ModelError(OndolError, ValueError):
+    """Model weights, their config, or an export."""
+
     exit_code, kind = 5, "model error"
 
 
 class TrainError(OndolError, RuntimeError):
+    """A checkpoint that cannot continue the run, nothing to train, non-finite steps."""
+
     exit_code, kind = 6, "train error"
 
 
 class LaunchError(OndolError, ValueError):
+    """Pre-flight checks, the hostfile, job submission."""
+
     exit_code, kind = 7, "launch error"
 
 
