@@ -142,7 +142,8 @@ class Trainer:
         text = to_yaml(self.cfg)
         history = self.run_dir / "configs"
         history.mkdir(parents=True, exist_ok=True)
-        attempt = 1 + len(list(history.glob("attempt-*.yaml")))
+        attempt = 1 + max((int(p.stem.split("-")[1]) for p in history.glob("attempt-*.yaml")
+                           if p.stem.split("-")[1].isdigit()), default=0)
         write_atomic(history / f"attempt-{attempt}.yaml",
                      f"# attempt {attempt}, started {time.strftime('%Y-%m-%d %H:%M:%S')} at step {self.step}\n{text}")
         write_atomic(self.run_dir / "config.yaml", text)
