@@ -4,9 +4,8 @@ launcher (one machine, a hostfile cluster, or a Slurm allocation), after pre-fli
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ondol.configs import RunConfig, add_config_command, load_config
+from ondol.configs import ConfigError, RunConfig, add_config_command, load_config
 from ondol.launch.launcher import DEFAULT_MODULE, LaunchPlan, plan_launch, run_plan, write_files
 from ondol.launch.preflight import run_preflight
 
@@ -34,9 +33,7 @@ def launch_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     slurm = cfg.launch.launcher == "slurm"
     if args.submit and not slurm:
-        print("ondol launch: --submit is for launch.launcher=slurm (other launchers start right away)",
-              file=sys.stderr)
-        return 2
+        raise ConfigError("--submit is for launch.launcher=slurm (other launchers start right away)")
     plan, report = build_plan(cfg, args.module, check_hosts=not args.dry_run and not args.no_host_check,
                               dry_run=args.dry_run)
     for line in report:
