@@ -60,6 +60,10 @@ def train_tokenizer(
             f"remove it or choose another run_dir / tokenizer.path"
         )
 
+    if cfg.rounded_vocab_size() != cfg.vocab_size:
+        console.print(f"tokenizer: vocab_size {cfg.vocab_size} rounded up to {cfg.rounded_vocab_size()} (a multiple "
+                      f"of 128, for aligned embedding matmuls); set tokenizer.vocab_size={cfg.rounded_vocab_size()} "
+                      "to say so", highlight=False, soft_wrap=True)
     started = time.perf_counter()
     sentences, stats = training_sentences(cfg, sources, seed)
     console.print(
