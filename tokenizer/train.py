@@ -34,7 +34,7 @@ from ondol.tokenizer.sample import mix, nfc, sample_source
 from ondol.tokenizer.tokenizer import META_FILE, MODEL_FILE, Tokenizer, fingerprint
 
 CUT = "\u241f"  # marks pre-tokenization cuts in training sentences; SentencePiece cuts there and drops it
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # off a terminal, lines are never wrapped at 80 columns
 
 
 def train_tokenizer(
