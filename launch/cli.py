@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ondol",
         description="Korean-first foundation-model training: tokenizer -> data -> model -> train -> export.",
     )
+    parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in (register_run, register_tokenizer, register_data, register_train, register_launch,
                      register_model):
@@ -25,9 +26,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def version() -> str:
+    """Ondol's installed version and the torch and DeepSpeed it runs on (from package metadata: nothing imported)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    def of(name: str) -> str:
+        try:
+            return installed(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"ondol {of('ondol')} (torch {of('torch')}, deepspeed {of('deepspeed')}, Python {sys.version.split()[0]})"
+
+
 def main(argv: list[str] | None = None) -> int:
     from ondol.configs import ConfigError
+    from ondol.train.deepspeed_log import drop_import_noise
 
+    drop_import_noise()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

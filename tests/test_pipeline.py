@@ -44,9 +44,26 @@ def test_run_trains_and_validation_loss_falls(tiny_run):
 def test_run_writes_everything_into_the_run_directory(tiny_run):
     run_dir, _ = tiny_run
     for path in ["config.yaml", "tokenizer/tokenizer.model", "data/manifest.json", "metrics.jsonl", "loss.png",
-                 "model/model.safetensors", "checkpoints/latest"]:
+                 "model/model.safetensors", "checkpoints/latest", "logs/deepspeed-rank0.log"]:
         assert (run_dir / path).exists(), path
     assert not (ROOT / "runs" / "tiny-ko").exists() or (ROOT / "runs" / "tiny-ko") != run_dir
+
+
+def test_deepspeed_import_and_op_build_output_stay_off_the_console(tiny_run):
+    run_dir, result = tiny_run
+    assert "DeepSpeed" not in result.stdout + result.stderr and "[WARNING]" not in result.stdout
+    # the CPU shared-memory op DeepSpeed builds when the process group starts: logged in the run directory
+    assert "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" in (
+        run_dir / "logs" / "deepspeed-rank0.log").read_text()
+
+
+def test_version_names_ondol_torch_and_deepspeed():
+    from importlib.metadata import version
+
+    out = ondol("--version")
+    assert out.returncode == 0 and out.stderr == ""
+    assert out.stdout == (f"ondol {version('ondol')} (torch {version('torch')}, deepspeed {version('deepspeed')}, "
+                          f"Python {sys.version.split()[0]})\n")
 
 
 def test_run_prints_a_continuation_of_a_korean_held_out_prompt(tiny_run):
@@ -90,5 +107,6 @@ def test_every_command_has_help(command):
 def test_config_error_is_one_line_naming_the_key():
     out = ondol("train", "configs/tiny-ko.yaml", "model.n_layer=2")
     assert out.returncode == 2
+    assert out.stdout == ""  # DeepSpeed's import-time "Setting accelerator to CPU" warning is dropped
     assert out.stderr.strip() == ("ondol: config error: override 'model.n_layer=2': unknown key 'model.n_layer' "
                                   "(did you mean 'model.n_layers'?)")

@@ -5,9 +5,11 @@ import sys
 
 from ondol.configs import ConfigError, add_config_args
 from ondol.train.cli import train_command
+from ondol.train.deepspeed_log import drop_import_noise
 
 
 def main(argv: list[str] | None = None) -> int:
+    drop_import_noise()
     parser = argparse.ArgumentParser(prog="python -m ondol.train", description="Train one rank (see `ondol train`).")
     add_config_args(parser)
     try:
