@@ -478,3 +478,14 @@ def test_console_off_a_terminal_is_whole_timestamped_lines_with_header_and_timin
     assert records[0]["eta_s"] == pytest.approx(2 * records[0]["ms_per_step"] / 1000)
     for r in read_metrics(tmp_path / "metrics.jsonl"):
         assert datetime.fromisoformat(r["time"]).utcoffset().total_seconds() == 0  # every row, UTC
+
+
+def test_live_bar_on_a_terminal_only(tmp_path, monkeypatch):
+    from ondol.train.config import LoggingConfig
+    from ondol.train.metrics import MetricsSink
+
+    for tty in (True, False):
+        monkeypatch.setattr(sys.stdout, "isatty", lambda tty=tty: tty)
+        sink = MetricsSink(tmp_path, 10, 0, LoggingConfig(wandb_mode="disabled"), True, {})
+        assert (sink.progress is not None) == tty
+        sink.close()
