@@ -474,7 +474,7 @@ def test_console_off_a_terminal_is_whole_timestamped_lines_with_header_and_timin
                         steps[-1]), steps[-1]
     records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
     assert [r["tokens_seen"] for r in records] == [256, 512, 768]
-    assert all(0 < r["mfu"] < 1 and r["ms_per_step"] > 0 for r in records)
+    assert all(r["mfu"] > 0 and r["ms_per_step"] > 0 for r in records)  # the peak is measured: no upper bound
     assert records[0]["eta_s"] == pytest.approx(2 * records[0]["ms_per_step"] / 1000)
     for r in read_metrics(tmp_path / "metrics.jsonl"):
         assert datetime.fromisoformat(r["time"]).utcoffset().total_seconds() == 0  # every row, UTC
