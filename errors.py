@@ -82,10 +82,18 @@ def ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def debug_env() -> bool:
+    """ONDOL_DEBUG=1: tracebacks and every library's own console output are shown."""
+    return os.environ.get("ONDOL_DEBUG", "") not in ("", "0")
+
+
 def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
-    """(whether to show tracebacks, argv without --debug): the flag anywhere on the line, or ONDOL_DEBUG=1."""
+    """(whether to show tracebacks, argv without --debug): the flag anywhere on the line, or ONDOL_DEBUG=1.
+    The flag sets ONDOL_DEBUG=1 for this process and the ranks and workers it starts."""
     rest = [a for a in argv if a != DEBUG_FLAG]
-    return len(rest) != len(argv) or os.environ.get("ONDOL_DEBUG", "") not in ("", "0"), rest
+    if len(rest) != len(argv):
+        os.environ["ONDOL_DEBUG"] = "1"
+    return debug_env(), rest
 
 
 def _first_line(error: BaseException) -> str:

@@ -223,7 +223,8 @@ def _prepare_source(source, cfg: DataConfig, cleaner: Cleaner, encoder: _Ordered
     texts: list[str] = []
     routes: list[tuple[str, str]] = []
     bar = tqdm(desc=f"data: {source.name}", unit=" docs", unit_scale=True, total=source.max_docs,
-               disable=not progress, mininterval=0.5, dynamic_ncols=True)
+               disable=None if progress else True,  # None: no bar off a terminal
+               mininterval=0.5, dynamic_ncols=True)
     read = chunk_chars = 0
     for doc in iter_documents(source, bad=bad):
         read += 1

@@ -36,7 +36,7 @@ from ondol.tokenizer.sample import mix, nfc, sample_source
 from ondol.tokenizer.tokenizer import META_FILE, MODEL_FILE, Tokenizer, fingerprint
 
 CUT = "\u241f"  # marks pre-tokenization cuts in training sentences; SentencePiece cuts there and drops it
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # off a terminal, lines are never wrapped at 80 columns
 
 
 def train_tokenizer(
@@ -63,6 +63,10 @@ def train_tokenizer(
             f"remove it or choose another run_dir / tokenizer.path"
         )
 
+    if cfg.rounded_vocab_size() != cfg.vocab_size:
+        console.print(f"tokenizer: vocab_size {cfg.vocab_size} rounded up to {cfg.rounded_vocab_size()} (a multiple "
+                      f"of 128, for aligned embedding matmuls); set tokenizer.vocab_size={cfg.rounded_vocab_size()} "
+                      "to say so", highlight=False, soft_wrap=True)
     started = time.perf_counter()
     sentences, stats = training_sentences(cfg, sources, seed)
     console.print(

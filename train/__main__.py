@@ -9,9 +9,11 @@ import sys
 from ondol.configs import add_config_args, parse_config_args
 from ondol.errors import debug_requested, reported
 from ondol.train.cli import train_command
+from ondol.train.deepspeed_log import drop_import_noise
 
 
 def main(argv: list[str] | None = None) -> int:
+    drop_import_noise()
     parser = argparse.ArgumentParser(prog="python -m ondol.train", description="Train one rank (see `ondol train`).")
     add_config_args(parser)
     debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))

@@ -73,7 +73,8 @@ class Trainer:
                                       env.world_size, seed=cfg.seed)
         self.tokens_per_step = tr.micro_batch_size * tr.grad_accum * env.world_size * cfg.data.seq_len
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
-        self.peak_flops = detect_peak_tflops(env.device, cfg.logging.peak_tflops) * 1e12 * env.world_size
+        peak, self.peak_source = detect_peak_tflops(env.device, cfg.logging.peak_tflops, cfg.deepspeed.precision)
+        self.peak_flops = self._sum_over_ranks(peak * 1e12)  # CPU ranks measured together: their shared cores
         self.bits_per_byte = (InLoopBitsPerByte(data_dir(cfg), tokenizer, tr.eval_bpb_tokens, cfg.data.seq_len,
                                                 manifest["bos"]) if tr.eval_bpb_tokens else None)
         self.step = 0
@@ -87,6 +88,13 @@ class Trainer:
         zeros = torch.zeros(4, dtype=torch.float64, device=self.env.device)
         loads = torch.zeros(len(self.moe_layers), self.cfg.model.n_experts, device=self.env.device)
         self.interval = {"sums": zeros, "loads": loads, "t0": time.perf_counter()}
+
+    def _sum_over_ranks(self, value: float) -> float:
+        if self.env.world_size == 1:
+            return value
+        total = torch.tensor(value, dtype=torch.float64, device=self.env.device)
+        dist.all_reduce(total)
+        return float(total)
 
     def _client_state(self) -> dict:
         """Collective. Interval sums are stored summed over ranks (loads already are), so a resume on any number
@@ -164,6 +172,8 @@ class Trainer:
                     self._record_config()
                 sink = MetricsSink(self.run_dir, tr.steps, self.step, cfg.logging, cfg.logging.progress,
                                    config_dict(cfg))
+                sink.header(cfg, self.env.world_size, self.flops_per_token, self.peak_flops, self.peak_source,
+                            self.step)
             try:
                 self._loop(sink, stop)
             finally:
@@ -175,7 +185,7 @@ class Trainer:
         tr = self.cfg.train
         if self.step == 0:
             self._emit(sink, self._evaluation())
-        self.interval["t0"] = time.perf_counter()
+        self.interval["t0"] = self.started = time.perf_counter()
         while self.step < tr.steps:
             self.train_step()
             last = self.step == tr.steps
@@ -280,7 +290,10 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         record = {"step": self.step, "loss": sums[0] / finite, "aux_loss": sums[1] / finite, "lr": self.last_lr,
                   "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": tokens_per_s,
-                  "steps_per_s": steps / max(elapsed, 1e-9), "nonfinite_steps": self.nonfinite["total"]}
+                  "steps_per_s": steps / max(elapsed, 1e-9), "nonfinite_steps": self.nonfinite["total"],
+                  "ms_per_step": 1000 * elapsed / max(steps, 1), "tokens_seen": self.step * self.tokens_per_step,
+                  "elapsed_s": time.perf_counter() - self.started,
+                  "eta_s": (self.cfg.train.steps - self.step) * elapsed / max(steps, 1)}
         if self.peak_flops > 0:
             record["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
         record.update({k: float(v) for k, v in self.last_metrics.items()})
