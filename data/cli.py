@@ -10,23 +10,23 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from ondol.configs import ConfigError, add_config_command, data_dir, load_config, tokenizer_dir
+from ondol.configs import add_config_command, data_dir, load_config, tokenizer_dir
+from ondol.errors import DataError, OndolError
 
 # long lines (paths, samples) stay whole; logs (not a terminal) get room for the whole table
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 140)
 
 
 def _reported(handler):
-    """Data errors (bad input, missing files, refused mixing) as one line on stderr and exit code 1."""
+    """Data errors (bad input, missing files, refused mixing) as DataError: one line, exit code 3."""
     @wraps(handler)
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except ConfigError:
+        except OndolError:
             raise
         except (ValueError, OSError) as e:
-            print(f"ondol data {args.data_command}: error: {e}", file=sys.stderr)
-            return 1
+            raise DataError(str(e)) from e
     return run
 
 

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from ondol.data.clean import Cleaner, check_normalization
 from ondol.data.config import DataConfig
 from ondol.data.shards import IDENTITY, MANIFEST, SPLITS, ShardWriter, shard_intact, token_dtype, write_json
-from ondol.data.sources import BadInputLog, iter_documents, resolve_files
+from ondol.data.sources import BadInputLog, iter_documents, resolve_files, source_identity
+from ondol.errors import ignore_interrupts
 
 FORMAT = "ondol-data/1"
 CHUNK_DOCS, CHUNK_CHARS = 2048, 1 << 20  # documents sent to a worker at a time
@@ -65,7 +66,8 @@ class _OrderedEncoder:
         global _worker_tokenizer
         _worker_tokenizer = tokenizer  # forked workers inherit it: nothing to pickle
         self.args, self.deliver = (dtype.name, bos), deliver
-        self.pool = (ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork"))
+        self.pool = (ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork"),
+                                         initializer=ignore_interrupts)
                      if num_proc > 1 else None)
         self.window = 2 * num_proc
         self.pending: deque = deque()
@@ -102,10 +104,7 @@ def _identity(cfg: DataConfig, tokenizer, seed: int) -> dict:
     """Everything that decides the shards' bytes (not weights, seq_len or num_proc: those never change them)."""
     sources = []
     for s in cfg.sources:
-        entry = {k: v for k, v in asdict(s).items() if k != "weight"}
-        if s.format != "hf":
-            entry["files"] = [[f, os.path.getsize(f)] for f in resolve_files(s)]
-        sources.append(entry)
+        sources.append({k: v for k, v in source_identity(s).items() if k != "weight"})
     return {"format": FORMAT, "seed": seed, "sources": sources, "cleaning": asdict(cfg.cleaning),
             "val_fraction": cfg.val_fraction, "shard_tokens": cfg.shard_tokens, "bos": cfg.bos,
             "tokenizer": _tokenizer_record(tokenizer)}
@@ -213,8 +212,8 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
         raise
     for writer in writers.values():
         writer.flush()
-    for entry, source in zip(stats, identity["sources"]):
-        entry["files"] = source.get("files", [])
+    for entry, source in zip(stats, cfg.sources):
+        entry["files"] = [] if source.format == "hf" else [[f, os.path.getsize(f)] for f in resolve_files(source)]
     manifest = _manifest(cfg, tokenizer, seed, digest, dtype, stats, cleaner, writers)
     manifest["seconds"] = round(time.perf_counter() - started, 2)
     write_json(out_dir / MANIFEST, manifest)
@@ -241,7 +240,8 @@ def _prepare_source(source, cfg: DataConfig, cleaner: Cleaner, encoder: _Ordered
     texts: list[str] = []
     routes: list[tuple[str, str]] = []
     bar = tqdm(desc=f"data: {source.name}", unit=" docs", unit_scale=True, total=source.max_docs,
-               disable=not progress, mininterval=0.5, dynamic_ncols=True)
+               disable=None if progress else True,  # None: no bar off a terminal
+               mininterval=0.5, dynamic_ncols=True)
     read = chunk_chars = 0
     for doc in iter_documents(source, bad=bad):
         read += 1

@@ -44,9 +44,11 @@ class SlurmConfig:
     container: str | None = None  # container image for srun (pyxis: --container-image)
     container_mounts: list[str] = field(default_factory=list)  # SRC:DST pairs; the working directory is added
     request_gpus: bool = True  # False: a CPU partition, gpus_per_node gloo workers per node
-    cpus_per_node: int = 0  # --cpus-per-task of the one launcher task per node; 0: Slurm's default
+    # CPUs for the one task per node (the launcher and its ranks): --cpus-per-task=N; 0: the whole node
+    # (--exclusive, and the step takes $SLURM_CPUS_ON_NODE), as training jobs use every GPU of their nodes
+    cpus_per_node: int = 0
     job_name: str | None = None  # None: ondol-<run dir name>
-    extra_sbatch: list[str] = field(default_factory=list)  # extra `#SBATCH` options, e.g. "--exclusive"
+    extra_sbatch: list[str] = field(default_factory=list)  # extra `#SBATCH` options, e.g. "--constraint=h100"
     # Slurm sends USR1 to the batch script this many seconds before the time limit (--signal=B:USR1@N): every
     # rank saves and stops, and with `requeue` the job queues itself again and resumes; 0: no early signal
     stop_signal_s: int = 300
@@ -54,7 +56,7 @@ class SlurmConfig:
 
     def __post_init__(self) -> None:
         if self.cpus_per_node < 0:
-            raise ValueError("launch.slurm.cpus_per_node must be >= 0 (0: Slurm's default)")
+            raise ValueError("launch.slurm.cpus_per_node must be >= 0 (0: the whole node, --exclusive)")
         if self.stop_signal_s < 0:
             raise ValueError("launch.slurm.stop_signal_s must be >= 0 (0: no signal before the time limit)")
         for key in ("partition", "time", "account", "job_name", "container"):

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ondol.configs import RunConfig, data_dir, tokenizer_dir
+from ondol.errors import LaunchError
 from ondol.launch.config import HOSTNAME, read_env_file
 
 # Variables that decide how ranks find each other and which network they use.
@@ -29,8 +30,10 @@ SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "A
 SHELL_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_@%+=:,./-")
 
 
-class PreflightError(ValueError):
+class PreflightError(LaunchError):
     """A launch that cannot work as configured; the message is one line saying what to change."""
+
+    kind = "pre-flight"
 
 
 @dataclass

@@ -84,8 +84,8 @@ class LoggingConfig:
     wandb_mode: str = "disabled"  # offline | online | disabled
     wandb_project: str = "ondol"
     wandb_run_name: str | None = None
-    progress: bool = True
-    peak_tflops: float = 0.0  # 0: detect from the device (CPU: none, MFU not reported)
+    progress: bool = True  # a live bar on a terminal; off one there is never a bar
+    peak_tflops: float = 0.0  # per rank, for MFU; 0: the GPU datasheet, else a matmul measured at start
 
     def __post_init__(self) -> None:
         _need(self.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode must be offline, online or "
