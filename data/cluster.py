@@ -59,7 +59,7 @@ from tqdm import tqdm
 from ondol.data import pii
 from ondol.data.clean import Cleaner
 from ondol.data.config import DataConfig
-from ondol.data.preparation import _manifest, deliver_documents, encode_documents
+from ondol.data.preparation import _manifest, deliver_documents, encode_documents, source_files
 from ondol.data.shards import MANIFEST, SPLITS, ShardWriter, open_shard, token_dtype, write_json
 from ondol.data.sources import BadInputLog, iter_documents
 
@@ -431,7 +431,7 @@ def _stage_counts(work: Path, names: list[str]) -> dict:
     return merged
 
 
-def prepare_on_datatrove(cfg: DataConfig, tokenizer, out_dir: Path, seed: int, digest: str, identity: dict,
+def prepare_on_datatrove(cfg: DataConfig, tokenizer, out_dir: Path, seed: int, digest: str,
                          progress: bool) -> dict:
     """The DataTrove form of preparation.prepare (which has checked the config and written the identity)."""
     if tokenizer.directory is None:
@@ -456,8 +456,8 @@ def prepare_on_datatrove(cfg: DataConfig, tokenizer, out_dir: Path, seed: int, d
     dtype = token_dtype(tokenizer.vocab_size)
     writers = _pack(cfg, out_dir, work, dtype, cfg.tasks)
     stats, cleaner = _source_stats(cfg, counts, work, cfg.tasks)
-    for entry, source in zip(stats, identity["sources"]):
-        entry["files"] = source.get("files", [])
+    for entry, source in zip(stats, cfg.sources):
+        entry["files"] = source_files(source)
     manifest = _manifest(cfg, tokenizer, seed, digest, dtype, stats, cleaner, writers)
     manifest["stages"] = _stage_counts(work, [name for name, _, _ in stages])
     manifest["seconds"] = round(time.perf_counter() - started, 2)

@@ -190,7 +190,7 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
     if cfg.executor != "single":
         from ondol.data.cluster import prepare_on_datatrove
 
-        return prepare_on_datatrove(cfg, tokenizer, out_dir, seed, digest, identity, progress)
+        return prepare_on_datatrove(cfg, tokenizer, out_dir, seed, digest, progress)
 
     started = time.perf_counter()
     dtype = token_dtype(tokenizer.vocab_size)
@@ -213,11 +213,16 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
     for writer in writers.values():
         writer.flush()
     for entry, source in zip(stats, cfg.sources):
-        entry["files"] = [] if source.format == "hf" else [[f, os.path.getsize(f)] for f in resolve_files(source)]
+        entry["files"] = source_files(source)
     manifest = _manifest(cfg, tokenizer, seed, digest, dtype, stats, cleaner, writers)
     manifest["seconds"] = round(time.perf_counter() - started, 2)
     write_json(out_dir / MANIFEST, manifest)
     return manifest
+
+
+def source_files(source) -> list[list]:
+    """[path, size] of each file of a source, as the manifest lists them (none for a Hugging Face dataset)."""
+    return [] if source.format == "hf" else [[f, os.path.getsize(f)] for f in resolve_files(source)]
 
 
 def deliver_documents(writers: dict, routes: list, flat: np.ndarray, lengths: np.ndarray) -> None:
