@@ -62,6 +62,7 @@ from ondol.data.config import DataConfig
 from ondol.data.preparation import _manifest, deliver_documents, encode_documents, source_files
 from ondol.data.shards import MANIFEST, SPLITS, ShardWriter, open_shard, token_dtype, write_json
 from ondol.data.sources import BadInputLog, iter_documents
+from ondol.errors import ConfigError, DataError
 
 log = logging.getLogger("ondol.data")
 WORK = "datatrove"  # DATA_DIR/datatrove: stage logs, completion files and intermediate data, removed when done
@@ -282,7 +283,7 @@ def _stages(cfg: DataConfig, tokenizer, seed: int, work: Path, counts: dict) -> 
     """(name, pipeline, tasks) of each DataTrove stage, in order."""
     n, w = cfg.tasks, str(work)
     if len(cfg.sources) * n > MAX_PRIORITY - 1:
-        raise ValueError(f"data.tasks ({n}) times the number of sources ({len(cfg.sources)}) must stay below "
+        raise ConfigError(f"data.tasks ({n}) times the number of sources ({len(cfg.sources)}) must stay below "
                          f"{MAX_PRIORITY}: DataTrove orders duplicates by a 16-bit priority")
     # DataTrove's signature steps consume the documents: they end a stage
     clean: list = [_CleanShare(cfg, seed, {k: v["read"] for k, v in counts.items()}, w), _SaveDocuments(w)]
@@ -315,7 +316,7 @@ def _stages(cfg: DataConfig, tokenizer, seed: int, work: Path, counts: dict) -> 
 
 def _sbatch_safe(what: str, value: str) -> str:
     if not _SBATCH_SAFE.match(value):
-        raise ValueError(f"{what} '{value}' goes into an sbatch script: use only letters, digits and . _ / : % + , "
+        raise ConfigError(f"{what} '{value}' goes into an sbatch script: use only letters, digits and . _ / : % + , "
                          f"= @ - (no spaces or shell characters)")
     return value
 
@@ -331,7 +332,7 @@ def _executors(cfg: DataConfig, stages: list, work: Path) -> list:
             continue
         s = cfg.slurm
         if not s.partition:
-            raise ValueError("data.executor=slurm needs data.slurm.partition (sinfo lists the partitions)")
+            raise ConfigError("data.executor=slurm needs data.slurm.partition (sinfo lists the partitions)")
         bin_dir = os.path.dirname(sys.executable)  # launch_pickled_pipeline and merge_stats live beside python
         executors.append(SlurmPipelineExecutor(
             **common, partition=_sbatch_safe("data.slurm.partition", s.partition),
@@ -357,7 +358,7 @@ def _wait_for_slurm(executors: list, poll_s: float = 2.0) -> None:
             if not last.get_incomplete_ranks():
                 return
             failed = next((e for e in executors if e.get_incomplete_ranks()), last)
-            raise RuntimeError(f"Slurm stage job {failed.job_name} failed: see {failed.slurm_logs_folder}; "
+            raise DataError(f"Slurm stage job {failed.job_name} failed: see {failed.slurm_logs_folder}; "
                                f"re-run the same command to redo only the unfinished tasks")
         time.sleep(poll_s)
 
@@ -435,7 +436,7 @@ def prepare_on_datatrove(cfg: DataConfig, tokenizer, out_dir: Path, seed: int, d
                          progress: bool) -> dict:
     """The DataTrove form of preparation.prepare (which has checked the config and written the identity)."""
     if tokenizer.directory is None:
-        raise ValueError("data.executor local/slurm loads the tokenizer in every task: save it to a folder first")
+        raise ConfigError("data.executor local/slurm loads the tokenizer in every task: save it to a folder first")
     started = time.perf_counter()
     work = (out_dir / WORK).resolve()
     plan = {"hash": digest, "tasks": cfg.tasks}
@@ -452,7 +453,7 @@ def prepare_on_datatrove(cfg: DataConfig, tokenizer, out_dir: Path, seed: int, d
     if cfg.executor == "slurm":
         _wait_for_slurm(executors)
     elif executors[-1].get_incomplete_ranks():
-        raise RuntimeError(f"DataTrove tasks failed: see {work}/*/logs; re-run to redo only the unfinished ones")
+        raise DataError(f"DataTrove tasks failed: see {work}/*/logs; re-run to redo only the unfinished ones")
     dtype = token_dtype(tokenizer.vocab_size)
     writers = _pack(cfg, out_dir, work, dtype, cfg.tasks)
     stats, cleaner = _source_stats(cfg, counts, work, cfg.tasks)
