@@ -13,6 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ondol.data.cli import register as register_data
     from ondol.launch.launcher_cli import register as register_launch
     from ondol.launch.pipeline import register as register_run
+    from ondol.launch.plan import register as register_plan
     from ondol.model.cli import register as register_model
     from ondol.tokenizer.cli import register as register_tokenizer
     from ondol.train.cli import register as register_train
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in (register_run, register_tokenizer, register_data, register_train, register_launch,
-                     register_model):
+                     register_plan, register_model):
         register(sub)
     return parser
 

@@ -58,6 +58,7 @@ class TrainConfig:
     steps: int = 200
     micro_batch_size: int = 8
     grad_accum: int = 1
+    activation_checkpointing: bool = False  # keep only each block's input; recompute the block in the backward
     eval_every: int = 50
     eval_batches: int = 8
     eval_bpb_tokens: int = 8192  # held-out tokens per source scored for bits per byte at each evaluation; 0: off

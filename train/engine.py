@@ -6,6 +6,7 @@ falls back to MPI discovery (mpi4py).
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass
@@ -97,6 +98,8 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, env: DistEnv):
     from ondol.train import expert_parallel
 
     o, ds = cfg.optim, cfg.deepspeed
+    if cfg.train.activation_checkpointing:
+        checkpoint_blocks(model)
     groups = param_groups(model, o.weight_decay)
     if expert_parallel.apply_expert_parallel(model, ds.expert_parallel_size, ds.zero_stage):
         groups = expert_parallel.optimizer_param_groups(param_groups(model, o.weight_decay))
@@ -111,6 +114,15 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, env: DistEnv):
     if ds.precision == "bf16":
         _keep_fp32_buffers(engine.module)
     return engine, optimizer
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Activation checkpointing: every block (MTP blocks included) keeps only its inputs for the backward and
+    runs its forward again there (torch's non-reentrant checkpoint; MoE load counts skip the recompute)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in [*model.layers, *(depth.block for depth in model.mtp)]:
+        block.forward = functools.partial(checkpoint, type(block).forward, block, use_reentrant=False)
 
 
 def _keep_fp32_buffers(model: torch.nn.Module) -> None:
