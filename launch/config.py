@@ -75,6 +75,9 @@ class LaunchConfig:
     master_addr: str = "127.0.0.1"  # multi-node: 127.0.0.1 means the first host; Slurm: the first allocated node
     master_port: int = 29500  # 0: a free port (local); Slurm derives it from the job id
     global_batch_size: int = 0  # expected micro x grad_accum x data-parallel size; 0: not checked
+    # memory of one GPU for the pre-launch memory plan (`ondol plan`); 0: this machine's GPU when launching
+    # locally, else unknown (the plan is printed, not checked)
+    gpu_memory_gib: float = 0.0
     # NAME=value lines (chmod 600) every rank reads on its own node: secrets such as WANDB_API_KEY reach the
     # ranks without being on a command line, in a log or in a generated file
     env_file: str | None = None
@@ -95,6 +98,8 @@ class LaunchConfig:
             raise ValueError("launch.master_port must lie in [0, 65535] (0: pick a free port)")
         if self.global_batch_size < 0:
             raise ValueError("launch.global_batch_size must be >= 0 (0: not checked)")
+        if self.gpu_memory_gib < 0:
+            raise ValueError("launch.gpu_memory_gib must be >= 0 (0: this machine's GPU, or not checked)")
         if self.watchdog_minutes < 0 or self.failure_grace_s < 0:
             raise ValueError("launch.watchdog_minutes and launch.failure_grace_s must be >= 0")
         if self.launcher == "local" and self.nodes > 1:

@@ -49,7 +49,7 @@ def fits(plan: MemoryPlan, gpu_gib: float) -> bool:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:,.1f}"
+    return f"{n / GIB:,.1f}" if n >= GIB / 10 or n == 0 else f"{n / GIB:.3f}"
 
 
 def _billions(n: float) -> str:
@@ -75,7 +75,8 @@ def table(plan: MemoryPlan, gpu_gib: float | None) -> list[str]:
     for name, value in plan.terms.items():
         lines.append(f"{labels.get(name, name):<34}{_gib(value):>12}{value / plan.total:>8.0%}")
     other = "with" if not shape.activation_checkpointing else "without"
-    lines.append(f"  (activations {other} checkpointing: {_gib(plan.activations_other)} GiB)")
+    lines.append(f"  (activations {other} checkpointing: {_gib(plan.activations_other)} GiB; the peak counts "
+                 f"activations + logits or the step's buffers, whichever is larger: they are not alive together)")
     name, value = plan.largest
     if gpu_gib is None:
         lines.append(f"{'total':<34}{_gib(plan.total):>12}   (GPU memory unknown: not checked)")

@@ -154,6 +154,35 @@ def check_global_batch(cfg: RunConfig, layout: Layout) -> list[str]:
     return [line]
 
 
+def gpu_memory_gib(cfg: RunConfig, layout: Layout) -> float | None:
+    """launch.gpu_memory_gib, else this machine's first GPU for a local launch; None for gloo workers or when
+    the cluster's GPUs are not known here."""
+    if layout.cpu:
+        return None
+    if cfg.launch.gpu_memory_gib:
+        return cfg.launch.gpu_memory_gib
+    if cfg.launch.launcher == "local":
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    return None
+
+
+def check_memory(cfg: RunConfig, layout: Layout, dry_run: bool = False) -> list[str]:
+    """The per-GPU memory plan (launch/plan.py); a layout that cannot fit is refused (a dry run warns)."""
+    from ondol.launch.plan import fits, plan_for_config, refusal, table
+
+    gpu = gpu_memory_gib(cfg, layout)
+    plan = plan_for_config(cfg, layout.nodes, layout.gpus_per_node)
+    lines = [f"memory: {line}" for line in table(plan, gpu)]
+    if gpu is not None and not fits(plan, gpu):
+        line = refusal(cfg, plan, layout.gpus_per_node, gpu)
+        if not dry_run:
+            raise PreflightError(line)
+        lines.append(f"warning: {line} (a real launch stops here)")
+    return lines
+
+
 def timeouts_line(cfg: RunConfig) -> str:
     """How long a broken job can take to stop: what a user tunes when a hang is expected or reported."""
     lc = cfg.launch
@@ -295,6 +324,7 @@ def run_preflight(cfg: RunConfig, *, check_inputs: bool = True, check_hosts: boo
         report.append(f"warning: {layout.gpus_per_node} gloo workers on {cores} CPU cores: they will share cores "
                       "and run slower than fewer workers would")
     report += check_global_batch(cfg, layout)
+    report += check_memory(cfg, layout, dry_run)
     if check_inputs:
         try:
             report += check_prepared(cfg)

@@ -14,16 +14,19 @@ W / EP: the expert-data-parallel size over which expert optimizer state is parti
   optimizer   fp32 AdamW moments, 8 bytes a parameter; fp32 master weights (4) unless ZeRO 0 in fp32, where
               torch's AdamW updates the module's own weights; at ZeRO 0 nothing is partitioned (DeepSpeed's
               bf16 optimizer keeps a full fp32 copy), from ZeRO 1 on partitioned as gradients are
-  step buffer the fp32 gradients the optimizer step reads, flattened (ZeRO >= 1, or bf16): 4 bytes a parameter of
+  step grads  the fp32 gradients the optimizer step reads, flattened (ZeRO >= 1, or bf16): 4 bytes a parameter of
               the optimizer's share
   buckets     gradient reduction buckets (DeepSpeed's reduce_bucket_size / allreduce_bucket_size, 5e8
-              elements by default), at most the gradients they hold; none on one rank at ZeRO 0
+              elements by default), at most the gradients they hold: during the backward from ZeRO 1 on, after it
+              at ZeRO 0 (none on one rank)
   activations what autograd keeps from the forward for the backward, per token, counted from the model's code
               (model/transformer.py, model/moe.py: RMSNorm keeps fp32 copies, flash/flex attention its inputs,
               output and log-sum-exp, experts their gathered inputs, gate/up outputs and SwiGLU product), times
               micro_batch x seq_len; with activation checkpointing, each block's input plus one block recomputed
   logits      the LM head's output (kept by the caller) and the loss's fp32 log-probabilities and two fp32
               gradients of the same size during its backward; once more per MTP depth
+The peak is what persists (weights, gradients, master weights, moments, buckets) plus the larger of the
+backward's transients (activations and logits) and the step's (its fp32 gradients): they are never alive together.
 Not counted: the CUDA context and allocator fragmentation (`headroom_gib` covers them), NCCL buffers,
 activations of the evaluation pass (smaller: no autograd), dispatch imbalance beyond the mean expert load.
 """
@@ -147,6 +150,10 @@ def logits_bytes(cfg: ModelConfig, shape: RunShape) -> int:
     return main + cfg.mtp_layers * tokens * cfg.vocab_size * FP32  # each depth's saved log-probabilities
 
 
+BACKWARD = ("activations", "logits")  # alive from the forward through the backward
+STEP = ("fp32 step gradients", "all-reduce bucket")  # alive after the backward has freed the above
+
+
 @dataclass
 class MemoryPlan:
     shape: RunShape
@@ -156,7 +163,10 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return sum(self.terms.values())
+        """The peak: what persists, plus the larger of the backward's and the optimizer step's transients."""
+        persistent = sum(v for k, v in self.terms.items() if k not in BACKWARD + STEP)
+        backward, step = (sum(self.terms.get(k, 0) for k in phase) for phase in (BACKWARD, STEP))
+        return persistent + max(backward, step)
 
     @property
     def largest(self) -> tuple[str, int]:
@@ -182,7 +192,11 @@ def plan_memory(cfg: ModelConfig, shape: RunShape) -> MemoryPlan:
     terms["AdamW moments (fp32)"] = int(ADAM_BYTES * share)
     terms["fp32 step gradients"] = int(FP32 * share) if master else 0
     reduced = local if stage < 2 else share  # gradients that pass through the reduction buckets
-    terms["reduce buckets"] = 0 if (W == 1 and stage == 0) else s * min(shape.bucket_elements, reduced)
+    bucket = s * min(shape.bucket_elements, reduced)
+    if stage == 0:  # ZeRO 0 all-reduces flattened buckets after the backward
+        terms["all-reduce bucket"] = 0 if W == 1 else bucket
+    else:  # ZeRO 1-3 reduce during the backward, as gradients are produced
+        terms["reduce buckets"] = bucket
     terms["activations"] = activation_bytes(cfg, shape)
     terms["logits"] = logits_bytes(cfg, shape)
     other = activation_bytes(cfg, shape, not shape.activation_checkpointing)
