@@ -10,7 +10,8 @@ Terms, in bytes per rank (s: bytes of the run's precision, 2 for bf16, 4 for fp3
 every rank holds; X: expert parameters over the expert-parallel size, this rank's experts; W: world size,
 W / EP: the expert-data-parallel size over which expert optimizer state is partitioned, as DeepSpeed does):
   weights     s (P + X); ZeRO 3 (EP 1 only): s (P + X) / W plus the largest module gathered and one prefetch
-  gradients   s (P + X) at ZeRO 0 and 1; ZeRO 2 and 3 keep only their partition, s (P / W + X / (W / EP))
+  gradients   s (P + X) at ZeRO 0; ZeRO 1-3 reduce each gradient through a bucket as the backward produces it
+              and keep only their partition, s (P / W + X / (W / EP)) (DeepSpeed's contiguous_gradients default)
   optimizer   fp32 AdamW moments, 8 bytes a parameter; fp32 master weights (4) unless ZeRO 0 in fp32, where
               torch's AdamW updates the module's own weights; at ZeRO 0 nothing is partitioned (DeepSpeed's
               bf16 optimizer keeps a full fp32 copy), from ZeRO 1 on partitioned as gradients are
@@ -186,13 +187,13 @@ def plan_memory(cfg: ModelConfig, shape: RunShape) -> MemoryPlan:
         terms["weights"] = int(s * (share + gathered))
     else:
         terms["weights"] = s * local
-    terms["gradients"] = int(s * (local if stage < 2 else share))
+    # ZeRO 1-3 copy each gradient into a reduction bucket as it is produced and keep only their partition
+    terms["gradients"] = int(s * (local if stage == 0 else share))
     master = 0 if (stage == 0 and s == FP32) else FP32
     terms["fp32 master weights"] = int(master * share)
     terms["AdamW moments (fp32)"] = int(ADAM_BYTES * share)
     terms["fp32 step gradients"] = int(FP32 * share) if master else 0
-    reduced = local if stage < 2 else share  # gradients that pass through the reduction buckets
-    bucket = s * min(shape.bucket_elements, reduced)
+    bucket = s * min(shape.bucket_elements, local)
     if stage == 0:  # ZeRO 0 all-reduces flattened buckets after the backward
         terms["all-reduce bucket"] = 0 if W == 1 else bucket
     else:  # ZeRO 1-3 reduce during the backward, as gradients are produced
