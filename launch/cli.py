@@ -13,7 +13,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ondol.data.cli import register as register_data
     from ondol.launch.launcher_cli import register as register_launch
     from ondol.launch.pipeline import register as register_run
-    from ondol.launch.plan import register as register_plan
+    from ondol.launch.plan_cli import register as register_plan
     from ondol.model.cli import register as register_model
     from ondol.tokenizer.cli import register as register_tokenizer
     from ondol.train.cli import register as register_train

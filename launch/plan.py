@@ -1,20 +1,16 @@
-"""`ondol plan CONFIG [overrides] --nodes N --gpus-per-node G [--gpu-memory-gib 80]`: per-GPU memory of a run by
-term before anything starts, whether it fits, and what would make it fit; the same check guards `ondol launch`.
+"""Per-GPU memory of a run laid out on a cluster, whether it fits, and what would make it fit: the tables of
+`ondol plan` (launch/plan_cli.py) and the memory check of `ondol launch`'s pre-flight.
 
-The memory model is train/memory.py; this module lays it out for a cluster: it applies the launch's layout
-checks (experts and world size divisible by the expert-parallel size, the global batch), prints the table, and
-searches nodes, ZeRO stage, expert-parallel size, activation checkpointing and micro-batch for the smallest layout
-that fits when the configured one does not.
+The memory model is train/memory.py; this module lays it out for a cluster: the table, and a search over nodes,
+ZeRO stage, expert-parallel size, activation checkpointing and micro-batch for the smallest layout that fits
+when the configured one does not.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
-import sys
 
-from ondol.configs import RunConfig, add_config_command, load_config
+from ondol.configs import RunConfig
 from ondol.model.config import ModelConfig
 from ondol.train.memory import GIB, MemoryPlan, RunShape, plan_memory
 
@@ -213,46 +209,3 @@ def refusal(cfg: RunConfig, plan: MemoryPlan, gpus_per_node: int, gpu_gib: float
            f"see `ondol plan CONFIG --nodes N --gpus-per-node {gpus_per_node}` for a layout that fits")
     return (f"memory: {_gib(plan.total)} GiB per GPU + {RESERVE_GIB:g} GiB reserve exceeds {gpu_gib:g} GiB "
             f"(largest term: {name}, {_gib(value)} GiB): {fix}")
-
-
-def plan_command(args: argparse.Namespace) -> int:
-    from ondol.launch.preflight import Layout, PreflightError, check_global_batch, check_parallel_layout
-
-    cfg = load_config(args.config, args.overrides)
-    nodes = args.nodes or cfg.launch.nodes
-    gpus = args.gpus_per_node or cfg.launch.gpus_per_node
-    if nodes < 1 or gpus < 1:
-        print("ondol plan: --nodes and --gpus-per-node must be >= 1", file=sys.stderr)
-        return 2
-    cfg = copy.copy(cfg)  # the layout to plan, whatever launcher the config names
-    cfg.launch = copy.copy(cfg.launch)
-    cfg.launch.nodes, cfg.launch.gpus_per_node = nodes, gpus
-    layout = Layout(nodes, gpus)
-    try:
-        check_parallel_layout(cfg, layout)
-        check_global_batch(cfg, layout)
-    except PreflightError as e:
-        print(f"ondol plan: {e}", file=sys.stderr)
-        return 2
-    plan = plan_for_config(cfg, nodes, gpus)
-    print(f"plan: {args.config} on {nodes} node(s) x {gpus} GPUs = {nodes * gpus} ranks, "
-          f"{args.gpu_memory_gib:g} GiB each")
-    for line in table(plan, args.gpu_memory_gib) + verdict(cfg, plan, gpus, args.gpu_memory_gib):
-        print(line)
-    return 0 if fits(plan, args.gpu_memory_gib) else 1
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = add_config_command(
-        sub, "plan", plan_command,
-        help="per-GPU memory of a run by term for a cluster layout, and what would make it fit",
-        description="Predict each GPU's memory for CONFIG on --nodes x --gpus-per-node GPUs before launching: "
-        "weights, gradients, fp32 master weights and AdamW moments by ZeRO stage and expert-parallel split, "
-        "activations per micro-batch (with and without activation checkpointing), logits, buffers; the total "
-        "against the GPU and the largest term. When it does not fit: the one-key changes that would make it fit "
-        "and the smallest layout (nodes, ZeRO stage, expert-parallel size, checkpointing, micro-batch) that does. "
-        "Exit code 0: fits, 1: does not fit, 2: the layout is invalid.",
-    )
-    p.add_argument("--nodes", type=int, default=0, help="nodes (default: launch.nodes)")
-    p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default: launch.gpus_per_node)")
-    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
