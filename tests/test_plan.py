@@ -84,3 +84,32 @@ def test_plan_cli_verdicts(capsys):
     assert main(["plan", config, "--nodes", "3", "--gpus-per-node", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not divisible by deepspeed.expert_parallel_size=64" in err
+
+
+def test_activation_checkpointing_keeps_losses_gradients_and_expert_loads():
+    """train.activation_checkpointing (the plan's first advice) recomputes blocks in the backward: the same loss,
+    gradients and MoE load counts as without it, with less saved for the backward."""
+    from ondol.model.config import load_preset
+    from ondol.model.transformer import Transformer
+    from ondol.train.engine import checkpoint_blocks
+
+    cfg = load_preset("tiny", vocab_size=512, mtp_layers=1)
+    text = "\n".join(corpus_texts("ko_reviews", 50)).encode("utf-8")
+    ids = torch.tensor(list(text[: 2 * 65])).view(2, 65) % cfg.vocab_size
+    runs = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        if checkpointed:
+            checkpoint_blocks(model)
+        saved: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t.nbytes) or t,
+                                                      lambda t: t):
+            out = model(ids[:, :-1], labels=ids[:, 1:])
+        (out.loss + out.mtp_loss).backward()
+        runs.append((out.loss.detach(), [p.grad for p in model.parameters()],
+                     torch.stack([m.tokens_per_expert for m in model.moe_layers()]), sum(saved)))
+    (loss, grads, loads, saved), (loss_c, grads_c, loads_c, saved_c) = runs
+    assert torch.equal(loss, loss_c) and torch.equal(loads, loads_c)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_c))
+    assert saved_c < saved / 2
