@@ -12,7 +12,7 @@ import dataclasses
 
 from ondol.configs import RunConfig
 from ondol.model.config import ModelConfig
-from ondol.train.memory import GIB, MemoryPlan, RunShape, plan_memory
+from ondol.train.memory import DEFAULT_LIVE, GIB, MemoryPlan, RunShape, plan_memory
 
 # Not in the model: the CUDA context, NCCL's buffers and the caching allocator's fragmentation.
 RESERVE_GIB = 2.0
@@ -30,10 +30,12 @@ def run_shape(cfg: RunConfig, world: int) -> RunShape:
     zero = (cfg.deepspeed.extra.get("zero_optimization") or {})
     bucket = zero.get("reduce_bucket_size" if cfg.deepspeed.zero_stage else "allreduce_bucket_size")
     prefetch = zero.get("stage3_prefetch_bucket_size")
+    live = min(int(zero.get("stage3_max_live_parameters", DEFAULT_LIVE)),
+               int(zero.get("stage3_max_reuse_distance", DEFAULT_LIVE)))
     return RunShape(cfg.deepspeed.precision, cfg.deepspeed.zero_stage, world, cfg.deepspeed.expert_parallel_size,
                     cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.activation_checkpointing,
                     **({"bucket_elements": int(bucket)} if bucket else {}),
-                    **({"prefetch_elements": int(prefetch)} if prefetch else {}))
+                    **({"prefetch_elements": int(prefetch)} if prefetch else {}), live_elements=live)
 
 
 def plan_for_config(cfg: RunConfig, nodes: int, gpus_per_node: int) -> MemoryPlan:

@@ -9,7 +9,10 @@ built on the meta device (no memory, a few seconds for K-EXAONE-236B).
 Terms, in bytes per rank (s: bytes of the run's precision, 2 for bf16, 4 for fp32; P: dense parameters, which
 every rank holds; X: expert parameters over the expert-parallel size, this rank's experts; W: world size,
 W / EP: the expert-data-parallel size over which expert optimizer state is partitioned, as DeepSpeed does):
-  weights     s (P + X); ZeRO 3 (EP 1 only): s (P + X) / W plus the largest module gathered and one prefetch
+  weights     s (P + X); ZeRO 3 (EP 1 only): s (P + X) / W plus the gathered parameters: ZeRO 3 keeps
+              parameters it will reuse within stage3_max_reuse_distance (1e9) elements, up to
+              stage3_max_live_parameters (1e9), so a model below 1e9 parameters stays gathered whole; a larger
+              one holds at least its largest module (K-EXAONE: one layer's experts) and a prefetch
   gradients   s (P + X) at ZeRO 0; ZeRO 1-3 reduce each gradient through a bucket as the backward produces it
               and keep only their partition, s (P / W + X / (W / EP)) (DeepSpeed's contiguous_gradients default)
   optimizer   fp32 AdamW moments, 8 bytes a parameter; fp32 master weights (4) unless ZeRO 0 in fp32, where
@@ -19,7 +22,7 @@ W / EP: the expert-data-parallel size over which expert optimizer state is parti
               the optimizer's share
   buckets     gradient reduction buckets (DeepSpeed's reduce_bucket_size / allreduce_bucket_size, 5e8
               elements by default), at most the gradients they hold: during the backward from ZeRO 1 on, after it
-              at ZeRO 0 (none on one rank)
+              at ZeRO 0 (none on one rank); ZeRO 3's reduce-scatter adds an interleaved copy of its bucket
   activations what autograd keeps from the forward for the backward, per token, counted from the model's code
               (model/transformer.py, model/moe.py: RMSNorm keeps fp32 copies, flash/flex attention its inputs,
               output and log-sum-exp, experts their gathered inputs, gate/up outputs and SwiGLU product), times
@@ -44,6 +47,7 @@ ADAM_BYTES = 8  # two fp32 moments a parameter
 FP32 = 4
 DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size and allreduce_bucket_size (elements)
 DEFAULT_PREFETCH = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size (elements)
+DEFAULT_LIVE = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters and stage3_max_reuse_distance (elements)
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class RunShape:
     activation_checkpointing: bool = False
     bucket_elements: int = DEFAULT_BUCKET
     prefetch_elements: int = DEFAULT_PREFETCH
+    live_elements: int = DEFAULT_LIVE
 
     @property
     def bytes(self) -> int:
@@ -182,8 +187,9 @@ def plan_memory(cfg: ModelConfig, shape: RunShape) -> MemoryPlan:
     # the optimizer's share: partitioned over data-parallel groups from ZeRO 1 on (experts over W / EP ranks)
     share = local if stage == 0 else params.dense / W + params.experts / ep / (W // ep)
     terms: dict[str, int] = {}
-    if stage == 3:
-        gathered = params.largest_module + min(shape.prefetch_elements, params.largest_module)
+    if stage == 3:  # partitions, plus what is gathered: up to the live limit, at least a module and a prefetch
+        working = params.largest_module + min(shape.prefetch_elements, params.largest_module)
+        gathered = min(local, max(shape.live_elements, working))
         terms["weights"] = int(s * (share + gathered))
     else:
         terms["weights"] = s * local
@@ -196,8 +202,8 @@ def plan_memory(cfg: ModelConfig, shape: RunShape) -> MemoryPlan:
     bucket = s * min(shape.bucket_elements, local)
     if stage == 0:  # ZeRO 0 all-reduces flattened buckets after the backward
         terms["all-reduce bucket"] = 0 if W == 1 else bucket
-    else:  # ZeRO 1-3 reduce during the backward, as gradients are produced
-        terms["reduce buckets"] = bucket
+    else:  # ZeRO 1-3 reduce during the backward, as gradients are produced; ZeRO 3's reduce-scatter
+        terms["reduce buckets"] = bucket * (2 if stage == 3 else 1)  # works on an interleaved copy
     terms["activations"] = activation_bytes(cfg, shape)
     terms["logits"] = logits_bytes(cfg, shape)
     other = activation_bytes(cfg, shape, not shape.activation_checkpointing)
