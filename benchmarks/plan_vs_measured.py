@@ -1,7 +1,7 @@
 """`ondol plan`'s memory prediction against the peak memory per rank of real CPU (gloo) training runs.
 
 Each layout runs `world` processes through the trainer's own engine path (train/engine.py: init_distributed,
-expert parallelism, DeepSpeed with GuardedAdamW) on a ~45M-parameter MoE (configs/tiny-ko.yaml with the
+expert parallelism, DeepSpeed with GuardedAdamW) on a 47M-parameter MoE (configs/tiny-ko.yaml with the
 model widened below; fp32, as CPU runs are), for a few optimizer steps on real Korean text (UTF-8 bytes), and
 reports the largest per-rank peak next to train/memory.py's total for the same layout.
 

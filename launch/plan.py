@@ -28,7 +28,7 @@ def model_config(cfg: RunConfig) -> ModelConfig:
 
 def run_shape(cfg: RunConfig, world: int) -> RunShape:
     zero = (cfg.deepspeed.extra.get("zero_optimization") or {})
-    bucket = zero.get("reduce_bucket_size" if cfg.deepspeed.zero_stage else "allreduce_bucket_size")
+    bucket = zero.get("reduce_bucket_size") if cfg.deepspeed.zero_stage else None  # ZeRO 0's is fixed (5e8)
     prefetch = zero.get("stage3_prefetch_bucket_size")
     live = min(int(zero.get("stage3_max_live_parameters", DEFAULT_LIVE)),
                int(zero.get("stage3_max_reuse_distance", DEFAULT_LIVE)))

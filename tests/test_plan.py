@@ -12,6 +12,7 @@ from conftest import corpus_texts
 from ondol.configs import load_config
 from ondol.launch.cli import main
 from ondol.launch.plan import plan_for_config
+from ondol.model.flops import param_counts
 from ondol.train.memory import FP32, activation_bytes, logits_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +30,7 @@ def test_plan_terms_match_deepspeed_state_and_autograd():
         "model.vocab_size=512", "model.moe_dispatch=grouped_mm", "model.mtp_layers=1", "deepspeed.zero_stage=1",
         "train.micro_batch_size=2", "data.seq_len=128"])
     plan = plan_for_config(cfg, nodes=1, gpus_per_node=1)
+    assert plan.params.total == param_counts(cfg.model)["total"]  # the meta-device build against the formula
     env = init_distributed(cfg)
     torch.manual_seed(0)
     engine, _ = build_engine(Transformer(cfg.model), cfg, env)
