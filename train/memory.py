@@ -20,19 +20,20 @@ W / EP: the expert-data-parallel size over which expert optimizer state is parti
               bf16 optimizer keeps a full fp32 copy), from ZeRO 1 on partitioned as gradients are
   step grads  the fp32 gradients the optimizer step reads, flattened (ZeRO >= 1, or bf16): 4 bytes a parameter of
               the optimizer's share
-  buckets     gradient reduction buckets (DeepSpeed's reduce_bucket_size / allreduce_bucket_size, 5e8
-              elements by default), at most the gradients they hold: during the backward from ZeRO 1 on, after it
+  buckets     gradient reduction buckets (DeepSpeed's reduce_bucket_size, and ZeRO 0's fixed all-reduce size:
+              5e8 elements), at most the gradients they hold: during the backward from ZeRO 1 on, after it
               at ZeRO 0 (none on one rank); ZeRO 3's reduce-scatter adds an interleaved copy of its bucket
   activations what autograd keeps from the forward for the backward, per token, counted from the model's code
               (model/transformer.py, model/moe.py: RMSNorm keeps fp32 copies, flash/flex attention its inputs,
-              output and log-sum-exp, experts their gathered inputs, gate/up outputs and SwiGLU product), times
-              micro_batch x seq_len; with activation checkpointing, each block's input plus one block recomputed
+              output and log-sum-exp, experts their gathered inputs, gate/up outputs and SwiGLU product, at
+              twice the mean load under EP: EP_EXPERT_LOAD), times micro_batch x seq_len; with activation
+              checkpointing, each block's input plus one block recomputed
   logits      the LM head's output (kept by the caller) and the loss's fp32 log-probabilities and two fp32
               gradients of the same size during its backward; once more per MTP depth
 The peak is what persists (weights, gradients, master weights, moments, buckets) plus the larger of the
 backward's transients (activations and logits) and the step's (its fp32 gradients): they are never alive together.
-Not counted: the CUDA context and allocator fragmentation (`headroom_gib` covers them), NCCL buffers,
-activations of the evaluation pass (smaller: no autograd), dispatch imbalance beyond the mean expert load.
+Not counted: the CUDA context and allocator fragmentation (launch/plan.py's RESERVE_GIB covers them), NCCL buffers,
+activations of the evaluation pass (smaller: no autograd), an expert-parallel load above twice the mean.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ ADAM_BYTES = 8  # two fp32 moments a parameter
 FP32 = 4
 DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size and allreduce_bucket_size (elements)
 DEFAULT_PREFETCH = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size (elements)
+# Under expert parallelism a rank runs every token copy routed to its experts; before the router biases have
+# balanced the load, the busiest rank gets up to twice the mean (measured on the plan_vs_measured model at
+# initialisation: 1.4-2.0x per layer at EP 4). Without EP every rank runs exactly k copies of its own tokens.
+EP_EXPERT_LOAD = 2.0
 DEFAULT_LIVE = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters and stage3_max_reuse_distance (elements)
 
 
@@ -117,22 +122,24 @@ def attention_bytes_per_token(cfg: ModelConfig, s: int) -> int:
     return _norm_bytes(s) * cfg.d_model + per_head_dim * (q + kv) + FP32 * cfg.n_heads  # + log-sum-exp
 
 
-def mlp_bytes_per_token(cfg: ModelConfig, moe: bool, s: int) -> int:
+def mlp_bytes_per_token(cfg: ModelConfig, moe: bool, s: int, expert_load: float = 1.0) -> int:
+    """expert_load: the token copies this rank's experts run, over the mean (k per token)."""
     d = cfg.d_model
     if not moe:
         return _norm_bytes(s) * d + 4 * s * cfg.ffn_hidden  # gate, silu(gate), up, their product
     k = cfg.top_k
     router = (FP32 * d if s < FP32 else 0) + FP32 * cfg.n_experts + 12 * k + 4  # fp32 input, scores, top-k
     dispatch = 16 * k + s * k  # gather and unsort indices (int64), routing weights
-    # gathered input, gate/up output, silu(gate), SwiGLU product, expert output, unsorted output
-    experts = k * s * (3 * d + 4 * cfg.expert_hidden)
+    # on the experts' rank: gathered input, gate/up output, silu(gate), SwiGLU product; back on the token's
+    # rank: expert output, unsorted output
+    experts = int(expert_load * k * s * (d + 4 * cfg.expert_hidden)) + 2 * k * s * d
     shared = 4 * s * cfg.expert_hidden * cfg.n_shared_experts
     return _norm_bytes(s) * d + router + dispatch + experts + shared
 
 
-def block_bytes_per_token(cfg: ModelConfig, s: int) -> list[int]:
+def block_bytes_per_token(cfg: ModelConfig, s: int, expert_load: float = 1.0) -> list[int]:
     """Activation bytes per token of each block (MTP depths last, with their two input norms and projection)."""
-    out = [attention_bytes_per_token(cfg, s) + mlp_bytes_per_token(cfg, cfg.is_moe_layer(i), s)
+    out = [attention_bytes_per_token(cfg, s) + mlp_bytes_per_token(cfg, cfg.is_moe_layer(i), s, expert_load)
            for i in range(cfg.n_layers)]
     mtp_inputs = 2 * _norm_bytes(s, weighted_kept=False) * cfg.d_model + 2 * s * cfg.d_model  # norms, concat
     out += [attention_bytes_per_token(cfg, s) + mlp_bytes_per_token(cfg, False, s) + mtp_inputs
@@ -142,7 +149,7 @@ def block_bytes_per_token(cfg: ModelConfig, s: int) -> list[int]:
 
 def activation_bytes(cfg: ModelConfig, shape: RunShape, checkpointing: bool | None = None) -> int:
     tokens = shape.micro_batch_size * shape.seq_len
-    per_block = block_bytes_per_token(cfg, shape.bytes)
+    per_block = block_bytes_per_token(cfg, shape.bytes, EP_EXPERT_LOAD if shape.expert_parallel_size > 1 else 1.0)
     head = _norm_bytes(shape.bytes) * cfg.d_model * (1 + cfg.mtp_layers)  # final norms
     checkpointing = shape.activation_checkpointing if checkpointing is None else checkpointing
     if checkpointing:  # each block's input kept, the largest block recomputed during its backward
