@@ -122,6 +122,9 @@ def check_parallel_layout(cfg: RunConfig, layout: Layout) -> list[str]:
     if world % ep:
         raise PreflightError(f"world size {world} ({where}) is not divisible by deepspeed.expert_parallel_size={ep}: "
                              "change launch.gpus_per_node/launch.nodes or the expert-parallel size")
+    if ep > 1 and not cfg.model.n_experts:
+        raise PreflightError(f"deepspeed.expert_parallel_size={ep} needs an MoE model (model.n_experts is 0): set "
+                             "deepspeed.expert_parallel_size=1")
     if cfg.model.n_experts and cfg.model.n_experts % ep:
         raise PreflightError(f"model.n_experts={cfg.model.n_experts} is not divisible by "
                              f"deepspeed.expert_parallel_size={ep}: each expert-parallel rank needs the same count")

@@ -72,7 +72,7 @@ def test_plan_terms_match_deepspeed_state_and_autograd():
 def test_plan_cli_verdicts(capsys):
     """k-exaone-236b: the cluster layout fits 80 GiB; on 4 nodes the line names one-key fixes and the smallest
     layout; on small GPUs it says plainly that no layout fits without tensor parallelism; a world size EP does
-    not divide is refused in one line."""
+    not divide, or EP on a dense model, is refused in one line."""
     config = str(ROOT / "configs" / "k-exaone-236b.yaml")
     assert main(["plan", config, "--nodes", "32", "--gpus-per-node", "8"]) == 0
     out = capsys.readouterr().out
@@ -86,6 +86,9 @@ def test_plan_cli_verdicts(capsys):
     assert main(["plan", config, "--nodes", "3", "--gpus-per-node", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not divisible by deepspeed.expert_parallel_size=64" in err
+    tiny = str(ROOT / "configs" / "tiny-ko.yaml")
+    assert main(["plan", tiny, "model.n_experts=0", "deepspeed.expert_parallel_size=2", "--gpus-per-node", "2"]) == 2
+    assert "needs an MoE model" in capsys.readouterr().err
 
 
 def test_activation_checkpointing_keeps_losses_gradients_and_expert_loads():
