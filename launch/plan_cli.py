@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 
-from ondol.configs import add_config_command, load_config
+from ondol.configs import ConfigError, add_config_command, load_config
+from ondol.errors import LaunchError
 from ondol.launch.plan import fits, plan_for_config, table, verdict
-from ondol.launch.preflight import Layout, PreflightError, check_global_batch, check_parallel_layout
+from ondol.launch.preflight import Layout, check_global_batch, check_parallel_layout
 
 
 def plan_command(args: argparse.Namespace) -> int:
@@ -18,24 +18,19 @@ def plan_command(args: argparse.Namespace) -> int:
     nodes = args.nodes or cfg.launch.nodes
     gpus = args.gpus_per_node or cfg.launch.gpus_per_node
     if nodes < 1 or gpus < 1:
-        print("ondol plan: --nodes and --gpus-per-node must be >= 1", file=sys.stderr)
-        return 2
+        raise ConfigError("--nodes and --gpus-per-node must be >= 1")
     cfg = copy.copy(cfg)  # the layout to plan, whatever launcher the config names
     cfg.launch = copy.copy(cfg.launch)
     cfg.launch.nodes, cfg.launch.gpus_per_node = nodes, gpus
     layout = Layout(nodes, gpus)
-    try:
-        check_parallel_layout(cfg, layout)
-        check_global_batch(cfg, layout)
-    except PreflightError as e:
-        print(f"ondol plan: {e}", file=sys.stderr)
-        return 2
+    check_parallel_layout(cfg, layout)  # a layout that cannot run: PreflightError, one line
+    check_global_batch(cfg, layout)
     plan = plan_for_config(cfg, nodes, gpus)
     print(f"plan: {args.config} on {nodes} node(s) x {gpus} GPUs = {nodes * gpus} ranks, "
           f"{args.gpu_memory_gib:g} GiB each")
     for line in table(plan, args.gpu_memory_gib) + verdict(cfg, plan, gpus, args.gpu_memory_gib):
         print(line)
-    return 0 if fits(plan, args.gpu_memory_gib) else 1
+    return 0 if fits(plan, args.gpu_memory_gib) else LaunchError.exit_code
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "activations per micro-batch (with and without activation checkpointing), logits, buffers; the total "
         "against the GPU and the largest term. When it does not fit: the one-key changes that would make it fit "
         "and the smallest layout (nodes, ZeRO stage, expert-parallel size, checkpointing, micro-batch) that does. "
-        "Exit code 0: fits, 1: does not fit, 2: the layout is invalid.",
+        "Exit code 0: fits; 7: does not fit, or the layout cannot run (one line, as `ondol launch` refuses it).",
     )
     p.add_argument("--nodes", type=int, default=0, help="nodes (default: launch.nodes)")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default: launch.gpus_per_node)")

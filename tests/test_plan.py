@@ -77,17 +77,17 @@ def test_plan_cli_verdicts(capsys):
     assert main(["plan", config, "--nodes", "32", "--gpus-per-node", "8"]) == 0
     out = capsys.readouterr().out
     assert "fits," in out and "largest term: weights" in out
-    assert main(["plan", config, "--nodes", "8", "--gpus-per-node", "8"]) == 1
+    assert main(["plan", config, "--nodes", "8", "--gpus-per-node", "8"]) == 7
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "fits with any one of: launch.nodes=16" in out
     assert "smallest layout that fits: 16 node(s) x 8 = 128 GPUs" in out
-    assert main(["plan", config, "--nodes", "8", "--gpus-per-node", "8", "--gpu-memory-gib", "24"]) == 1
+    assert main(["plan", config, "--nodes", "8", "--gpus-per-node", "8", "--gpu-memory-gib", "24"]) == 7
     assert "no DeepSpeed layout fits 24 GiB GPUs without tensor parallelism" in capsys.readouterr().out
-    assert main(["plan", config, "--nodes", "3", "--gpus-per-node", "8"]) == 2
+    assert main(["plan", config, "--nodes", "3", "--gpus-per-node", "8"]) == 7
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not divisible by deepspeed.expert_parallel_size=64" in err
     tiny = str(ROOT / "configs" / "tiny-ko.yaml")
-    assert main(["plan", tiny, "model.n_experts=0", "deepspeed.expert_parallel_size=2", "--gpus-per-node", "2"]) == 2
+    assert main(["plan", tiny, "model.n_experts=0", "deepspeed.expert_parallel_size=2", "--gpus-per-node", "2"]) == 7
     assert "needs an MoE model" in capsys.readouterr().err
 
 
