@@ -59,7 +59,7 @@ from tqdm import tqdm
 from ondol.data import pii
 from ondol.data.clean import Cleaner
 from ondol.data.config import DataConfig
-from ondol.data.preparation import _manifest, deliver_documents, encode_documents, source_files
+from ondol.data.packing import build_manifest, deliver_documents, encode_documents, source_files
 from ondol.data.shards import MANIFEST, SPLITS, ShardWriter, open_shard, token_dtype, write_json
 from ondol.data.sources import BadInputLog, iter_documents
 from ondol.errors import ConfigError, DataError
@@ -219,16 +219,17 @@ class _TokenizeAndWrite(PipelineStep):
 
     name, type = "tokenize", "ondol"
 
-    def __init__(self, cfg: DataConfig, tokenizer_dir: str, work: str, tallies: list[_Tally],
+    def __init__(self, cfg: DataConfig, tokenizer, work: str, tallies: list[_Tally],
                  scrubber: _ScrubPersonalData | None):
         super().__init__()
-        self.cfg, self.tokenizer_dir, self.work = cfg, tokenizer_dir, work
+        # Each task loads the tokenizer from its folder with the tokenizer's own loader (pickled by name, so the
+        # data package does not import the tokenizer package above it)
+        self.load_tokenizer, self.tokenizer_dir = type(tokenizer).load, str(tokenizer.directory)
+        self.cfg, self.work = cfg, work
         self.tallies, self.scrubber = tallies, scrubber
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        from ondol.tokenizer.tokenizer import Tokenizer
-
-        tok = Tokenizer.load(self.tokenizer_dir)
+        tok = self.load_tokenizer(self.tokenizer_dir)
         dtype = token_dtype(tok.vocab_size)
         out = Path(self.work) / "tokens" / f"{rank:05d}"
         shutil.rmtree(out, ignore_errors=True)  # a killed earlier attempt of this task: start it over
@@ -310,7 +311,7 @@ def _stages(cfg: DataConfig, tokenizer, seed: int, work: Path, counts: dict) -> 
     if scrubber:
         tokenize.append(scrubber)
     tallies = [step for step in tokenize if isinstance(step, _Tally)]
-    tokenize.append(_TokenizeAndWrite(cfg, str(tokenizer.directory), w, tallies, scrubber))
+    tokenize.append(_TokenizeAndWrite(cfg, tokenizer, w, tallies, scrubber))
     return [("clean", clean, n), *stages, ("tokenize", tokenize, n)]
 
 
@@ -459,7 +460,7 @@ def prepare_on_datatrove(cfg: DataConfig, tokenizer, out_dir: Path, seed: int, d
     stats, cleaner = _source_stats(cfg, counts, work, cfg.tasks)
     for entry, source in zip(stats, cfg.sources):
         entry["files"] = source_files(source)
-    manifest = _manifest(cfg, tokenizer, seed, digest, dtype, stats, cleaner, writers)
+    manifest = build_manifest(cfg, tokenizer, seed, digest, dtype, stats, cleaner, writers)
     manifest["stages"] = _stage_counts(work, [name for name, _, _ in stages])
     manifest["seconds"] = round(time.perf_counter() - started, 2)
     write_json(out_dir / MANIFEST, manifest)

@@ -10,7 +10,6 @@ two preparations in one folder.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import multiprocessing
@@ -28,11 +27,18 @@ from tqdm import tqdm
 
 from ondol.data.clean import Cleaner, check_normalization
 from ondol.data.config import DataConfig
+from ondol.data.packing import (
+    FORMAT,
+    build_manifest,
+    deliver_documents,
+    encode_documents,
+    source_files,
+    tokenizer_record,
+)
 from ondol.data.shards import IDENTITY, MANIFEST, SPLITS, ShardWriter, shard_intact, token_dtype, write_json
-from ondol.data.sources import BadInputLog, iter_documents, resolve_files, source_identity
+from ondol.data.sources import BadInputLog, iter_documents, source_identity
 from ondol.errors import ignore_interrupts
 
-FORMAT = "ondol-data/1"
 CHUNK_DOCS, CHUNK_CHARS = 2048, 1 << 20  # documents sent to a worker at a time
 log = logging.getLogger("ondol.data")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -42,18 +48,6 @@ _worker_tokenizer = None  # set before forking the pool; each worker inherits it
 
 def _encode_chunk(texts: list[str], dtype: str, bos: bool) -> tuple[np.ndarray, np.ndarray]:
     return encode_documents(_worker_tokenizer, texts, dtype, bos)
-
-
-def encode_documents(tok, texts: list[str], dtype: str, bos: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens of every text between bos (if asked) and eos, packed into one array, and each document's length."""
-    head = [tok.bos_id] if bos else []
-    flat, lengths = [], []
-    for ids in tok.encode_batch(texts):
-        flat.extend(head)
-        flat.extend(ids)
-        flat.append(tok.eos_id)
-        lengths.append(len(head) + len(ids) + 1)
-    return np.array(flat, dtype=dtype), np.array(lengths, dtype=np.int64)
 
 
 class _OrderedEncoder:
@@ -107,12 +101,7 @@ def _identity(cfg: DataConfig, tokenizer, seed: int) -> dict:
         sources.append({k: v for k, v in source_identity(s).items() if k != "weight"})
     return {"format": FORMAT, "seed": seed, "sources": sources, "cleaning": asdict(cfg.cleaning),
             "val_fraction": cfg.val_fraction, "shard_tokens": cfg.shard_tokens, "bos": cfg.bos,
-            "tokenizer": _tokenizer_record(tokenizer)}
-
-
-def _tokenizer_record(tokenizer) -> dict:
-    return {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+            "tokenizer": tokenizer_record(tokenizer)}
 
 
 def _digest(obj: dict) -> str:
@@ -214,25 +203,10 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
         writer.flush()
     for entry, source in zip(stats, cfg.sources):
         entry["files"] = source_files(source)
-    manifest = _manifest(cfg, tokenizer, seed, digest, dtype, stats, cleaner, writers)
+    manifest = build_manifest(cfg, tokenizer, seed, digest, dtype, stats, cleaner, writers)
     manifest["seconds"] = round(time.perf_counter() - started, 2)
     write_json(out_dir / MANIFEST, manifest)
     return manifest
-
-
-def source_files(source) -> list[list]:
-    """[path, size] of each file of a source, as the manifest lists them (none for a Hugging Face dataset)."""
-    return [] if source.format == "hf" else [[f, os.path.getsize(f)] for f in resolve_files(source)]
-
-
-def deliver_documents(writers: dict, routes: list, flat: np.ndarray, lengths: np.ndarray) -> None:
-    """Hand each run of consecutive documents bound for the same shard stream (routes[i]) to its writer."""
-    doc = offset = 0
-    for key, run in itertools.groupby(routes):
-        n = sum(1 for _ in run)
-        size = int(lengths[doc:doc + n].sum())
-        writers[key].add(flat[offset:offset + size], lengths[doc:doc + n])
-        doc, offset = doc + n, offset + size
 
 
 def _prepare_source(source, cfg: DataConfig, cleaner: Cleaner, encoder: _OrderedEncoder,
@@ -273,23 +247,3 @@ def _prepare_source(source, cfg: DataConfig, cleaner: Cleaner, encoder: _Ordered
     return {"name": source.name, "path": source.path, "weight": source.weight, "read": read,
             "bad_input": dict(bad.counts), "bad_input_examples": bad.examples,
             "kept": kept, "chars": chars}
-
-
-def _manifest(cfg: DataConfig, tokenizer, seed: int, digest: str, dtype: np.dtype, stats: list[dict],
-              cleaner: Cleaner, writers: dict) -> dict:
-    for entry in stats:
-        name = entry["name"]
-        entry["modified"] = dict(cleaner.modified.get(name, {}))
-        entry["dropped"] = dict(cleaner.dropped.get(name, {}))
-        entry["tokens"] = {split: sum(r["tokens"] for r in writers[split, name].records) for split in SPLITS}
-    totals = {f"{split}_{what}": sum(e[key][split] for e in stats)
-              for split in SPLITS for what, key in (("docs", "kept"), ("tokens", "tokens"), ("chars", "chars"))}
-    totals["dropped"] = sum(sum(e["dropped"].values()) for e in stats)
-    totals["bad_input"] = sum(sum(e["bad_input"].values()) for e in stats)
-    return {
-        "format": FORMAT, "hash": digest, "seed": seed, "dtype": dtype.name, "bos": cfg.bos,
-        "tokenizer": _tokenizer_record(tokenizer),
-        "weights": {s.name: s.weight for s in cfg.sources},
-        "sources": stats, "totals": totals, "config": asdict(cfg),
-        "splits": {split: {s.name: writers[split, s.name].records for s in cfg.sources} for split in SPLITS},
-    }

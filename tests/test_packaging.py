@@ -61,7 +61,7 @@ def rank(module: str) -> int:
     parts = module.split(".")
     if module == "ondol.launch.cli":
         return COMMAND_RANK
-    if module in ("ondol", "ondol.configs", "ondol.files") or parts[-1] == "config":
+    if module in ("ondol", "ondol.configs", "ondol.files", "ondol.errors") or parts[-1] == "config":
         return 0
     if parts[-1] in ("cli", "__main__"):
         return CLI_RANK
