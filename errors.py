@@ -88,12 +88,9 @@ def debug_env() -> bool:
 
 
 def debug_requested(argv: list[str]) -> tuple[bool, list[str]]:
-    """(whether to show tracebacks, argv without --debug): the flag anywhere on the line, or ONDOL_DEBUG=1.
-    The flag sets ONDOL_DEBUG=1 for this process and the ranks and workers it starts."""
+    """(whether to show tracebacks, argv without --debug): the flag anywhere on the line, or ONDOL_DEBUG=1."""
     rest = [a for a in argv if a != DEBUG_FLAG]
-    if len(rest) != len(argv):
-        os.environ["ONDOL_DEBUG"] = "1"
-    return debug_env(), rest
+    return len(rest) != len(argv) or debug_env(), rest
 
 
 def _first_line(error: BaseException) -> str:
@@ -104,7 +101,10 @@ def _first_line(error: BaseException) -> str:
 
 def reported(call: Callable[[], int | None], prog: str, debug: bool) -> int:
     """Run a command; its exit code, with any error printed as one line on stderr (plus the traceback when
-    `debug`)."""
+    `debug`). While it runs, `debug` is ONDOL_DEBUG=1, so the ranks and workers it starts follow it."""
+    saved = os.environ.get("ONDOL_DEBUG")
+    if debug:
+        os.environ["ONDOL_DEBUG"] = "1"
     try:
         return int(call() or 0)
     except KeyboardInterrupt:
@@ -126,3 +126,8 @@ def reported(call: Callable[[], int | None], prog: str, debug: bool) -> int:
         print(f"{prog}: {what}: {_first_line(e)} (run with --debug or ONDOL_DEBUG=1 for the traceback)",
               file=sys.stderr, flush=True)
         return 1
+    finally:
+        if saved is None:
+            os.environ.pop("ONDOL_DEBUG", None)
+        else:
+            os.environ["ONDOL_DEBUG"] = saved

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from ondol.train.deepspeed_log import drop_import_noise
 
     debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))
-    drop_import_noise()
+    drop_import_noise(debug)
     args = parse_config_args(build_parser(), argv)
     return reported(lambda: args.func(args), "ondol", debug)
 

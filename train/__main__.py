@@ -13,10 +13,10 @@ from ondol.train.deepspeed_log import drop_import_noise
 
 
 def main(argv: list[str] | None = None) -> int:
-    drop_import_noise()
     parser = argparse.ArgumentParser(prog="python -m ondol.train", description="Train one rank (see `ondol train`).")
     add_config_args(parser)
     debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))
+    drop_import_noise(debug)
     args = parse_config_args(parser, argv)
     return reported(lambda: train_command(args), "python -m ondol.train", debug)
 

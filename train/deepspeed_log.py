@@ -28,10 +28,11 @@ class _DropImportNoise(logging.Filter):
         return not any(text in record.getMessage() for text in IMPORT_NOISE)
 
 
-def drop_import_noise() -> None:
-    """Install the filter on DeepSpeed's logger (it survives DeepSpeed setting the logger up on import)."""
+def drop_import_noise(debug: bool) -> None:
+    """Install the filter on DeepSpeed's logger (it survives DeepSpeed setting the logger up on import), unless
+    `debug` (--debug or ONDOL_DEBUG=1)."""
     logger = logging.getLogger("DeepSpeed")
-    if not debug_env() and not any(isinstance(f, _DropImportNoise) for f in logger.filters):
+    if not debug and not any(isinstance(f, _DropImportNoise) for f in logger.filters):
         logger.addFilter(_DropImportNoise())
 
 
