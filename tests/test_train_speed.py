@@ -34,16 +34,30 @@ def eager(assets, tmp_path_factory) -> list[float]:
     return run_losses(tmp_path_factory.mktemp("eager"), assets, *STEPS)
 
 
+COMPILED = ("train.compile=true", "train.activation_checkpointing=selective", "train.loss=chunked",
+            "train.loss_chunk_tokens=100")
+
+
 @pytest.mark.parametrize("fast", [
     ("train.activation_checkpointing=full", "train.loss=chunked", "train.loss_chunk_tokens=48", "optim.adamw=fused"),
-    ("train.compile=true", "train.activation_checkpointing=selective", "train.loss=chunked",
-     "train.loss_chunk_tokens=100"),
+    pytest.param(COMPILED, marks=pytest.mark.slow),  # minutes of compiling on 2 cores; the dense test below
 ], ids=["checkpointed-chunked-fused", "compiled-selective-chunked"])
 def test_fast_paths_give_the_eager_losses(assets, eager, tmp_path, fast):
     """Same data, same initial weights: only the order of floating-point sums may differ."""
     losses = run_losses(tmp_path, assets, *STEPS, *fast)
     assert len(losses) == len(eager) == 3
     assert losses == pytest.approx(eager, rel=1e-5)
+
+
+def test_compiled_checkpointed_dense_model_gives_the_eager_losses(assets, tmp_path):
+    """train.compile with selective checkpointing and the compiled chunked loss, on a dense model (few graphs
+    to compile; the MoE model's run above is marked slow)."""
+    dense = ("model.n_experts=0", "train.steps=2", "train.eval_every=2", "train.eval_batches=1",
+             "train.save_every=2")
+    eager = run_losses(tmp_path / "eager", assets, *dense)
+    compiled = run_losses(tmp_path / "compiled", assets, *dense, *COMPILED)
+    assert len(compiled) == len(eager) == 2
+    assert compiled == pytest.approx(eager, rel=1e-5)
 
 
 def test_a_training_step_makes_at_most_one_host_sync(assets, tmp_path):

@@ -30,7 +30,18 @@ def checkpointed_layers(n_layers: int, mode: str) -> list[int]:
 def apply_compile_and_checkpointing(model: torch.nn.Module, tr: TrainConfig) -> None:
     """Compile each block (main layers and MTP depths) and checkpoint the chosen main layers, in place: the
     blocks keep their names, so state dicts and checkpoints are unchanged."""
+    if tr.compile:
+        # Blocks share one code object: each attention kind x dense/MoE x train/eval, and each graph-break
+        # resume point, is one more compiled variant. Past the limit dynamo would run a block eagerly, and a
+        # checkpoint whose recompute ran other code than its forward fails, so the limit grows with depth.
+        limit = 8 * (len(model.layers) + len(model.mtp))
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
     recomputed = set(checkpointed_layers(len(model.layers), tr.activation_checkpointing))
+    if tr.compile and recomputed:
+        # A recompute must run the very graph its forward ran. Blocks share compiled variants, and dynamo's
+        # most-recently-used ordering of them can pick another variant whose guards also pass (e.g. one with
+        # dynamic shapes); first-compiled-first order keeps the choice stable (pytorch/pytorch#166926).
+        torch._C._dynamo.eval_frame._set_lru_cache(False)
     blocks = [(block, i in recomputed) for i, block in enumerate(model.layers)]
     blocks += [(depth.block, False) for depth in model.mtp]
     for block, recompute in blocks:
