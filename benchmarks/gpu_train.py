@@ -194,8 +194,7 @@ def trainer_config(name: str, overrides: list[str], args, work: Path, device: to
     """A run config as a user would write it: the preset, this run's tokenizer and data, then the overrides."""
     from ondol.configs import load_config
 
-    run = work / name.replace(" ", "_").replace("+", "")
-    run.mkdir()
+    run = Path(tempfile.mkdtemp(prefix="train-", dir=work))
     (run / "data").symlink_to(work / "data", target_is_directory=True)
     cuda = device.type == "cuda"
     preset = Path(args.preset) if Path(args.preset).suffix else PRESET_DIR / f"{args.preset}.yaml"
