@@ -190,7 +190,7 @@ def count_host_syncs(step, batch, device) -> float:
     return float(syncs.count)
 
 
-def trainer_config(name: str, overrides: list[str], args, work: Path, device: torch.device):
+def trainer_config(overrides: list[str], args, work: Path, device: torch.device):
     """A run config as a user would write it: the preset, this run's tokenizer and data, then the overrides."""
     from ondol.configs import load_config
 
@@ -214,7 +214,7 @@ def measure_trainer(name: str, overrides: list[str], args, work: Path, device: t
     """The `Trainer` step itself, as `ondol train` runs it (without evaluation, logging and checkpoints)."""
     from ondol.train.trainer import Trainer
 
-    trainer = Trainer(trainer_config(name, overrides, args, work, device))
+    trainer = Trainer(trainer_config(overrides, args, work, device))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
         trainer.train_step()
