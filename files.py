@@ -28,17 +28,29 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask sets it for every thread)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, mode: int = 0o644) -> Iterator[Path]:
-    """Yields a temporary path beside `path` to write to; on a clean exit it is fsynced and renamed to `path`
-    (with permissions `mode`), on an exception removed."""
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside `path` to write to; on a clean exit it is fsynced and renamed to `path`,
+    on an exception removed. The file gets the permissions of a plain `open(path, "w")` (0666 less the umask:
+    0644 under the usual 022), not mkstemp's private 0600."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
-        os.chmod(tmp, mode)
+        os.chmod(tmp, 0o666 & ~_umask())
         fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:

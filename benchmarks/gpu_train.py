@@ -63,8 +63,9 @@ VARIANTS = {
 TRAINER_ROWS = {
     "train": [],
     "train +compile": ["train.compile=true"],
-    "train +compile +ckpt": ["train.compile=true", "train.activation_checkpointing=selective"],
-    "train +compile +full ckpt": ["train.compile=true", "train.activation_checkpointing=full"],
+    "train +compile +ckpt": ["train.compile=true", "train.activation_checkpointing=true",
+                             "train.checkpointed_blocks=alternate"],
+    "train +compile +full ckpt": ["train.compile=true", "train.activation_checkpointing=true"],
 }
 
 
@@ -123,7 +124,7 @@ def build(variant: dict, base_cfg, device, hf: bool):
     label_regions(model)  # before compiling, so that the ranges are traced into the compiled blocks
     if not hf:  # the trainer's own switches (train.compile, train.activation_checkpointing)
         apply_compile_and_checkpointing(model, TrainConfig(
-            compile=bool(variant.get("compile")), activation_checkpointing="full" if variant.get("act_ckpt") else "none"))
+            compile=bool(variant.get("compile")), activation_checkpointing=bool(variant.get("act_ckpt"))))
     return model, cfg
 
 

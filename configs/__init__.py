@@ -18,16 +18,19 @@ from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ondol.data.config import DataConfig
+from ondol.errors import ConfigError
 from ondol.launch.config import GenerateConfig, LaunchConfig
 from ondol.model.config import ModelConfig
 from ondol.tokenizer.config import TokenizerConfig
 from ondol.train.config import DeepSpeedConfig, LoggingConfig, OptimConfig, TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent
+REPO_DIR = CONFIG_DIR.parent  # the clone; the default corpora_dir (../shared/corpora) is relative to it
 
 
 @dataclass
@@ -44,10 +47,6 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
-
-
-class ConfigError(ValueError):
-    """A configuration mistake, with a one-line message naming the file and key."""
 
 
 def _valid_keys(node: Any, prefix: str = "") -> list[str]:
@@ -101,12 +100,20 @@ def _explain(err: OmegaConfBaseException, origin: str) -> ConfigError:
 
 
 def _read_yaml(path: Path) -> DictConfig:
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder: give a YAML file, e.g. configs/tiny-ko.yaml")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (give a YAML file, e.g. configs/tiny-ko.yaml)")
     try:
         node = OmegaConf.load(path)
-    except Exception as e:  # yaml.YAMLError carries a line number in its message
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        opened = getattr(e, "context_mark", None)
+        if getattr(e, "context", None) and opened and opened.line != mark.line:
+            what += f" {e.context} that starts on line {opened.line + 1}"
+        raise ConfigError(f"{where}: not valid YAML: {what} (fix the syntax there)") from None
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     return node
@@ -140,6 +147,25 @@ def _apply_override(schema: DictConfig, item: str) -> DictConfig:
     return schema
 
 
+def _locate_corpora(schema: DictConfig, user: DictConfig, path: Path, overrides: list[str] | tuple[str, ...]) -> None:
+    """Make a relative corpora_dir absolute, so commands work from any folder: relative to the shell's folder
+    when given on the command line or in ONDOL_CORPORA, to the config file when set there, else (the default
+    ../shared/corpora) to the repository."""
+    try:
+        value = str(schema.corpora_dir)
+    except OmegaConfBaseException as e:
+        raise _explain(e, str(path)) from None
+    if os.path.isabs(os.path.expanduser(value)):
+        return
+    if any(item.startswith("corpora_dir=") for item in overrides):
+        base = Path.cwd()
+    elif "corpora_dir" in user:
+        base = path.parent
+    else:
+        base = Path.cwd() if os.environ.get("ONDOL_CORPORA") else REPO_DIR
+    schema.corpora_dir = os.path.normpath(base / value)
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Load a run YAML, apply its `defaults` presets and the dotlist overrides, and validate every key."""
     path = Path(path)
@@ -160,6 +186,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     schema = _merge(schema, user, str(path))
     for item in overrides:
         schema = _apply_override(schema, item)
+    _locate_corpora(schema, user, path, overrides)
     try:
         cfg = OmegaConf.to_object(schema)  # resolves interpolations, runs each dataclass's checks
     except OmegaConfBaseException as e:
@@ -174,6 +201,19 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     """The CONFIG positional and the dotlist overrides that `load_config(config, overrides)` reads."""
     parser.add_argument("config", help="run config YAML, e.g. configs/tiny-ko.yaml")
     parser.add_argument("overrides", nargs="*", help="dotlist overrides such as model.n_layers=4 train.steps=50")
+
+
+def parse_config_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse `argv`, taking `key=value` words anywhere on the line (after option flags too) as the overrides of
+    a command that reads a config."""
+    args, extras = parser.parse_known_args(argv)
+    overrides = [word for word in extras if "=" in word and not word.startswith("-")]
+    unknown = [word for word in extras if word not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
 
 
 def add_config_command(commands: argparse._SubParsersAction, name: str, handler: Callable[[argparse.Namespace], int],

@@ -10,23 +10,23 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from ondol.configs import ConfigError, add_config_command, data_dir, load_config, tokenizer_dir
+from ondol.configs import add_config_command, data_dir, load_config, tokenizer_dir
+from ondol.errors import DataError, OndolError
 
 # long lines (paths, samples) stay whole; logs (not a terminal) get room for the whole table
 console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 140)
 
 
 def _reported(handler):
-    """Data errors (bad input, missing files, refused mixing) as one line on stderr and exit code 1."""
+    """Data errors (bad input, missing files, refused mixing) as DataError: one line, exit code 3."""
     @wraps(handler)
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except ConfigError:
+        except OndolError:
             raise
         except (ValueError, OSError) as e:
-            print(f"ondol data {args.data_command}: error: {e}", file=sys.stderr)
-            return 1
+            raise DataError(str(e)) from e
     return run
 
 
@@ -61,6 +61,9 @@ def _prepare(args: argparse.Namespace) -> int:
     manifest = prepare(cfg.data, tokenizer, out_dir, cfg.seed, progress=not args.no_progress)
     console.print(_source_table(manifest))
     for s in manifest["sources"]:
+        if "personal_data" in s:  # data.pii on: what was masked or dropped
+            found = ", ".join(f"{n:,} {kind}" for kind, n in sorted(s["personal_data"].items())) or "none"
+            console.print(f"  {s['name']}: personal data ({manifest['config']['pii']}): {found}", highlight=False)
         for examples in s["bad_input_examples"].values():
             for line in examples:
                 console.print(f"  skipped {line}", highlight=False, markup=False)
@@ -116,7 +119,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                            description="Read data.sources, clean (NFC, control characters, length, Hangul ratio, "
                            "exact dedup), split train/val by document hash, tokenize in parallel with the run's "
                            "tokenizer and write packed shards plus manifest.json. Finished shards are kept when "
-                           "re-run; a changed tokenizer or config is refused.")
+                           "re-run; a changed tokenizer or config is refused. data.executor=local|slurm runs the "
+                           "same as data.tasks DataTrove tasks, here or as Slurm job arrays, with optional "
+                           "near-dedup (data.near_dedup.enabled) and PII masking (data.pii=mask|drop).")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     i = add_config_command(commands, "inspect", _inspect,

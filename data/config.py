@@ -51,6 +51,38 @@ class CleaningConfig:
 
 
 @dataclass
+class NearDedupConfig:
+    """MinHash LSH near-duplicate removal (DataTrove's MinHash stages; data.executor local or slurm).
+
+    Word n-grams of the normalized text (lowercased, punctuation and digits folded; Korean words split by Kiwi)
+    are hashed num_buckets * hashes_per_bucket times; two documents collide in a bucket when all its minimum
+    hashes agree, which happens with probability s**hashes_per_bucket for n-gram Jaccard similarity s. One
+    document of each connected group of collisions is kept. With 14 buckets of 8: pairs at s=0.8 are caught
+    with probability 0.92, at s=0.7 with 0.56, at s=0.5 with 0.05."""
+
+    enabled: bool = False
+    n_grams: int = 5
+    num_buckets: int = 14
+    hashes_per_bucket: int = 8
+
+    def __post_init__(self) -> None:
+        if min(self.n_grams, self.num_buckets, self.hashes_per_bucket) < 1:
+            raise ValueError("data.near_dedup.n_grams, num_buckets and hashes_per_bucket must be >= 1")
+
+
+@dataclass
+class SlurmConfig:
+    """The sbatch settings of `data.executor=slurm` (one job array per stage, one task per array element)."""
+
+    partition: str = ""  # required with data.executor=slurm
+    time: str = "24:00:00"
+    cpus_per_task: int = 1
+    mem_per_cpu_gb: int = 2
+    qos: str = ""  # empty: the cluster's default
+    job_name: str = "ondol-data"
+
+
+@dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     cleaning: CleaningConfig = field(default_factory=CleaningConfig)
@@ -60,12 +92,25 @@ class DataConfig:
     num_proc: int = 2
     strict: bool = False  # any bad input line becomes an error instead of a counted skip
     bos: bool = True  # start every document with bos, as generation prompts do (eos always ends one)
+    # single: this process and num_proc tokenizing workers; local: DataTrove tasks on this machine (num_proc at
+    # a time); slurm: DataTrove tasks as Slurm job arrays. All three write the same shards.
+    executor: str = "single"
+    tasks: int = 4  # local and slurm: each task takes a contiguous share of every source
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
+    pii: str = "off"  # off | mask | drop: Korean personal data (data/pii.py); local and slurm executors
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must lie in [0, 1), not {self.val_fraction}")
         if self.seq_len < 1 or self.shard_tokens < 1 or self.num_proc < 1:
             raise ValueError("data.seq_len, data.shard_tokens and data.num_proc must be >= 1")
+        if self.executor not in ("single", "local", "slurm"):
+            raise ValueError(f"data.executor must be single | local | slurm, not '{self.executor}'")
+        if self.pii not in ("off", "mask", "drop"):
+            raise ValueError(f"data.pii must be off | mask | drop, not '{self.pii}'")
+        if self.tasks < 1:
+            raise ValueError(f"data.tasks must be >= 1, not {self.tasks}")
         names = {s.name for s in self.sources}
         unknown = sorted(set(self.cleaning.hangul_ratio_sources) - names) if self.sources else []
         if unknown:

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from ondol.data.clean import Cleaner, check_normalization
 from ondol.data.config import DataConfig
 from ondol.data.shards import IDENTITY, MANIFEST, SPLITS, ShardWriter, shard_intact, token_dtype, write_json
-from ondol.data.sources import BadInputLog, iter_documents, resolve_files
+from ondol.data.sources import BadInputLog, iter_documents, resolve_files, source_identity
+from ondol.errors import ignore_interrupts
 
 FORMAT = "ondol-data/1"
 CHUNK_DOCS, CHUNK_CHARS = 2048, 1 << 20  # documents sent to a worker at a time
@@ -40,8 +41,11 @@ _worker_tokenizer = None  # set before forking the pool; each worker inherits it
 
 
 def _encode_chunk(texts: list[str], dtype: str, bos: bool) -> tuple[np.ndarray, np.ndarray]:
+    return encode_documents(_worker_tokenizer, texts, dtype, bos)
+
+
+def encode_documents(tok, texts: list[str], dtype: str, bos: bool) -> tuple[np.ndarray, np.ndarray]:
     """Tokens of every text between bos (if asked) and eos, packed into one array, and each document's length."""
-    tok = _worker_tokenizer
     head = [tok.bos_id] if bos else []
     flat, lengths = [], []
     for ids in tok.encode_batch(texts):
@@ -62,7 +66,8 @@ class _OrderedEncoder:
         global _worker_tokenizer
         _worker_tokenizer = tokenizer  # forked workers inherit it: nothing to pickle
         self.args, self.deliver = (dtype.name, bos), deliver
-        self.pool = (ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork"))
+        self.pool = (ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("fork"),
+                                         initializer=ignore_interrupts)
                      if num_proc > 1 else None)
         self.window = 2 * num_proc
         self.pending: deque = deque()
@@ -99,10 +104,7 @@ def _identity(cfg: DataConfig, tokenizer, seed: int) -> dict:
     """Everything that decides the shards' bytes (not weights, seq_len or num_proc: those never change them)."""
     sources = []
     for s in cfg.sources:
-        entry = {k: v for k, v in asdict(s).items() if k != "weight"}
-        if s.format != "hf":
-            entry["files"] = [[f, os.path.getsize(f)] for f in resolve_files(s)]
-        sources.append(entry)
+        sources.append({k: v for k, v in source_identity(s).items() if k != "weight"})
     return {"format": FORMAT, "seed": seed, "sources": sources, "cleaning": asdict(cfg.cleaning),
             "val_fraction": cfg.val_fraction, "shard_tokens": cfg.shard_tokens, "bos": cfg.bos,
             "tokenizer": _tokenizer_record(tokenizer)}
@@ -172,6 +174,12 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
     if cfg.bos and tokenizer.bos_id < 0:
         raise ValueError("data.bos is on but the tokenizer has no bos token: set data.bos=false")
     identity = _identity(cfg, tokenizer, seed)
+    if cfg.executor == "single" and (cfg.near_dedup.enabled or cfg.pii != "off"):
+        raise ValueError("data.near_dedup and data.pii run on DataTrove: set data.executor=local "
+                         "(data.tasks=1 is fine) or slurm")
+    # Only when on, so that preparations from before these settings keep their identity.
+    identity |= {"near_dedup": asdict(cfg.near_dedup)} if cfg.near_dedup.enabled else {}
+    identity |= {"pii": cfg.pii} if cfg.pii != "off" else {}
     digest = _digest(identity)
     _refuse_mixing(out_dir, identity, digest)
     manifest = _reuse(out_dir, cfg, digest)
@@ -179,6 +187,10 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
         return manifest
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / IDENTITY, {"hash": digest, "identity": identity})
+    if cfg.executor != "single":
+        from ondol.data.cluster import prepare_on_datatrove
+
+        return prepare_on_datatrove(cfg, tokenizer, out_dir, seed, digest, progress)
 
     started = time.perf_counter()
     dtype = token_dtype(tokenizer.vocab_size)
@@ -186,13 +198,7 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
                for split in SPLITS for s in cfg.sources}
 
     def deliver(routes: list, flat: np.ndarray, lengths: np.ndarray) -> None:
-        """Hand each run of consecutive documents bound for the same shard stream to its writer."""
-        doc = offset = 0
-        for key, run in itertools.groupby(routes):
-            n = sum(1 for _ in run)
-            size = int(lengths[doc:doc + n].sum())
-            writers[key].add(flat[offset:offset + size], lengths[doc:doc + n])
-            doc, offset = doc + n, offset + size
+        deliver_documents(writers, routes, flat, lengths)
 
     cleaner = Cleaner(cfg.cleaning, seed, cfg.val_fraction)
     encoder = _OrderedEncoder(tokenizer, cfg.num_proc, dtype, cfg.bos, deliver)
@@ -206,12 +212,27 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
         raise
     for writer in writers.values():
         writer.flush()
-    for entry, source in zip(stats, identity["sources"]):
-        entry["files"] = source.get("files", [])
+    for entry, source in zip(stats, cfg.sources):
+        entry["files"] = source_files(source)
     manifest = _manifest(cfg, tokenizer, seed, digest, dtype, stats, cleaner, writers)
     manifest["seconds"] = round(time.perf_counter() - started, 2)
     write_json(out_dir / MANIFEST, manifest)
     return manifest
+
+
+def source_files(source) -> list[list]:
+    """[path, size] of each file of a source, as the manifest lists them (none for a Hugging Face dataset)."""
+    return [] if source.format == "hf" else [[f, os.path.getsize(f)] for f in resolve_files(source)]
+
+
+def deliver_documents(writers: dict, routes: list, flat: np.ndarray, lengths: np.ndarray) -> None:
+    """Hand each run of consecutive documents bound for the same shard stream (routes[i]) to its writer."""
+    doc = offset = 0
+    for key, run in itertools.groupby(routes):
+        n = sum(1 for _ in run)
+        size = int(lengths[doc:doc + n].sum())
+        writers[key].add(flat[offset:offset + size], lengths[doc:doc + n])
+        doc, offset = doc + n, offset + size
 
 
 def _prepare_source(source, cfg: DataConfig, cleaner: Cleaner, encoder: _OrderedEncoder,
@@ -224,7 +245,8 @@ def _prepare_source(source, cfg: DataConfig, cleaner: Cleaner, encoder: _Ordered
     texts: list[str] = []
     routes: list[tuple[str, str]] = []
     bar = tqdm(desc=f"data: {source.name}", unit=" docs", unit_scale=True, total=source.max_docs,
-               disable=not progress, mininterval=0.5, dynamic_ncols=True)
+               disable=None if progress else True,  # None: no bar off a terminal
+               mininterval=0.5, dynamic_ncols=True)
     read = chunk_chars = 0
     for doc in iter_documents(source, bad=bad):
         read += 1

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ondol.errors import DataError
 from ondol.files import write_atomic
 
 MANIFEST = "manifest.json"
@@ -124,7 +125,7 @@ def open_shard(data_dir: str | os.PathLike, record: dict, dtype: str, bos: bool)
     bin_path = stem.with_suffix(".bin")
     dtype_ = np.dtype(dtype)
     if not shard_intact(data_dir, record, dtype):
-        raise ValueError(f"{bin_path}: missing, or not the {record['tokens']} tokens and {record['docs']} documents "
+        raise DataError(f"{bin_path}: missing, or not the {record['tokens']} tokens and {record['docs']} documents "
                          f"the manifest says; re-run `ondol data prepare CONFIG` to rebuild it")
     starts = np.fromfile(stem.with_suffix(".idx"), dtype=np.int64)
     tokens = np.memmap(bin_path, dtype=dtype_, mode="r") if record["tokens"] else np.zeros(0, dtype_)

@@ -5,25 +5,28 @@ JSON Lines (plain, .gz, .zst), Parquet, plain text (plain, .gz, .zst) from a fil
 Hugging Face dataset through `datasets`. Each document carries the file and line it came from, so every later
 error can point at the input. Lines that cannot be documents (malformed JSON, invalid UTF-8, a missing text
 field, an empty text) are counted per reason in a `BadInputLog` and the first few are logged with file:line;
-with `strict=True` the first one raises `BadInputError` instead. JSON Lines are parsed a block at a time by
+with `strict=True` the first one raises `BadInputError` instead. A compressed file that breaks off (truncated or
+corrupt) keeps the lines before the break and counts as one `broken_file` at the line and byte where it broke. JSON Lines are parsed a block at a time by
 Arrow's JSON reader; a block holding any bad line goes through the exact line-by-line parser instead.
 """
 
 from __future__ import annotations
 
 import glob
-import gzip
+import hashlib
 import io
 import json
 import logging
 import os
+import zlib
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from ondol.data.config import SourceConfig
+from ondol.errors import DataError
 
 log = logging.getLogger("ondol.data")
 
@@ -34,11 +37,11 @@ PARQUET_SUFFIXES = (".parquet",)
 JSONL_BLOCK_BYTES = 4 << 20  # JSON Lines are parsed a block of whole lines at a time
 
 
-class BadInputError(ValueError):
+class BadInputError(DataError):
     """A bad input line met with `strict` on; the message names file:line and the fix."""
 
 
-class SourceError(ValueError):
+class SourceError(DataError):
     """A source that cannot be read at all: missing files, unknown format, no documents."""
 
 
@@ -108,24 +111,144 @@ def resolve_files(source: SourceConfig) -> list[str]:
     return files
 
 
-def _open_binary(path: str) -> IO[bytes]:
-    if path.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.endswith((".zst", ".zstd")):
+class _Decompressed(io.RawIOBase):
+    """The decompressed bytes of a .gz or .zst file (concatenated members or frames too), a chunk at a time.
+
+    A stream that is cut short (a truncated download) or corrupt ends the bytes where it breaks instead of
+    raising, and `broken` says what happened at which compressed byte: the reader keeps every whole line before
+    the break and reports the rest (compression libraries either raise without saying where, or, for zstd,
+    end silently)."""
+
+    def __init__(self, file: IO[bytes], decompressor: Callable[[], Any]) -> None:
+        self.file = file
+        self.new_decompressor = decompressor
+        self.decompressor = decompressor()
+        self.size = os.fstat(self.file.fileno()).st_size
+        self.input = b""  # compressed bytes not yet given to the decompressor
+        self.output, self.position = b"", 0  # decompressed bytes not yet handed out
+        self.offset = 0  # compressed bytes consumed
+        self.in_stream = False  # inside a member/frame whose end has not been seen
+        self.broken: str | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.position == len(self.output):
+            self._fill()
+        n = min(len(buffer), len(self.output) - self.position)
+        buffer[:n] = memoryview(self.output)[self.position:self.position + n]
+        self.position += n
+        return n
+
+    def _fill(self) -> None:
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+        self.output, self.position = b"", 0
+        while not self.output and self.broken is None:
+            if not self.input:
+                self.input = self.file.read(JSONL_BLOCK_BYTES)
+                if not self.input:
+                    if self.in_stream:
+                        self.broken = (f"the compressed stream ends early at byte {self.offset:,} of {self.size:,} "
+                                       f"(truncated file?)")
+                    return
+            if not self.in_stream and not self.input.strip(b"\0"):  # zero padding after the last member
+                self.offset += len(self.input)
+                self.input = b""
+                continue
+            self.in_stream = True
+            try:
+                self.output = self.decompressor.decompress(self.input)
+            except (zlib.error, zstandard.ZstdError) as e:
+                self.broken = f"corrupt compressed data after byte {self.offset:,} of {self.size:,} ({e})"
+                return
+            if self.decompressor.eof:  # one member/frame done; what follows starts the next
+                rest = self.decompressor.unused_data
+                self.offset += len(self.input) - len(rest)
+                self.input, self.in_stream = rest, False
+                self.decompressor = self.new_decompressor()
+            else:
+                self.offset += len(self.input)
+                self.input = b""
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+def file_digest(path: str, sample: int = 1 << 20) -> str:
+    """A content identity of a file, independent of how its path is spelled: SHA-256 of its size and its first
+    and last `sample` bytes (a whole-file hash of a multi-GB corpus on every run would cost minutes)."""
+    h = hashlib.sha256()
+    with _open_file(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(str(size).encode())
+        h.update(f.read(sample))
+        if size > 2 * sample:
+            f.seek(size - sample)
+        h.update(f.read(sample))
+    return h.hexdigest()[:16]
+
+
+def source_identity(source: SourceConfig) -> dict:
+    """What a source's documents depend on: its settings and its files' sizes and content digests in order,
+    not the spelling of its path (the same files by a relative, absolute or linked path are the same run)."""
+    entry = asdict(source)
+    if source.format == "hf":
+        if os.path.exists(os.path.expanduser(source.path)):  # a saved dataset folder
+            entry["path"] = os.path.realpath(os.path.expanduser(source.path))
+        return entry
+    del entry["path"]
+    entry["content"] = [[os.path.getsize(f), file_digest(f)] for f in resolve_files(source)]
+    return entry
+
+
+def _open_file(path: str) -> IO[bytes]:
+    """The file opened for reading; one that cannot be is a SourceError naming it and the fix."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        fix = "give a file, not a folder" if isinstance(e, IsADirectoryError) else "fix its permissions or path"
+        raise SourceError(f"{path}: cannot read it ({e.strerror or e}): {fix}") from None
+
+
+def _open_binary(path: str) -> IO[bytes]:
+    """The file's bytes, decompressed for .gz and .zst."""
+    if path.endswith(".gz"):
+        raw = _Decompressed(_open_file(path), lambda: zlib.decompressobj(wbits=31))
+    elif path.endswith((".zst", ".zstd")):
+        import zstandard
+
+        raw = _Decompressed(_open_file(path), lambda: zstandard.ZstdDecompressor().decompressobj())
+    else:
+        return _open_file(path)
+    return io.BufferedReader(raw, buffer_size=JSONL_BLOCK_BYTES)
+
+
+def _check_complete(f: IO[bytes], path: str, line: int, bad: BadInputLog) -> bool:
+    """Count (or with strict, raise) a compressed stream that broke before its end; whether it was whole. `line`:
+    the first line not read."""
+    broken = getattr(f.raw, "broken", None) if isinstance(f, io.BufferedReader) else None
+    if broken:
+        bad.add("broken_file", f"{path}:{line}", f"{broken}; the lines before it are kept (re-download or "
+                "recompress the file to read the rest)")
+    return broken is None
 
 
 def _decoded_lines(path: str, bad: BadInputLog) -> Iterator[tuple[int, str]]:
     """(line number, text) of each line decoding as UTF-8; the others are counted as invalid_utf8."""
+    number = 0
     with _open_binary(path) as f:
         for number, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n") and getattr(f.raw, "broken", None):
+                number -= 1  # the line the stream broke in is part of what is lost
+                break
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 bad.add("invalid_utf8", f"{path}:{number}", f"byte {e.start}: {e.reason}")
+        _check_complete(f, path, number + 1, bad)
 
 
 def _is_text(value: object) -> bool:
@@ -142,7 +265,7 @@ def _count_not_text(value: object, text_field: str, where: str, bad: BadInputLog
     bad.add("missing_text_field", where, f"{detail} (set text_field in the source config)")
 
 
-def _line_blocks(path: str) -> Iterator[tuple[int, bytes]]:
+def _line_blocks(path: str, bad: BadInputLog) -> Iterator[tuple[int, bytes]]:
     """(number of its first line, whole lines) for consecutive blocks of about JSONL_BLOCK_BYTES."""
     first, tail = 1, b""
     with _open_binary(path) as f:
@@ -153,6 +276,8 @@ def _line_blocks(path: str) -> Iterator[tuple[int, bytes]]:
             if block:
                 yield first, block
                 first += block.count(b"\n")
+        if not _check_complete(f, path, first, bad):
+            return  # the unfinished line the stream broke in is part of what is lost
     if tail:
         yield first, tail
 
@@ -209,7 +334,7 @@ def _read_jsonl(path: str, source: SourceConfig, bad: BadInputLog) -> Iterator[D
     """JSON Lines a block at a time: Arrow's fast reader for blocks that parse cleanly, the exact
     line-by-line parser (which names each bad line) for the others. Both give the same documents."""
     key = source.text_field
-    for first, block in _line_blocks(path):
+    for first, block in _line_blocks(path, bad):
         values = _arrow_column(block, key)
         numbered = enumerate(values, first) if values is not None else _parsed_lines(block, first, path, key, bad)
         for number, value in numbered:

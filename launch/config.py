@@ -44,9 +44,11 @@ class SlurmConfig:
     container: str | None = None  # container image for srun (pyxis: --container-image)
     container_mounts: list[str] = field(default_factory=list)  # SRC:DST pairs; the working directory is added
     request_gpus: bool = True  # False: a CPU partition, gpus_per_node gloo workers per node
-    cpus_per_node: int = 0  # --cpus-per-task of the one launcher task per node; 0: Slurm's default
+    # CPUs for the one task per node (the launcher and its ranks): --cpus-per-task=N; 0: the whole node
+    # (--exclusive, and the step takes $SLURM_CPUS_ON_NODE), as training jobs use every GPU of their nodes
+    cpus_per_node: int = 0
     job_name: str | None = None  # None: ondol-<run dir name>
-    extra_sbatch: list[str] = field(default_factory=list)  # extra `#SBATCH` options, e.g. "--exclusive"
+    extra_sbatch: list[str] = field(default_factory=list)  # extra `#SBATCH` options, e.g. "--constraint=h100"
     # Slurm sends USR1 to the batch script this many seconds before the time limit (--signal=B:USR1@N): every
     # rank saves and stops, and with `requeue` the job queues itself again and resumes; 0: no early signal
     stop_signal_s: int = 300
@@ -54,7 +56,7 @@ class SlurmConfig:
 
     def __post_init__(self) -> None:
         if self.cpus_per_node < 0:
-            raise ValueError("launch.slurm.cpus_per_node must be >= 0 (0: Slurm's default)")
+            raise ValueError("launch.slurm.cpus_per_node must be >= 0 (0: the whole node, --exclusive)")
         if self.stop_signal_s < 0:
             raise ValueError("launch.slurm.stop_signal_s must be >= 0 (0: no signal before the time limit)")
         for key in ("partition", "time", "account", "job_name", "container"):
@@ -73,6 +75,9 @@ class LaunchConfig:
     master_addr: str = "127.0.0.1"  # multi-node: 127.0.0.1 means the first host; Slurm: the first allocated node
     master_port: int = 29500  # 0: a free port (local); Slurm derives it from the job id
     global_batch_size: int = 0  # expected micro x grad_accum x data-parallel size; 0: not checked
+    # memory of one GPU for the pre-launch memory plan (`ondol plan`); 0: this machine's GPU when launching
+    # locally, else unknown (the plan is printed, not checked)
+    gpu_memory_gib: float = 0.0
     # NAME=value lines (chmod 600) every rank reads on its own node: secrets such as WANDB_API_KEY reach the
     # ranks without being on a command line, in a log or in a generated file
     env_file: str | None = None
@@ -93,6 +98,8 @@ class LaunchConfig:
             raise ValueError("launch.master_port must lie in [0, 65535] (0: pick a free port)")
         if self.global_batch_size < 0:
             raise ValueError("launch.global_batch_size must be >= 0 (0: not checked)")
+        if self.gpu_memory_gib < 0:
+            raise ValueError("launch.gpu_memory_gib must be >= 0 (0: this machine's GPU, or not checked)")
         if self.watchdog_minutes < 0 or self.failure_grace_s < 0:
             raise ValueError("launch.watchdog_minutes and launch.failure_grace_s must be >= 0")
         if self.launcher == "local" and self.nodes > 1:

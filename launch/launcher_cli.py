@@ -4,11 +4,10 @@ launcher (one machine, a hostfile cluster, or a Slurm allocation), after pre-fli
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ondol.configs import RunConfig, add_config_command, load_config
+from ondol.configs import ConfigError, RunConfig, add_config_command, load_config
 from ondol.launch.launcher import DEFAULT_MODULE, LaunchPlan, plan_launch, run_plan, write_files
-from ondol.launch.preflight import PreflightError, run_preflight
+from ondol.launch.preflight import run_preflight
 
 EXAMPLES = """examples:
   ondol launch configs/tiny-ko.yaml launch.gpus_per_node=2            # 2 workers here (gloo on CPU)
@@ -34,15 +33,9 @@ def launch_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     slurm = cfg.launch.launcher == "slurm"
     if args.submit and not slurm:
-        print("ondol launch: --submit is for launch.launcher=slurm (other launchers start right away)",
-              file=sys.stderr)
-        return 2
-    try:
-        plan, report = build_plan(cfg, args.module, check_hosts=not args.dry_run and not args.no_host_check,
-                                  dry_run=args.dry_run)
-    except PreflightError as e:
-        print(f"ondol launch: pre-flight: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError("--submit is for launch.launcher=slurm (other launchers start right away)")
+    plan, report = build_plan(cfg, args.module, check_hosts=not args.dry_run and not args.no_host_check,
+                              dry_run=args.dry_run)
     for line in report:
         print(f"preflight: {line}")
     if args.dry_run:
@@ -56,13 +49,9 @@ def launch_command(args: argparse.Namespace) -> int:
     if not args.submit:
         print(f"wrote {script}\nsubmit it with: sbatch {script}  (or add --submit)")
         return 0
-    from ondol.launch.slurm import SubmitError, submit
+    from ondol.launch.slurm import submit
 
-    try:
-        job = submit(plan)
-    except SubmitError as e:
-        print(f"ondol launch: {e}", file=sys.stderr)
-        return 1
+    job = submit(plan)
     print(f"submitted Slurm job {job}: {script}; output in {plan.log_dir}/slurm-{job}.out, ranks in "
           f"{plan.log_dir}/rank*.log")
     return 0

@@ -20,7 +20,6 @@ from ondol.configs import (
     data_dir,
     load_config,
     model_dir,
-    to_yaml,
     tokenizer_dir,
 )
 
@@ -56,7 +55,7 @@ def continue_prompt(cfg: RunConfig, prompt: str | None = None) -> tuple[str, str
     prompt = prompt if prompt is not None else (cfg.generate.prompt or prompt_from_validation(cfg, tokenizer))
     ids = generate(
         model,
-        [tokenizer.bos_id, *tokenizer.encode(prompt)],
+        [tokenizer.bos_id] * cfg.data.bos + tokenizer.encode(prompt),  # as training documents began
         max_new_tokens=cfg.generate.max_new_tokens,
         temperature=cfg.generate.temperature,
         top_k=cfg.generate.top_k,
@@ -77,7 +76,6 @@ def run_pipeline(cfg: RunConfig) -> dict:
     started = time.perf_counter()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     print(f"Ondol run -> {run_dir.resolve()}")
 
     t = _stage(1, "tokenizer")
@@ -126,6 +124,8 @@ def _generate(args: argparse.Namespace) -> int:
     cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
     prompt, continuation = continue_prompt(cfg, args.prompt)
     print(f"{prompt}{continuation}")
+    if not continuation.strip():  # blanks, or nothing before eos, would look like no output at all
+        print(f"(the continuation is only whitespace: {continuation!r})", file=sys.stderr)
     return 0
 
 

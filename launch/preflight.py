@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ondol.configs import RunConfig, data_dir, tokenizer_dir
+from ondol.errors import LaunchError
 from ondol.launch.config import HOSTNAME, read_env_file
 
 # Variables that decide how ranks find each other and which network they use.
@@ -29,8 +30,10 @@ SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "A
 SHELL_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_@%+=:,./-")
 
 
-class PreflightError(ValueError):
+class PreflightError(LaunchError):
     """A launch that cannot work as configured; the message is one line saying what to change."""
+
+    kind = "pre-flight"
 
 
 @dataclass
@@ -119,6 +122,9 @@ def check_parallel_layout(cfg: RunConfig, layout: Layout) -> list[str]:
     if world % ep:
         raise PreflightError(f"world size {world} ({where}) is not divisible by deepspeed.expert_parallel_size={ep}: "
                              "change launch.gpus_per_node/launch.nodes or the expert-parallel size")
+    if ep > 1 and not cfg.model.n_experts:
+        raise PreflightError(f"deepspeed.expert_parallel_size={ep} needs an MoE model (model.n_experts is 0): set "
+                             "deepspeed.expert_parallel_size=1")
     if cfg.model.n_experts and cfg.model.n_experts % ep:
         raise PreflightError(f"model.n_experts={cfg.model.n_experts} is not divisible by "
                              f"deepspeed.expert_parallel_size={ep}: each expert-parallel rank needs the same count")
@@ -149,6 +155,35 @@ def check_global_batch(cfg: RunConfig, layout: Layout) -> list[str]:
                else f"it is not a multiple of micro x data-parallel ({per_step})")
         raise PreflightError(f"launch.global_batch_size={wanted} but {line.split(': ', 1)[1]}: {fix}")
     return [line]
+
+
+def gpu_memory_gib(cfg: RunConfig, layout: Layout) -> float | None:
+    """launch.gpu_memory_gib, else this machine's first GPU for a local launch; None for gloo workers or when
+    the cluster's GPUs are not known here."""
+    if layout.cpu:
+        return None
+    if cfg.launch.gpu_memory_gib:
+        return cfg.launch.gpu_memory_gib
+    if cfg.launch.launcher == "local":
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    return None
+
+
+def check_memory(cfg: RunConfig, layout: Layout, dry_run: bool = False) -> list[str]:
+    """The per-GPU memory plan (launch/plan.py); a layout that cannot fit is refused (a dry run warns)."""
+    from ondol.launch.plan import fits, plan_for_config, refusal, table
+
+    gpu = gpu_memory_gib(cfg, layout)
+    plan = plan_for_config(cfg, layout.nodes, layout.gpus_per_node)
+    lines = [f"memory: {line}" for line in table(plan, gpu)]
+    if gpu is not None and not fits(plan, gpu):
+        line = refusal(cfg, plan, layout.gpus_per_node, gpu)
+        if not dry_run:
+            raise PreflightError(line)
+        lines.append(f"warning: {line} (a real launch stops here)")
+    return lines
 
 
 def timeouts_line(cfg: RunConfig) -> str:
@@ -292,6 +327,7 @@ def run_preflight(cfg: RunConfig, *, check_inputs: bool = True, check_hosts: boo
         report.append(f"warning: {layout.gpus_per_node} gloo workers on {cores} CPU cores: they will share cores "
                       "and run slower than fewer workers would")
     report += check_global_batch(cfg, layout)
+    report += check_memory(cfg, layout, dry_run)
     if check_inputs:
         try:
             report += check_prepared(cfg)

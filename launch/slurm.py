@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from ondol.configs import RunConfig
+from ondol.errors import LaunchError
 from ondol.launch.launcher import LaunchPlan, launch_dir, log_dir, rank_args, resolved_config
 from ondol.launch.preflight import Layout
 from ondol.train.preemption import PREEMPTED_EXIT, stop_file
@@ -47,8 +48,9 @@ def sbatch_directives(cfg: RunConfig, layout: Layout) -> list[str]:
     lines = [f"--job-name={name}", f"--nodes={layout.nodes}", "--ntasks-per-node=1"]
     if sl.request_gpus:
         lines.append(f"--gpus-per-node={layout.gpus_per_node}")
-    if sl.cpus_per_node:
-        lines.append(f"--cpus-per-task={sl.cpus_per_node}")
+    # The one task per node runs the DeepSpeed launcher and all its ranks: it needs the node's cores, not the one
+    # CPU Slurm gives a task by default where the cluster sets no CPUs per GPU.
+    lines.append(f"--cpus-per-task={sl.cpus_per_node}" if sl.cpus_per_node else "--exclusive")
     if sl.partition:
         lines.append(f"--partition={sl.partition}")
     if sl.account:
@@ -74,13 +76,16 @@ def sbatch_script(cfg: RunConfig, layout: Layout, config_file: Path, module: str
     logs = log_dir(cfg)
     hostfile = launch_dir(cfg) / "hostfile.$SLURM_JOB_ID"
     srun = ["srun", f"--nodes={layout.nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    if sl.cpus_per_node:  # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05)
-        srun.append(f"--cpus-per-task={sl.cpus_per_node}")
+    # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05); under --exclusive the step takes every CPU
+    # the job holds on its node ($SLURM_CPUS_ON_NODE, expanded by the batch shell)
+    cpus = f"--cpus-per-task={sl.cpus_per_node}" if sl.cpus_per_node else '--cpus-per-task="$SLURM_CPUS_ON_NODE"'
+    container = []
     if sl.container:
         mounts = [f"{workdir}:{workdir}", *sl.container_mounts]
-        srun += [f"--container-image={sl.container}", f"--container-mounts={','.join(mounts)}",
-                 f"--container-workdir={workdir}"]
-    job_line = f"{shlex.join(srun)} bash -c {shlex.quote(node_command(cfg, config_file, module))}"
+        container = [f"--container-image={sl.container}", f"--container-mounts={','.join(mounts)}",
+                     f"--container-workdir={workdir}"]
+    job_line = " ".join([shlex.join(srun), cpus, *([shlex.join(container)] if container else []), "bash -c",
+                         shlex.quote(node_command(cfg, config_file, module))])
     if not sl.container:  # the supervisor needs this environment on the batch host; a container has it inside
         job_line = (f"python -m ondol.launch.supervise --log-dir {shlex.quote(str(logs))} "
                     f"--stop-file {shlex.quote(str(stop_file(cfg.run_dir)))} "
@@ -134,7 +139,7 @@ def plan_slurm(cfg: RunConfig, layout: Layout, module: str) -> LaunchPlan:
     return LaunchPlan(layout, log_dir(cfg), ["sbatch", str(script)], {config_file: config_text, script: text})
 
 
-class SubmitError(RuntimeError):
+class SubmitError(LaunchError):
     """sbatch is missing or refused the script; the message says what it printed."""
 
 

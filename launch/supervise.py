@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from ondol.errors import USER_ERROR_EXITS
 from ondol.train.preemption import PREEMPTED_EXIT, SignalScope
 
 TAIL_LINES = 20
@@ -238,6 +239,10 @@ def _supervise(cmd: list[str], log_dir: Path, env: dict[str, str] | None, watchd
         also = f" (also failed: ranks {', '.join(others)})" if others else ""
         print(f"ondol launch: rank {first.rank} on {first.host} failed with exit code {first.exit_code}{also}: "
               f"{_last_line(text)}", file=err)
+        if first.exit_code in USER_ERROR_EXITS:  # the rank's one-line error says it all (ondol/errors.py)
+            print(f"  rank log: {log}", file=err)
+            err.flush()
+            return first.exit_code
         print(f"  last lines of {log}:\n{_tail(text)}", file=err)
     else:
         if not reason:

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def _export_hf(args: argparse.Namespace) -> int:
-    from ondol.model.export import ExportError, export_hf
+    from ondol.model.export import export_hf
 
-    try:
-        out = export_hf(args.run_dir, args.out)
-    except (ExportError, FileNotFoundError) as e:
-        print(f"ondol export hf: {e}", file=sys.stderr)
-        return 2
+    out = export_hf(args.run_dir, args.out)
     print(f"exported {args.run_dir} -> {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 

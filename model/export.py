@@ -21,14 +21,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ondol.errors import ModelError
 from ondol.files import atomic_path, write_atomic
 from ondol.model.config import ModelConfig
 from ondol.model.io import load_pretrained
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
-
-class ExportError(ValueError):
+class ExportError(ModelError):
     """The model uses an option the transformers architecture cannot express."""
 
 
@@ -132,6 +131,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     if not (tok_dir / "meta.json").is_file():
         raise FileNotFoundError(f"{tok_dir}: no tokenizer (meta.json) in the run directory; train one with "
                                 "`ondol tokenizer` or copy the run's tokenizer folder there")
+    from ondol.tokenizer.hf_export import write_model_tokenizer
     from ondol.tokenizer.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tok_dir)
@@ -148,12 +148,26 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
         print(f"export: the {cfg.mtp_layers} MTP depth(s) are not in {out}: transformers "
               f"{transformers.__version__}'s ExaoneMoe has no MTP module; they stay in {run_dir / 'model'} "
               "(Ondol's format, used by `ondol generate generate.speculative=true`)")
-    copied = [name for name in TOKENIZER_FILES if (tok_dir / name).is_file()]
-    for name in copied:
-        with atomic_path(out / name) as tmp:
-            shutil.copyfile(tok_dir / name, tmp)
+    with atomic_path(out / "tokenizer.model") as tmp:  # the SentencePiece model, for Ondol and sentencepiece
+        shutil.copyfile(tok_dir / "tokenizer.model", tmp)
+    add_bos = training_added_bos(run_dir)
+    note = write_model_tokenizer((tok_dir / "tokenizer.model").read_bytes(), tok.meta, out, add_bos,
+                                 cfg.max_seq_len)
+    if note:
+        print(f"export: {note}")
     write_atomic(out / "generation_config.json", json.dumps(special, indent=2) + "\n")
     write_atomic(out / "config.json", json.dumps(hf_config(cfg, special), indent=2) + "\n")
-    if "tokenizer.json" not in copied:
-        print(f"export: warning: {tok_dir} has no tokenizer.json; transformers' AutoTokenizer will not load {out}")
     return out
+
+
+def training_added_bos(run_dir: Path) -> bool:
+    """Whether the run's training documents started with bos: its data manifest says; a run directory without
+    prepared data gets data.bos's default, with a note."""
+    from ondol.data.config import DataConfig
+    from ondol.data.shards import read_manifest
+
+    if (run_dir / "data" / "manifest.json").is_file():
+        return bool(read_manifest(run_dir / "data")["bos"])
+    print(f"export: {run_dir / 'data'} has no manifest: the tokenizer adds bos as data.bos={DataConfig.bos} "
+          "does by default")
+    return DataConfig.bos

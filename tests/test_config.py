@@ -94,8 +94,10 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
     broken = tmp_path / "broken.yaml"
     broken.write_text("model: {d_model: 3\n")
-    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+    with pytest.raises(ConfigError) as info:
         load_config(broken)
+    assert str(info.value) == (f"{broken}:2:1: not valid YAML: did not find expected ',' or '}}' while parsing a "
+                               "flow mapping that starts on line 1 (fix the syntax there)")
 
 
 def test_component_checks_become_one_line_config_errors():

@@ -1,21 +1,17 @@
 """`ondol data prepare` and `ondol data inspect` from a run config, on real text."""
 
-import argparse
 import ast
 
 import pytest
 
-from ondol.data.cli import register
 from ondol.data.shards import read_manifest
+from ondol.launch.cli import main
 from tests.conftest import CORPORA, corpus_texts
 from tests.test_data_prepare import small_tokenizer
 
 
 def ondol(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="ondol")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    return args.func(args)
+    return main(list(argv))
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +58,10 @@ def test_prepare_then_inspect(config, tmp_path, capsys):
             assert any(t.startswith(sample) for t in texts)
 
 
-def test_errors_are_one_line_with_exit_code_1(config, tmp_path, capsys):
-    assert ondol("data", "inspect", str(config)) == 1
-    assert "ondol data inspect: error: no manifest.json in" in capsys.readouterr().err
+def test_errors_are_one_line_with_exit_code_3(config, tmp_path, capsys):
+    assert ondol("data", "inspect", str(config)) == 3
+    assert "ondol: data error: no manifest.json in" in capsys.readouterr().err
     assert ondol("data", "prepare", str(config), "--no-progress") == 0
-    assert ondol("data", "prepare", str(config), "data.cleaning.min_chars=10", "--no-progress") == 1
+    assert ondol("data", "prepare", str(config), "data.cleaning.min_chars=10", "--no-progress") == 3
     err = capsys.readouterr().err
-    assert "ondol data prepare: error: " in err and "refusing to mix" in err and len(err.splitlines()) == 1
+    assert "ondol: data error: " in err and "refusing to mix" in err and len(err.splitlines()) == 1

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ondol.data.config import SourceConfig
-from ondol.model.cli import register
+from ondol.launch.cli import main
 from ondol.model.config import load_preset
 from ondol.model.generate import generate
 from ondol.model.io import save_pretrained
@@ -50,12 +50,7 @@ def make_run(tmp_path: Path, tokenizer_dir: Path, **overrides) -> tuple[Path, Tr
 
 
 def cli_export(run: Path, out: Path) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args(["export", "hf", str(run), str(out)])
-    return args.func(args)
+    return main(["export", "hf", str(run), str(out)])
 
 
 def korean_ids(tokenizer_dir: Path, n_tokens: int) -> list[int]:
@@ -132,6 +127,42 @@ def test_mtp_is_left_out_with_a_note_and_transformers_has_no_mtp(tmp_path, token
 ])
 def test_inexpressible_options_are_refused(tmp_path, tokenizer_dir, capsys, overrides, message):
     run, _ = make_run(tmp_path, tokenizer_dir, **overrides)
-    assert cli_export(run, tmp_path / "hf") == 2
+    assert cli_export(run, tmp_path / "hf") == 5
     assert message in capsys.readouterr().err
     assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_exported_tokenizer_adds_bos_and_carries_context_special_tokens_and_chat_template(tmp_path, tokenizer_dir,
+                                                                                       capsys):
+    from ondol.tokenizer.hf_export import CHAT_TEMPLATE
+
+    run, model = make_run(tmp_path, tokenizer_dir)
+    out = tmp_path / "hf"
+    assert cli_export(run, out) == 0
+    assert (f"export: {run / 'data'} has no manifest: the tokenizer adds bos as data.bos=True does by default\n"
+            in capsys.readouterr().out)
+    tok = Tokenizer.load(tokenizer_dir)
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    prompt = " ".join(corpus_texts("ko_reviews", 1, skip=7000)[0].split()[:6])
+    assert hf_tok(prompt)["input_ids"] == [tok.bos_id, *tok.encode(prompt)]  # bos, and no eos after a prompt
+    assert hf_tok.model_max_length == model.cfg.max_seq_len
+    assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token, hf_tok.unk_token) == (
+        "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>")
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert hf_tok.chat_template == CHAT_TEMPLATE
+    chat = hf_tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_dict=True)
+    assert chat["input_ids"] == [tok.bos_id, tok.token_to_id("<|user|>"), *tok.encode(prompt),
+                                 tok.token_to_id("<|end|>"), tok.token_to_id("<|assistant|>")]
+
+
+def test_export_without_role_tokens_says_there_is_no_chat_template(tmp_path, tokenizer_dir, capsys):
+    run, _ = make_run(tmp_path, tokenizer_dir)
+    meta = json.loads((run / "tokenizer" / "meta.json").read_text())
+    meta["special_tokens"].pop("<|system|>")  # as with tokenizer.special_tokens=[] (ids are unchanged here)
+    (run / "tokenizer" / "meta.json").write_text(json.dumps(meta))
+    assert cli_export(run, tmp_path / "hf") == 0
+    out = capsys.readouterr().out
+    assert ("export: no chat template: the tokenizer lacks the role token(s) <|system|> (tokenizer.special_tokens) "
+            "that Ondol's template is written with\n") in out
+    assert "chat_template" not in json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())

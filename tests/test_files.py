@@ -4,6 +4,7 @@ file or the new complete one, never torn; the same for a whole `ondol export hf`
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import signal
 import subprocess
@@ -39,6 +40,25 @@ def test_write_atomic_replaces_whole_files_and_keeps_the_mode(tmp_path):
         tmp.write_bytes(b"half")
         raise RuntimeError("writer failed")
     assert target.read_bytes() == b"{}\n" and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_final_weights_get_the_mode_open_would_give_under_the_umask(tmp_path, umask):
+    from ondol.model.config import load_preset
+    from ondol.model.io import save_pretrained
+    from ondol.model.transformer import Transformer
+
+    cfg = load_preset("tiny", vocab_size=256, n_layers=1)
+    old = os.umask(umask)
+    try:
+        save_pretrained(Transformer(cfg), cfg, tmp_path / "model")
+        (tmp_path / "plain").write_text("")  # what the user's other outputs get
+    finally:
+        os.umask(old)
+    expected = (tmp_path / "plain").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "model" / name).stat().st_mode & 0o777 == expected, name
 
 
 def test_write_atomic_killed_ten_times_leaves_old_or_new_never_torn(tmp_path):

@@ -84,9 +84,9 @@ def _stand_ins(tmp_path: Path, monkeypatch, **scripts: str) -> None:
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
-def _cli_error(capsys, *args: str) -> str:
-    """stderr of an `ondol launch` that must stop with exit code 2."""
-    assert ondol(["launch", TINY, *args]) == 2
+def _cli_error(capsys, *args: str, code: int = 7) -> str:
+    """stderr of an `ondol launch` that must stop with `code` (7: a launch error such as a pre-flight check)."""
+    assert ondol(["launch", TINY, *args]) == code
     return capsys.readouterr().err
 
 
@@ -267,13 +267,13 @@ def test_sbatch_refusal_is_reported(tmp_path, capsys, monkeypatch):
                sbatch="#!/bin/sh\necho 'sbatch: error: invalid partition specified: gpux' >&2\nexit 1\n")
     code = ondol(["launch", TINY, f"run_dir={tmp_path}", "launch.launcher=slurm", "launch.slurm.partition=gpux",
                   "--submit", "--module", "some_module"])  # another module: no prepared inputs needed
-    assert code == 1
-    assert capsys.readouterr().err == ("ondol launch: sbatch failed (exit 1): sbatch: error: invalid partition "
+    assert code == 7
+    assert capsys.readouterr().err == ("ondol: launch error: sbatch failed (exit 1): sbatch: error: invalid partition "
                                        "specified: gpux\n")
 
 
 def test_submit_is_refused_for_a_non_slurm_launcher(tmp_path, capsys):
-    assert "--submit is for launch.launcher=slurm" in _cli_error(capsys, f"run_dir={tmp_path}", "--submit")
+    assert "--submit is for launch.launcher=slurm" in _cli_error(capsys, f"run_dir={tmp_path}", "--submit", code=2)
 
 
 # ---------------------------------------------------------------- pre-flight errors
@@ -297,7 +297,7 @@ def test_bad_hostfile_through_the_cli_is_one_line_and_exit_2(tmp_path, capsys):
     path = _hostfile(tmp_path, "node1 slots=4\nnode2 slots=4 slots=8\n")
     err = _cli_error(capsys, f"run_dir={tmp_path / 'run'}", "launch.launcher=pdsh", f"launch.hostfile={path}",
                      "launch.nodes=2", "--dry-run")
-    assert err == f"ondol launch: pre-flight: hostfile {path}:2: expected 'HOST slots=N', got " \
+    assert err == f"ondol: pre-flight: hostfile {path}:2: expected 'HOST slots=N', got " \
                   "'node2 slots=4 slots=8'\n"
 
 
@@ -344,7 +344,7 @@ def test_world_size_not_divisible_by_expert_parallel_size(tmp_path):
 def test_world_size_not_divisible_by_zero_shard_groups(tmp_path, capsys):
     err = _cli_error(capsys, f"run_dir={tmp_path}", "launch.gpus_per_node=4", "deepspeed.zero_stage=3",
                      "deepspeed.extra={zero_optimization: {mics_shard_size: 3}}", "--dry-run")
-    assert err == ("ondol launch: pre-flight: world size 4 (1 node(s) x 4 per node) is not divisible by "
+    assert err == ("ondol: pre-flight: world size 4 (1 node(s) x 4 per node) is not divisible by "
                    "deepspeed.extra.zero_optimization.mics_shard_size=3: pick a shard size that divides it\n")
     cfg = _cfg(tmp_path, "launch.gpus_per_node=4", "deepspeed.extra={zero_optimization: {zero_hpz_partition_size: 8}}")
     with pytest.raises(PreflightError, match="zero_hpz_partition_size=8 must divide the GPUs per node"):
@@ -354,7 +354,7 @@ def test_world_size_not_divisible_by_zero_shard_groups(tmp_path, capsys):
 def test_inconsistent_global_batch(tmp_path, capsys):
     err = _cli_error(capsys, f"run_dir={tmp_path}", "launch.gpus_per_node=2", "train.micro_batch_size=4",
                      "launch.global_batch_size=32", "--dry-run")
-    assert err == ("ondol launch: pre-flight: launch.global_batch_size=32 but train.micro_batch_size (4) x "
+    assert err == ("ondol: pre-flight: launch.global_batch_size=32 but train.micro_batch_size (4) x "
                    "train.grad_accum (1) x data-parallel size (2) = 8 sequences: set train.grad_accum=4\n")
     cfg = _cfg(tmp_path, "launch.gpus_per_node=2", "train.micro_batch_size=4", "launch.global_batch_size=12")
     with pytest.raises(PreflightError, match=r"= 8 sequences: it is not a multiple of micro x data-parallel \(8\)"):
@@ -366,7 +366,7 @@ def test_inconsistent_global_batch(tmp_path, capsys):
 
 def test_missing_inputs_stop_a_real_launch(tmp_path, capsys):
     err = _cli_error(capsys, f"run_dir={tmp_path / 'run'}", "launch.gpus_per_node=2")
-    assert err == (f"ondol launch: pre-flight: no tokenizer in {tmp_path / 'run' / 'tokenizer'}: run "
+    assert err == (f"ondol: pre-flight: no tokenizer in {tmp_path / 'run' / 'tokenizer'}: run "
                    "`ondol tokenizer train CONFIG` (or `ondol run`) first\n")
 
 
@@ -376,7 +376,7 @@ def test_unreachable_hosts_are_named(tmp_path, capsys, monkeypatch):
     path = _hostfile(tmp_path, "node-a slots=1\nnode-b slots=1\n")
     err = _cli_error(capsys, f"run_dir={tmp_path / 'run'}", "launch.launcher=pdsh", f"launch.hostfile={path}",
                      "launch.nodes=2")
-    assert err.startswith("ondol launch: pre-flight: hosts not reachable by passwordless ssh: "
+    assert err.startswith("ondol: pre-flight: hosts not reachable by passwordless ssh: "
                                               f"node-b (from {path})")
 
 
@@ -456,7 +456,7 @@ import json, time, pathlib
 logs = pathlib.Path({str(logs)!r})
 (logs / "rank0.log").write_text("step 1\\n")
 (logs / "rank3.log").write_text("loading shard\\nValueError: shard 17 is truncated\\n")
-(logs / "rank3.exit").write_text(json.dumps({{"rank": 3, "host": "node-b", "exit_code": 2, "time": time.time()}}))
+(logs / "rank3.exit").write_text(json.dumps({{"rank": 3, "host": "node-b", "exit_code": 1, "time": time.time()}}))
 time.sleep(600)  # the other nodes would wait in a collective until the process-group timeout
 """
     started = time.monotonic()
@@ -466,7 +466,7 @@ time.sleep(600)  # the other nodes would wait in a collective until the process-
     assert code != 0 and elapsed < 20
     assert "step 1\n" in out  # rank 0's log echoed
     assert err.splitlines()[0] == "ondol launch: a rank failed and the job was still running 1 s later: stopped it"
-    assert err.splitlines()[1] == ("ondol launch: rank 3 on node-b failed with exit code 2: ValueError: shard 17 is "
+    assert err.splitlines()[1] == ("ondol launch: rank 3 on node-b failed with exit code 1: ValueError: shard 17 is "
                                    "truncated")
     assert "    loading shard" in err
 

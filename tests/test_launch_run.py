@@ -245,8 +245,10 @@ def test_two_cpu_workers_train_the_tiny_config_and_write_a_checkpoint(tiny_run):
     result = _ondol(["launch", str(tiny_run), "model.n_layers=2"])
     assert result.returncode != 0 and time.monotonic() - started < 180  # launch.watchdog_minutes=3
     (summary,) = [x for x in result.stderr.splitlines() if x.startswith("ondol launch: rank")]
-    assert "failed with exit code 1" in summary
-    assert f"cannot resume from {checkpoints.resolve() / 'step_00000004'}" in summary
+    assert "failed with exit code 6" in summary and result.returncode == 6  # TrainError's code (ondol/errors.py)
+    assert f"python -m ondol.train: train error: cannot resume from {checkpoints.resolve() / 'step_00000004'}" in summary
+    # the failing rank's line once, with where its log is, not a traceback per rank
+    assert "Traceback" not in result.stderr and "  rank log: " in result.stderr
 
 
 FAKE_PDSH = """#!/bin/bash

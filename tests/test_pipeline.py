@@ -44,9 +44,26 @@ def test_run_trains_and_validation_loss_falls(tiny_run):
 def test_run_writes_everything_into_the_run_directory(tiny_run):
     run_dir, _ = tiny_run
     for path in ["config.yaml", "tokenizer/tokenizer.model", "data/manifest.json", "metrics.jsonl", "loss.png",
-                 "model/model.safetensors", "checkpoints/latest"]:
+                 "model/model.safetensors", "checkpoints/latest", "logs/deepspeed-rank0.log"]:
         assert (run_dir / path).exists(), path
     assert not (ROOT / "runs" / "tiny-ko").exists() or (ROOT / "runs" / "tiny-ko") != run_dir
+
+
+def test_deepspeed_import_and_op_build_output_stay_off_the_console(tiny_run):
+    run_dir, result = tiny_run
+    assert "DeepSpeed" not in result.stdout + result.stderr and "[WARNING]" not in result.stdout
+    # the CPU shared-memory op DeepSpeed builds when the process group starts: logged in the run directory
+    assert "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" in (
+        run_dir / "logs" / "deepspeed-rank0.log").read_text()
+
+
+def test_version_names_ondol_torch_and_deepspeed():
+    from importlib.metadata import version
+
+    out = ondol("--version")
+    assert out.returncode == 0 and out.stderr == ""
+    assert out.stdout == (f"ondol {version('ondol')} (torch {version('torch')}, deepspeed {version('deepspeed')}, "
+                          f"Python {sys.version.split()[0]})\n")
 
 
 def test_run_prints_a_continuation_of_a_korean_held_out_prompt(tiny_run):
@@ -71,6 +88,38 @@ def test_generate_command_is_deterministic_and_matches_the_run(tiny_run):
     assert out.stdout.strip() == (prompt + continuation).strip()
 
 
+def test_transformers_generate_from_a_plain_string_equals_ondol_generate(tiny_run, tmp_path):
+    """The exported tokenizer starts a text with bos as the training documents did, so `hf.generate(**tok(p))`
+    continues a prompt exactly as `ondol generate` (greedy) does."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, result = tiny_run
+    prompt = re.search(r"prompt: +(.*)", result.stdout).group(1)
+    assert ondol("export", "hf", str(run_dir), str(tmp_path / "hf")).returncode == 0
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    inputs = hf_tok(prompt, return_tensors="pt")
+    assert inputs["input_ids"][0, 0] == hf_tok.bos_token_id
+    with torch.no_grad():
+        new = hf.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+    continuation = hf_tok.decode(new, skip_special_tokens=True)
+    assert HANGUL.search(continuation), continuation
+    out = ondol("generate", str(run_dir), "generate.max_new_tokens=12", "--prompt", prompt)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout == prompt + continuation + "\n"
+
+
+def test_whitespace_only_continuation_is_shown(tiny_run, capsys, monkeypatch):
+    from ondol.launch import pipeline
+    from ondol.launch.cli import main
+
+    monkeypatch.setattr(pipeline, "continue_prompt", lambda cfg, prompt: (prompt, " \n"))
+    assert main(["generate", str(tiny_run[0]), "--prompt", "영화"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "영화 \n\n" and out.err == "(the continuation is only whitespace: ' \\n')\n"
+
+
 def test_rerun_reuses_finished_stages(tiny_run):
     run_dir, _ = tiny_run
     again = ondol("run", "configs/tiny-ko.yaml", f"run_dir={run_dir}", *SHORT)
@@ -90,5 +139,6 @@ def test_every_command_has_help(command):
 def test_config_error_is_one_line_naming_the_key():
     out = ondol("train", "configs/tiny-ko.yaml", "model.n_layer=2")
     assert out.returncode == 2
+    assert out.stdout == ""  # DeepSpeed's import-time "Setting accelerator to CPU" warning is dropped
     assert out.stderr.strip() == ("ondol: config error: override 'model.n_layer=2': unknown key 'model.n_layer' "
                                   "(did you mean 'model.n_layers'?)")

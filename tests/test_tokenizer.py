@@ -350,6 +350,6 @@ def test_a_trainer_abort_is_a_one_line_error(tmp_path, monkeypatch, capsys):
         encoding="utf-8",
     )
     capsys.readouterr()
-    assert main(["tokenizer", "train", str(config)]) == 1
+    assert main(["tokenizer", "train", str(config)]) == 4
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the sampling progress lines
-    assert last.startswith("ondol: tokenizer: SentencePiece") and last.endswith("[freq > 0])")
+    assert last.startswith("ondol: tokenizer error: tokenizer: SentencePiece") and last.endswith("[freq > 0])")

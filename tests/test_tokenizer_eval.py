@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 
 import pytest
@@ -58,7 +60,9 @@ tokenizer: {{vocab_size: 3000, hangul_coverage: false, holdout_fraction: 0.1}}
         args = parser.parse_args(list(argv))
         return args.func(args)
 
-    assert ondol("tokenizer", "train", str(cfg)) == 0
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert ondol("tokenizer", "train", str(cfg)) == 0
+    root.joinpath("train.err").write_text(err.getvalue(), encoding="utf-8")
     return root, cfg, ondol
 
 
@@ -70,6 +74,8 @@ def test_cli_train_writes_the_folder(run):
         p.name for p in folder.iterdir()
     }
     assert meta["vocab_size"] == 3072 and meta["normalization"] == "none"
+    assert ("tokenizer: vocab_size 3000 rounded up to 3072 (a multiple of 128, for aligned embedding matmuls); "
+            "set tokenizer.vocab_size=3072 to say so\n") in (root / "train.err").read_text(encoding="utf-8")
     assert meta["sample"]["ko_reviews"]["held_out"] + meta["sample"]["ko_reviews"]["documents"] == 6000
     assert 400 < meta["sample"]["ko_reviews"]["held_out"] < 800
 
@@ -106,6 +112,34 @@ def test_cli_eval_compares_on_held_out_documents(run, capsys):
 
     held = [t for t in corpus_texts("ko_reviews", 6000) if is_held_out(t, 0.1)]
     assert rows["ko_reviews", "ondol"]["docs"] == len(held)
+
+
+def test_cli_eval_without_a_hold_out_measures_documents_training_never_read(run, capsys):
+    from ondol.tokenizer.tokenizer import Tokenizer
+
+    root, _, ondol = run
+    folder = root / "run" / "tokenizer"
+    cfg = root / "no-holdout.yaml"  # the same sources, the hold-out off: training read ko_reviews' first 6000
+    cfg.write_text(f"""
+run_dir: {root}/run2
+data:
+  sources:
+    - {{name: ko_reviews, path: {CORPORA}/ko_reviews.jsonl.gz, max_docs: 6000}}
+    - {{name: ko_docs, path: {CORPORA}/ko_docs.jsonl.gz}}
+tokenizer: {{path: {folder}, vocab_size: 3000, hangul_coverage: false}}
+""", encoding="utf-8")
+    out = root / "no-holdout.json"
+    assert ondol("tokenizer", "eval", str(cfg), "--max-docs", "40", "--compare", str(folder / "tokenizer.json"),
+                 "--json", str(out)) == 0
+    assert capsys.readouterr().err == (
+        "ondol tokenizer eval: source ko_docs trained the tokenizer with every document it has (no max_docs, "
+        "tokenizer.holdout_fraction=0): not measured; set tokenizer.holdout_fraction=0.01 and retrain the "
+        "tokenizer to keep documents out\n")
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["source"] for r in rows} == {"ko_reviews"}
+    unseen = corpus_texts("ko_reviews", 40, skip=6000)
+    tok = Tokenizer.load(folder)
+    assert rows[0]["docs"] == 40 and rows[0]["tokens"] == sum(len(tok.encode(t)) for t in unseen)
 
 
 def test_round_trip_failures_are_counted(run):

@@ -7,6 +7,7 @@ test_train_dist.py and test_train_resume.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -437,3 +438,54 @@ def test_a_second_signal_exits_at_once_and_a_relayed_one_does_not(tmp_path):
     assert done.stderr.splitlines() == [
         ("received SIGTERM: finishing this optimizer step, saving a checkpoint, then exiting (signal again to stop "
         "at once)"), "received SIGUSR1 again: exiting now without saving"]
+
+
+# ---- console and metrics rows -------------------------------------------------------------------------------
+def test_console_off_a_terminal_is_whole_timestamped_lines_with_header_and_timing(assets, tmp_path, capsys):
+    """pytest's captured stdout is not a terminal: no bar, no wrapping, every line stamped; MFU on CPU too."""
+    import re
+    from datetime import datetime
+
+    from ondol.model.flops import param_counts, train_flops_per_token
+
+    run_losses(tmp_path, assets, "train.steps=3", "train.log_every=1", "train.eval_every=3",
+               "train.save_every=3", "optim.warmup_steps=5", "logging.progress=true")
+    out = capsys.readouterr().out
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+    lines = [line for line in out.splitlines() if re.match(stamp, line)]
+    assert "\r" not in out
+    cfg = tiny_config(tmp_path, assets)
+    counts = param_counts(dataclasses.replace(cfg.model, vocab_size=2048))
+    flops = train_flops_per_token(dataclasses.replace(cfg.model, vocab_size=2048), 64)
+    body = [line[20:] for line in lines]
+    assert body[0] == f"run {tmp_path}: steps 0 -> 3, seed 1234"
+    assert body[1].startswith(f"model: {counts['total'] / 1e6:.3g}M parameters, {counts['active'] / 1e6:.3g}M "
+                              f"active per token (4 layers, d_model 128, 8 experts top-2 + 1 shared), "
+                              f"{flops / 1e6:.3g}M FLOPs per token (forward + backward)")
+    assert body[2] == ("layout: world 1 = data-parallel 1 (expert-parallel groups of 1), ZeRO stage 0, fp32; batch "
+                       "4 x 1 x 1 x 64 = 256 tokens per step (micro-batch x grad-accum x data-parallel x seq)")
+    assert re.fullmatch(r"MFU peak: [\d.e+-]+ TFLOP/s over 1 rank\(s\) \(measured fp32 matmul on cpu\)", body[3])
+    assert body[4] == ("warning: optim.warmup_steps 5 >= train.steps 3: the learning rate ramps for the whole run "
+                       "and never decays; lower optim.warmup_steps")
+    steps = [b for b in body if re.match(r"step +[123] \| loss", b)]
+    assert len(steps) == 3
+    assert re.fullmatch(r"step +3 \| loss \d+\.\d{4} \| lr [\d.e+-]+ \| gnorm [\d.]+ \| [\d,]+ tok/s \| [\d,]+ "
+                        r"ms/step \| mfu \d+\.\d% \| load cv [\d.]+ \| nonfinite 0 \| 768 tokens \| elapsed 0:00:\d\d eta 0:00:00",
+                        steps[-1]), steps[-1]
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["tokens_seen"] for r in records] == [256, 512, 768]
+    assert all(r["mfu"] > 0 and r["ms_per_step"] > 0 for r in records)  # the peak is measured: no upper bound
+    assert records[0]["eta_s"] == pytest.approx(2 * records[0]["ms_per_step"] / 1000)
+    for r in read_metrics(tmp_path / "metrics.jsonl"):
+        assert datetime.fromisoformat(r["time"]).utcoffset().total_seconds() == 0  # every row, UTC
+
+
+def test_live_bar_on_a_terminal_only(tmp_path, monkeypatch):
+    from ondol.train.config import LoggingConfig
+    from ondol.train.metrics import MetricsSink
+
+    for tty in (True, False):
+        monkeypatch.setattr(sys.stdout, "isatty", lambda tty=tty: tty)
+        sink = MetricsSink(tmp_path, 10, 0, LoggingConfig(wandb_mode="disabled"), True, {})
+        assert (sink.progress is not None) == tty
+        sink.close()

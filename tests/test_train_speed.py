@@ -34,14 +34,14 @@ def eager(assets, tmp_path_factory) -> list[float]:
     return run_losses(tmp_path_factory.mktemp("eager"), assets, *STEPS)
 
 
-COMPILED = ("train.compile=true", "train.activation_checkpointing=selective", "train.loss=chunked",
+COMPILED = ("train.compile=true", "train.activation_checkpointing=true", "train.checkpointed_blocks=alternate", "train.loss=chunked",
             "train.loss_chunk_tokens=100")
 
 
 @pytest.mark.parametrize("fast", [
-    ("train.activation_checkpointing=full", "train.loss=chunked", "train.loss_chunk_tokens=48", "optim.adamw=fused"),
+    ("train.activation_checkpointing=true", "train.loss=chunked", "train.loss_chunk_tokens=48", "optim.adamw=fused"),
     pytest.param(COMPILED, marks=pytest.mark.slow),  # minutes of compiling on 2 cores; the dense test below
-], ids=["checkpointed-chunked-fused", "compiled-selective-chunked"])
+], ids=["checkpointed-chunked-fused", "compiled-alternate-chunked"])
 def test_fast_paths_give_the_eager_losses(assets, eager, tmp_path, fast):
     """Same data, same initial weights: only the order of floating-point sums may differ."""
     losses = run_losses(tmp_path, assets, *STEPS, *fast)
@@ -50,7 +50,7 @@ def test_fast_paths_give_the_eager_losses(assets, eager, tmp_path, fast):
 
 
 def test_compiled_checkpointed_dense_model_gives_the_eager_losses(assets, tmp_path):
-    """train.compile with selective checkpointing and the compiled chunked loss, on a dense model (few graphs
+    """train.compile with alternate-block checkpointing and the compiled chunked loss, on a dense model (few graphs
     to compile; the MoE model's run above is marked slow)."""
     dense = ("model.n_experts=0", "train.steps=2", "train.eval_every=2", "train.eval_batches=1",
              "train.save_every=2")
@@ -111,8 +111,9 @@ def test_chunked_loss_equals_the_full_logits_loss_and_gradients(dtype):
 
 
 def test_fast_path_selection():
-    assert checkpointed_layers(5, "none") == [] and checkpointed_layers(5, "full") == [0, 1, 2, 3, 4]
-    assert checkpointed_layers(5, "selective") == [0, 2, 4]
+    assert checkpointed_layers(5, TrainConfig()) == []
+    assert checkpointed_layers(5, TrainConfig(activation_checkpointing=True)) == [0, 1, 2, 3, 4]
+    assert checkpointed_layers(5, TrainConfig(activation_checkpointing=True, checkpointed_blocks="alternate")) == [0, 2, 4]
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert (fused_adamw("auto", cpu), fused_adamw("auto", cuda), fused_adamw("foreach", cuda)) == (False, True, False)
     assert fused_adamw("fused", cpu)
@@ -121,5 +122,5 @@ def test_fast_path_selection():
         == (0, 512, 0)
     with pytest.raises(ValueError, match="train.loss=chunked does not work with deepspeed.zero_stage=3"):
         loss_chunk_tokens(TrainConfig(loss="chunked"), cuda, 3)
-    with pytest.raises(ValueError, match="train.activation_checkpointing must be none, full or selective"):
-        TrainConfig(activation_checkpointing="some")
+    with pytest.raises(ValueError, match="train.checkpointed_blocks must be all or alternate"):
+        TrainConfig(checkpointed_blocks="some")

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 
 from ondol.configs import add_config_command, load_config, tokenizer_dir
+from ondol.errors import TokenizerError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,19 +53,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-docs",
         type=int,
         default=2000,
-        help="documents per source to measure (held-out ones when tokenizer.holdout_fraction > 0)",
+        help="documents per source to measure, never ones the tokenizer trained on: its hold-out when "
+        "tokenizer.holdout_fraction > 0, else those after the source's max_docs",
     )
 
 
 def _train(args) -> int:
-    from ondol.tokenizer.train import TrainerAbort, train_tokenizer
+    from ondol.tokenizer.train import train_tokenizer
 
     cfg = load_config(args.config, args.overrides)
-    try:
-        tok = train_tokenizer(cfg.tokenizer, cfg.data.sources, tokenizer_dir(cfg), cfg.seed)
-    except TrainerAbort as e:
-        print(f"ondol: {e}", file=sys.stderr)
-        return 1
+    tok = train_tokenizer(cfg.tokenizer, cfg.data.sources, tokenizer_dir(cfg), cfg.seed)
     print(f"{tokenizer_dir(cfg)}: {tok}")
     return 0
 
@@ -74,17 +72,21 @@ def _eval(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     encoders = [load_encoder(str(tokenizer_dir(cfg)))] + [load_encoder(s) for s in args.compare or ["o200k"]]
-    texts = evaluation_texts(
-        cfg.tokenizer.sources or cfg.data.sources, cfg.tokenizer.holdout_fraction, args.max_docs
-    )
+    held_out = cfg.tokenizer.holdout_fraction > 0
+    texts = evaluation_texts(cfg.tokenizer.sources or cfg.data.sources, cfg.tokenizer.holdout_fraction,
+                             args.max_docs)
+    for name in [name for name, docs in texts.items() if not docs]:
+        why = ("has no held-out documents" if held_out else
+               "trained the tokenizer with every document it has (no max_docs, tokenizer.holdout_fraction=0)")
+        print(f"ondol tokenizer eval: source {name} {why}: not measured; set tokenizer.holdout_fraction=0.01 "
+              "and retrain the tokenizer to keep documents out", file=sys.stderr)
+        del texts[name]
+    if not texts:
+        raise TokenizerError("no source has documents the tokenizer did not train on: set "
+                             "tokenizer.holdout_fraction=0.01 and retrain the tokenizer, or give sources a max_docs")
     report = evaluate(encoders, texts)
-    Console(width=150).print(
-        table(
-            report,
-            f"tokenizer efficiency ({'held-out ' if cfg.tokenizer.holdout_fraction else ''}"
-            f"documents, up to {args.max_docs} per source)",
-        )
-    )
+    kind = "held-out documents" if held_out else "documents after each source's max_docs (unseen in training)"
+    Console(width=150).print(table(report, f"tokenizer efficiency ({kind}, up to {args.max_docs} per source)"))
     out = args.json or tokenizer_dir(cfg) / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -8,6 +8,8 @@ is not x; a tokenizer that normalizes counts every text it changes).
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -199,14 +201,17 @@ def table(report: dict, title: str = "tokenizer efficiency") -> Table:
 def evaluation_texts(
     sources: list[SourceConfig], holdout_fraction: float, max_docs: int
 ) -> dict[str, list[str]]:
-    """Up to max_docs documents per source: the held-out ones when a hold-out is set, else the first ones."""
+    """Up to max_docs documents per source that the tokenizer did not train on: its hold-out (by text hash) when
+    tokenizer.holdout_fraction > 0, else the documents after the source's max_docs (training reads the first
+    max_docs in file order). A source read whole without a hold-out has none: its list is empty."""
     out = {}
     for source in sources:
-        texts = []
-        for doc in iter_documents(source):
-            if holdout_fraction <= 0 or is_held_out(doc.text, holdout_fraction):
-                texts.append(doc.text)
-                if len(texts) >= max_docs:
-                    break
-        out[source.name] = texts
+        if holdout_fraction > 0:
+            docs = (d.text for d in iter_documents(source) if is_held_out(d.text, holdout_fraction))
+        elif source.max_docs is not None:
+            unread = itertools.islice(iter_documents(dataclasses.replace(source, max_docs=None)), source.max_docs, None)
+            docs = (d.text for d in unread)
+        else:
+            docs = iter(())
+        out[source.name] = list(itertools.islice(docs, max_docs))
     return out

@@ -17,9 +17,10 @@ import json
 from pathlib import Path
 
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
+from ondol.files import atomic_path, write_atomic
 from ondol.tokenizer.korean import JAMO_RUN
 
 NORMAL, UNKNOWN, CONTROL, BYTE = (
@@ -78,15 +79,59 @@ def _merges(pieces: list[tuple[str, float, int]], vocab: dict[str, int]) -> list
 
 
 def write_hf_files(model_proto: bytes, meta: dict, out_dir: Path) -> None:
-    """tokenizer.json plus the tokenizer_config.json that lets transformers' AutoTokenizer load the folder."""
+    """tokenizer.json plus the tokenizer_config.json that lets transformers' AutoTokenizer load the folder: the
+    tokenizer alone, giving Ondol's `encode` ids (no bos/eos added, no model context known yet)."""
     build_hf_tokenizer(model_proto, meta["normalization"], meta["jamo_split"]).save(
         str(out_dir / "tokenizer.json")
     )
-    special = {k: meta[k] for k in ("unk_token", "bos_token", "eos_token", "pad_token")}
-    config = {
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(_tokenizer_config(meta, 1_000_000_000), indent=2), encoding="utf-8"
+    )
+
+
+def _tokenizer_config(meta: dict, model_max_length: int) -> dict:
+    return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": 1_000_000_000,
+        "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
-        **special,
+        **{k: meta[k] for k in SPECIAL_KEYS},
     }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+SPECIAL_KEYS = ("unk_token", "bos_token", "eos_token", "pad_token")
+CHAT_ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+# Each turn is the role's token, the text, then <|end|>; bos opens the conversation (as it opens every training
+# document) and add_generation_prompt leaves the assistant's token open for the reply.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def write_model_tokenizer(model_proto: bytes, meta: dict, out_dir: Path, add_bos: bool,
+                          model_max_length: int) -> str | None:
+    """The tokenizer files of an exported model. `tokenizer(text)` gives the ids the model was trained on: bos
+    first (a TemplateProcessing post-processor) exactly when training documents started with it (data.bos),
+    never eos (a prompt continues, it does not end). model_max_length is the model's context; bos, eos, pad and
+    unk are named. The chat template uses the tokenizer's role tokens (tokenizer.special_tokens) when it has all
+    of CHAT_ROLES; otherwise there is none and the returned note says why."""
+    tok = build_hf_tokenizer(model_proto, meta["normalization"], meta["jamo_split"])
+    bos = meta["bos_token"]
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta["special_tokens"][bos])]
+        )
+    with atomic_path(out_dir / "tokenizer.json") as tmp:
+        tok.save(str(tmp))
+    config = {**_tokenizer_config(meta, model_max_length), "add_bos_token": add_bos, "add_eos_token": False}
+    missing = [role for role in CHAT_ROLES if role not in meta["special_tokens"]]
+    note = None
+    if missing:
+        note = (f"no chat template: the tokenizer lacks the role token(s) {', '.join(missing)} "
+                "(tokenizer.special_tokens) that Ondol's template is written with")
+    else:
+        config["chat_template"] = CHAT_TEMPLATE
+    write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(out_dir / "special_tokens_map.json",
+                 json.dumps({k: meta[k] for k in SPECIAL_KEYS}, indent=2, ensure_ascii=False) + "\n")
+    return note

@@ -26,6 +26,8 @@ from rich.progress import (
 )
 
 from ondol.data.config import SourceConfig
+from ondol.data.sources import source_identity
+from ondol.errors import TokenizerError, ignore_interrupts
 from ondol.files import fsync_dir, fsync_tree
 from ondol.tokenizer.config import TokenizerConfig
 from ondol.tokenizer.hf_export import write_hf_files
@@ -34,7 +36,7 @@ from ondol.tokenizer.sample import mix, nfc, sample_source
 from ondol.tokenizer.tokenizer import META_FILE, MODEL_FILE, Tokenizer, fingerprint
 
 CUT = "\u241f"  # marks pre-tokenization cuts in training sentences; SentencePiece cuts there and drops it
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # off a terminal, lines are never wrapped at 80 columns
 
 
 def train_tokenizer(
@@ -45,9 +47,10 @@ def train_tokenizer(
     sources = list(cfg.sources or sources)
     if not sources:
         raise ValueError("tokenizer: no sources to train on (set tokenizer.sources or data.sources)")
+    # what the tokenizer depends on, by content: not where it is stored nor how the source paths are spelled
     recipe = {
-        "config": dataclasses.asdict(cfg),
-        "sources": [dataclasses.asdict(s) for s in sources],
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("path", "sources")},
+        "sources": [source_identity(s) for s in sources],
         "seed": seed,
     }
     if (out_dir / META_FILE).is_file():
@@ -60,6 +63,10 @@ def train_tokenizer(
             f"remove it or choose another run_dir / tokenizer.path"
         )
 
+    if cfg.rounded_vocab_size() != cfg.vocab_size:
+        console.print(f"tokenizer: vocab_size {cfg.vocab_size} rounded up to {cfg.rounded_vocab_size()} (a multiple "
+                      f"of 128, for aligned embedding matmuls); set tokenizer.vocab_size={cfg.rounded_vocab_size()} "
+                      "to say so", highlight=False, soft_wrap=True)
     started = time.perf_counter()
     sentences, stats = training_sentences(cfg, sources, seed)
     console.print(
@@ -81,7 +88,7 @@ def train_tokenizer(
         "bos_token": cfg.bos_token,
         "eos_token": cfg.eos_token,
         "pad_token": cfg.pad_token,
-        "config": recipe["config"],
+        "config": dataclasses.asdict(cfg),
         "recipe": recipe,
         "sample": stats,
         "train_seconds": round(seconds, 2),
@@ -212,7 +219,7 @@ def _train_sentencepiece(cfg: TokenizerConfig, sentences: list[str], seed: int) 
     return run_trainer(sentences, options, seed)
 
 
-class TrainerAbort(RuntimeError):
+class TrainerAbort(TokenizerError):
     """SentencePiece's trainer died in C++ (a failed CHECK aborts the process); the message is one line."""
 
 
@@ -231,6 +238,10 @@ def run_trainer(sentences: list[str], options: dict, seed: int) -> bytes:
             model = receive.recv_bytes()
         except EOFError:
             model = None
+        except BaseException:  # Ctrl-C: the child ignores it, so stop it here
+            child.terminate()
+            child.join()
+            raise
         child.join()
         log.seek(0)
         lines = log.read().decode("utf-8", "replace").strip().splitlines()
@@ -247,6 +258,7 @@ def run_trainer(sentences: list[str], options: dict, seed: int) -> bytes:
 
 def _trainer_child(sentences: list[str], options: dict, seed: int, send, stderr_fd: int) -> None:
     faulthandler.disable()  # an abort's last stderr line stays SentencePiece's, not a Python stack dump
+    ignore_interrupts()
     os.dup2(stderr_fd, 2)
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ondol.errors import TrainError
 from ondol.files import fsync_tree, write_atomic
 from ondol.train import expert_parallel
 
@@ -38,7 +39,7 @@ SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "hea
               "attn_sinks", "attn_pattern", "norm_placement", "router_score")
 
 
-class IncompatibleCheckpoint(RuntimeError):
+class IncompatibleCheckpoint(TrainError):
     """The checkpoint cannot continue this run (different model shape, tokenizer, data or ZeRO layout)."""
 
 

@@ -14,17 +14,13 @@ from ondol.files import write_atomic
 
 
 def train_command(args: argparse.Namespace) -> int:
-    """Train; a refused resume or a non-finite streak is one line on stderr and exit code 1, a stop on request
-    (signal or stop file) exits with PREEMPTED_EXIT after saving."""
-    from ondol.train.checkpoint import IncompatibleCheckpoint
+    """Train; a stop on request (signal or stop file) exits with PREEMPTED_EXIT after saving (errors: a TrainError
+    such as a refused resume or a non-finite streak, reported by the caller as one line)."""
     from ondol.train.preemption import PREEMPTED_EXIT, Preempted
-    from ondol.train.trainer import NonFiniteError, Trainer
+    from ondol.train.trainer import Trainer
 
     try:
         summary = Trainer(load_config(args.config, args.overrides)).fit()
-    except (IncompatibleCheckpoint, NonFiniteError) as e:
-        print(f"ondol train: {e}", file=sys.stderr)
-        return 1
     except Preempted as e:
         print(f"ondol train: {e}", file=sys.stderr)
         return PREEMPTED_EXIT

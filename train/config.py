@@ -61,6 +61,7 @@ class TrainConfig:
     steps: int = 200
     micro_batch_size: int = 8
     grad_accum: int = 1
+    activation_checkpointing: bool = False  # keep only each block's input; recompute the block in the backward
     eval_every: int = 50
     eval_batches: int = 8
     eval_bpb_tokens: int = 8192  # held-out tokens per source scored for bits per byte at each evaluation; 0: off
@@ -72,18 +73,17 @@ class TrainConfig:
     # Signals that make every rank finish its step, save a checkpoint and exit with code 75 (a second one: at once)
     stop_signals: list[str] = field(default_factory=lambda: ["TERM", "USR1", "INT"])
     compile: bool = False  # torch.compile each block and the loss; the first step (compiling) is not timed
-    # none | full (every block) | selective (every second block, 0, 2, ...: half the saved activations for
-    # half the recompute); each checkpointed block recomputes its (compiled) forward in the backward pass
-    activation_checkpointing: str = "none"
+    # with activation_checkpointing: all (every block, MTP blocks too) | alternate (blocks 0, 2, 4, ...: half the
+    # recompute for about half the saved activations). A checkpointed block reruns its (compiled) forward
+    checkpointed_blocks: str = "all"
     # Loss without full logits: the LM head and cross-entropy run over loss_chunk_tokens tokens at a time.
     # auto: chunked on CUDA (a 153,600 vocabulary at 8 x 4096 tokens is 20 GB of fp32 logits), full on CPU
     loss: str = "auto"  # auto | chunked | full
     loss_chunk_tokens: int = 8192
 
     def __post_init__(self) -> None:
-        _need(self.activation_checkpointing in ("none", "full", "selective"),
-              "train.activation_checkpointing must be none, full or selective, "
-              f"not '{self.activation_checkpointing}'")
+        _need(self.checkpointed_blocks in ("all", "alternate"), "train.checkpointed_blocks must be all or alternate, "
+              f"not '{self.checkpointed_blocks}'")
         _need(self.loss in ("auto", "chunked", "full"), f"train.loss must be auto, chunked or full, "
               f"not '{self.loss}'")
         for key in ("steps", "micro_batch_size", "grad_accum", "eval_every", "eval_batches", "save_every",
@@ -100,8 +100,8 @@ class LoggingConfig:
     wandb_mode: str = "disabled"  # offline | online | disabled
     wandb_project: str = "ondol"
     wandb_run_name: str | None = None
-    progress: bool = True
-    peak_tflops: float = 0.0  # 0: detect from the device (CPU: none, MFU not reported)
+    progress: bool = True  # a live bar on a terminal; off one there is never a bar
+    peak_tflops: float = 0.0  # per rank, for MFU; 0: the GPU datasheet, else a matmul measured at start
 
     def __post_init__(self) -> None:
         _need(self.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode must be offline, online or "

@@ -10,10 +10,12 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
 from ondol.configs import RunConfig
+from ondol.train.deepspeed_log import build_output_to
 from ondol.train.optim import GuardedAdamW, param_groups
 
 
@@ -54,8 +56,9 @@ def init_distributed(cfg: RunConfig) -> DistEnv:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=cfg.deepspeed.timeout_minutes))
+    if not dist.is_initialized():  # DeepSpeed's op-build output goes to RUN_DIR/logs, not the console
+        with build_output_to(Path(cfg.run_dir) / "logs" / f"deepspeed-rank{os.environ['RANK']}.log"):
+            deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=cfg.deepspeed.timeout_minutes))
     return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
 
 

@@ -1,6 +1,6 @@
 """The trainer's speed switches, applied to the plain-PyTorch model from outside: regional torch.compile of each
-block (train.compile), activation checkpointing (train.activation_checkpointing) and the chunked loss
-(train.loss).
+block (train.compile), activation checkpointing (train.activation_checkpointing, train.checkpointed_blocks)
+and the chunked loss (train.loss). MoE load counts skip a checkpoint's recompute (model/moe.py).
 
 Checkpointing wraps the compiled block, not the other way round. torch.compile of a checkpointed function
 traces the checkpoint as one higher-order op and needs its whole body as a single graph; the MoE layer has
@@ -22,9 +22,11 @@ from torch.utils.checkpoint import checkpoint
 from ondol.train.config import TrainConfig
 
 
-def checkpointed_layers(n_layers: int, mode: str) -> list[int]:
-    """Indices of the blocks that recompute their forward: none, all (full) or every second one (selective)."""
-    return {"none": [], "full": list(range(n_layers)), "selective": list(range(0, n_layers, 2))}[mode]
+def checkpointed_layers(n_layers: int, tr: TrainConfig) -> list[int]:
+    """Indices of the main blocks that recompute their forward: none, all, or every second one (alternate)."""
+    if not tr.activation_checkpointing:
+        return []
+    return list(range(0, n_layers, 2 if tr.checkpointed_blocks == "alternate" else 1))
 
 
 def apply_compile_and_checkpointing(model: torch.nn.Module, tr: TrainConfig) -> None:
@@ -36,14 +38,14 @@ def apply_compile_and_checkpointing(model: torch.nn.Module, tr: TrainConfig) -> 
         # checkpoint whose recompute ran other code than its forward fails, so the limit grows with depth.
         limit = 8 * (len(model.layers) + len(model.mtp))
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-    recomputed = set(checkpointed_layers(len(model.layers), tr.activation_checkpointing))
+    recomputed = set(checkpointed_layers(len(model.layers), tr))
     if tr.compile and recomputed:
         # A recompute must run the very graph its forward ran. Blocks share compiled variants, and dynamo's
         # most-recently-used ordering of them can pick another variant whose guards also pass (e.g. one with
         # dynamic shapes); first-compiled-first order keeps the choice stable (pytorch/pytorch#166926).
         torch._C._dynamo.eval_frame._set_lru_cache(False)
     blocks = [(block, i in recomputed) for i, block in enumerate(model.layers)]
-    blocks += [(depth.block, False) for depth in model.mtp]
+    blocks += [(depth.block, tr.activation_checkpointing and tr.checkpointed_blocks == "all") for depth in model.mtp]
     for block, recompute in blocks:
         forward = torch.compile(block.forward) if tr.compile else block.forward
         if recompute:

@@ -1,11 +1,19 @@
-"""Where training metrics go (rank 0 only): RUN_DIR/metrics.jsonl, the console with a progress bar, wandb,
-and a loss-curve PNG at the end. The trainer reduces values across ranks before handing them over."""
+"""Where training metrics go (rank 0 only): RUN_DIR/metrics.jsonl, the console, wandb, and a loss-curve PNG at
+the end. The trainer reduces values across ranks before handing them over.
+
+Console: on a terminal, a live progress bar with the step lines above it; anywhere else (a log file, Slurm, CI)
+no bar, and every line is printed whole (never wrapped) and starts with a local timestamp,
+`2026-11-24 13:40:01 step     10 | loss 7.1234 | ...`, so logs of several runs and ranks line up.
+"""
 
 from __future__ import annotations
 
+import datetime
+import functools
 import json
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -17,16 +25,38 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
                "B200": 2250.0, "GH200": 989.0}
 
 
-def detect_peak_tflops(device: torch.device, configured: float) -> float:
-    """Per-device peak for MFU: the configured value, else the GPU's datasheet figure, else 0 (not reported)."""
+def detect_peak_tflops(device: torch.device, configured: float, precision: str) -> tuple[float, str]:
+    """Per-rank peak TFLOP/s for MFU and where it comes from: the configured logging.peak_tflops, else the GPU's
+    datasheet figure, else (CPU, or a GPU not in the table) a matmul measured here. CPUs differ too much (cores,
+    AVX-512, AMX) for a table, so on CPU MFU is the fraction of what this machine's BLAS reaches on a large
+    matmul in the training precision: an achievable peak, not the vendor's theoretical one."""
     if configured > 0:
-        return configured
+        return configured, "logging.peak_tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
             if key in name:
-                return PEAK_TFLOPS[key]
-    return 0.0
+                return PEAK_TFLOPS[key], f"{key} datasheet, dense bf16"
+    return measured_matmul_tflops(device, precision), f"measured {precision} matmul on {device.type}"
+
+
+@functools.cache
+def measured_matmul_tflops(device: torch.device, precision: str, n: int = 1024, repeats: int = 3) -> float:
+    """The best of `repeats` n x n matmuls (after one warm-up), in TFLOP/s; about 0.1-0.3 s on a laptop CPU."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    gen = torch.Generator(device=device).manual_seed(0)  # the global RNG stays untouched
+    a, b = (torch.randn(n, n, generator=gen, device=device, dtype=dtype) for _ in range(2))
+    best = float("inf")
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e12
 
 
 def memory_gib(device: torch.device) -> dict[str, float]:
@@ -69,8 +99,9 @@ class MetricsSink:
             self.wandb = wandb.init(project=wandb_cfg.wandb_project, name=wandb_cfg.wandb_run_name,
                                     mode=wandb_cfg.wandb_mode, dir=str(run_dir), config=config,
                                     resume="allow", id=_wandb_id(run_dir))
+        self.tty = sys.stdout.isatty()
         self.progress = None
-        if progress:
+        if progress and self.tty:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
@@ -79,17 +110,29 @@ class MetricsSink:
             self.progress.start()
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        """One metrics.jsonl row (with its UTC wall-clock `time`), the wandb point and the console line."""
+        stamped = {**record, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")}
+        self.file.write(json.dumps(stamped) + "\n")
         self.file.flush()
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-        line = _console_line(record)
+        self.log(_console_line(record))
+        if self.progress is not None and "loss" in record:
+            self.progress.update(self.task, status=f"loss {record['loss']:.4f}")
+
+    def header(self, cfg, world_size: int, flops_per_token: float, peak_flops: float, peak_source: str,
+               start_step: int) -> None:
+        for line in run_header(cfg, world_size, flops_per_token, peak_flops, peak_source, start_step):
+            self.log(line)
+
+    def log(self, line: str) -> None:
+        """A console line: above the live bar on a terminal, else whole and timestamped."""
         if self.progress is not None:
-            self.progress.console.print(line)
-            if "loss" in record:
-                self.progress.update(self.task, status=f"loss {record['loss']:.4f}")
+            self.progress.console.print(line, soft_wrap=True, highlight=False, markup=False)
+        elif self.tty:
+            print(line, flush=True)
         else:
-            print(line, file=sys.stdout, flush=True)
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", flush=True)
 
     def advance(self, step: int) -> None:
         if self.progress is not None:
@@ -112,10 +155,56 @@ def _wandb_id(run_dir: Path) -> str:
 
 def _console_line(r: dict) -> str:
     keys = [("loss", "loss {:.4f}"), ("val_loss", "val {:.4f}"), ("bpb/all", "bits/byte {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"),
-            ("tokens_per_s", "{:,.0f} tok/s"), ("mfu", "mfu {:.1%}"), ("moe/load_cv_max", "load cv {:.2f}"),
-            ("nonfinite_steps", "nonfinite {}")]
-    parts = [fmt.format(r[k]) for k, fmt in keys if k in r]
+            ("tokens_per_s", "{:,.0f} tok/s"), ("ms_per_step", "{:,.0f} ms/step"), ("mfu", "mfu {:.1%}"),
+            ("moe/load_cv_max", "load cv {:.2f}"), ("nonfinite_steps", "nonfinite {}")]
+    parts = [fmt.format(r[k]) for k, fmt in keys if k in r and r[k] is not None]
+    if "tokens_seen" in r:
+        parts.append(f"{_si(r['tokens_seen'])} tokens")
+    if "elapsed_s" in r:
+        parts.append(f"elapsed {_clock(r['elapsed_s'])} eta {_clock(r['eta_s'])}")
     return f"step {r['step']:>6} | " + " | ".join(parts)
+
+
+def _si(n: float) -> str:
+    """12,345,678 -> '12.3M' (three significant figures)."""
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:.0f}"
+
+
+def _clock(seconds: float) -> str:
+    """Seconds as H:MM:SS."""
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def run_header(cfg, world_size: int, flops_per_token: float, peak_flops: float, peak_source: str,
+               start_step: int) -> list[str]:
+    """The lines that open a run's console output: sizes, cost per token, the parallel layout and the batch, and
+    a warning when warmup outlasts the run."""
+    from ondol.model.flops import param_counts
+
+    m, tr, ds, optim = cfg.model, cfg.train, cfg.deepspeed, cfg.optim
+    counts = param_counts(m)
+    experts = (f", {m.n_experts} experts top-{m.top_k} + {m.n_shared_experts} shared"
+               if m.n_experts and any(m.is_moe_layer(i) for i in range(m.n_layers)) else "")
+    tokens = tr.micro_batch_size * tr.grad_accum * world_size * cfg.data.seq_len
+    ep = ds.expert_parallel_size
+    lines = [
+        f"run {cfg.run_dir}: steps {start_step} -> {tr.steps}, seed {cfg.seed}",
+        (f"model: {_si(counts['total'])} parameters, {_si(counts['active'])} active per token ({m.n_layers} "
+         f"layers, d_model {m.d_model}{experts}), {_si(flops_per_token)} FLOPs per token (forward + backward)"),
+        (f"layout: world {world_size} = data-parallel {world_size} (expert-parallel groups of {ep}), "
+         f"ZeRO stage {ds.zero_stage}, {ds.precision}; batch {tr.micro_batch_size} x {tr.grad_accum} x "
+         f"{world_size} x {cfg.data.seq_len} = {tokens:,} tokens per step (micro-batch x grad-accum x "
+         "data-parallel x seq)"),
+        f"MFU peak: {peak_flops / 1e12:.3g} TFLOP/s over {world_size} rank(s) ({peak_source})",
+    ]
+    if optim.warmup_steps >= tr.steps:
+        lines.append(f"warning: optim.warmup_steps {optim.warmup_steps} >= train.steps {tr.steps}: the learning "
+                     f"rate ramps for the whole run and never decays; lower optim.warmup_steps")
+    return lines
 
 
 def plot_losses(metrics_path: Path, out_png: Path) -> Path:

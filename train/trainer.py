@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 from ondol.configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, tokenizer_dir
+from ondol.errors import TrainError
+from ondol.files import write_atomic
 from ondol.train import checkpoint, expert_parallel
 from ondol.train.engine import build_engine, init_distributed
 from ondol.train.evaluation import InLoopBitsPerByte
@@ -28,8 +30,12 @@ from ondol.train.preemption import Preempted, StopRequest, stop_file
 from ondol.train.schedule import lr_at
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(TrainError):
     """Too many optimizer steps in a row had non-finite loss or gradients."""
+
+
+class NothingToTrain(TrainError):
+    """The checkpoint to resume from is already past train.steps."""
 
 
 class Trainer:
@@ -71,7 +77,8 @@ class Trainer:
                                       env.world_size, seed=cfg.seed)
         self.tokens_per_step = tr.micro_batch_size * tr.grad_accum * env.world_size * cfg.data.seq_len
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
-        self.peak_flops = detect_peak_tflops(env.device, cfg.logging.peak_tflops) * 1e12 * env.world_size
+        peak, self.peak_source = detect_peak_tflops(env.device, cfg.logging.peak_tflops, cfg.deepspeed.precision)
+        self.peak_flops = self._sum_over_ranks(peak * 1e12)  # CPU ranks measured together: their shared cores
         self.bits_per_byte = (InLoopBitsPerByte(data_dir(cfg), tokenizer, tr.eval_bpb_tokens, cfg.data.seq_len,
                                                 manifest["bos"]) if tr.eval_bpb_tokens else None)
         self.step = 0
@@ -85,6 +92,13 @@ class Trainer:
         zeros = torch.zeros(4, dtype=torch.float64, device=self.env.device)
         loads = torch.zeros(len(self.moe_layers), self.cfg.model.n_experts, device=self.env.device)
         self.interval = {"sums": zeros, "loads": loads, "t0": time.perf_counter(), "untimed_steps": 0}
+
+    def _sum_over_ranks(self, value: float) -> float:
+        if self.env.world_size == 1:
+            return value
+        total = torch.tensor(value, dtype=torch.float64, device=self.env.device)
+        dist.all_reduce(total)
+        return float(total)
 
     def _client_state(self) -> dict:
         """Collective. Interval sums are stored summed over ranks (loads already are), so a resume on any number
@@ -112,7 +126,15 @@ class Trainer:
         if not checkpoint.is_complete(folder):
             raise checkpoint.IncompatibleCheckpoint(f"train.resume={mode}: {folder} is not a complete checkpoint "
                                                     f"(no {checkpoint.META}); give a folder under {self.ckpt_dir}")
+        if problem := checkpoint.damage(folder):
+            raise checkpoint.IncompatibleCheckpoint(f"train.resume={mode}: {problem}: the checkpoint is damaged; "
+                                                    f"point train.resume at another one under {self.ckpt_dir}")
         checkpoint.check_compatible(folder, self.meta)
+        saved_step, steps = int(checkpoint.read_meta(folder)["step"]), self.cfg.train.steps
+        if saved_step > steps:
+            raise NothingToTrain(f"{folder} is at step {saved_step}, past train.steps={steps}: nothing to train. Set "
+                                 f"train.steps above {saved_step} to train further (the schedule stretches to the "
+                                 "new length), or train.resume=never to start over")
         state = checkpoint.load(self.engine, folder, self.env.rank, self.cfg.seed)
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
@@ -122,6 +144,21 @@ class Trainer:
         self.interval["loads"].copy_(state["interval_loads"])
         if self.env.is_main:
             print(f"resumed from {folder} at step {self.step}", flush=True)
+            if self.step == steps:
+                print(f"already trained to train.steps={steps}: nothing to train (set train.steps higher to "
+                      "continue)", flush=True)
+
+    def _record_config(self) -> None:
+        """RUN_DIR/config.yaml: the config of the latest attempt that started training (what `ondol eval` and
+        `ondol generate` read, so it always matches the checkpoints); each attempt's is kept in RUN_DIR/configs."""
+        text = to_yaml(self.cfg)
+        history = self.run_dir / "configs"
+        history.mkdir(parents=True, exist_ok=True)
+        attempt = 1 + max((int(p.stem.split("-")[1]) for p in history.glob("attempt-*.yaml")
+                           if p.stem.split("-")[1].isdigit()), default=0)
+        write_atomic(history / f"attempt-{attempt}.yaml",
+                     f"# attempt {attempt}, started {time.strftime('%Y-%m-%d %H:%M:%S')} at step {self.step}\n{text}")
+        write_atomic(self.run_dir / "config.yaml", text)
 
     def save(self) -> Path:
         return checkpoint.save(self.engine, self.ckpt_dir, self.step, self._client_state(), self.meta,
@@ -135,10 +172,12 @@ class Trainer:
             self._resume()
             sink = None
             if self.env.is_main:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
+                if self.step < tr.steps:
+                    self._record_config()
                 sink = MetricsSink(self.run_dir, tr.steps, self.step, cfg.logging, cfg.logging.progress,
                                    config_dict(cfg))
+                sink.header(cfg, self.env.world_size, self.flops_per_token, self.peak_flops, self.peak_source,
+                            self.step)
             try:
                 self._loop(sink, stop)
             finally:
@@ -150,7 +189,7 @@ class Trainer:
         tr = self.cfg.train
         if self.step == 0:
             self._emit(sink, self._evaluation())
-        self.interval["t0"] = time.perf_counter()
+        self.interval["t0"] = self.started = time.perf_counter()
         warming_up = tr.compile  # the first step compiles: its time and tokens stay out of tokens/s
         while self.step < tr.steps:
             started = time.perf_counter()
@@ -264,7 +303,10 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         record = {"step": self.step, "loss": sums[0] / finite, "aux_loss": sums[1] / finite, "lr": self.last_lr,
                   "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": tokens_per_s,
-                  "steps_per_s": timed / elapsed if timed else float("nan"), "nonfinite_steps": self.nonfinite["total"]}
+                  "steps_per_s": timed / elapsed if timed else float("nan"), "nonfinite_steps": self.nonfinite["total"],
+                  "ms_per_step": 1000 * elapsed / max(timed, 1), "tokens_seen": self.step * self.tokens_per_step,
+                  "elapsed_s": time.perf_counter() - self.started,
+                  "eta_s": (self.cfg.train.steps - self.step) * elapsed / max(timed, 1)}
         if self.peak_flops > 0:
             record["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
         record.update({k: float(v) for k, v in self.last_metrics.items()})

@@ -1,0 +1,467 @@
+"""`prepare` as DataTrove stages: N tasks on this machine (data.executor=local) or on Slurm (slurm), writing
+the same shards and manifest as the single-machine prepare.
+
+Stages, each a DataTrove executor whose tasks leave a completion file, so a re-run skips finished tasks and
+redoes a killed one from its start (a task's outputs are whole files, rewritten by the redo):
+  count     (this process) reads every source once: its documents and bad input, reported as single-machine
+            prepare reports them; it fixes the share of each source that each task takes
+  clean     N tasks: task k takes the k-th contiguous share of every source, cleans and filters it (clean.py),
+            writes the cleaned documents and their exact (and MinHash) signatures
+  exact     N tasks: DataTrove's ExactFindDedups, one hash range each, merging sorted signature files
+            (memory bounded by a task's share, not by the corpus); the document kept of a duplicate group is
+            the first one in source then document order, as in single-machine prepare
+  near      data.near_dedup: DataTrove's MinhashDedupBuckets (one task per bucket) and MinhashDedupCluster
+  tokenize  N tasks: drops duplicates, masks or drops personal data (pii.py), tokenizes into task shards
+  pack      (this process) appends the task shards in task order to the final shards and writes the manifest
+Exact duplicates are found by a 64-bit SHA-1 prefix (DataTrove's), the single-machine prepare uses 128-bit
+BLAKE2b: they disagree only on a 64-bit collision (about 1e-8 for a million documents).
+Every task reads its sources from the start up to the end of its share (sources are streams: a .gz has no
+index), so reading costs up to N times one pass; cleaning, hashing and tokenizing are split N ways.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import zstandard
+from datatrove.data import Document as TroveDocument
+from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup.exact_dedup import (
+    ExactDedupConfig,
+    ExactDedupFilter,
+    ExactDedupSignature,
+    ExactFindDedups,
+)
+from datatrove.pipeline.dedup.minhash import (
+    MinhashConfig,
+    MinhashDedupBuckets,
+    MinhashDedupCluster,
+    MinhashDedupFilter,
+    MinhashDedupSignature,
+)
+from datatrove.utils.hashing import HashConfig
+from datatrove.utils.word_tokenizers import KiwiTokenizer
+from tqdm import tqdm
+
+from ondol.data import pii
+from ondol.data.clean import Cleaner
+from ondol.data.config import DataConfig
+from ondol.data.preparation import _manifest, deliver_documents, encode_documents, source_files
+from ondol.data.shards import MANIFEST, SPLITS, ShardWriter, open_shard, token_dtype, write_json
+from ondol.data.sources import BadInputLog, iter_documents
+from ondol.errors import ConfigError, DataError
+
+log = logging.getLogger("ondol.data")
+WORK = "datatrove"  # DATA_DIR/datatrove: stage logs, completion files and intermediate data, removed when done
+ENCODE_DOCS = 2048  # documents tokenized at a time
+MAX_PRIORITY = 65535  # DataTrove keeps the duplicate of highest priority (16 bits)
+KOREAN = "kor_Hang"  # DataTrove's language code for Korean (its MinHash n-grams are of Kiwi's words)
+# Values that DataTrove writes into an sbatch script: no spaces, quotes, $, ;, newlines or other shell syntax.
+_SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_./:%+,=@-]+$")
+
+
+def _exact_config() -> ExactDedupConfig:
+    return ExactDedupConfig(content_getter=_text, document_priority=_priority,
+                            hash_config=HashConfig(precision=64, hash_fc="sha1"))
+
+
+def _text(doc: TroveDocument) -> str:
+    return doc.text
+
+
+def _priority(doc: TroveDocument) -> int:
+    return doc.metadata["priority"]
+
+
+def _minhash_config(cfg: DataConfig) -> MinhashConfig:
+    near = cfg.near_dedup
+    return MinhashConfig(n_grams=near.n_grams, num_buckets=near.num_buckets, hashes_per_bucket=near.hashes_per_bucket,
+                         hash_config=HashConfig(precision=64, hash_fc="sha1"))
+
+
+def share(count: int, rank: int, tasks: int) -> tuple[int, int]:
+    """The documents [start, end) of a source of `count` documents that task `rank` of `tasks` takes."""
+    return count * rank // tasks, count * (rank + 1) // tasks
+
+
+class _CleanShare(PipelineStep):
+    """Stage clean, first step: this task's share of every source, cleaned and filtered (not deduplicated)."""
+
+    name, type = "clean", "ondol"
+
+    def __init__(self, cfg: DataConfig, seed: int, counts: dict[str, int], work: str):
+        super().__init__()
+        self.cfg, self.seed, self.counts, self.work = cfg, seed, counts, work
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        cfg = self.cfg
+        cleaner = Cleaner(replace(cfg.cleaning, dedup=False), self.seed, cfg.val_fraction)
+        quiet = logging.getLogger("ondol.data")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # the count stage has reported bad input once already
+        read = kept = 0  # counted here, recorded once: DataTrove's per-call statistics cost more than cleaning
+        try:
+            for index, source in enumerate(cfg.sources):
+                start, end = share(self.counts[source.name], rank, world_size)
+                priority = MAX_PRIORITY - (index * world_size + rank)  # earlier source, earlier share: kept
+                for number, doc in enumerate(iter_documents(source, bad=BadInputLog())):
+                    if number >= end:
+                        break
+                    if number < start:
+                        continue
+                    read += 1
+                    cleaned = cleaner.clean(doc.text, source.name)
+                    if cleaned is None:
+                        continue
+                    kept += 1
+                    yield TroveDocument(text=cleaned[0], id=f"{source.name}/{number}",
+                                        metadata={"source": source.name, "split": cleaned[1], "priority": priority})
+        finally:
+            quiet.setLevel(level)
+        self.stat_update("read", value=read)
+        self.stat_update("kept", value=kept)
+        write_json(Path(self.work) / "clean" / f"{rank:05d}.json",
+                   {"modified": cleaner.modified, "dropped": cleaner.dropped})
+
+
+class _SaveDocuments(PipelineStep):
+    """Stage clean, last step: the cleaned documents of this task, in order, as zstd JSON Lines."""
+
+    name, type = "save cleaned documents", "ondol"
+
+    def __init__(self, work: str):
+        super().__init__()
+        self.work = work
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        path = Path(self.work) / "docs" / f"{rank:05d}.jsonl.zst"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with zstandard.open(path, "wt", encoding="utf-8") as f:
+            for doc in data:
+                f.write(json.dumps({"text": doc.text, "id": doc.id, "source": doc.metadata["source"],
+                                    "split": doc.metadata["split"]}, ensure_ascii=False) + "\n")
+                yield doc
+
+
+class _ReadCleaned(PipelineStep):
+    """Stage tokenize, first step: this task's cleaned documents, in the order stage clean wrote them."""
+
+    name, type = "read cleaned documents", "ondol"
+
+    def __init__(self, work: str):
+        super().__init__()
+        self.work = work
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        with zstandard.open(Path(self.work) / "docs" / f"{rank:05d}.jsonl.zst", "rt", encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                yield TroveDocument(text=record["text"], id=record["id"],
+                                    metadata={"source": record["source"], "split": record["split"]})
+
+
+class _Tally(PipelineStep):
+    """Counts the documents that pass it per source (between the dedup filters: what each one dropped)."""
+
+    type = "ondol"
+
+    def __init__(self, name: str):
+        self.name = name  # before PipelineStep.__init__, which names the step's statistics
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        for doc in data:
+            self.counts[doc.metadata["source"]] += 1
+            yield doc
+
+
+class _ScrubPersonalData(PipelineStep):
+    """Masks (pii=mask) or drops (pii=drop) the documents' personal data, counting hits per source and kind."""
+
+    name, type = "personal data", "ondol"
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.hits: dict[str, Counter] = {}
+        self.dropped: Counter = Counter()
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        for doc in data:
+            text, hits = pii.scrub(doc.text)
+            if hits:
+                self.hits.setdefault(doc.metadata["source"], Counter()).update(hits)
+                self.stat_update("documents_with_personal_data")
+                if self.mode == "drop":
+                    self.dropped[doc.metadata["source"]] += 1
+                    continue
+                doc.text = text
+            yield doc
+
+
+class _TokenizeAndWrite(PipelineStep):
+    """Stage tokenize, last step: tokens of each document into this task's shards, one stream per
+    (split, source), plus the task's counts."""
+
+    name, type = "tokenize", "ondol"
+
+    def __init__(self, cfg: DataConfig, tokenizer_dir: str, work: str, tallies: list[_Tally],
+                 scrubber: _ScrubPersonalData | None):
+        super().__init__()
+        self.cfg, self.tokenizer_dir, self.work = cfg, tokenizer_dir, work
+        self.tallies, self.scrubber = tallies, scrubber
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        from ondol.tokenizer.tokenizer import Tokenizer
+
+        tok = Tokenizer.load(self.tokenizer_dir)
+        dtype = token_dtype(tok.vocab_size)
+        out = Path(self.work) / "tokens" / f"{rank:05d}"
+        shutil.rmtree(out, ignore_errors=True)  # a killed earlier attempt of this task: start it over
+        writers = {(split, s.name): ShardWriter(out / split / s.name, dtype, self.cfg.shard_tokens)
+                   for split in SPLITS for s in self.cfg.sources}
+        kept = {s.name: dict.fromkeys(SPLITS, 0) for s in self.cfg.sources}
+        chars = {s.name: dict.fromkeys(SPLITS, 0) for s in self.cfg.sources}
+        texts, routes = [], []
+
+        def encode() -> None:
+            deliver_documents(writers, routes, *encode_documents(tok, texts, dtype.name, self.cfg.bos))
+            texts.clear()
+            routes.clear()
+
+        for doc in data:
+            source, split = doc.metadata["source"], doc.metadata["split"]
+            kept[source][split] += 1
+            chars[source][split] += len(doc.text)
+            texts.append(doc.text)
+            routes.append((split, source))
+            if len(texts) >= ENCODE_DOCS:
+                encode()
+        if texts:
+            encode()
+        for writer in writers.values():
+            writer.flush()
+        self.stat_update("documents", value=sum(sum(k.values()) for k in kept.values()))
+        stats = {"kept": kept, "chars": chars, "passed": {t.name: t.counts for t in self.tallies},
+                 "pii": self.scrubber.hits if self.scrubber else {},
+                 "pii_dropped": self.scrubber.dropped if self.scrubber else {}}
+        write_json(out / "stats.json", stats)
+
+
+def _count_sources(cfg: DataConfig, work: Path, progress: bool) -> dict:
+    """Stage count: documents and bad input per source (remembered, so a re-run does not read again)."""
+    path = work / "count.json"
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    counts = {}
+    for source in cfg.sources:
+        bad = BadInputLog(strict=cfg.strict)
+        read = 0
+        for _ in tqdm(iter_documents(source, bad=bad), desc=f"data: counting {source.name}", unit=" docs",
+                      unit_scale=True, disable=not progress, mininterval=0.5, dynamic_ncols=True):
+            read += 1
+        counts[source.name] = {"read": read, "bad_input": dict(bad.counts), "bad_input_examples": bad.examples}
+    write_json(path, counts)
+    return counts
+
+
+def _stages(cfg: DataConfig, tokenizer, seed: int, work: Path, counts: dict) -> list[tuple[str, list, int]]:
+    """(name, pipeline, tasks) of each DataTrove stage, in order."""
+    n, w = cfg.tasks, str(work)
+    if len(cfg.sources) * n > MAX_PRIORITY - 1:
+        raise ConfigError(f"data.tasks ({n}) times the number of sources ({len(cfg.sources)}) must stay below "
+                         f"{MAX_PRIORITY}: DataTrove orders duplicates by a 16-bit priority")
+    # DataTrove's signature steps consume the documents: they end a stage
+    clean: list = [_CleanShare(cfg, seed, {k: v["read"] for k, v in counts.items()}, w), _SaveDocuments(w)]
+    tokenize: list = [_ReadCleaned(w), _Tally("cleaned")]
+    stages = []
+    if cfg.cleaning.dedup:
+        clean.append(ExactDedupSignature(f"{work}/exact_signatures", _exact_config(), finder_workers=n))
+        stages.append(("exact", [ExactFindDedups(f"{work}/exact_signatures", f"{work}/exact_duplicates",
+                                                 _exact_config())], n))
+        tokenize += [ExactDedupFilter(f"{work}/exact_duplicates", _exact_config()), _Tally("after_exact_dedup")]
+    if cfg.near_dedup.enabled:
+        minhash = _minhash_config(cfg)
+        signatures = MinhashDedupSignature(f"{work}/minhash_signatures", minhash, language=KOREAN)
+        # DataTrove asks Kiwi for its "sbg" model, which kiwipiepy_model does not ship: Kiwi's default model
+        signatures.word_tokenizer = KiwiTokenizer(model_type=None)
+        stages.append(("near_signatures", [_ReadCleaned(w), signatures], n))
+        stages.append(("near_buckets", [MinhashDedupBuckets(f"{work}/minhash_signatures", f"{work}/minhash_buckets",
+                                                            config=minhash)], minhash.num_buckets))
+        stages.append(("near_clusters", [MinhashDedupCluster(f"{work}/minhash_buckets", f"{work}/minhash_remove",
+                                                             config=minhash)], 1))
+        tokenize += [MinhashDedupFilter(f"{work}/minhash_remove"),
+                     _Tally("after_near_dedup")]
+    scrubber = _ScrubPersonalData(cfg.pii) if cfg.pii != "off" else None
+    if scrubber:
+        tokenize.append(scrubber)
+    tallies = [step for step in tokenize if isinstance(step, _Tally)]
+    tokenize.append(_TokenizeAndWrite(cfg, str(tokenizer.directory), w, tallies, scrubber))
+    return [("clean", clean, n), *stages, ("tokenize", tokenize, n)]
+
+
+def _sbatch_safe(what: str, value: str) -> str:
+    if not _SBATCH_SAFE.match(value):
+        raise ConfigError(f"{what} '{value}' goes into an sbatch script: use only letters, digits and . _ / : % + , "
+                         f"= @ - (no spaces or shell characters)")
+    return value
+
+
+def _executors(cfg: DataConfig, stages: list, work: Path) -> list:
+    """One DataTrove executor per stage, each depending on the one before."""
+    executors: list = []
+    for name, pipeline, tasks in stages:
+        common = {"pipeline": pipeline, "tasks": tasks, "logging_dir": str(work / name),
+                  "depends": executors[-1] if executors else None}
+        if cfg.executor == "local":
+            executors.append(LocalPipelineExecutor(**common, workers=min(tasks, cfg.num_proc)))
+            continue
+        s = cfg.slurm
+        if not s.partition:
+            raise ConfigError("data.executor=slurm needs data.slurm.partition (sinfo lists the partitions)")
+        bin_dir = os.path.dirname(sys.executable)  # launch_pickled_pipeline and merge_stats live beside python
+        executors.append(SlurmPipelineExecutor(
+            **common, partition=_sbatch_safe("data.slurm.partition", s.partition),
+            time=_sbatch_safe("data.slurm.time", s.time), cpus_per_task=s.cpus_per_task,
+            mem_per_cpu_gb=s.mem_per_cpu_gb, qos=_sbatch_safe("data.slurm.qos", s.qos) if s.qos else "",
+            job_name=_sbatch_safe("data.slurm.job_name", f"{s.job_name}-{name}"),
+            slurm_logs_folder=_sbatch_safe("the run directory", str(work / "slurm_logs" / name)),
+            env_command=f"export PATH={_sbatch_safe('the Python environment', bin_dir)}:$PATH"))
+        _sbatch_safe("the run directory", str(work / name))
+    return executors
+
+
+def _wait_for_slurm(executors: list, poll_s: float = 2.0) -> None:
+    """Until every task of the last stage is complete; an error naming the logs when a stage's job fails."""
+    last = executors[-1]
+    jobs = [str(e.job_id) for e in executors if e.job_id not in (None, -1)]
+    while last.get_incomplete_ranks():
+        queue = subprocess.run(["squeue", "-h", "-o", "%i %r", "-j", ",".join(jobs)], capture_output=True,
+                               text=True, check=False).stdout if jobs else ""
+        stuck = "DependencyNeverSatisfied" in queue
+        if stuck or not queue.strip():
+            time.sleep(poll_s)  # the last completion file may land just after the job leaves the queue
+            if not last.get_incomplete_ranks():
+                return
+            failed = next((e for e in executors if e.get_incomplete_ranks()), last)
+            raise DataError(f"Slurm stage job {failed.job_name} failed: see {failed.slurm_logs_folder}; "
+                               f"re-run the same command to redo only the unfinished tasks")
+        time.sleep(poll_s)
+
+
+def _pack(cfg: DataConfig, out_dir: Path, work: Path, dtype: np.dtype, tasks: int) -> dict:
+    """Append each task's shards, in task order, to the final shard streams; the final writers."""
+    writers = {}
+    for split in SPLITS:
+        for source in cfg.sources:
+            writer = ShardWriter(out_dir / split / source.name, dtype, cfg.shard_tokens)
+            skip = writer.skip_docs  # documents already in final shards of an interrupted pack
+            for rank in range(tasks):
+                task_dir = work / "tokens" / f"{rank:05d}"
+                for record in ShardWriter(task_dir / split / source.name, dtype, cfg.shard_tokens).records:
+                    shard = open_shard(task_dir, record, dtype.name, cfg.bos)
+                    lengths = np.diff(shard.starts)
+                    drop = min(skip, len(lengths))
+                    skip -= drop
+                    writer.add(np.asarray(shard.tokens[shard.starts[drop]:]), lengths[drop:])
+            writer.flush()
+            writers[split, source.name] = writer
+    return writers
+
+
+def _source_stats(cfg: DataConfig, counts: dict, work: Path, tasks: int) -> tuple[list[dict], SimpleNamespace]:
+    """The manifest's per-source counts (as single-machine prepare makes them) from the stages' task files."""
+    modified = {s.name: Counter() for s in cfg.sources}
+    dropped = {s.name: Counter() for s in cfg.sources}
+    kept = {s.name: Counter() for s in cfg.sources}
+    chars = {s.name: Counter() for s in cfg.sources}
+    hits = {s.name: Counter() for s in cfg.sources}
+    for rank in range(tasks):
+        clean = json.loads((work / "clean" / f"{rank:05d}.json").read_text(encoding="utf-8"))
+        tokens = json.loads((work / "tokens" / f"{rank:05d}" / "stats.json").read_text(encoding="utf-8"))
+        passed = tokens["passed"]
+        for s in cfg.sources:
+            name = s.name
+            modified[name].update(clean["modified"].get(name, {}))
+            dropped[name].update(clean["dropped"].get(name, {}))
+            steps = [("duplicate", "after_exact_dedup"), ("near_duplicate", "after_near_dedup")]
+            before = passed["cleaned"].get(name, 0)
+            for reason, tally in steps:
+                if tally in passed:
+                    dropped[name][reason] += before - passed[tally].get(name, 0)
+                    before = passed[tally].get(name, 0)
+            dropped[name]["personal_data"] += tokens["pii_dropped"].get(name, 0)
+            kept[name].update(tokens["kept"][name])
+            chars[name].update(tokens["chars"][name])
+            hits[name].update(tokens["pii"].get(name, {}))
+    stats = []
+    for s in cfg.sources:
+        entry = {"name": s.name, "path": s.path, "weight": s.weight, **counts[s.name],
+                 "kept": {split: kept[s.name][split] for split in SPLITS},
+                 "chars": {split: chars[s.name][split] for split in SPLITS}}
+        if cfg.pii != "off":
+            entry["personal_data"] = dict(hits[s.name])
+        stats.append(entry)
+    dropped = {name: Counter({k: v for k, v in c.items() if v}) for name, c in dropped.items()}
+    return stats, SimpleNamespace(modified=modified, dropped=dropped)
+
+
+def _stage_counts(work: Path, names: list[str]) -> dict:
+    """Each stage's merged DataTrove statistics (documents in and out of every step, time spent)."""
+    from datatrove.utils.stats import PipelineStats
+
+    merged = {}
+    for name in names:
+        files = sorted((work / name / "stats").glob("*.json"))
+        total = sum((PipelineStats.from_json(json.loads(f.read_text())) for f in files), start=PipelineStats())
+        merged[name] = json.loads(total.to_json())
+    return merged
+
+
+def prepare_on_datatrove(cfg: DataConfig, tokenizer, out_dir: Path, seed: int, digest: str,
+                         progress: bool) -> dict:
+    """The DataTrove form of preparation.prepare (which has checked the config and written the identity)."""
+    if tokenizer.directory is None:
+        raise ConfigError("data.executor local/slurm loads the tokenizer in every task: save it to a folder first")
+    started = time.perf_counter()
+    work = (out_dir / WORK).resolve()
+    plan = {"hash": digest, "tasks": cfg.tasks}
+    plan_path = work / "plan.json"
+    if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
+        log.warning("%s: unfinished preparation with other data.tasks: starting its stages over", work)
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_json(plan_path, plan)
+    counts = _count_sources(cfg, work, progress)
+    stages = _stages(cfg, tokenizer, seed, work, counts)
+    executors = _executors(cfg, stages, work)
+    executors[-1].run()
+    if cfg.executor == "slurm":
+        _wait_for_slurm(executors)
+    elif executors[-1].get_incomplete_ranks():
+        raise DataError(f"DataTrove tasks failed: see {work}/*/logs; re-run to redo only the unfinished ones")
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = _pack(cfg, out_dir, work, dtype, cfg.tasks)
+    stats, cleaner = _source_stats(cfg, counts, work, cfg.tasks)
+    for entry, source in zip(stats, cfg.sources):
+        entry["files"] = source_files(source)
+    manifest = _manifest(cfg, tokenizer, seed, digest, dtype, stats, cleaner, writers)
+    manifest["stages"] = _stage_counts(work, [name for name, _, _ in stages])
+    manifest["seconds"] = round(time.perf_counter() - started, 2)
+    write_json(out_dir / MANIFEST, manifest)
+    shutil.rmtree(work)
+    return manifest

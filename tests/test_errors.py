@@ -1,0 +1,321 @@
+"""A new user's mistakes: each is one line on stderr naming the file, line or key and what to do, with its
+class's exit code (ondol/errors.py), and nothing is written or lost. Commands run in this process through
+`ondol.launch.cli.main`; Ctrl-C runs real processes, whose workers must not print tracebacks of their own.
+The run directories are copies of the session's 4-step `eval_run` (conftest.py)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from ondol.configs import load_config, parse_config_args
+from ondol.data.config import SourceConfig
+from ondol.data.sources import source_identity
+from ondol.launch.cli import build_parser, main
+from tests.conftest import CORPORA, ROOT, without_rank_variables
+
+TINY = str(ROOT / "configs" / "tiny-ko.yaml")
+INTERRUPTED = "ondol: interrupted (Ctrl-C); finished work is kept, run the same command to continue\n"
+STRICT = " (data.strict is on: fix this line, or set data.strict=false to count and skip bad lines)"
+
+
+def ondol(capsys, *argv) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes (to show nothing was written or lost)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- config and command line --------------------------------------------------------------------------------
+def test_yaml_syntax_error_is_one_line_with_its_line_number(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\ntrain:\n  steps: [3\nmodel:\n  d_model: 64\n")
+    code, _, err = ondol(capsys, "train", config)
+    assert (code, err) == (2, (f"ondol: config error: {config}:4:6: not valid YAML: did not find expected ',' or "
+                              "']' while parsing a flow sequence that starts on line 3 (fix the syntax there)\n"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_where_the_config_file_is_expected(tmp_path, capsys):
+    code, _, err = ondol(capsys, "data", "prepare", tmp_path)
+    assert (code, err) == (2, (f"ondol: config error: {tmp_path} is a folder: give a YAML file, e.g. "
+                              "configs/tiny-ko.yaml\n"))
+
+
+def test_overrides_are_taken_after_option_flags(tmp_path, capsys):
+    code, out, _ = ondol(capsys, "launch", TINY, "--dry-run", f"run_dir={tmp_path}", "launch.gpus_per_node=2",
+                         "--no-host-check", "train.steps=7")
+    assert code == 0 and "deepspeed --num_gpus 2 " in out
+    assert "\n  steps: 7\n" in out  # the resolved config it prints has both overrides
+    assert not (tmp_path / "launch").exists()  # a dry run writes nothing
+    args = parse_config_args(build_parser(), ["generate", "RUN", "--prompt", "안녕", "generate.max_new_tokens=200"])
+    assert (args.run_dir, args.prompt, args.overrides) == ("RUN", "안녕", ["generate.max_new_tokens=200"])
+    args = parse_config_args(build_parser(), ["data", "prepare", TINY, "--no-progress", "seed=3", "data.num_proc=1"])
+    assert args.no_progress and args.overrides == ["seed=3", "data.num_proc=1"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", TINY, "--bogus"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.endswith("ondol: error: unrecognized arguments: --bogus\n")
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    config = tmp_path / "run.yaml"
+    config.write_text("train: {steps: [3}\n")
+    code, _, err = ondol(capsys, "train", config, "--debug")
+    assert code == 2 and "Traceback (most recent call last)" in err
+    assert err.splitlines()[-1].startswith(f"ondol: config error: {config}:1:")
+    monkeypatch.setenv("ONDOL_DEBUG", "1")
+    assert "Traceback" in ondol(capsys, "train", config)[2]
+
+
+# ---- identity and corpora -----------------------------------------------------------------------------------
+def test_corpora_are_found_from_any_folder_and_identity_ignores_path_spelling(tmp_path, monkeypatch):
+    monkeypatch.delenv("ONDOL_CORPORA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(TINY)
+    assert Path(cfg.corpora_dir) == CORPORA.resolve() and Path(cfg.data.sources[0].path).is_file()
+    (tmp_path / "link").symlink_to(CORPORA)
+    spellings = [str(CORPORA / "ko_docs.jsonl.gz"), os.path.relpath(CORPORA / "ko_docs.jsonl.gz"),
+                 "link/ko_docs.jsonl.gz", str(tmp_path / "." / "link" / "ko_docs.jsonl.gz")]
+    identities = [source_identity(SourceConfig(name="docs", path=p)) for p in spellings]
+    assert all(i == identities[0] for i in identities)
+    size = (CORPORA / "ko_docs.jsonl.gz").stat().st_size
+    assert [c[0] for c in identities[0]["content"]] == [size] and "path" not in identities[0]
+    copy = tmp_path / "docs.jsonl.gz"
+    copy.write_bytes((CORPORA / "ko_docs.jsonl.gz").read_bytes()[:-1])  # other content: another identity
+    assert source_identity(SourceConfig(name="docs", path=str(copy))) != identities[0]
+
+
+def test_missing_corpora_dir(tmp_path, capsys):
+    code, _, err = ondol(capsys, "tokenizer", "train", TINY, f"run_dir={tmp_path / 'run'}",
+                         f"corpora_dir={tmp_path / 'nope'}")
+    assert (code, err) == (3, (f"ondol: data error: data source 'ko_reviews': path '{tmp_path}/nope/ko_reviews.jsonl.gz' "
+                              "matches no file (give a file, glob or folder; for a Hugging Face dataset set "
+                              "format: hf)\n"))
+    assert not (tmp_path / "run").exists()
+
+
+# ---- bad sources, through `ondol data prepare` ----------------------------------------------------------------
+def _jsonl(n: int) -> bytes:
+    with gzip.open(CORPORA / "ko_docs.jsonl.gz", "rb") as f:
+        return b"".join(next(f) for _ in range(n))
+
+
+def _prepare(capsys, tmp_path: Path, eval_run: Path, path: Path, *overrides: str) -> tuple[int, str, str]:
+    config = tmp_path / "run.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\ntokenizer: {{path: {eval_run / 'tokenizer'}}}\n"
+                      f"data: {{sources: [{{name: bad, path: '{path}'}}], num_proc: 1, val_fraction: 0.0}}\n")
+    return ondol(capsys, "data", "prepare", config, "--no-progress", *overrides)
+
+
+@pytest.mark.parametrize("suffix,compress,decompressor", [
+    (".jsonl.gz", gzip.compress, lambda: zlib.decompressobj(wbits=31)),
+    (".jsonl.zst", zstandard.compress, lambda: zstandard.ZstdDecompressor().decompressobj())])
+def test_truncated_compressed_file_keeps_what_was_read(tmp_path, capsys, eval_run, suffix, compress, decompressor):
+    whole = compress(_jsonl(200))
+    path = tmp_path / f"docs{suffix}"
+    path.write_bytes(whole[:len(whole) // 2])
+    lines = decompressor().decompress(path.read_bytes()).count(b"\n")  # what the cut file still holds whole
+    assert 0 < lines < 200
+
+    code, _, err = _prepare(capsys, tmp_path, eval_run, path, "data.strict=true")
+    assert (code, err) == (3, (f"ondol: data error: {path}:{lines + 1}: broken file: the compressed stream ends "
+                              f"early at byte {len(whole) // 2:,} of {len(whole) // 2:,} (truncated file?); the "
+                              "lines before it are kept (re-download or recompress the file to read the rest)"
+                              f"{STRICT}\n"))
+    assert not (tmp_path / "run" / "data" / "manifest.json").exists()
+
+    code, out, err = _prepare(capsys, tmp_path, eval_run, path)
+    assert code == 0, err
+    (source,) = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())["sources"]
+    assert source["read"] == lines and source["bad_input"] == {"broken_file": 1}
+    assert f"skipped {path}:{lines + 1}: broken file: the compressed stream ends early" in out
+
+
+@pytest.mark.parametrize("content", [b"", gzip.compress(b"")], ids=["0-byte", "empty-gzip"])
+def test_empty_source(tmp_path, capsys, eval_run, content):
+    path = tmp_path / "empty.jsonl.gz"
+    path.write_bytes(content)
+    code, _, err = _prepare(capsys, tmp_path, eval_run, path)
+    assert (code, err) == (3, (f"ondol: data error: data source 'bad': no documents in '{path}' (no bad input); "
+                              "check the path and text_field 'text'\n"))
+    assert not (tmp_path / "run" / "data" / "manifest.json").exists()
+
+
+def test_non_utf8_bytes(tmp_path, capsys, eval_run):
+    good = _jsonl(30).split(b"\n")
+    good[4] = good[4][:40] + b"\xff" + good[4][40:]
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join(good))
+    code, _, err = _prepare(capsys, tmp_path, eval_run, path, "data.strict=true")
+    assert (code, err) == (3, (f"ondol: data error: {path}:5: invalid utf8: byte 40: invalid start byte{STRICT}\n"))
+    code, _, _ = _prepare(capsys, tmp_path, eval_run, path)
+    (source,) = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())["sources"]
+    assert code == 0 and source["read"] == 29 and source["bad_input"] == {"invalid_utf8": 1}
+
+
+def test_a_folder_where_a_source_file_is_expected(tmp_path, capsys, eval_run):
+    folder = tmp_path / "docs.jsonl.gz"
+    folder.mkdir()
+    code, _, err = _prepare(capsys, tmp_path, eval_run, folder)
+    assert (code, err) == (3, (f"ondol: data error: data source 'bad': folder '{folder}' has no "
+                              ".jsonl/.json(.gz/.zst), .txt(.gz/.zst) or .parquet files\n"))
+
+
+def test_unreadable_file(tmp_path, capsys, eval_run):
+    path = tmp_path / "locked.jsonl.gz"
+    path.write_bytes(gzip.compress(_jsonl(5)))
+    path.chmod(0)
+    expected = f"ondol: data error: {path}: cannot read it (Permission denied): fix its permissions or path\n"
+    if os.geteuid() != 0:
+        code, _, err = _prepare(capsys, tmp_path, eval_run, path)
+        assert (code, err) == (3, expected)
+        return
+    # root reads any file: drop the capability that lets it, in a process of its own
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: cannot make a file unreadable")
+    config = tmp_path / "run.yaml"
+    _prepare(capsys, tmp_path, eval_run, path)  # writes run.yaml (and fails: root reads it here)
+    result = subprocess.run(["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, "-m",
+                             "ondol.launch.cli", "data", "prepare", str(config), "--no-progress"],
+                            check=False, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env=without_rank_variables(os.environ))
+    assert (result.returncode, result.stderr) == (3, expected)
+
+
+# ---- runs and checkpoints (copies of the session's 4-step eval_run, checkpoints at steps 2 and 4) -----------
+@pytest.fixture
+def run(eval_run, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(eval_run, copy, symlinks=True)  # data/ stays a link to the shared prepared data
+    return copy
+
+
+@pytest.fixture
+def keep_process_group(monkeypatch):
+    """`ondol train` shuts its process group down on exit; in this process it stays up for the next trainer."""
+    monkeypatch.setattr("ondol.train.cli._close_process_group", lambda: None)
+
+
+def _train(capsys, run: Path, *overrides: str) -> tuple[int, str, str]:
+    return ondol(capsys, "train", run / "config.yaml", f"run_dir={run}", *overrides)
+
+
+def test_steps_below_the_checkpoint_are_refused(run, capsys, keep_process_group):
+    before = tree(run)
+    code, _, err = _train(capsys, run, "train.steps=3")
+    assert (code, err) == (6, (f"ondol: train error: {run}/checkpoints/step_00000004 is at step 4, past "
+                              "train.steps=3: nothing to train. Set train.steps above 4 to train further (the "
+                              "schedule stretches to the new length), or train.resume=never to start over\n"))
+    assert tree(run) == before  # config.yaml, its history, metrics and checkpoints untouched
+
+
+def test_a_resume_with_another_model_shape_under_ondol_run(run, capsys):
+    before = tree(run)
+    code, _, err = ondol(capsys, "run", run / "config.yaml", f"run_dir={run}", "model.d_model=256")
+    assert (code, err) == (6, (f"ondol: train error: cannot resume from {run}/checkpoints/step_00000004: "
+                              "model.d_model: 128 -> 256. Restore the original setting, point train.resume at a "
+                              "compatible checkpoint, or start over with train.resume=never\n"))
+    assert tree(run) == before  # config.yaml still says d_model 128, like the checkpoints
+
+
+def test_a_truncated_checkpoint(run, capsys, keep_process_group):
+    folder = run / "checkpoints" / "step_00000004"
+    states = folder / "mp_rank_00_model_states.pt"
+    size = states.stat().st_size
+    states.write_bytes(states.read_bytes()[:size // 2])
+    before = tree(run)
+    code, _, err = _train(capsys, run, f"train.resume={folder}")
+    assert (code, err) == (6, (f"ondol: train error: train.resume={folder}: {states} has {size // 2:,} bytes, "
+                              f"meta.json recorded {size:,}: the checkpoint is damaged; point train.resume at "
+                              f"another one under {run}/checkpoints\n"))
+    assert tree(run) == before
+
+
+def test_a_deleted_shard(eval_run, tmp_path, capsys, keep_process_group):
+    run = tmp_path / "run"
+    shutil.copytree(eval_run, run)  # the prepared data copied too: one of its shards goes
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    record = manifest["splits"]["train"]["ko_docs"][0]
+    shard = run / "data" / f"{record['path']}.bin"
+    shard.unlink()
+    before = tree(run)
+    code, _, err = _train(capsys, run, "train.steps=5")
+    assert (code, err) == (3, (f"ondol: data error: {shard}: missing, or not the {record['tokens']} tokens and "
+                              f"{record['docs']} documents the manifest says; re-run `ondol data prepare CONFIG` "
+                              "to rebuild it\n"))
+    assert tree(run) == before
+
+
+def test_each_attempt_that_trains_keeps_its_config(run, capsys, keep_process_group):
+    first = (run / "config.yaml").read_text()
+    assert [p.name for p in (run / "configs").iterdir()] == ["attempt-1.yaml"]
+    code, out, err = _train(capsys, run, "train.steps=5")
+    assert code == 0, err
+    assert f"resumed from {run}/checkpoints/step_00000004 at step 4" in out
+    second = (run / "config.yaml").read_text()
+    assert "steps: 5" in second and "steps: 4" in first
+    history = sorted((run / "configs").iterdir())
+    assert [p.name for p in history] == ["attempt-1.yaml", "attempt-2.yaml"]
+    assert history[0].read_text().split("\n", 1)[1] == first
+    assert history[1].read_text().startswith("# attempt 2, started ") and " at step 4\n" in history[1].read_text()
+    assert history[1].read_text().split("\n", 1)[1] == second
+
+
+# ---- Ctrl-C in each stage ------------------------------------------------------------------------------------
+def _interrupt(tmp_path: Path, args: list[str], ready) -> tuple[int, str]:
+    """Run `ondol ARGS`, send SIGINT once `ready(its stderr so far)` holds; (exit code, stderr)."""
+    err = tmp_path / "stderr"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "ondol.launch.cli", *args], cwd=ROOT, text=True,
+                                stdout=subprocess.DEVNULL, stderr=stderr, env=without_rank_variables(os.environ))
+        deadline = time.monotonic() + 240
+        while not ready(err.read_text()) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"finished before it could be interrupted: {err.read_text()[-2000:]}"
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    return proc.returncode, err.read_text()
+
+
+def test_ctrl_c_while_training_the_tokenizer(tmp_path):
+    run = tmp_path / "run"
+    code, err = _interrupt(tmp_path, ["tokenizer", "train", TINY, f"run_dir={run}"],
+                           ready=lambda err: "training SentencePiece" in err)  # the trainer runs in its child
+    assert code == 130 and err.endswith(INTERRUPTED) and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.startswith("ondol")] == [INTERRUPTED.strip()]
+    assert not (run / "tokenizer").exists()
+
+
+def test_ctrl_c_while_preparing_data(tmp_path, eval_run):
+    run = tmp_path / "run"
+    code, err = _interrupt(tmp_path, ["data", "prepare", TINY, f"run_dir={run}", "--no-progress",
+                                      f"tokenizer.path={eval_run / 'tokenizer'}", "data.num_proc=2"],
+                           ready=lambda out: (run / "data" / "prepare.json").exists())
+    assert (code, err) == (130, INTERRUPTED)  # one line: the tokenizing workers left Ctrl-C to their parent
+    assert not (run / "data" / "manifest.json").exists()
+
+
+def test_ctrl_c_while_exporting(eval_run, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ondol.model.export.save_file", interrupted)
+    code, _, err = ondol(capsys, "export", "hf", eval_run, tmp_path / "hf")
+    assert (code, err) == (130, INTERRUPTED)
+    assert list((tmp_path / "hf").iterdir()) == []  # no partial weights file left behind

@@ -1,0 +1,217 @@
+"""Per-GPU memory of a training run, by term, before anything is launched: what `ondol plan` and `ondol launch`
+print and check.
+
+It lives in train/ because every term but the parameter counts is decided here: the precision, how DeepSpeed's
+optimizers (train/engine.py) keep weights, gradients, fp32 master weights and AdamW moments at each ZeRO stage,
+and how expert parallelism (train/expert_parallel.py) splits experts. Parameter counts come from the model itself,
+built on the meta device (no memory, a few seconds for K-EXAONE-236B).
+
+Terms, in bytes per rank (s: bytes of the run's precision, 2 for bf16, 4 for fp32; P: dense parameters, which
+every rank holds; X: expert parameters over the expert-parallel size, this rank's experts; W: world size,
+W / EP: the expert-data-parallel size over which expert optimizer state is partitioned, as DeepSpeed does):
+  weights     s (P + X); ZeRO 3 (EP 1 only): s (P + X) / W plus the gathered parameters: ZeRO 3 keeps
+              parameters it will reuse within stage3_max_reuse_distance (1e9) elements, up to
+              stage3_max_live_parameters (1e9), so a model below 1e9 parameters stays gathered whole; a larger
+              one holds at least its largest module (K-EXAONE: one layer's experts) and a prefetch
+  gradients   s (P + X) at ZeRO 0; ZeRO 1-3 reduce each gradient through a bucket as the backward produces it
+              and keep only their partition, s (P / W + X / (W / EP)) (DeepSpeed's contiguous_gradients default)
+  optimizer   fp32 AdamW moments, 8 bytes a parameter; fp32 master weights (4) unless ZeRO 0 in fp32, where
+              torch's AdamW updates the module's own weights; at ZeRO 0 nothing is partitioned (DeepSpeed's
+              bf16 optimizer keeps a full fp32 copy), from ZeRO 1 on partitioned as gradients are
+  step grads  the fp32 gradients the optimizer step reads, flattened (ZeRO >= 1, or bf16): 4 bytes a parameter of
+              the optimizer's share
+  buckets     gradient reduction buckets (DeepSpeed's reduce_bucket_size, and ZeRO 0's fixed all-reduce size:
+              5e8 elements), at most the gradients they hold: during the backward from ZeRO 1 on, after it
+              at ZeRO 0 (none on one rank); ZeRO 3's reduce-scatter adds an interleaved copy of its bucket
+  activations what autograd keeps from the forward for the backward, per token, counted from the model's code
+              (model/transformer.py, model/moe.py: RMSNorm keeps fp32 copies, flash/flex attention its inputs,
+              output and log-sum-exp, experts their gathered inputs, gate/up outputs and SwiGLU product, at
+              twice the mean load under EP: EP_EXPERT_LOAD), times micro_batch x seq_len; with activation
+              checkpointing, each block's input plus one block recomputed
+  logits      the LM head's output (kept by the caller) and the loss's fp32 log-probabilities and two fp32
+              gradients of the same size during its backward; once more per MTP depth
+The peak is what persists (weights, gradients, master weights, moments, buckets) plus the larger of the
+backward's transients (activations and logits) and the step's (its fp32 gradients): they are never alive together.
+Not counted: the CUDA context and allocator fragmentation (launch/plan.py's RESERVE_GIB covers them), NCCL buffers,
+activations of the evaluation pass (smaller: no autograd), an expert-parallel load above twice the mean.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+from ondol.model.config import ModelConfig
+
+GIB = 2**30
+ADAM_BYTES = 8  # two fp32 moments a parameter
+FP32 = 4
+DEFAULT_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size and allreduce_bucket_size (elements)
+DEFAULT_PREFETCH = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size (elements)
+# Under expert parallelism a rank runs every token copy routed to its experts; before the router biases have
+# balanced the load, the busiest rank gets up to twice the mean (measured on the plan_vs_measured model at
+# initialisation: 1.4-2.0x per layer at EP 4). Without EP every rank runs exactly k copies of its own tokens.
+EP_EXPERT_LOAD = 2.0
+DEFAULT_LIVE = 1_000_000_000  # DeepSpeed's stage3_max_live_parameters and stage3_max_reuse_distance (elements)
+
+
+@dataclass(frozen=True)
+class ParamSplit:
+    """Parameter counts of the built model: dense (on every rank), experts (split by EP), largest module."""
+
+    dense: int
+    experts: int
+    largest_module: int  # parameters of the module with the most directly owned parameters (ZeRO 3 gathers it)
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.experts
+
+
+def param_split(cfg: ModelConfig) -> ParamSplit:
+    """Counts from the model built on the meta device (no memory is allocated); cached per config."""
+    return _param_split(tuple(sorted(cfg.to_dict().items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _param_split(key: tuple) -> ParamSplit:
+    import torch
+
+    from ondol.model.moe import GroupedExperts
+    from ondol.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**dict(key)))
+    experts = sum(p.numel() for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return ParamSplit(dense=total - experts, experts=experts, largest_module=largest)
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What decides memory besides the model: precision, ZeRO stage, parallel layout, micro-batch."""
+
+    precision: str  # fp32 | bf16
+    zero_stage: int
+    world_size: int
+    expert_parallel_size: int
+    micro_batch_size: int
+    seq_len: int
+    activation_checkpointing: bool = False
+    bucket_elements: int = DEFAULT_BUCKET
+    prefetch_elements: int = DEFAULT_PREFETCH
+    live_elements: int = DEFAULT_LIVE
+
+    @property
+    def bytes(self) -> int:
+        return 2 if self.precision == "bf16" else 4
+
+
+def _norm_bytes(s: int, weighted_kept: bool = True) -> int:
+    """Bytes a RMSNorm leaves saved per element: its fp32 input (the input itself in fp32), the normalised tensor
+    in the run's precision (what the weight multiplies) and, when the next op keeps it, the weighted output."""
+    return FP32 + s + (s if weighted_kept else 0)
+
+
+def attention_bytes_per_token(cfg: ModelConfig, s: int) -> int:
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    # q: its norm (fp32 input, normalised), the kernel's input (normed or rotated) and output; k alike, v instead
+    # of the output. Without QK-norm only the kernel's inputs and output. RoPE's products keep only cos/sin.
+    per_head_dim = FP32 + 3 * s if cfg.qk_norm else 2 * s
+    return _norm_bytes(s) * cfg.d_model + per_head_dim * (q + kv) + FP32 * cfg.n_heads  # + log-sum-exp
+
+
+def mlp_bytes_per_token(cfg: ModelConfig, moe: bool, s: int, expert_load: float = 1.0) -> int:
+    """expert_load: the token copies this rank's experts run, over the mean (k per token)."""
+    d = cfg.d_model
+    if not moe:
+        return _norm_bytes(s) * d + 4 * s * cfg.ffn_hidden  # gate, silu(gate), up, their product
+    k = cfg.top_k
+    router = (FP32 * d if s < FP32 else 0) + FP32 * cfg.n_experts + 12 * k + 4  # fp32 input, scores, top-k
+    dispatch = 16 * k + s * k  # gather and unsort indices (int64), routing weights
+    # on the experts' rank: gathered input, gate/up output, silu(gate), SwiGLU product; back on the token's
+    # rank: expert output, unsorted output
+    experts = int(expert_load * k * s * (d + 4 * cfg.expert_hidden)) + 2 * k * s * d
+    shared = 4 * s * cfg.expert_hidden * cfg.n_shared_experts
+    return _norm_bytes(s) * d + router + dispatch + experts + shared
+
+
+def block_bytes_per_token(cfg: ModelConfig, s: int, expert_load: float = 1.0) -> list[int]:
+    """Activation bytes per token of each block (MTP depths last, with their two input norms and projection)."""
+    out = [attention_bytes_per_token(cfg, s) + mlp_bytes_per_token(cfg, cfg.is_moe_layer(i), s, expert_load)
+           for i in range(cfg.n_layers)]
+    mtp_inputs = 2 * _norm_bytes(s, weighted_kept=False) * cfg.d_model + 2 * s * cfg.d_model  # norms, concat
+    out += [attention_bytes_per_token(cfg, s) + mlp_bytes_per_token(cfg, False, s) + mtp_inputs
+            for _ in range(cfg.mtp_layers)]
+    return out
+
+
+def activation_bytes(cfg: ModelConfig, shape: RunShape, checkpointing: bool | None = None) -> int:
+    tokens = shape.micro_batch_size * shape.seq_len
+    per_block = block_bytes_per_token(cfg, shape.bytes, EP_EXPERT_LOAD if shape.expert_parallel_size > 1 else 1.0)
+    head = _norm_bytes(shape.bytes) * cfg.d_model * (1 + cfg.mtp_layers)  # final norms
+    checkpointing = shape.activation_checkpointing if checkpointing is None else checkpointing
+    if checkpointing:  # each block's input kept, the largest block recomputed during its backward
+        return tokens * (len(per_block) * shape.bytes * cfg.d_model + max(per_block) + head)
+    return tokens * (sum(per_block) + head)
+
+
+def logits_bytes(cfg: ModelConfig, shape: RunShape) -> int:
+    tokens = shape.micro_batch_size * shape.seq_len
+    main = tokens * cfg.vocab_size * (shape.bytes + 3 * FP32)
+    return main + cfg.mtp_layers * tokens * cfg.vocab_size * FP32  # each depth's saved log-probabilities
+
+
+BACKWARD = ("activations", "logits")  # alive from the forward through the backward
+STEP = ("fp32 step gradients", "all-reduce bucket")  # alive after the backward has freed the above
+
+
+@dataclass
+class MemoryPlan:
+    shape: RunShape
+    params: ParamSplit
+    terms: dict[str, int] = field(default_factory=dict)  # bytes per rank
+    activations_other: int = 0  # activations with checkpointing flipped, for the table
+
+    @property
+    def total(self) -> int:
+        """The peak: what persists, plus the larger of the backward's and the optimizer step's transients."""
+        persistent = sum(v for k, v in self.terms.items() if k not in BACKWARD + STEP)
+        backward, step = (sum(self.terms.get(k, 0) for k in phase) for phase in (BACKWARD, STEP))
+        return persistent + max(backward, step)
+
+    @property
+    def largest(self) -> tuple[str, int]:
+        return max(self.terms.items(), key=lambda item: item[1])
+
+
+def plan_memory(cfg: ModelConfig, shape: RunShape) -> MemoryPlan:
+    """Bytes per rank by term for a run of `cfg` shaped by `shape` (see the module docstring)."""
+    params = param_split(cfg)
+    s, stage, W, ep = shape.bytes, shape.zero_stage, shape.world_size, shape.expert_parallel_size
+    local = params.dense + params.experts // ep  # parameters of this rank's module
+    # the optimizer's share: partitioned over data-parallel groups from ZeRO 1 on (experts over W / EP ranks)
+    share = local if stage == 0 else params.dense / W + params.experts / ep / (W // ep)
+    terms: dict[str, int] = {}
+    if stage == 3:  # partitions, plus what is gathered: up to the live limit, at least a module and a prefetch
+        working = params.largest_module + min(shape.prefetch_elements, params.largest_module)
+        gathered = min(local, max(shape.live_elements, working))
+        terms["weights"] = int(s * (share + gathered))
+    else:
+        terms["weights"] = s * local
+    # ZeRO 1-3 copy each gradient into a reduction bucket as it is produced and keep only their partition
+    terms["gradients"] = int(s * (local if stage == 0 else share))
+    master = 0 if (stage == 0 and s == FP32) else FP32
+    terms["fp32 master weights"] = int(master * share)
+    terms["AdamW moments (fp32)"] = int(ADAM_BYTES * share)
+    terms["fp32 step gradients"] = int(FP32 * share) if master else 0
+    bucket = s * min(shape.bucket_elements, local)
+    if stage == 0:  # ZeRO 0 all-reduces flattened buckets after the backward
+        terms["all-reduce bucket"] = 0 if W == 1 else bucket
+    else:  # ZeRO 1-3 reduce during the backward, as gradients are produced; ZeRO 3's reduce-scatter
+        terms["reduce buckets"] = bucket * (2 if stage == 3 else 1)  # works on an interleaved copy
+    terms["activations"] = activation_bytes(cfg, shape)
+    terms["logits"] = logits_bytes(cfg, shape)
+    other = activation_bytes(cfg, shape, not shape.activation_checkpointing)
+    return MemoryPlan(shape, params, terms, other)
