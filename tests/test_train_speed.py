@@ -22,11 +22,12 @@ from ondol.train.host_syncs import HostSyncCounter
 STEPS = ("train.steps=3", "train.eval_every=3", "train.eval_batches=1", "train.save_every=3")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def assets(tmp_path_factory):
+    """The folder test_train.py's session fixture builds (it runs first; build_assets reuses finished work)."""
     from golden import build_assets
 
-    return build_assets(tmp_path_factory.mktemp("train_assets"))
+    return build_assets(tmp_path_factory.getbasetemp() / "train_assets0")
 
 
 @pytest.fixture(scope="module")
