@@ -38,6 +38,13 @@ def route(logits: torch.Tensor, bias: torch.Tensor, cfg: ModelConfig) -> Routing
     return Routing(weights * cfg.routed_scaling, experts, scores, logits)
 
 
+def expert_counts(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Token copies per expert [E] (int64) from chosen ids [N, k]. A scatter-add into E bins has a fixed output
+    size, so unlike `torch.bincount` (whose size depends on the data) it never waits for the GPU."""
+    ids = experts.flatten()
+    return torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+
+
 class Router(nn.Module):
     """Router logits in fp32 (its own module so that ZeRO-3 gathers its weight when it runs)."""
 
@@ -139,7 +146,7 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         r = route(self.gate(flat), self.expert_bias, self.cfg)
-        counts = torch.bincount(r.experts.flatten(), minlength=self.cfg.n_experts)
+        counts = expert_counts(r.experts, self.cfg.n_experts)
         out = self.combine(flat, r, counts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -179,7 +186,7 @@ class MoE(nn.Module):
     @torch.no_grad()
     def update_bias(self) -> None:
         """Aux-loss-free balancing (DeepSeek-V3): raise the bias of under-loaded experts, lower over-loaded ones."""
-        load = self.tokens_per_expert
-        if self.cfg.bias_update_rate > 0 and load.sum() > 0:
+        load = self.tokens_per_expert  # all zero (e.g. no tokens seen): sign(0) = 0 leaves the bias as it is
+        if self.cfg.bias_update_rate > 0:
             self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
         load.zero_()

@@ -16,12 +16,13 @@ from ondol.model.attention_backends import MaskSpec, SDPABackend, select_backend
 from ondol.model.config import ModelConfig
 from ondol.model.kv_cache import KVCache, LayerCache
 from ondol.model.layers import RMSNorm, SwiGLU, apply_rope, document_positions, rope_cos_sin, rope_inv_freq
+from ondol.model.loss import lm_loss
 from ondol.model.moe import MoE
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the loss was computed in chunks without them
     loss: torch.Tensor | None
     aux_loss: torch.Tensor  # weighted sum of MoE balance and z losses (0-dim)
     mtp_loss: torch.Tensor  # model.mtp_loss_weight x mean MTP loss over depths (0-dim; 0 without MTP)
@@ -175,9 +176,12 @@ class Transformer(nn.Module):
                 KVCache([window(k) for k in self.cfg.mtp_kinds], slack))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> ModelOutput:
+                doc_ids: torch.Tensor | None = None, cache: KVCache | None = None, loss_chunk: int = 0,
+                compile_loss: bool = False) -> ModelOutput:
         """Logits and losses for input_ids [B, T]. With `cache`, input_ids continue the positions the cache
-        holds (generation: no labels, no document ids) and the cache is extended by them."""
+        holds (generation: no labels, no document ids) and the cache is extended by them. With labels and
+        `loss_chunk` > 0 the loss runs over that many tokens at a time and logits is None (model/loss.py);
+        `compile_loss` compiles the loss (train.compile)."""
         cfg = self.cfg
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
@@ -203,11 +207,7 @@ class Transformer(nn.Module):
                 moe_stats.append(stats)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.norm(x))
-
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        loss, logits = lm_loss(self.norm(x), self.lm_head, labels, loss_chunk, compile_loss)
         metrics = {f"moe/{k}": torch.stack([s[k] for s in moe_stats]).mean() for k in (moe_stats[0] if moe_stats
                                                                                           else {})}
         metrics["moe/aux_loss"] = aux_loss.detach()

@@ -96,7 +96,8 @@ def test_activation_checkpointing_keeps_losses_gradients_and_expert_loads():
     gradients and MoE load counts as without it, with less saved for the backward."""
     from ondol.model.config import load_preset
     from ondol.model.transformer import Transformer
-    from ondol.train.engine import checkpoint_blocks
+    from ondol.train.config import TrainConfig
+    from ondol.train.fast_paths import apply_compile_and_checkpointing
 
     cfg = load_preset("tiny", vocab_size=512, mtp_layers=1)
     text = "\n".join(corpus_texts("ko_reviews", 50)).encode("utf-8")
@@ -106,7 +107,7 @@ def test_activation_checkpointing_keeps_losses_gradients_and_expert_loads():
         torch.manual_seed(0)
         model = Transformer(cfg)
         if checkpointed:
-            checkpoint_blocks(model)
+            apply_compile_and_checkpointing(model, TrainConfig(activation_checkpointing=True))
         saved: list[int] = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t.nbytes) or t,
                                                       lambda t: t):

@@ -24,6 +24,7 @@ from ondol.files import write_atomic
 from ondol.train import checkpoint, expert_parallel
 from ondol.train.engine import build_engine, init_distributed
 from ondol.train.evaluation import InLoopBitsPerByte
+from ondol.train.fast_paths import apply_compile_and_checkpointing, loss_chunk_tokens
 from ondol.train.metrics import MetricsSink, detect_peak_tflops, memory_gib, plot_losses, read_metrics
 from ondol.train.preemption import Preempted, StopRequest, stop_file
 from ondol.train.schedule import lr_at
@@ -63,6 +64,9 @@ class Trainer:
 
         _seed_everything(cfg.seed)  # same initial weights on every rank and for every ZeRO stage
         self.model = Transformer(cfg.model)
+        apply_compile_and_checkpointing(self.model, cfg.train)
+        self.loss_kwargs = {"loss_chunk": loss_chunk_tokens(cfg.train, self.env.device, cfg.deepspeed.zero_stage),
+                            "compile_loss": cfg.train.compile}
         self.engine, self.optimizer = build_engine(self.model, cfg, self.env)
         self.moe_layers = self.engine.module.moe_layers()
         self.moe_layer_ids = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
@@ -87,7 +91,7 @@ class Trainer:
         # loss and aux loss summed over finite micro-batches, their count, all micro-batches
         zeros = torch.zeros(4, dtype=torch.float64, device=self.env.device)
         loads = torch.zeros(len(self.moe_layers), self.cfg.model.n_experts, device=self.env.device)
-        self.interval = {"sums": zeros, "loads": loads, "t0": time.perf_counter()}
+        self.interval = {"sums": zeros, "loads": loads, "t0": time.perf_counter(), "untimed_steps": 0}
 
     def _sum_over_ranks(self, value: float) -> float:
         if self.env.world_size == 1:
@@ -186,8 +190,14 @@ class Trainer:
         if self.step == 0:
             self._emit(sink, self._evaluation())
         self.interval["t0"] = self.started = time.perf_counter()
+        warming_up = tr.compile  # the first step compiles: its time and tokens stay out of tokens/s
         while self.step < tr.steps:
+            started = time.perf_counter()
             self.train_step()
+            if warming_up:
+                self.interval["t0"] += time.perf_counter() - started
+                self.interval["untimed_steps"] += 1
+                warming_up = False
             last = self.step == tr.steps
             if self.step % tr.log_every == 0 or last:
                 self._emit(sink, self._interval_metrics())
@@ -218,7 +228,8 @@ class Trainer:
         step_sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)
         for _ in range(accum):
             batch = {k: v.to(self.env.device, non_blocking=True) for k, v in next(self.loader).items()}
-            out = self.engine(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"])
+            out = self.engine(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"],
+                              **self.loss_kwargs)
             self.engine.backward(out.loss + out.aux_loss + out.mtp_loss)  # mtp_loss: 0 without MTP
             self.engine.step()
             step_sums[0] += out.loss.detach()
@@ -265,7 +276,8 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float64, device=self.env.device)
         for _ in range(self.cfg.train.eval_batches):
             batch = {k: v.to(self.env.device) for k, v in next(self.val_loader).items()}
-            total += self.engine(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"]).loss
+            total += self.engine(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"],
+                                 **self.loss_kwargs).loss
         self.engine.train()
         if self.env.world_size > 1:
             dist.all_reduce(total)
@@ -286,14 +298,15 @@ class Trainer:
         finite = sums[2] or float("nan")  # an interval of skipped steps only has no loss to report
         elapsed = time.perf_counter() - self.interval["t0"]
         steps = sums[3] / (self.cfg.train.grad_accum * self.env.world_size)
-        tokens_per_s = steps * self.tokens_per_step / max(elapsed, 1e-9)
+        timed = steps - self.interval["untimed_steps"]
+        tokens_per_s = timed * self.tokens_per_step / elapsed if timed else float("nan")
         grad_norm = self.engine.get_global_grad_norm()
         record = {"step": self.step, "loss": sums[0] / finite, "aux_loss": sums[1] / finite, "lr": self.last_lr,
                   "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": tokens_per_s,
-                  "steps_per_s": steps / max(elapsed, 1e-9), "nonfinite_steps": self.nonfinite["total"],
-                  "ms_per_step": 1000 * elapsed / max(steps, 1), "tokens_seen": self.step * self.tokens_per_step,
+                  "steps_per_s": timed / elapsed if timed else float("nan"), "nonfinite_steps": self.nonfinite["total"],
+                  "ms_per_step": 1000 * elapsed / max(timed, 1), "tokens_seen": self.step * self.tokens_per_step,
                   "elapsed_s": time.perf_counter() - self.started,
-                  "eta_s": (self.cfg.train.steps - self.step) * elapsed / max(steps, 1)}
+                  "eta_s": (self.cfg.train.steps - self.step) * elapsed / max(timed, 1)}
         if self.peak_flops > 0:
             record["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
         record.update({k: float(v) for k, v in self.last_metrics.items()})

@@ -1,0 +1,127 @@
+"""The trainer's fast paths on CPU: compiled and checkpointed blocks, the chunked loss and fused AdamW give the
+losses of the eager full-logits foreach run; a training step makes at most one host sync; the chunked loss
+equals the naive full-logits loss and its gradients.
+
+Runs are the golden tiny config (tests/golden.py) for a few steps, on the tokenizer and data the trainer tests
+build once per session.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from golden import link_data, run_losses, tiny_config
+
+from ondol.model.loss import chunked_linear_cross_entropy
+from ondol.train.config import TrainConfig
+from ondol.train.engine import fused_adamw
+from ondol.train.fast_paths import checkpointed_layers, loss_chunk_tokens
+from ondol.train.host_syncs import HostSyncCounter
+
+STEPS = ("train.steps=3", "train.eval_every=3", "train.eval_batches=1", "train.save_every=3")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """The folder test_train.py's session fixture builds (it runs first; build_assets reuses finished work)."""
+    from golden import build_assets
+
+    return build_assets(tmp_path_factory.getbasetemp() / "train_assets0")
+
+
+@pytest.fixture(scope="module")
+def eager(assets, tmp_path_factory) -> list[float]:
+    return run_losses(tmp_path_factory.mktemp("eager"), assets, *STEPS)
+
+
+COMPILED = ("train.compile=true", "train.activation_checkpointing=true", "train.checkpointed_blocks=alternate", "train.loss=chunked",
+            "train.loss_chunk_tokens=100")
+
+
+@pytest.mark.parametrize("fast", [
+    ("train.activation_checkpointing=true", "train.loss=chunked", "train.loss_chunk_tokens=48", "optim.adamw=fused"),
+    pytest.param(COMPILED, marks=pytest.mark.slow),  # minutes of compiling on 2 cores; the dense test below
+], ids=["checkpointed-chunked-fused", "compiled-alternate-chunked"])
+def test_fast_paths_give_the_eager_losses(assets, eager, tmp_path, fast):
+    """Same data, same initial weights: only the order of floating-point sums may differ."""
+    losses = run_losses(tmp_path, assets, *STEPS, *fast)
+    assert len(losses) == len(eager) == 3
+    assert losses == pytest.approx(eager, rel=1e-5)
+
+
+def test_compiled_checkpointed_dense_model_gives_the_eager_losses(assets, tmp_path):
+    """train.compile with alternate-block checkpointing and the compiled chunked loss, on a dense model (few graphs
+    to compile; the MoE model's run above is marked slow)."""
+    dense = ("model.n_experts=0", "train.steps=2", "train.eval_every=2", "train.eval_batches=1",
+             "train.save_every=2")
+    eager = run_losses(tmp_path / "eager", assets, *dense)
+    compiled = run_losses(tmp_path / "compiled", assets, *dense, *COMPILED)
+    assert len(compiled) == len(eager) == 2
+    assert compiled == pytest.approx(eager, rel=1e-5)
+
+
+def test_a_training_step_makes_at_most_one_host_sync(assets, tmp_path):
+    """The CUDA path (grouped_mm experts, fused AdamW), one rank, ZeRO 0: the only sync left is the
+    finite-gradient check that decides whether the update is applied."""
+    from ondol.train.trainer import Trainer
+
+    link_data(tmp_path, assets)
+    trainer = Trainer(tiny_config(tmp_path, assets, "train.steps=2", "train.log_every=10",
+                                  "model.moe_dispatch=grouped_mm", "optim.adamw=fused"))
+    assert trainer.optimizer.defaults["fused"] and [g["name"] for g in trainer.optimizer.param_groups] == [
+        "decay", "no_decay"]
+    trainer.train_step()
+    with HostSyncCounter(torch.device("cpu")) as syncs:
+        trainer.train_step()
+    assert trainer.optimizer.applied
+    assert syncs.count <= 1, syncs.sites
+
+
+def test_the_sync_counter_sees_what_would_stall_a_gpu():
+    x = torch.tensor([1, 0, 2, 1])
+    with HostSyncCounter(torch.device("cpu")) as syncs:
+        torch.bincount(x, minlength=3)
+        bool(x.sum() > 0)
+        x.max().item()
+        x.repeat_interleave(x, output_size=4)  # sized by the caller: no sync
+        torch.zeros(3, dtype=torch.long).scatter_add_(0, x, torch.ones_like(x))
+    assert syncs.count == 3, syncs.sites
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_equals_the_full_logits_loss_and_gradients(dtype):
+    g = torch.Generator().manual_seed(0)
+    N, D, V = 70, 32, 101
+    hidden = torch.randn(N, D, generator=g).to(dtype)
+    weight = (0.2 * torch.randn(V, D, generator=g)).to(dtype)
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[::5] = -100
+
+    def grads(loss_fn):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = loss_fn(h, w)
+        (3.0 * loss).backward()
+        return loss.detach().float(), h.grad.float(), w.grad.float()
+
+    ref = grads(lambda h, w: F.cross_entropy((h @ w.t()).float(), labels, ignore_index=-100))
+    got = grads(lambda h, w: chunked_linear_cross_entropy(h, w, labels, chunk=16))  # 70 = 4 x 16 + 6
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-3}
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_fast_path_selection():
+    assert checkpointed_layers(5, TrainConfig()) == []
+    assert checkpointed_layers(5, TrainConfig(activation_checkpointing=True)) == [0, 1, 2, 3, 4]
+    assert checkpointed_layers(5, TrainConfig(activation_checkpointing=True, checkpointed_blocks="alternate")) == [0, 2, 4]
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (fused_adamw("auto", cpu), fused_adamw("auto", cuda), fused_adamw("foreach", cuda)) == (False, True, False)
+    assert fused_adamw("fused", cpu)
+    auto = TrainConfig(loss_chunk_tokens=512)
+    assert (loss_chunk_tokens(auto, cpu, 0), loss_chunk_tokens(auto, cuda, 2), loss_chunk_tokens(auto, cuda, 3)) \
+        == (0, 512, 0)
+    with pytest.raises(ValueError, match="train.loss=chunked does not work with deepspeed.zero_stage=3"):
+        loss_chunk_tokens(TrainConfig(loss="chunked"), cuda, 3)
+    with pytest.raises(ValueError, match="train.checkpointed_blocks must be all or alternate"):
+        TrainConfig(checkpointed_blocks="some")

@@ -1,0 +1,63 @@
+"""The trainer's speed switches, applied to the plain-PyTorch model from outside: regional torch.compile of each
+block (train.compile), activation checkpointing (train.activation_checkpointing, train.checkpointed_blocks)
+and the chunked loss (train.loss). MoE load counts skip a checkpoint's recompute (model/moe.py).
+
+Checkpointing wraps the compiled block, not the other way round. torch.compile of a checkpointed function
+traces the checkpoint as one higher-order op and needs its whole body as a single graph; the MoE layer has
+graph breaks (the non-recompute check before counting expert loads; data-dependent shapes in the loop and
+bmm_padded dispatch, in expert parallelism's all-to-all), and a break anywhere in the body makes dynamo run
+the entire checkpointed block eagerly: no compile at all, plus the recompute. That is why compiled blocks
+with checkpointing ran slower than either alone on the H100 (47,700 tok/s against 75,000 eager and 123,000
+compiled). Outside the compiled function, the checkpoint drops what the compiled graphs saved and reruns
+them (compiled) in the backward pass: compiled speed minus one forward, for the memory of block inputs only.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ondol.train.config import TrainConfig
+
+
+def checkpointed_layers(n_layers: int, tr: TrainConfig) -> list[int]:
+    """Indices of the main blocks that recompute their forward: none, all, or every second one (alternate)."""
+    if not tr.activation_checkpointing:
+        return []
+    return list(range(0, n_layers, 2 if tr.checkpointed_blocks == "alternate" else 1))
+
+
+def apply_compile_and_checkpointing(model: torch.nn.Module, tr: TrainConfig) -> None:
+    """Compile each block (main layers and MTP depths) and checkpoint the chosen main layers, in place: the
+    blocks keep their names, so state dicts and checkpoints are unchanged."""
+    if tr.compile:
+        # Blocks share one code object: each attention kind x dense/MoE x train/eval, and each graph-break
+        # resume point, is one more compiled variant. Past the limit dynamo would run a block eagerly, and a
+        # checkpoint whose recompute ran other code than its forward fails, so the limit grows with depth.
+        limit = 8 * (len(model.layers) + len(model.mtp))
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    recomputed = set(checkpointed_layers(len(model.layers), tr))
+    if tr.compile and recomputed:
+        # A recompute must run the very graph its forward ran. Blocks share compiled variants, and dynamo's
+        # most-recently-used ordering of them can pick another variant whose guards also pass (e.g. one with
+        # dynamic shapes); first-compiled-first order keeps the choice stable (pytorch/pytorch#166926).
+        torch._C._dynamo.eval_frame._set_lru_cache(False)
+    blocks = [(block, i in recomputed) for i, block in enumerate(model.layers)]
+    blocks += [(depth.block, tr.activation_checkpointing and tr.checkpointed_blocks == "all") for depth in model.mtp]
+    for block, recompute in blocks:
+        forward = torch.compile(block.forward) if tr.compile else block.forward
+        if recompute:
+            forward = functools.partial(checkpoint, forward, use_reentrant=False)
+        block.forward = forward
+
+
+def loss_chunk_tokens(tr: TrainConfig, device: torch.device, zero_stage: int) -> int:
+    """Tokens per chunk of the loss (0: full logits). ZeRO-3 gathers the LM head's weight only while the head
+    module runs, so there the loss keeps the full path."""
+    if tr.loss == "chunked" and zero_stage == 3:
+        raise ValueError("train.loss=chunked does not work with deepspeed.zero_stage=3 (the LM head weight is "
+                         "partitioned outside its module); set train.loss=auto or full")
+    on = tr.loss == "chunked" or (tr.loss == "auto" and device.type == "cuda" and zero_stage < 3)
+    return tr.loss_chunk_tokens if on else 0
