@@ -15,8 +15,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ondol.configs import RunConfig
 from ondol.model.config import ModelConfig
 from ondol.model.transformer import Transformer
+from ondol.train.config import DeepSpeedConfig
 from ondol.train.expert_parallel import check_expert_parallel, full_state_dict_from_checkpoint
 
 try:
@@ -67,8 +69,7 @@ def make_optimizer(model: torch.nn.Module, clip: float, clip_fn):
 
 def train_reference(clip: float) -> dict:
     """One process, no DeepSpeed, every expert, the whole global batch."""
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**CFG))
+    model = Transformer(ModelConfig(**CFG), seed=0)
     groups, build = make_optimizer(model, clip, lambda ps, c: torch.nn.utils.clip_grad_norm_(ps, c))
     opt = build(groups)
     batches, losses = global_batches(), []
@@ -91,8 +92,8 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from ondol.train.engine import DistEnv, build_model
     from ondol.train.expert_parallel import (
-        apply_expert_parallel,
         checkpoint_load_fn,
         clip_grad_norm_,
         expert_parallel_metrics,
@@ -102,6 +103,23 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
     )
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    env = DistEnv(rank, rank, world, torch.device("cpu"), "gloo")
+    whole = dict(Transformer(ModelConfig(**CFG), seed=0).named_parameters())
+
+    def init_mismatches(model: torch.nn.Module) -> list[str]:
+        """Names of this rank's initial parameters (expert slices, ZeRO-3 partitions gathered) that differ from
+        a whole single-process build with the same seed."""
+        bad = []
+        for n, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                owner = model.get_submodule(n.rpartition(".")[0])
+                start = getattr(owner, "first_expert", 0)
+                if not torch.equal(p.detach(), whole[n][start:start + p.shape[0]]):
+                    bad.append(n)
+        return bad
+
+    zero3 = RunConfig(seed=0, model=ModelConfig(**CFG), deepspeed=DeepSpeedConfig(zero_stage=3))
+    init_bad = {"z3": init_mismatches(build_model(zero3, env))}
     B = GLOBAL_BATCH // world
     batches = global_batches()[:, rank * B:(rank + 1) * B]
     eval_ids = batches[STEPS, :, :-1]
@@ -109,10 +127,10 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
         _, ep, zero = SCENARIOS[name]
         out_dir = Path(root) / name
 
-        def build(seed: int, ep: int = ep, zero: int = zero):
-            torch.manual_seed(seed)
-            model = Transformer(ModelConfig(**CFG))
-            apply_expert_parallel(model, ep, zero)
+        def build(seed: int, ep: int = ep, zero: int = zero):  # the trainer's meta-device build
+            cfg = RunConfig(seed=seed, model=ModelConfig(**CFG),
+                            deepspeed=DeepSpeedConfig(zero_stage=zero, expert_parallel_size=ep))
+            model = build_model(cfg, env)
             groups, make = make_optimizer(model, CLIP if zero == 0 else 0.0, clip_grad_norm_)
             ds_config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1,
                          "zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True,
@@ -122,6 +140,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
             return model, engine
 
         model, engine = build(seed=0)
+        init_bad[name] = init_mismatches(model)
         losses = []
         for step in range(STEPS):
             result = engine(batches[step, :, :-1], labels=batches[step, :, 1:])
@@ -156,7 +175,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
         # Each rank writes its own file; no collectives after the last engine call.
         torch.save({"losses": losses, "biases": torch.stack([m.expert_bias for m in model.moe_layers()]),
                     "logits": logits, "eval_ids": eval_ids, "resumed_logits": resumed_logits,
-                    "metrics": metrics, "gathered": gathered if rank == 0 else None},
+                    "metrics": metrics, "gathered": gathered if rank == 0 else None, "init_bad": init_bad},
                    out_dir / f"rank{rank}.pt")
         dist.barrier()
 
@@ -180,6 +199,8 @@ def runs(tmp_path_factory) -> dict:
     for name, (world, *_) in SCENARIOS.items():
         ranks = [torch.load(root / name / f"rank{r}.pt", weights_only=False) for r in range(world)]
         out[name] = {**ranks[0], "biases": torch.stack([r["biases"] for r in ranks]),
+                     "init_bad": [b for r in ranks for b in r["init_bad"][name]],
+                     "z3_init_bad": [b for r in ranks for b in r["init_bad"]["z3"]],
                      "ckpt": root / name / "ckpt" / "final"}
     return out
 
@@ -220,6 +241,14 @@ def test_traffic_metrics(runs, name):
     assert m["ep/tokens_sent_per_step"] == pytest.approx(m["ep/tokens_received_per_step"])
     assert m["ep/tokens_sent_per_step_max"] >= m["ep/tokens_sent_per_step"]
     assert 0 < m["ep/all_to_all_share"] <= m["ep/all_to_all_share_max"]
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_initial_weights_equal_a_whole_build(runs, name):
+    """Built on the meta device with only this rank's experts materialised (EP 2 and 4, ZeRO 0-2), or under
+    zero.Init at ZeRO 3 (worlds 2 and 4): every rank's initial weights are the matching slice of one
+    single-process build with the same seed, bit for bit."""
+    assert runs[name]["init_bad"] == [] and runs[name]["z3_init_bad"] == []
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

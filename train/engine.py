@@ -87,16 +87,71 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def build_model(cfg: RunConfig, env: DistEnv):
+    """The model with only what this rank owns materialised, in fp32 on env.device.
+
+    Built on the meta device (no memory), experts sharded over their expert-parallel group while still on
+    meta, then this rank's tensors allocated and initialised: its E / expert_parallel_size experts per MoE layer
+    and the dense parameters. At ZeRO 3 the dense parameters are built under DeepSpeed's zero.Init instead (each
+    parameter partitioned as soon as its module exists) and initialised one gathered parameter at a time. The
+    initial values are the same for every layout (Transformer.init_parameter seeds each tensor, and each expert,
+    from cfg.seed and its name), so expert-parallel sizes and ZeRO stages all start from the same weights."""
+    import deepspeed
+
+    from ondol.model.transformer import Transformer
+    from ondol.train import expert_parallel
+
+    ds = cfg.deepspeed
+    if ds.zero_stage == 3:
+        expert_parallel.check_expert_parallel(ds.expert_parallel_size, cfg.model.n_experts, env.world_size, 3)
+        # dtype from the config (fp32, or bf16 as the engine would cast to): zero.Init's own dtype argument
+        # falls back to bf16 on CPU whatever it is given
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, env.world_size)):
+            model = Transformer(cfg.model, seed=cfg.seed)
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+                if env.rank == 0:  # drawn in fp32 like every other layout's, then cast
+                    full = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                    model.init_parameter(name, full, cfg.seed)
+                    p.copy_(full)
+        return model
+    with torch.device("meta"):
+        model = Transformer(cfg.model, seed=cfg.seed)
+    expert_parallel.apply_expert_parallel(model, ds.expert_parallel_size, ds.zero_stage)
+    _materialize(model, env.device)
+    model.reset_parameters(cfg.seed)
+    return model
+
+
+def _materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Allocate (uninitialised) every meta parameter and buffer on `device`. Unlike Module.to_empty, parameters
+    keep their attributes (expert parallelism's `allreduce`, `group_name`) and tied parameters stay tied."""
+    done: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in done:
+                    new = torch.empty_like(t, device=device)
+                    if isinstance(t, torch.nn.Parameter):
+                        new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+                        new.__dict__.update(t.__dict__)
+                    done[id(t)] = new
+                table[key] = done[id(t)]
+
+
 def build_engine(model: torch.nn.Module, cfg: RunConfig, env: DistEnv):
-    """(engine, optimizer): the model wrapped by DeepSpeed with GuardedAdamW over decay/no-decay groups."""
+    """(engine, optimizer): the model (from `build_model`) wrapped by DeepSpeed with GuardedAdamW over
+    decay/no-decay groups."""
     import deepspeed
 
     from ondol.train import expert_parallel
 
     o, ds = cfg.optim, cfg.deepspeed
     groups = param_groups(model, o.weight_decay)
-    if expert_parallel.apply_expert_parallel(model, ds.expert_parallel_size, ds.zero_stage):
-        groups = expert_parallel.optimizer_param_groups(param_groups(model, o.weight_decay))
+    if expert_parallel.expert_parallel_layers(model):
+        groups = expert_parallel.optimizer_param_groups(groups)
     owns_clipping = ds.precision == "fp32" and ds.zero_stage == 0
     optimizer = GuardedAdamW(groups, owns_clipping=owns_clipping, clip_norm=o.grad_clip,
                              clip_fn=expert_parallel.clip_grad_norm_, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
