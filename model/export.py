@@ -188,33 +188,12 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", max_
         raise ExportError(f"{tok_dir}: tokenizer vocab {tok.vocab_size} exceeds model.vocab_size "
                           f"{cfg.vocab_size}; export the tokenizer the model was trained with")
     special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-    out.mkdir(parents=True, exist_ok=True)
-    index = tensor_index(weights)
-    ondol_name = {hf: name for name in index if (hf := hf_name(name, cfg)) is not None}
-    specs = [(hf, torch_dtype, index[name].shape) for hf, name in ondol_name.items()]
-    shards = _plan_shards(specs, int(max_shard_gb * 2**30))
-    files = (["model.safetensors"] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-
-    def produce(hf: str) -> torch.Tensor:
-        name = ondol_name[hf]
-        return read_tensor(weights, index[name], name).to(torch_dtype)
-
-    for file, shard in zip(files, shards):  # every file whole or not replaced; config.json last
-        write_safetensors(out / file, shard, produce, metadata={"format": "pt"})
-    if len(files) > 1:
-        total = sum(tensor_bytes(dt, shape) for _, dt, shape in specs)
-        weight_map = {spec[0]: file for file, shard in zip(files, shards) for spec in shard}
-        write_atomic(out / HF_INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                indent=2) + "\n")
-    for stale in [*out.glob("model*.safetensors"), *out.glob(HF_INDEX)]:  # an earlier export's other sharding
-        if stale.name not in files and not (stale.name == HF_INDEX and len(files) > 1):
-            stale.unlink()
+    export_weights(weights, cfg, out, torch_dtype, max_shard_gb)
     if cfg.mtp_layers:
         import transformers
 
         print(f"export: the {cfg.mtp_layers} MTP depth(s) are not in {out}: transformers "
-              f"{transformers.__version__}'s ExaoneMoe has no MTP module; they stay in {run_dir / 'model'} "
+              f"{transformers.__version__}'s ExaoneMoe has no MTP module; they stay in {weights} "
               "(Ondol's format, used by `ondol generate generate.speculative=true`)")
     copied = [name for name in TOKENIZER_FILES if (tok_dir / name).is_file()]
     for name in copied:
@@ -226,3 +205,30 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", max_
     if "tokenizer.json" not in copied:
         print(f"export: warning: {tok_dir} has no tokenizer.json; transformers' AutoTokenizer will not load {out}")
     return out
+
+
+def export_weights(weights: Path, cfg: ModelConfig, out: Path, dtype: torch.dtype, max_shard_gb: float) -> None:
+    """The weights of an Ondol folder (one file or per-rank shards) under transformers names in `dtype`,
+    streamed one tensor at a time into shards of at most max_shard_gb (plus their index when more than one)."""
+    out.mkdir(parents=True, exist_ok=True)
+    index = tensor_index(weights)
+    ondol_name = {hf: name for name in index if (hf := hf_name(name, cfg)) is not None}
+    specs = [(hf, dtype, index[name].shape) for hf, name in ondol_name.items()]
+    shards = _plan_shards(specs, int(max_shard_gb * 2**30))
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+
+    def produce(hf: str) -> torch.Tensor:
+        name = ondol_name[hf]
+        return read_tensor(weights, index[name], name).to(dtype)
+
+    for file, shard in zip(files, shards):  # every file whole or not replaced; config.json last
+        write_safetensors(out / file, shard, produce, metadata={"format": "pt"})
+    if len(files) > 1:
+        total = sum(tensor_bytes(dt, shape) for _, dt, shape in specs)
+        weight_map = {spec[0]: file for file, shard in zip(files, shards) for spec in shard}
+        write_atomic(out / HF_INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2) + "\n")
+    for stale in [*out.glob("model*.safetensors"), *out.glob(HF_INDEX)]:  # an earlier export's other sharding
+        if stale.name not in files and not (stale.name == HF_INDEX and len(files) > 1):
+            stale.unlink()

@@ -7,6 +7,7 @@ reviews with the trainer's step: loss + aux + MTP backward, optimizer step, load
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -81,7 +82,7 @@ def train_reference(clip: float) -> dict:
         model.update_router_biases()
         losses.append(float(out.loss.detach()))
     return {"losses": losses, "biases": torch.stack([m.expert_bias for m in model.moe_layers()]),
-            "norms": opt.norms}
+            "norms": opt.norms, "model": model}
 
 
 def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> None:
@@ -92,6 +93,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from ondol.train import state_shards
     from ondol.train.engine import DistEnv, build_model
     from ondol.train.expert_parallel import (
         checkpoint_load_fn,
@@ -163,6 +165,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
         masters = {n: p.detach() if (full := safe_get_full_fp32_param(p)) is None else full
                    for n, p in model.named_parameters()}
         gathered = full_state_dict(model, {**model.state_dict(), **masters})
+        state_shards.save(engine, engine.client_optimizer, out_dir / "shards", rank, world, with_optimizer=False)
         engine.save_checkpoint(str(out_dir / "ckpt"), tag="final")
         save_expert_shards(model, out_dir / "ckpt" / "final")
         # Resume into a differently initialised model at the same EP size: engine state plus expert shards.
@@ -201,7 +204,7 @@ def runs(tmp_path_factory) -> dict:
         out[name] = {**ranks[0], "biases": torch.stack([r["biases"] for r in ranks]),
                      "init_bad": [b for r in ranks for b in r["init_bad"][name]],
                      "z3_init_bad": [b for r in ranks for b in r["init_bad"]["z3"]],
-                     "ckpt": root / name / "ckpt" / "final"}
+                     "ckpt": root / name / "ckpt" / "final", "shards": root / name / "shards"}
     return out
 
 
@@ -279,6 +282,32 @@ def test_ep2_checkpoint_loads_at_ep1(runs):
     # Same weights bit for bit (test_gathered_weights_equal_checkpoint); the logits agree to fp32 rounding only,
     # since a matmul's rounding may depend on how many rows it gets (one rank's tokens here, two ranks' there).
     torch.testing.assert_close(logits, runs["ep2_z0"]["logits"], rtol=0, atol=1e-5)
+
+
+def test_export_of_ep4_shards_equals_export_of_the_single_process_model(runs, reference, tmp_path):
+    """The EP 4 run's per-rank weight shards (each rank wrote only its experts and its share of the dense
+    tensors) exported for transformers give the logits of the single-process model trained on the same batches
+    exported the same way, in transformers' ExaoneMoeForCausalLM, within 1e-4."""
+    from transformers import AutoModelForCausalLM
+
+    from ondol.model.export import export_weights, hf_config
+    from ondol.model.io import save_pretrained
+
+    cfg = ModelConfig(**CFG)
+    shards = runs["ep4_z1"]["shards"]
+    assert len(list(shards.glob("model-*-of-00004.safetensors"))) == 4
+    save_pretrained(reference["model"], cfg, tmp_path / "single")
+    logits = []
+    for weights in (shards, tmp_path / "single"):
+        out = tmp_path / f"hf_{weights.name}"
+        export_weights(weights, cfg, out, torch.float32, max_shard_gb=0.0002)  # ~200 KB: several shards
+        assert (out / "model.safetensors.index.json").is_file()
+        (out / "config.json").write_text(json.dumps(hf_config(cfg, {"bos_token_id": 1, "eos_token_id": 2,
+                                                                     "pad_token_id": 0})), encoding="utf-8")
+        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits.append(hf(runs["ep4_z1"]["eval_ids"]).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("ep,n_experts,world,zero,needle", [
