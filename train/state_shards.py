@@ -68,7 +68,10 @@ def _value(p: torch.Tensor, is_param: bool, optimizer, key: str | None) -> torch
 
     if not is_param:
         return p.detach()
-    got = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+    try:
+        got = safe_get_full_fp32_param(p) if key is None else safe_get_full_optimizer_state(p, key)
+    except ValueError:  # DeepSpeed's optimizer has applied no update yet (every step so far was skipped)
+        return torch.zeros(_full_shape(p), dtype=torch.float32, device=p.device)
     if got is not None:
         return got.float()
     if key is None:
@@ -87,6 +90,8 @@ def save(engine, optimizer, folder: Path, rank: int, world: int, with_optimizer:
     owner = _owners(entries, slices, world)
     writes_experts = not slices or groups._get_expert_data_parallel_rank(
         next(iter(expert_parallel_layers(module).values())).expert_group_name) == 0
+    if with_optimizer and engine.optimizer is not optimizer:
+        _link_moments(engine)
     single = world == 1
     model_file = WEIGHTS if single else shard_name("model", rank, world)
     optim_file = OPTIM_SINGLE if single else shard_name("optim", rank, world)
@@ -131,6 +136,14 @@ def _index(entries, slices: dict, owner: dict[str, int], world: int, prefix: str
     return out
 
 
+def _link_moments(engine) -> None:
+    """Point every parameter's fragment at its Adam moments (ZeRO 1/2, bf16 optimizer). DeepSpeed links them
+    once, right after the first parameter group's first step, when the later groups have no state yet, so those
+    would stay unlinked and `safe_get_full_optimizer_state` would fail for them."""
+    engine.optimizer._hp_optimizer_states_linked = False
+    engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
 def has_shards(folder: Path) -> bool:
     return (folder / INDEX).is_file() or (folder / WEIGHTS).is_file()
 
@@ -150,8 +163,7 @@ def load(engine, optimizer, folder: Path, adam_steps: int) -> None:
             optimizer.state[p] = {"step": torch.tensor(float(adam_steps)), "exp_avg": torch.zeros_like(p),
                                   "exp_avg_sq": torch.zeros_like(p)}
     if partitioned:
-        engine.optimizer._hp_optimizer_states_linked = False
-        engine.optimizer._lazy_init_hp_params_optimizer_state()
+        _link_moments(engine)
     slices = _expert_slices(module)
     for name, t, is_param in _tensors(module):
         rows = (slices[name][0], slices[name][0] + slices[name][1]) if name in slices else None
