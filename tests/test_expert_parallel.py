@@ -248,8 +248,8 @@ def test_traffic_metrics(runs, name):
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_initial_weights_equal_a_whole_build(runs, name):
-    """Built on the meta device with only this rank's experts materialised (EP 2 and 4, ZeRO 0-2), or under
-    zero.Init at ZeRO 3 (worlds 2 and 4): every rank's initial weights are the matching slice of one
+    """Built on the meta device with only this rank's experts materialised (EP 2 and 4, ZeRO 0-2; ZeRO 3 at
+    worlds 2 and 4, read back gathered): every rank's initial weights are the matching slice of one
     single-process build with the same seed, bit for bit."""
     assert runs[name]["init_bad"] == [] and runs[name]["z3_init_bad"] == []
 

@@ -92,29 +92,15 @@ def build_model(cfg: RunConfig, env: DistEnv):
 
     Built on the meta device (no memory), experts sharded over their expert-parallel group while still on
     meta, then this rank's tensors allocated and initialised: its E / expert_parallel_size experts per MoE layer
-    and the dense parameters. At ZeRO 3 the dense parameters are built under DeepSpeed's zero.Init instead (each
-    parameter partitioned as soon as its module exists) and initialised one gathered parameter at a time. The
-    initial values are the same for every layout (Transformer.init_parameter seeds each tensor, and each expert,
-    from cfg.seed and its name), so expert-parallel sizes and ZeRO stages all start from the same weights."""
-    import deepspeed
-
+    and the dense parameters (at ZeRO 3 DeepSpeed partitions those at initialize; building them under
+    deepspeed.zero.Init instead moved ZeRO-3 losses 2e-5 away from ZeRO 0's within 8 steps, not yet explained).
+    The initial values are the same for every layout (Transformer.init_parameter seeds each tensor, and each
+    expert, from cfg.seed and its name), so expert-parallel sizes and ZeRO stages all start from the same
+    weights."""
     from ondol.model.transformer import Transformer
     from ondol.train import expert_parallel
 
     ds = cfg.deepspeed
-    if ds.zero_stage == 3:
-        expert_parallel.check_expert_parallel(ds.expert_parallel_size, cfg.model.n_experts, env.world_size, 3)
-        # dtype from the config (fp32, or bf16 as the engine would cast to): zero.Init's own dtype argument
-        # falls back to bf16 on CPU whatever it is given
-        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, env.world_size)):
-            model = Transformer(cfg.model, seed=cfg.seed)
-        for name, p in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
-                if env.rank == 0:  # drawn in fp32 like every other layout's, then cast
-                    full = torch.empty(p.shape, dtype=torch.float32, device=p.device)
-                    model.init_parameter(name, full, cfg.seed)
-                    p.copy_(full)
-        return model
     with torch.device("meta"):
         model = Transformer(cfg.model, seed=cfg.seed)
     expert_parallel.apply_expert_parallel(model, ds.expert_parallel_size, ds.zero_stage)

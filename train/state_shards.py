@@ -139,9 +139,11 @@ def _index(entries, slices: dict, owner: dict[str, int], world: int, prefix: str
 def _link_moments(engine) -> None:
     """Point every parameter's fragment at its Adam moments (ZeRO 1/2, bf16 optimizer). DeepSpeed links them
     once, right after the first parameter group's first step, when the later groups have no state yet, so those
-    would stay unlinked and `safe_get_full_optimizer_state` would fail for them."""
-    engine.optimizer._hp_optimizer_states_linked = False
-    engine.optimizer._lazy_init_hp_params_optimizer_state()
+    would stay unlinked and `safe_get_full_optimizer_state` would fail for them. (ZeRO 3 looks moments up
+    itself.)"""
+    if hasattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state"):
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def has_shards(folder: Path) -> bool:
