@@ -19,13 +19,24 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from ondol.errors import ModelError
 from ondol.files import atomic_path, write_atomic
 from ondol.model.config import ModelConfig
-from ondol.model.io import load_pretrained
+from ondol.model.io import (
+    CONFIG,
+    INDEX,
+    WEIGHTS,
+    load_config,
+    read_tensor,
+    tensor_bytes,
+    tensor_index,
+    write_safetensors,
+)
 
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HF_INDEX = "model.safetensors.index.json"
+CHECKPOINT_META = "meta.json"  # what marks a complete checkpoint folder (train/checkpoint.py)
 
 class ExportError(ModelError):
     """The model uses an option the transformers architecture cannot express."""
@@ -96,40 +107,78 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
     return conf
 
 
-def hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Ondol parameter names -> transformers names (norms renamed by placement, expert bias into the gate)."""
+def hf_name(name: str, cfg: ModelConfig) -> str | None:
+    """The transformers name of an Ondol tensor (norms renamed by placement, expert bias into the gate); None for
+    what transformers has no place for (MTP depths, a tied LM head)."""
+    if name.startswith("mtp.") or (name == "lm_head.weight" and cfg.tie_embeddings):
+        return None
+    if name == "lm_head.weight":
+        return name
+    if not name.startswith("layers."):
+        return "model." + name
     norms = ({"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"} if cfg.norm_placement == "pre"
              else {"attn_norm": "post_attention_layernorm", "mlp_norm": "post_feedforward_layernorm"})
-    out = {}
-    for name, t in sd.items():
-        if name.startswith("mtp."):
-            continue
-        if name == "lm_head.weight":
-            if cfg.tie_embeddings:
-                continue
-            new = name
-        elif name.startswith("layers."):
-            parts = name.split(".")
-            if parts[2] in norms:
-                parts[2] = norms[parts[2]]
-            elif parts[2:] == ["mlp", "expert_bias"]:
-                parts[2:] = ["mlp", "gate", "e_score_correction_bias"]
-            new = "model." + ".".join(parts)
-        else:
-            new = "model." + name
-        out[new] = t.detach().float().contiguous().cpu()
-    return out
+    parts = name.split(".")
+    if parts[2] in norms:
+        parts[2] = norms[parts[2]]
+    elif parts[2:] == ["mlp", "expert_bias"]:
+        parts[2:] = ["mlp", "gate", "e_score_correction_bias"]
+    return "model." + ".".join(parts)
 
 
-def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write RUN_DIR/model (Ondol format) and RUN_DIR/tokenizer as a transformers model folder in `out_dir`."""
-    run_dir, out = Path(run_dir), Path(out_dir)
-    model = load_pretrained(run_dir / "model")
-    cfg = model.cfg
+def hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A whole Ondol state dict under transformers names, fp32 (for in-memory comparisons)."""
+    return {new: t.detach().float().contiguous().cpu() for name, t in sd.items()
+            if (new := hf_name(name, cfg)) is not None}
+
+
+def _locate(source: Path) -> tuple[Path, ModelConfig, Path]:
+    """(weights folder, model config, run directory) of a run directory, its model folder, or a checkpoint."""
+    if (source / "model" / CONFIG).is_file():
+        return source / "model", load_config(source / "model"), source
+    if (source / CONFIG).is_file():
+        return source, load_config(source), source.parent
+    if (source / CHECKPOINT_META).is_file():
+        if not (source / INDEX).is_file() and not (source / WEIGHTS).is_file():
+            raise ModelError(f"{source}: a checkpoint written before per-rank weight shards; export the "
+                                    "run's final weights (RUN_DIR) or resume it once and export a newer checkpoint")
+        meta = json.loads((source / CHECKPOINT_META).read_text(encoding="utf-8"))
+        return source, ModelConfig(**meta["model"]), source.parent.parent
+    raise ModelError(f"{source}: not a run directory (model/config.json), a model folder (config.json) or "
+                            f"a complete checkpoint ({CHECKPOINT_META}); for a checkpoint give "
+                            "RUN_DIR/checkpoints/step_N")
+
+
+def _plan_shards(specs: list[tuple[str, torch.dtype, list[int]]], max_bytes: int) -> list[list]:
+    """Consecutive tensors grouped into shards of at most max_bytes (a larger tensor alone in its shard)."""
+    shards, size = [[]], 0
+    for spec in specs:
+        n = tensor_bytes(spec[1], spec[2])
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += n
+    return shards
+
+
+def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", max_shard_gb: float = 5.0) -> Path:
+    """Write a run's final weights (RUN_DIR or RUN_DIR/model) or one of its complete checkpoints
+    (RUN_DIR/checkpoints/step_N), with the run's tokenizer, as a transformers model folder in `out_dir`.
+
+    Streams one tensor at a time from Ondol's shards (any world and expert-parallel size) into safetensors shards
+    of at most max_shard_gb in `dtype` (fp32 or bf16): `model.safetensors`, or `model-0000K-of-0000N.safetensors`
+    with `model.safetensors.index.json`. Peak memory is about twice the largest tensor, whatever the model size.
+    """
+    source, out = Path(source), Path(out_dir)
+    weights, cfg, run_dir = _locate(source)
     check_exportable(cfg)
+    if dtype not in EXPORT_DTYPES:
+        raise ExportError(f"cannot export as {dtype!r}: choose one of {sorted(EXPORT_DTYPES)}")
+    torch_dtype = EXPORT_DTYPES[dtype]
     tok_dir = run_dir / "tokenizer"
     if not (tok_dir / "meta.json").is_file():
-        raise FileNotFoundError(f"{tok_dir}: no tokenizer (meta.json) in the run directory; train one with "
+        raise ModelError(f"{tok_dir}: no tokenizer (meta.json) in the run directory; train one with "
                                 "`ondol tokenizer` or copy the run's tokenizer folder there")
     from ondol.tokenizer.hf_export import write_model_tokenizer
     from ondol.tokenizer.tokenizer import Tokenizer
@@ -139,14 +188,12 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise ExportError(f"{tok_dir}: tokenizer vocab {tok.vocab_size} exceeds model.vocab_size "
                           f"{cfg.vocab_size}; export the tokenizer the model was trained with")
     special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "model.safetensors") as tmp:  # every file whole or not replaced; config.json last
-        save_file(hf_state_dict(model.state_dict(), cfg), str(tmp), metadata={"format": "pt"})
+    export_weights(weights, cfg, out, torch_dtype, max_shard_gb)
     if cfg.mtp_layers:
         import transformers
 
         print(f"export: the {cfg.mtp_layers} MTP depth(s) are not in {out}: transformers "
-              f"{transformers.__version__}'s ExaoneMoe has no MTP module; they stay in {run_dir / 'model'} "
+              f"{transformers.__version__}'s ExaoneMoe has no MTP module; they stay in {weights} "
               "(Ondol's format, used by `ondol generate generate.speculative=true`)")
     with atomic_path(out / "tokenizer.model") as tmp:  # the SentencePiece model, for Ondol and sentencepiece
         shutil.copyfile(tok_dir / "tokenizer.model", tmp)
@@ -156,7 +203,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path) -> Path:
     if note:
         print(f"export: {note}")
     write_atomic(out / "generation_config.json", json.dumps(special, indent=2) + "\n")
-    write_atomic(out / "config.json", json.dumps(hf_config(cfg, special), indent=2) + "\n")
+    conf = {**hf_config(cfg, special), "torch_dtype": "bfloat16" if dtype == "bf16" else "float32"}
+    write_atomic(out / "config.json", json.dumps(conf, indent=2) + "\n")
     return out
 
 
@@ -171,3 +219,30 @@ def training_added_bos(run_dir: Path) -> bool:
     print(f"export: {run_dir / 'data'} has no manifest: the tokenizer adds bos as data.bos={DataConfig.bos} "
           "does by default")
     return DataConfig.bos
+
+
+def export_weights(weights: Path, cfg: ModelConfig, out: Path, dtype: torch.dtype, max_shard_gb: float) -> None:
+    """The weights of an Ondol folder (one file or per-rank shards) under transformers names in `dtype`,
+    streamed one tensor at a time into shards of at most max_shard_gb (plus their index when more than one)."""
+    out.mkdir(parents=True, exist_ok=True)
+    index = tensor_index(weights)
+    ondol_name = {hf: name for name in index if (hf := hf_name(name, cfg)) is not None}
+    specs = [(hf, dtype, index[name].shape) for hf, name in ondol_name.items()]
+    shards = _plan_shards(specs, int(max_shard_gb * 2**30))
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+
+    def produce(hf: str) -> torch.Tensor:
+        name = ondol_name[hf]
+        return read_tensor(weights, index[name], name).to(dtype)
+
+    for file, shard in zip(files, shards):  # every file whole or not replaced; config.json last
+        write_safetensors(out / file, shard, produce, metadata={"format": "pt"})
+    if len(files) > 1:
+        total = sum(tensor_bytes(dt, shape) for _, dt, shape in specs)
+        weight_map = {spec[0]: file for file, shard in zip(files, shards) for spec in shard}
+        write_atomic(out / HF_INDEX, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2) + "\n")
+    for stale in [*out.glob("model*.safetensors"), *out.glob(HF_INDEX)]:  # an earlier export's other sharding
+        if stale.name not in files and not (stale.name == HF_INDEX and len(files) > 1):
+            stale.unlink()

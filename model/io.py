@@ -1,19 +1,122 @@
-"""Ondol's own weight format: RUN_DIR/model/{model.safetensors, config.json} (read by export and generate)."""
+"""Ondol's own weight format: RUN_DIR/model/ (read by export and generate) and the weights in a checkpoint.
+
+A folder holds config.json and either one `model.safetensors` (a single writer) or per-rank shards
+`model-RRRRR-of-WWWWW.safetensors` plus `model.index.json`: every rank of a multi-rank run writes only what it
+owns, and no process ever holds the whole model to save it. The index names, for each tensor of the standard
+(unsharded) state dict, its full shape and the pieces that make it up: [file, first row] for slices along dim 0
+(a layer's experts split over expert-parallel ranks), or one piece [file, 0] for a whole tensor.
+`tensor_index` / `read_tensor` read either layout one tensor at a time (each read opens and closes its files, so
+no memory map outlives it and memory stays bounded by the tensor read).
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ondol.files import atomic_path, write_atomic
 from ondol.model.config import ModelConfig
 from ondol.model.transformer import Transformer
 
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
+WEIGHTS, CONFIG, INDEX = "model.safetensors", "config.json", "model.index.json"
+DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def tensor_bytes(dtype: torch.dtype, shape: list[int]) -> int:
+    return torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+
+
+def shard_name(prefix: str, rank: int, world: int) -> str:
+    return f"{prefix}-{rank + 1:05d}-of-{world:05d}.safetensors"
+
+
+@dataclass
+class TensorInfo:
+    shape: list[int]
+    pieces: list[tuple[str, int]]  # (file, first row along dim 0)
+
+
+def write_index(folder: str | Path, tensors: dict[str, TensorInfo], name: str = INDEX) -> None:
+    """The index of a sharded folder (written once every shard is on disk: its presence marks them complete)."""
+    body = {"format": "ondol-shards-v1",
+            "tensors": {k: {"shape": v.shape, "pieces": [list(p) for p in v.pieces]} for k, v in tensors.items()}}
+    write_atomic(Path(folder) / name, json.dumps(body, indent=1) + "\n")
+
+
+def tensor_index(folder: str | Path, name: str = INDEX, single: str = WEIGHTS) -> dict[str, TensorInfo]:
+    """Shape and pieces of every tensor in a folder, in the stored order, from its index or its single file."""
+    folder = Path(folder)
+    if (folder / name).is_file():
+        body = json.loads((folder / name).read_text(encoding="utf-8"))
+        return {k: TensorInfo(v["shape"], [tuple(p) for p in v["pieces"]]) for k, v in body["tensors"].items()}
+    if not (folder / single).is_file():
+        raise FileNotFoundError(f"{folder}: neither {single} nor {name}; point at a folder written by Ondol "
+                                "(RUN_DIR/model or RUN_DIR/checkpoints/step_N)")
+    with safe_open(str(folder / single), framework="pt") as f:
+        return {k: TensorInfo(list(f.get_slice(k).get_shape()), [(single, 0)]) for k in f.keys()}  # noqa: SIM118
+
+
+def read_tensor(folder: str | Path, info: TensorInfo, name: str, rows: tuple[int, int] | None = None
+                ) -> torch.Tensor:
+    """Tensor `name` (only rows [a, b) of dim 0, if given) assembled from its pieces."""
+    folder = Path(folder)
+    if rows is None and len(info.pieces) == 1:
+        with safe_open(str(folder / info.pieces[0][0]), framework="pt") as f:
+            return f.get_tensor(name)
+    a, b = rows if rows is not None else (0, info.shape[0])
+    out, covered = None, 0
+    for file, start in sorted(info.pieces, key=lambda p: p[1]):
+        with safe_open(str(folder / file), framework="pt") as f:
+            part = f.get_slice(name)
+            lo, hi = max(a, start), min(b, start + part.get_shape()[0])
+            if lo >= hi:
+                continue
+            piece = part[lo - start:hi - start]
+            if out is None:
+                out = torch.empty([b - a, *info.shape[1:]], dtype=piece.dtype)
+            out[lo - a:hi - a] = piece
+            covered += hi - lo
+            del piece
+    if out is None or covered != b - a:
+        raise ValueError(f"{folder}: the pieces of {name} do not cover rows [{a}, {b}) (shards missing?)")
+    return out
+
+
+def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder, whole (for single-process use: evaluation, generation, tests)."""
+    return {k: read_tensor(folder, info, k) for k, info in tensor_index(folder).items()}
+
+
+def write_safetensors(path: str | Path, specs: Iterable[tuple[str, torch.dtype, list[int]]],
+                      produce: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written tensor by tensor: the header from `specs` (name, dtype, shape) first, then
+    each tensor's bytes as `produce(name)` returns it, so at most one tensor is in memory (safetensors'
+    save_file needs them all at once). The file appears only when complete (temp + fsync + rename)."""
+    specs = list(specs)
+    header, offset = {}, 0
+    for name, dtype, shape in specs:
+        size = tensor_bytes(dtype, shape)
+        header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, dtype, shape in specs:
+            t = produce(name)
+            if t.dtype != dtype or list(t.shape) != list(shape):
+                raise ValueError(f"{path}: {name} is {t.dtype} {list(t.shape)}, its header says {dtype} {shape}")
+            f.write(t.contiguous().view(torch.uint8).numpy().data)
+            del t
 
 
 def save_pretrained(model: Transformer, cfg: ModelConfig, out_dir: str | Path,
@@ -48,9 +151,8 @@ def load_config(model_dir: str | Path) -> ModelConfig:
 
 def load_pretrained(model_dir: str | Path, device: str | torch.device = "cpu") -> Transformer:
     cfg = load_config(model_dir)
-    model = Transformer(cfg)
-    sd = load_file(str(Path(model_dir) / WEIGHTS), device=str(device))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    model = Transformer(cfg, seed=0)
+    missing, unexpected = model.load_state_dict(load_state_dict(model_dir), strict=False)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise ValueError(f"{Path(model_dir) / WEIGHTS}: weights do not match config.json "

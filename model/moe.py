@@ -58,10 +58,12 @@ class Router(nn.Module):
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts as stacked weights (transformers' layout: gate_up_proj [E, 2I, D], down_proj [E, D, I]),
-    applied to tokens already sorted by expert, `counts[e]` tokens for expert e."""
+    applied to tokens already sorted by expert, `counts[e]` tokens for expert e. `first_expert`: the layer-wide
+    id of expert 0 here (non-zero for an expert-parallel slice; initialisation is seeded by expert id)."""
 
-    def __init__(self, n_experts: int, dim: int, hidden: int, dispatch: str) -> None:
+    def __init__(self, n_experts: int, dim: int, hidden: int, dispatch: str, first_expert: int = 0) -> None:
         super().__init__()
+        self.first_expert = first_expert
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.dispatch = dispatch

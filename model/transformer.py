@@ -6,6 +6,7 @@ transformers' EXAONE models (q_proj, gate, experts.gate_up_proj, ...) so that ex
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +18,7 @@ from ondol.model.config import ModelConfig
 from ondol.model.kv_cache import KVCache, LayerCache
 from ondol.model.layers import RMSNorm, SwiGLU, apply_rope, document_positions, rope_cos_sin, rope_inv_freq
 from ondol.model.loss import lm_loss
-from ondol.model.moe import MoE
+from ondol.model.moe import GroupedExperts, MoE
 
 
 @dataclass
@@ -106,6 +107,12 @@ class MTPDepth(nn.Module):
         return self.block(x, rope, masks, backend, cache)[0]
 
 
+def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """A generator for one tensor, seeded by a hash of (seed, name) (63 bits)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
 SDPA = SDPABackend()
 CACHED_MASKS = {"L": None, "G": None}  # cached attention builds its mask from the cache's positions
 
@@ -116,7 +123,7 @@ def shift_left(x: torch.Tensor, n: int, fill: int) -> torch.Tensor:
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, seed: int | None = None) -> None:
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (> 0) before building the model; the trainer fills it "
@@ -131,27 +138,45 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
         self._backends: dict = {}
-        self.reset_parameters()
+        self.reset_parameters(seed)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 * n_layers)."""
-        std = self.cfg.init_std
-        out_std = std / (2 * self.cfg.n_layers) ** 0.5
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Initialise every parameter that is not on the meta device (see `init_parameter`); `seed` None draws
+        one from torch's global generator. A model built on the meta device and materialised in pieces (only a
+        rank's experts, one ZeRO-3 partition at a time) gets, piece by piece, the values of a whole build."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), device="cpu"))
         for name, p in self.named_parameters():
-            if p.is_meta:
-                continue
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith("sinks"):
-                nn.init.zeros_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
-                nn.init.normal_(p, 0.0, out_std)
-            else:
-                nn.init.normal_(p, 0.0, std)
+            if not p.is_meta:
+                self.init_parameter(name, p, seed)
+        if not self.inv_freq.is_meta:  # buffers too: materialising a meta build leaves them uninitialised
+            self.inv_freq.copy_(rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta))
         for moe in self.moe_layers():
-            moe.expert_bias.zero_()
-            moe.tokens_per_expert.zero_()
+            if not moe.expert_bias.is_meta:
+                moe.expert_bias.zero_()
+                moe.tokens_per_expert.zero_()
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: torch.Tensor, seed: int) -> None:
+        """Normal(0, init_std) weights, residual output projections scaled by 1/sqrt(2 * n_layers); norm gains 1,
+        sinks 0. Each tensor draws from its own generator seeded by (seed, name), and each routed expert's slice
+        by (seed, name, expert id), so the values depend on neither build order nor which experts a rank holds
+        (they do depend on the device type: CPU and CUDA generators differ)."""
+        if name.endswith("norm.weight"):
+            nn.init.ones_(p)
+            return
+        if name.endswith("sinks"):
+            nn.init.zeros_(p)
+            return
+        out = name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj"))
+        std = self.cfg.init_std / ((2 * self.cfg.n_layers) ** 0.5 if out else 1.0)
+        owner = self.get_submodule(name.rpartition(".")[0])
+        if isinstance(owner, GroupedExperts):
+            for e, piece in enumerate(p, start=owner.first_expert):
+                piece.normal_(0.0, std, generator=_generator(seed, f"{name}[{e}]", p.device))
+        else:
+            p.normal_(0.0, std, generator=_generator(seed, name, p.device))
 
     def moe_layers(self) -> list[MoE]:
         return [block.mlp for block in self.layers if isinstance(block.mlp, MoE)]

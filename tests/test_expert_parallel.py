@@ -7,6 +7,7 @@ reviews with the trainer's step: loss + aux + MTP backward, optimizer step, load
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -15,8 +16,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ondol.configs import RunConfig
 from ondol.model.config import ModelConfig
 from ondol.model.transformer import Transformer
+from ondol.train.config import DeepSpeedConfig
 from ondol.train.expert_parallel import check_expert_parallel, full_state_dict_from_checkpoint
 
 try:
@@ -67,8 +70,7 @@ def make_optimizer(model: torch.nn.Module, clip: float, clip_fn):
 
 def train_reference(clip: float) -> dict:
     """One process, no DeepSpeed, every expert, the whole global batch."""
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**CFG))
+    model = Transformer(ModelConfig(**CFG), seed=0)
     groups, build = make_optimizer(model, clip, lambda ps, c: torch.nn.utils.clip_grad_norm_(ps, c))
     opt = build(groups)
     batches, losses = global_batches(), []
@@ -80,7 +82,7 @@ def train_reference(clip: float) -> dict:
         model.update_router_biases()
         losses.append(float(out.loss.detach()))
     return {"losses": losses, "biases": torch.stack([m.expert_bias for m in model.moe_layers()]),
-            "norms": opt.norms}
+            "norms": opt.norms, "model": model}
 
 
 def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> None:
@@ -91,8 +93,9 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param
 
+    from ondol.train import state_shards
+    from ondol.train.engine import DistEnv, build_model
     from ondol.train.expert_parallel import (
-        apply_expert_parallel,
         checkpoint_load_fn,
         clip_grad_norm_,
         expert_parallel_metrics,
@@ -102,6 +105,23 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
     )
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    env = DistEnv(rank, rank, world, torch.device("cpu"), "gloo")
+    whole = dict(Transformer(ModelConfig(**CFG), seed=0).named_parameters())
+
+    def init_mismatches(model: torch.nn.Module) -> list[str]:
+        """Names of this rank's initial parameters (expert slices, ZeRO-3 partitions gathered) that differ from
+        a whole single-process build with the same seed."""
+        bad = []
+        for n, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+                owner = model.get_submodule(n.rpartition(".")[0])
+                start = getattr(owner, "first_expert", 0)
+                if not torch.equal(p.detach(), whole[n][start:start + p.shape[0]]):
+                    bad.append(n)
+        return bad
+
+    zero3 = RunConfig(seed=0, model=ModelConfig(**CFG), deepspeed=DeepSpeedConfig(zero_stage=3))
+    init_bad = {"z3": init_mismatches(build_model(zero3, env))}
     B = GLOBAL_BATCH // world
     batches = global_batches()[:, rank * B:(rank + 1) * B]
     eval_ids = batches[STEPS, :, :-1]
@@ -109,10 +129,10 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
         _, ep, zero = SCENARIOS[name]
         out_dir = Path(root) / name
 
-        def build(seed: int, ep: int = ep, zero: int = zero):
-            torch.manual_seed(seed)
-            model = Transformer(ModelConfig(**CFG))
-            apply_expert_parallel(model, ep, zero)
+        def build(seed: int, ep: int = ep, zero: int = zero):  # the trainer's meta-device build
+            cfg = RunConfig(seed=seed, model=ModelConfig(**CFG),
+                            deepspeed=DeepSpeedConfig(zero_stage=zero, expert_parallel_size=ep))
+            model = build_model(cfg, env)
             groups, make = make_optimizer(model, CLIP if zero == 0 else 0.0, clip_grad_norm_)
             ds_config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1,
                          "zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True,
@@ -122,6 +142,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
             return model, engine
 
         model, engine = build(seed=0)
+        init_bad[name] = init_mismatches(model)
         losses = []
         for step in range(STEPS):
             result = engine(batches[step, :, :-1], labels=batches[step, :, 1:])
@@ -144,6 +165,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
         masters = {n: p.detach() if (full := safe_get_full_fp32_param(p)) is None else full
                    for n, p in model.named_parameters()}
         gathered = full_state_dict(model, {**model.state_dict(), **masters})
+        state_shards.save(engine, engine.client_optimizer, out_dir / "shards", rank, world, with_optimizer=False)
         engine.save_checkpoint(str(out_dir / "ckpt"), tag="final")
         save_expert_shards(model, out_dir / "ckpt" / "final")
         # Resume into a differently initialised model at the same EP size: engine state plus expert shards.
@@ -156,7 +178,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
         # Each rank writes its own file; no collectives after the last engine call.
         torch.save({"losses": losses, "biases": torch.stack([m.expert_bias for m in model.moe_layers()]),
                     "logits": logits, "eval_ids": eval_ids, "resumed_logits": resumed_logits,
-                    "metrics": metrics, "gathered": gathered if rank == 0 else None},
+                    "metrics": metrics, "gathered": gathered if rank == 0 else None, "init_bad": init_bad},
                    out_dir / f"rank{rank}.pt")
         dist.barrier()
 
@@ -180,7 +202,9 @@ def runs(tmp_path_factory) -> dict:
     for name, (world, *_) in SCENARIOS.items():
         ranks = [torch.load(root / name / f"rank{r}.pt", weights_only=False) for r in range(world)]
         out[name] = {**ranks[0], "biases": torch.stack([r["biases"] for r in ranks]),
-                     "ckpt": root / name / "ckpt" / "final"}
+                     "init_bad": [b for r in ranks for b in r["init_bad"][name]],
+                     "z3_init_bad": [b for r in ranks for b in r["init_bad"]["z3"]],
+                     "ckpt": root / name / "ckpt" / "final", "shards": root / name / "shards"}
     return out
 
 
@@ -223,6 +247,14 @@ def test_traffic_metrics(runs, name):
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
+def test_initial_weights_equal_a_whole_build(runs, name):
+    """Built on the meta device with only this rank's experts materialised (EP 2 and 4, ZeRO 0-2; ZeRO 3 at
+    worlds 2 and 4, read back gathered): every rank's initial weights are the matching slice of one
+    single-process build with the same seed, bit for bit."""
+    assert runs[name]["init_bad"] == [] and runs[name]["z3_init_bad"] == []
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
 def test_resume_same_ep_restores_experts(runs, name):
     assert torch.equal(runs[name]["resumed_logits"], runs[name]["logits"])
 
@@ -250,6 +282,32 @@ def test_ep2_checkpoint_loads_at_ep1(runs):
     # Same weights bit for bit (test_gathered_weights_equal_checkpoint); the logits agree to fp32 rounding only,
     # since a matmul's rounding may depend on how many rows it gets (one rank's tokens here, two ranks' there).
     torch.testing.assert_close(logits, runs["ep2_z0"]["logits"], rtol=0, atol=1e-5)
+
+
+def test_export_of_ep4_shards_equals_export_of_the_single_process_model(runs, reference, tmp_path):
+    """The EP 4 run's per-rank weight shards (each rank wrote only its experts and its share of the dense
+    tensors) exported for transformers give the logits of the single-process model trained on the same batches
+    exported the same way, in transformers' ExaoneMoeForCausalLM, within 1e-4."""
+    from transformers import AutoModelForCausalLM
+
+    from ondol.model.export import export_weights, hf_config
+    from ondol.model.io import save_pretrained
+
+    cfg = ModelConfig(**CFG)
+    shards = runs["ep4_z1"]["shards"]
+    assert len(list(shards.glob("model-*-of-00004.safetensors"))) == 4
+    save_pretrained(reference["model"], cfg, tmp_path / "single")
+    logits = []
+    for weights in (shards, tmp_path / "single"):
+        out = tmp_path / f"hf_{weights.name}"
+        export_weights(weights, cfg, out, torch.float32, max_shard_gb=0.0002)  # ~200 KB: several shards
+        assert (out / "model.safetensors.index.json").is_file()
+        (out / "config.json").write_text(json.dumps(hf_config(cfg, {"bos_token_id": 1, "eos_token_id": 2,
+                                                                     "pad_token_id": 0})), encoding="utf-8")
+        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits.append(hf(runs["ep4_z1"]["eval_ids"]).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("ep,n_experts,world,zero,needle", [

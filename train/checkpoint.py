@@ -29,9 +29,10 @@ import torch.distributed as dist
 
 from ondol.errors import TrainError
 from ondol.files import fsync_tree, write_atomic
-from ondol.train import expert_parallel
+from ondol.train import expert_parallel, state_shards
 
-META, LATEST = "meta.json", "latest"
+META, LATEST, CLIENT_STATE = "meta.json", "latest", "client_state.pt"
+LAYOUT_KEYS = ("world_size", "expert_parallel_size", "zero_stage")  # how weights and optimizer state are split
 _TAG = re.compile(r"^step_(\d{8})$")
 # Fields whose change alters parameter shapes or their meaning; anything else may change on resume.
 SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "n_experts",
@@ -153,6 +154,10 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, meta: dict, rank
     dist.barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     expert_parallel.save_expert_shards(engine.module, folder)  # DeepSpeed leaves expert-parallel weights out
+    # the same state as per-rank shards: what a resume on another layout and `ondol export hf` read
+    state_shards.save(engine, engine.client_optimizer, folder, rank, dist.get_world_size(), with_optimizer=True)
+    if rank == 0:
+        torch.save(client_state, folder / CLIENT_STATE)
     torch.save(rng_states(), folder / f"rng_rank{rank}.pt")
     fsync_tree(folder)  # what this rank wrote is on disk before meta.json can say the checkpoint is complete
     dist.barrier()
@@ -178,8 +183,20 @@ def read_meta(folder: Path) -> dict:
     return json.loads((folder / META).read_text(encoding="utf-8"))
 
 
+def layout_changed(folder: Path, meta: dict) -> bool:
+    """Whether the checkpoint was written on another world size, expert-parallel size or ZeRO stage."""
+    saved = {"expert_parallel_size": 1, **read_meta(folder)}
+    return any(saved.get(k) != meta.get(k) for k in LAYOUT_KEYS)
+
+
+def describe_layout(folder: Path) -> str:
+    saved = {"expert_parallel_size": 1, **read_meta(folder)}
+    return ", ".join(f"{k} {saved.get(k)}" for k in LAYOUT_KEYS)
+
+
 def check_compatible(folder: Path, meta: dict) -> None:
-    """Refuse a checkpoint whose model shape, tokenizer, data or ZeRO layout differs from this run's."""
+    """Refuse a checkpoint whose model shape, tokenizer or data differs from this run's, or whose layout
+    (world size, expert-parallel size, ZeRO stage) differs where no reshard can bridge it."""
     saved = read_meta(folder)
     changed = [f"model.{k}: {saved['model'].get(k)!r} -> {meta['model'].get(k)!r}" for k in SHAPE_KEYS
                if saved["model"].get(k) != meta["model"].get(k)]
@@ -187,8 +204,10 @@ def check_compatible(folder: Path, meta: dict) -> None:
                       ("seq_len", "data.seq_len")):
         if saved.get(key) != meta.get(key):
             changed.append(f"{what}: {saved.get(key)!r} -> {meta.get(key)!r}")
+    reshardable = (saved.get("zero_stage") in (0, 1, 2) and meta.get("zero_stage") in (0, 1, 2)
+                   and (folder / CLIENT_STATE).is_file())  # stages 0-2 from per-rank shards (state_shards)
     for key in ("zero_stage", "expert_parallel_size"):  # both decide how optimizer state is laid out
-        if saved.get(key, 1 if key == "expert_parallel_size" else None) != meta.get(key):
+        if saved.get(key, 1 if key == "expert_parallel_size" else None) != meta.get(key) and not reshardable:
             changed.append(f"deepspeed.{key}: {saved.get(key)} -> {meta.get(key)}")
     if changed:
         raise IncompatibleCheckpoint(
@@ -206,6 +225,21 @@ def load(engine, folder: Path, rank: int, seed: int) -> dict:
                                              else None)
     if client_state is None:
         raise IncompatibleCheckpoint(f"DeepSpeed could not load {folder} (see its log above)")
+    _restore_rng(folder, rank, seed)
+    return client_state
+
+
+def load_resharded(engine, folder: Path, rank: int, seed: int) -> dict:
+    """Like `load`, for a checkpoint written on another layout (ZeRO 0-2): weights, fp32 master partitions and
+    Adam state from the per-rank shards, each rank reading only its own rows; returns the client state."""
+    client_state = torch.load(folder / CLIENT_STATE, weights_only=True)
+    applied = int(client_state["step"]) - int(client_state["nonfinite"]["total"])  # skipped steps: no Adam step
+    state_shards.load(engine, engine.client_optimizer, folder, applied)
+    _restore_rng(folder, rank, seed)
+    return client_state
+
+
+def _restore_rng(folder: Path, rank: int, seed: int) -> None:
     rng_file = folder / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         set_rng_states(torch.load(rng_file, weights_only=True))
@@ -213,11 +247,14 @@ def load(engine, folder: Path, rank: int, seed: int) -> dict:
         random.seed(seed + rank)
         np.random.seed(seed + rank)
         torch.manual_seed(seed + rank)
-    return client_state
 
 
 def model_state(folder: Path) -> dict[str, torch.Tensor]:
     """The fp32 model weights of a complete checkpoint, read without an engine (for evaluation)."""
+    if state_shards.has_shards(folder):
+        from ondol.model.io import load_state_dict
+
+        return {k: v.float() for k, v in load_state_dict(folder).items()}
     if list(folder.glob(expert_parallel.SHARD_GLOB)):
         raise IncompatibleCheckpoint(f"{folder} holds expert-parallel shards: evaluate the final weights "
                                      f"(RUN_DIR/model) or resume the run on its expert-parallel layout")

@@ -90,16 +90,57 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def build_model(cfg: RunConfig, env: DistEnv):
+    """The model with only what this rank owns materialised, in fp32 on env.device.
+
+    Built on the meta device (no memory), experts sharded over their expert-parallel group while still on
+    meta, then this rank's tensors allocated and initialised: its E / expert_parallel_size experts per MoE layer
+    and the dense parameters (at ZeRO 3 DeepSpeed partitions those at initialize; building them under
+    deepspeed.zero.Init instead moved ZeRO-3 losses 2e-5 away from ZeRO 0's within 8 steps, not yet explained).
+    The initial values are the same for every layout (Transformer.init_parameter seeds each tensor, and each
+    expert, from cfg.seed and its name), so expert-parallel sizes and ZeRO stages all start from the same
+    weights."""
+    from ondol.model.transformer import Transformer
+    from ondol.train import expert_parallel
+
+    ds = cfg.deepspeed
+    with torch.device("meta"):
+        model = Transformer(cfg.model, seed=cfg.seed)
+    expert_parallel.apply_expert_parallel(model, ds.expert_parallel_size, ds.zero_stage)
+    _materialize(model, env.device)
+    model.reset_parameters(cfg.seed)
+    return model
+
+
+def _materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Allocate (uninitialised) every meta parameter and buffer on `device`. Unlike Module.to_empty, parameters
+    keep their attributes (expert parallelism's `allreduce`, `group_name`) and tied parameters stay tied."""
+    done: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, t in table.items():
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in done:
+                    new = torch.empty_like(t, device=device)
+                    if isinstance(t, torch.nn.Parameter):
+                        new = torch.nn.Parameter(new, requires_grad=t.requires_grad)
+                        new.__dict__.update(t.__dict__)
+                    done[id(t)] = new
+                table[key] = done[id(t)]
+
+
 def build_engine(model: torch.nn.Module, cfg: RunConfig, env: DistEnv):
-    """(engine, optimizer): the model wrapped by DeepSpeed with GuardedAdamW over decay/no-decay groups."""
+    """(engine, optimizer): the model (from `build_model`) wrapped by DeepSpeed with GuardedAdamW over
+    decay/no-decay groups."""
     import deepspeed
 
     from ondol.train import expert_parallel
 
     o, ds = cfg.optim, cfg.deepspeed
     groups = param_groups(model, o.weight_decay)
-    if expert_parallel.apply_expert_parallel(model, ds.expert_parallel_size, ds.zero_stage):
-        groups = expert_parallel.optimizer_param_groups(param_groups(model, o.weight_decay))
+    if expert_parallel.expert_parallel_layers(model):
+        groups = expert_parallel.optimizer_param_groups(groups)
     owns_clipping = ds.precision == "fp32" and ds.zero_stage == 0
     fused = fused_adamw(o.adamw, env.device)
     optimizer = GuardedAdamW(groups, owns_clipping=owns_clipping, clip_norm=o.grad_clip,

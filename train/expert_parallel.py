@@ -113,14 +113,17 @@ class ExpertParallelExperts(DeepSpeedMoE, GroupedExperts):
         group = groups._get_expert_parallel_group(ep_group_name)
         ep_size, ep_rank = dist.get_world_size(group), dist.get_rank(group)
         n_experts, two_hidden, dim = experts.gate_up_proj.shape
-        GroupedExperts.__init__(self, n_experts // ep_size, dim, two_hidden // 2, experts.dispatch)
-        self.group, self.ep_size, self.ep_rank = group, ep_size, ep_rank
         self.n_local = n_experts // ep_size
         self.expert_start = ep_rank * self.n_local
+        source = experts.gate_up_proj.device
+        with torch.device(source):  # a meta build stays on meta: the trainer materialises only this slice
+            GroupedExperts.__init__(self, self.n_local, dim, two_hidden // 2, experts.dispatch, self.expert_start)
+        self.group, self.ep_size, self.ep_rank = group, ep_size, ep_rank
         owned = slice(self.expert_start, self.expert_start + self.n_local)
-        with torch.no_grad():
-            for name in EXPERT_PARAMS:
-                getattr(self, name).copy_(getattr(experts, name)[owned])
+        if source.type != "meta":
+            with torch.no_grad():
+                for name in EXPERT_PARAMS:
+                    getattr(self, name).copy_(getattr(experts, name)[owned])
         for name in EXPERT_PARAMS:
             p = getattr(self, name)
             p.allreduce = False  # DeepSpeed: reduce within the expert-data-parallel group named below
@@ -160,9 +163,10 @@ class ExpertParallelExperts(DeepSpeedMoE, GroupedExperts):
 def apply_expert_parallel(model: nn.Module, ep_size: int, zero_stage: int) -> str | None:
     """Shard the experts of every `model.moe_layers()` layer over expert-parallel groups of ep_size ranks.
 
-    Call after deepspeed.init_distributed and before deepspeed.initialize, on a model built identically on
-    every rank (same seed), so each rank keeps its slice of the same initial experts. Returns the DeepSpeed
-    group name (None for ep_size 1, which leaves the model untouched).
+    Call after deepspeed.init_distributed and before deepspeed.initialize, either on a model built on the meta
+    device (the slices stay on meta, to be materialised and initialised by the caller: the trainer) or on one
+    built identically on every rank (same seed), so each rank keeps its slice of the same initial experts.
+    Returns the DeepSpeed group name (None for ep_size 1, which leaves the model untouched).
     """
     layers = model.moe_layers()
     n_experts = layers[0].cfg.n_experts if layers else 0

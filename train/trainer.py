@@ -10,6 +10,7 @@ steps whose update was skipped as non-finite are counted, not averaged into the 
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 from pathlib import Path
@@ -21,8 +22,8 @@ import torch.distributed as dist
 from ondol.configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, tokenizer_dir
 from ondol.errors import TrainError
 from ondol.files import write_atomic
-from ondol.train import checkpoint, expert_parallel
-from ondol.train.engine import build_engine, init_distributed
+from ondol.train import checkpoint, expert_parallel, state_shards
+from ondol.train.engine import build_engine, build_model, init_distributed
 from ondol.train.evaluation import InLoopBitsPerByte
 from ondol.train.fast_paths import apply_compile_and_checkpointing, loss_chunk_tokens
 from ondol.train.metrics import MetricsSink, detect_peak_tflops, memory_gib, plot_losses, read_metrics
@@ -43,7 +44,6 @@ class Trainer:
         from ondol.data.loader import TokenLoader
         from ondol.data.shards import read_manifest
         from ondol.model.flops import train_flops_per_token
-        from ondol.model.transformer import Transformer
         from ondol.tokenizer.tokenizer import Tokenizer
 
         self.env = init_distributed(cfg)
@@ -62,8 +62,8 @@ class Trainer:
                      "zero_stage": cfg.deepspeed.zero_stage, "world_size": self.env.world_size,
                      "expert_parallel_size": cfg.deepspeed.expert_parallel_size}
 
-        _seed_everything(cfg.seed)  # same initial weights on every rank and for every ZeRO stage
-        self.model = Transformer(cfg.model)
+        _seed_everything(cfg.seed)
+        self.model = build_model(cfg, self.env)  # only this rank's share materialised; the same for every layout
         apply_compile_and_checkpointing(self.model, cfg.train)
         self.loss_kwargs = {"loss_chunk": loss_chunk_tokens(cfg.train, self.env.device, cfg.deepspeed.zero_stage),
                             "compile_loss": cfg.train.compile}
@@ -135,7 +135,9 @@ class Trainer:
             raise NothingToTrain(f"{folder} is at step {saved_step}, past train.steps={steps}: nothing to train. Set "
                                  f"train.steps above {saved_step} to train further (the schedule stretches to the "
                                  "new length), or train.resume=never to start over")
-        state = checkpoint.load(self.engine, folder, self.env.rank, self.cfg.seed)
+        reshard = checkpoint.layout_changed(folder, self.meta)
+        state = (checkpoint.load_resharded if reshard else checkpoint.load)(self.engine, folder, self.env.rank,
+                                                                          self.cfg.seed)
         self.step = int(state["step"])
         self.loader.load_state_dict(state["loader"])
         self.nonfinite = dict(state["nonfinite"])
@@ -143,7 +145,8 @@ class Trainer:
             self.interval["sums"].copy_(state["interval_sums"])
         self.interval["loads"].copy_(state["interval_loads"])
         if self.env.is_main:
-            print(f"resumed from {folder} at step {self.step}", flush=True)
+            how = f" (resharded from its layout {checkpoint.describe_layout(folder)})" if reshard else ""
+            print(f"resumed from {folder} at step {self.step}{how}", flush=True)
             if self.step == steps:
                 print(f"already trained to train.steps={steps}: nothing to train (set train.steps higher to "
                       "continue)", flush=True)
@@ -336,12 +339,19 @@ class Trainer:
         return expert_parallel.full_state_dict(module, state)  # experts gathered from their group, if sharded
 
     def save_final_weights(self) -> Path:
-        from ondol.model.io import save_pretrained
+        """RUN_DIR/model: every rank writes the fp32 weights it owns (train/state_shards.py), then rank 0 the
+        config; no rank gathers the whole model."""
+        from ondol.model.io import CONFIG
 
-        state = self.consolidated_state_dict()
         out = model_dir(self.cfg)
+        if self.env.is_main and out.is_dir():  # an earlier run's files (another layout) must not mix in
+            for stale in [out / CONFIG, *out.glob("model*.safetensors"), *out.glob("*.index.json")]:
+                stale.unlink()
+        dist.barrier()
+        state_shards.save(self.engine, self.optimizer, out, self.env.rank, self.env.world_size,
+                          with_optimizer=False)
         if self.env.is_main:
-            save_pretrained(self.engine.module, self.cfg.model, out, state_dict=state)
+            write_atomic(out / CONFIG, json.dumps(self.cfg.model.to_dict(), indent=2) + "\n")
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         dist.barrier()
         return out
