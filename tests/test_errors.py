@@ -315,7 +315,7 @@ def test_ctrl_c_while_exporting(eval_run, tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("ondol.model.export.save_file", interrupted)
+    monkeypatch.setattr("ondol.model.export.read_tensor", interrupted)  # mid-way through writing the weights
     code, _, err = ondol(capsys, "export", "hf", eval_run, tmp_path / "hf")
     assert (code, err) == (130, INTERRUPTED)
     assert list((tmp_path / "hf").iterdir()) == []  # no partial weights file left behind
