@@ -66,8 +66,13 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
 
 
 def fsync_tree(folder: str | os.PathLike) -> None:
-    """fsync every file under `folder` and every folder in it (files written by a library that does not)."""
+    """fsync every file under `folder` and every folder in it (files written by a library that does not).
+    A file gone between listing and opening is skipped: another rank's temp file, renamed by write_atomic,
+    which fsyncs it itself."""
     for root, _, names in os.walk(folder):
         for name in names:
-            fsync_file(Path(root) / name)
+            try:
+                fsync_file(Path(root) / name)
+            except FileNotFoundError:
+                continue
         fsync_dir(root)
