@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from ondol.configs import data_dir, load_config, tokenizer_dir
+from ondol.model.io import load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny-ko.yaml")
@@ -238,7 +239,10 @@ def test_two_cpu_workers_train_the_tiny_config_and_write_a_checkpoint(tiny_run):
         assert json.loads((run / "logs" / f"rank{rank}.exit").read_text())["exit_code"] == 0
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in steps if "loss" in m] == [1, 2, 3, 4]
-    assert (run / "model" / "model.safetensors").is_file()
+    # the final weights as one shard per rank plus their index (no rank gathers the whole model)
+    assert sorted(p.name for p in (run / "model").glob("model*")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.index.json"]
+    assert load_pretrained(run / "model").cfg.n_layers == 4
 
     # A real trainer error on every rank (a checkpoint of another shape) stops the launch with that error.
     started = time.monotonic()

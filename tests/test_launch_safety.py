@@ -145,7 +145,7 @@ def _launch(tmp_path: Path, launcher: str, stand_ins: dict[str, str], extra: lis
         script = run / "launch" / "ondol.sbatch"
         job_id = _free_port_in(20000, 60000) - 20000
         slurm = {**os.environ, **env, "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": "node[1-2]",
-                 "SLURM_JOB_NUM_NODES": "2"}
+                 "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_ON_NODE": "2"}
         done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=slurm, timeout=240,
                               check=False, cwd=tmp_path)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
