@@ -88,7 +88,7 @@ def test_corpora_are_found_from_any_folder_and_identity_ignores_path_spelling(tm
     monkeypatch.delenv("ONDOL_CORPORA", raising=False)
     monkeypatch.chdir(tmp_path)
     cfg = load_config(TINY)
-    assert Path(cfg.corpora_dir) == CORPORA.resolve() and Path(cfg.data.sources[0].path).is_file()
+    assert Path(cfg.corpora_dir).resolve() == CORPORA.resolve() and Path(cfg.data.sources[0].path).is_file()
     (tmp_path / "link").symlink_to(CORPORA)
     spellings = [str(CORPORA / "ko_docs.jsonl.gz"), os.path.relpath(CORPORA / "ko_docs.jsonl.gz"),
                  "link/ko_docs.jsonl.gz", str(tmp_path / "." / "link" / "ko_docs.jsonl.gz")]
