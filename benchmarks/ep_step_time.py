@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -27,6 +26,8 @@ import yaml
 from model_fwd_bwd import korean_batch  # the model benchmark's real-text batches (this script's folder)
 from rich.console import Console
 from rich.table import Table
+
+from ondol.launch.launcher import free_port
 
 
 def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -78,12 +79,6 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
                                          "sent": statistics.median(sent), "tokens": tokens,
                                          "experts_per_rank": cfg.n_experts // world}))
     dist.barrier()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -26,12 +26,13 @@ import argparse
 import json
 import os
 import resource
-import socket
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+
+from ondol.launch.launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny-ko.yaml"
@@ -89,12 +90,6 @@ def _rank(rank: int, world: int, port: int, layout: tuple[int, int, int], out: s
             resource.RUSAGE_SELF).ru_maxrss}))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure(world: int, zero: int, ep: int) -> float:
