@@ -282,9 +282,7 @@ class Trainer:
             total += self.engine(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"],
                                  **self.loss_kwargs).loss
         self.engine.train()
-        if self.env.world_size > 1:
-            dist.all_reduce(total)
-        return float(total) / (self.cfg.train.eval_batches * self.env.world_size)
+        return self._sum_over_ranks(float(total)) / (self.cfg.train.eval_batches * self.env.world_size)
 
     def _evaluation(self) -> dict:
         """The validation loss, and bits per byte per source of held-out text unless train.eval_bpb_tokens=0."""
