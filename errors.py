@@ -131,3 +131,31 @@ def reported(call: Callable[[], int | None], prog: str, debug: bool) -> int:
             os.environ.pop("ONDOL_DEBUG", None)
         else:
             os.environ["ONDOL_DEBUG"] = saved
+
+
+_exit_code: list[int] = []  # the code exit_process was last given; read by _leave_after_training at exit
+
+
+def exit_process(code: int) -> None:
+    """End this program with `code` (raises SystemExit, so a caller such as the per-rank wrapper that runs a
+    module in-process still gets control back). If DeepSpeed was imported (the process trained), the interpreter's
+    own teardown is skipped: after stdio and logging are flushed the process leaves with os._exit. torch's gloo
+    worker threads destroyed during that teardown can abort (SIGABRT, "terminate called without an active
+    exception") a rank that finished and saved, and a launcher then kills the other ranks and reports a failure."""
+    if not _exit_code:
+        import atexit
+
+        atexit.register(_leave_after_training)  # registered last, so it runs before other exit handlers
+    _exit_code[:] = [int(code)]
+    sys.exit(code)
+
+
+def _leave_after_training() -> None:
+    if "deepspeed" not in sys.modules:
+        return
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_exit_code[0])

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ondol.configs import parse_config_args
-from ondol.errors import debug_requested, reported
+from ondol.errors import debug_requested, exit_process, reported
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,5 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     return reported(lambda: args.func(args), "ondol", debug)
 
 
+def run() -> None:
+    """The `ondol` program (pyproject's console script)."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

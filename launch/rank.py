@@ -14,6 +14,7 @@ the master address and port. Runs MODULE exactly like `python -m MODULE ARGS` (t
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import runpy
@@ -23,6 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
+from ondol.errors import exit_process
 from ondol.launch.config import read_env_file
 from ondol.launch.launcher import SPEC_PREFIX, decode_spec
 
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     log, exit_record = log_paths(log_dir, rank)
     exit_record.unlink(missing_ok=True)
     _redirect_output(log)
+    faulthandler.enable()  # a rank killed by SIGABRT/SIGSEGV leaves every thread's Python stack in its log
     host = socket.gethostname()
     module, args = spec["module"], spec["args"]
     print(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} rank {rank}/{os.environ.get('WORLD_SIZE', '1')} on {host} "
@@ -113,4 +116,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -319,3 +319,31 @@ def test_ctrl_c_while_exporting(eval_run, tmp_path, capsys, monkeypatch):
     code, _, err = ondol(capsys, "export", "hf", eval_run, tmp_path / "hf")
     assert (code, err) == (130, INTERRUPTED)
     assert list((tmp_path / "hf").iterdir()) == []  # no partial weights file left behind
+
+
+EXIT_AFTER_TEARDOWN_ABORT = """
+import os, sys
+from ondol.errors import exit_process
+
+class AbortsAtTeardown:  # stands in for torch's gloo threads, destroyed while the interpreter shuts down
+    def __del__(self):
+        os.abort()
+
+keep = AbortsAtTeardown()
+if sys.argv[1] == "trained":
+    sys.modules["deepspeed"] = type(sys)("deepspeed")
+print("summary written", end="")  # left in stdout's buffer: the exit path must flush it
+exit_process(3)
+"""
+
+
+@pytest.mark.parametrize("trained", [True, False])
+def test_a_process_that_trained_skips_the_teardown_that_can_abort_it(tmp_path, trained):
+    """A finished rank whose interpreter teardown would abort (SIGABRT) still exits with its own code and keeps
+    its output; a process that never trained tears down as usual, so the abort stays visible there."""
+    script = tmp_path / "leave.py"
+    script.write_text(EXIT_AFTER_TEARDOWN_ABORT)
+    result = subprocess.run([sys.executable, str(script), "trained" if trained else "plain"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout == "summary written"
+    assert result.returncode == (3 if trained else -signal.SIGABRT)

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from ondol.configs import add_config_args, parse_config_args
-from ondol.errors import debug_requested, reported
+from ondol.errors import debug_requested, exit_process, reported
 from ondol.train.cli import train_command
 from ondol.train.deepspeed_log import drop_import_noise
 
@@ -22,4 +22,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
