@@ -4,9 +4,12 @@ the same shards and manifest as the single-machine prepare.
 Stages, each a DataTrove executor whose tasks leave a completion file, so a re-run skips finished tasks and
 redoes a killed one from its start (a task's outputs are whole files, rewritten by the redo):
   count     (this process) reads every source once: its documents and bad input, reported as single-machine
-            prepare reports them; it fixes the share of each source that each task takes
+            prepare reports them, and where every CHECKPOINT_DOCS-th document starts (file, line); it fixes the
+            share of each source that each task takes
   clean     N tasks: task k takes the k-th contiguous share of every source, cleans and filters it (clean.py),
-            writes the cleaned documents and their exact (and MinHash) signatures
+            writes the cleaned documents and their exact (and MinHash) signatures. A task starts reading at
+            the checkpoint before its share: the files before it are not opened, the lines before it in its
+            file are only decompressed and counted, not parsed
   exact     N tasks: DataTrove's ExactFindDedups, one hash range each, merging sorted signature files
             (memory bounded by a task's share, not by the corpus); the document kept of a duplicate group is
             the first one in source then document order, as in single-machine prepare
@@ -15,12 +18,11 @@ redoes a killed one from its start (a task's outputs are whole files, rewritten 
   pack      (this process) appends the task shards in task order to the final shards and writes the manifest
 Exact duplicates are found by a 64-bit SHA-1 prefix (DataTrove's), the single-machine prepare uses 128-bit
 BLAKE2b: they disagree only on a 64-bit collision (about 1e-8 for a million documents).
-Every task reads its sources from the start up to the end of its share (sources are streams: a .gz has no
-index), so reading costs up to N times one pass; cleaning, hashing and tokenizing are split N ways.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -61,12 +63,13 @@ from ondol.data.clean import Cleaner
 from ondol.data.config import DataConfig
 from ondol.data.packing import build_manifest, deliver_documents, encode_documents, source_files
 from ondol.data.shards import MANIFEST, SPLITS, ShardWriter, open_shard, token_dtype, write_json
-from ondol.data.sources import BadInputLog, iter_documents
+from ondol.data.sources import BadInputLog, iter_documents, resolve_files
 from ondol.errors import ConfigError, DataError
 
 log = logging.getLogger("ondol.data")
 WORK = "datatrove"  # DATA_DIR/datatrove: stage logs, completion files and intermediate data, removed when done
 ENCODE_DOCS = 2048  # documents tokenized at a time
+CHECKPOINT_DOCS = 4096  # the count stage notes where every this-many-th document of a source starts
 MAX_PRIORITY = 65535  # DataTrove keeps the duplicate of highest priority (16 bits)
 KOREAN = "kor_Hang"  # DataTrove's language code for Korean (its MinHash n-grams are of Kiwi's words)
 # Values that DataTrove writes into an sbatch script: no spaces, quotes, $, ;, newlines or other shell syntax.
@@ -102,7 +105,7 @@ class _CleanShare(PipelineStep):
 
     name, type = "clean", "ondol"
 
-    def __init__(self, cfg: DataConfig, seed: int, counts: dict[str, int], work: str):
+    def __init__(self, cfg: DataConfig, seed: int, counts: dict[str, dict], work: str):
         super().__init__()
         self.cfg, self.seed, self.counts, self.work = cfg, seed, counts, work
 
@@ -115,9 +118,15 @@ class _CleanShare(PipelineStep):
         read = kept = 0  # counted here, recorded once: DataTrove's per-call statistics cost more than cleaning
         try:
             for index, source in enumerate(cfg.sources):
-                start, end = share(self.counts[source.name], rank, world_size)
+                count = self.counts[source.name]
+                start, end = share(count["read"], rank, world_size)
+                if start == end:
+                    continue
                 priority = MAX_PRIORITY - (index * world_size + rank)  # earlier source, earlier share: kept
-                for number, doc in enumerate(iter_documents(source, bad=BadInputLog())):
+                checkpoints = count["checkpoints"]
+                first, file, line = checkpoints[bisect.bisect_right([c[0] for c in checkpoints], start) - 1]
+                documents = iter_documents(source, bad=BadInputLog(), start=(file, line))
+                for number, doc in enumerate(documents, first):
                     if number >= end:
                         break
                     if number < start:
@@ -271,11 +280,15 @@ def _count_sources(cfg: DataConfig, work: Path, progress: bool) -> dict:
     counts = {}
     for source in cfg.sources:
         bad = BadInputLog(strict=cfg.strict)
-        read = 0
-        for _ in tqdm(iter_documents(source, bad=bad), desc=f"data: counting {source.name}", unit=" docs",
-                      unit_scale=True, disable=not progress, mininterval=0.5, dynamic_ncols=True):
+        files = {} if source.format == "hf" else {path: i for i, path in enumerate(resolve_files(source))}
+        read, checkpoints = 0, []
+        for doc in tqdm(iter_documents(source, bad=bad), desc=f"data: counting {source.name}", unit=" docs",
+                        unit_scale=True, disable=not progress, mininterval=0.5, dynamic_ncols=True):
+            if read % CHECKPOINT_DOCS == 0:
+                checkpoints.append([read, files.get(doc.file, 0), doc.line])
             read += 1
-        counts[source.name] = {"read": read, "bad_input": dict(bad.counts), "bad_input_examples": bad.examples}
+        counts[source.name] = {"read": read, "bad_input": dict(bad.counts), "bad_input_examples": bad.examples,
+                               "checkpoints": checkpoints}
     write_json(path, counts)
     return counts
 
@@ -287,7 +300,7 @@ def _stages(cfg: DataConfig, tokenizer, seed: int, work: Path, counts: dict) -> 
         raise ConfigError(f"data.tasks ({n}) times the number of sources ({len(cfg.sources)}) must stay below "
                          f"{MAX_PRIORITY}: DataTrove orders duplicates by a 16-bit priority")
     # DataTrove's signature steps consume the documents: they end a stage
-    clean: list = [_CleanShare(cfg, seed, {k: v["read"] for k, v in counts.items()}, w), _SaveDocuments(w)]
+    clean: list = [_CleanShare(cfg, seed, counts, w), _SaveDocuments(w)]
     tokenize: list = [_ReadCleaned(w), _Tally("cleaned")]
     stages = []
     if cfg.cleaning.dedup:
@@ -411,7 +424,8 @@ def _source_stats(cfg: DataConfig, counts: dict, work: Path, tasks: int) -> tupl
             hits[name].update(tokens["pii"].get(name, {}))
     stats = []
     for s in cfg.sources:
-        entry = {"name": s.name, "path": s.path, "weight": s.weight, **counts[s.name],
+        read = {k: v for k, v in counts[s.name].items() if k != "checkpoints"}
+        entry = {"name": s.name, "path": s.path, "weight": s.weight, **read,
                  "kept": {split: kept[s.name][split] for split in SPLITS},
                  "chars": {split: chars[s.name][split] for split in SPLITS}}
         if cfg.pii != "off":
@@ -440,7 +454,7 @@ def prepare_on_datatrove(cfg: DataConfig, tokenizer, out_dir: Path, seed: int, d
         raise ConfigError("data.executor local/slurm loads the tokenizer in every task: save it to a folder first")
     started = time.perf_counter()
     work = (out_dir / WORK).resolve()
-    plan = {"hash": digest, "tasks": cfg.tasks}
+    plan = {"hash": digest, "tasks": cfg.tasks, "checkpoint_docs": CHECKPOINT_DOCS}
     plan_path = work / "plan.json"
     if plan_path.is_file() and json.loads(plan_path.read_text()) != plan:
         log.warning("%s: unfinished preparation with other data.tasks: starting its stages over", work)

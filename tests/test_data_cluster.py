@@ -54,7 +54,8 @@ def messy_sources(tmp_path: Path) -> list[SourceConfig]:
             SourceConfig(name="again", path=str(tmp_path / "again.jsonl"), weight=0.3)]
 
 
-def test_one_and_four_tasks_write_the_shards_of_single_machine_prepare(tmp_path, tok):
+def test_one_and_four_tasks_write_the_shards_of_single_machine_prepare(tmp_path, tok, monkeypatch):
+    monkeypatch.setattr(cluster, "CHECKPOINT_DOCS", 37)  # tasks start reading at a checkpoint inside the file
     sources = messy_sources(tmp_path)
     single = DataConfig(sources=sources, val_fraction=0.1, shard_tokens=3000, num_proc=1)
     reference = prepare(single, tok, tmp_path / "single", seed=7, progress=False)
