@@ -23,6 +23,7 @@ BLAKE2b: they disagree only on a 64-bit collision (about 1e-8 for a million docu
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ import numpy as np
 import zstandard
 from datatrove.data import Document as TroveDocument
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+from datatrove.io import DataFolder
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.exact_dedup import (
     ExactDedupConfig,
@@ -55,6 +57,8 @@ from datatrove.pipeline.dedup.minhash import (
     MinhashDedupSignature,
 )
 from datatrove.utils.hashing import HashConfig
+from datatrove.utils.logging import logger as trove_logger
+from datatrove.utils.logging import setup_default_logger
 from datatrove.utils.word_tokenizers import KiwiTokenizer
 from tqdm import tqdm
 
@@ -64,10 +68,12 @@ from ondol.data.config import DataConfig
 from ondol.data.packing import build_manifest, deliver_documents, encode_documents, source_files
 from ondol.data.shards import MANIFEST, SPLITS, ShardWriter, open_shard, token_dtype, write_json
 from ondol.data.sources import BadInputLog, iter_documents, resolve_files
-from ondol.errors import ConfigError, DataError
+from ondol.errors import ConfigError, DataError, OndolError
+from ondol.files import fsync_dir, fsync_file, fsync_tree, write_atomic
 
 log = logging.getLogger("ondol.data")
 WORK = "datatrove"  # DATA_DIR/datatrove: stage logs, completion files and intermediate data, removed when done
+LOG = "datatrove.log"  # DATA_DIR/datatrove.log: DataTrove's own log lines (data.executor=local), kept
 ENCODE_DOCS = 2048  # documents tokenized at a time
 CHECKPOINT_DOCS = 4096  # the count stage notes where every this-many-th document of a source starts
 MAX_PRIORITY = 65535  # DataTrove keeps the duplicate of highest priority (16 bits)
@@ -142,8 +148,9 @@ class _CleanShare(PipelineStep):
             quiet.setLevel(level)
         self.stat_update("read", value=read)
         self.stat_update("kept", value=kept)
-        write_json(Path(self.work) / "clean" / f"{rank:05d}.json",
-                   {"modified": cleaner.modified, "dropped": cleaner.dropped})
+        path = Path(self.work) / "clean" / f"{rank:05d}.json"
+        write_json(path, {"modified": cleaner.modified, "dropped": cleaner.dropped})
+        fsync_written([str(path)], Path(self.work))
 
 
 class _SaveDocuments(PipelineStep):
@@ -163,6 +170,7 @@ class _SaveDocuments(PipelineStep):
                 f.write(json.dumps({"text": doc.text, "id": doc.id, "source": doc.metadata["source"],
                                     "split": doc.metadata["split"]}, ensure_ascii=False) + "\n")
                 yield doc
+        fsync_written([str(path)], Path(self.work))
 
 
 class _ReadCleaned(PipelineStep):
@@ -270,6 +278,109 @@ class _TokenizeAndWrite(PipelineStep):
                  "pii": self.scrubber.hits if self.scrubber else {},
                  "pii_dropped": self.scrubber.dropped if self.scrubber else {}}
         write_json(out / "stats.json", stats)
+        fsync_written([str(out)], Path(self.work))
+
+
+def fsync_written(paths: list[str], root: Path) -> None:
+    """fsync each file (or every file of each folder) of `paths`, and every folder from it up to `root`, so
+    that the files and their names are on disk before a completion file says they are."""
+    folders = set()
+    for path in dict.fromkeys(paths):
+        if os.path.isdir(path):
+            fsync_tree(path)
+        elif os.path.exists(path):  # not a temporary file renamed away since
+            fsync_file(path)
+        folders.update(p for p in Path(path).parents if p.is_relative_to(root))
+    for folder in sorted(folders, key=lambda p: -len(p.parts)):
+        fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def _recording_writes(written: list[str]):
+    """The path of every file opened for writing through a DataTrove DataFolder while inside goes to `written`
+    (DataTrove closes its files without fsync)."""
+    open_in_folder = DataFolder.open
+
+    def open_and_record(folder, path, mode="rb", *args, **kwargs):
+        if set(mode) & set("wax+"):
+            written.append(folder.resolve_paths(path))
+        return open_in_folder(folder, path, mode, *args, **kwargs)
+
+    DataFolder.open = open_and_record
+    try:
+        yield
+    finally:
+        DataFolder.open = open_in_folder
+
+
+def _log_datatrove_to(path: str) -> None:
+    """DataTrove's log lines (loguru, INFO and up) to the file `path` instead of the console."""
+    trove_logger.remove()
+    trove_logger.add(path, level="INFO")
+
+
+class _DurableTasks:
+    """Mixed into DataTrove's executors: the files a task wrote are fsynced, and then its completion file is
+    written by temp + fsync + rename (DataTrove creates it in place after files it never fsyncs), so a task
+    marked complete has whole outputs after a crash. With log_file, a task's log lines go there, not to the
+    console (DataTrove points a task's logger at sys.stderr, and at it again when the task ends)."""
+
+    log_file: str | None = None
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        self.written: list[str] = []
+        with _recording_writes(self.written):
+            if self.log_file is None:
+                return super()._run_for_rank(rank, local_rank, node_rank)
+            with open(self.log_file, "a", encoding="utf-8") as log, contextlib.redirect_stderr(log):
+                try:
+                    return super()._run_for_rank(rank, local_rank, node_rank)
+                finally:
+                    _log_datatrove_to(self.log_file)
+
+    def mark_rank_as_completed(self, rank: int) -> None:
+        root = Path(self.logging_dir.resolve_paths("")).parent  # the work folder, where every stage writes
+        fsync_written(self.written, root)
+        marker = Path(self.logging_dir.resolve_paths(f"completions/{rank:05d}"))
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(marker, b"")
+        fsync_written([str(marker)], root)
+
+
+class _LocalExecutor(_DurableTasks, LocalPipelineExecutor):
+    """A stage's tasks on this machine; with progress, a line on the console when the stage is done."""
+
+    stage, progress = "", False
+
+    def run(self):
+        if self.depends is not None and not self.depends._launched:
+            self.depends.run()  # first, so that this stage's time is its own
+        started = time.perf_counter()
+        stats = super().run()
+        if self.progress:
+            _report_stage(self.stage, self.world_size, time.perf_counter() - started,
+                          Path(self.logging_dir.resolve_paths("")))
+        return stats
+
+
+class _SlurmExecutor(_DurableTasks, SlurmPipelineExecutor):
+    stage = ""
+
+
+def _report_stage(name: str, tasks: int, seconds: float, stage_dir: Path) -> None:
+    """One console line for a finished stage: the time, and the documents its steps counted."""
+    steps = _stage_counts(stage_dir.parent, [name])[name]
+    counts = []
+    for step in steps:
+        shown = {k: v["total"] for k, v in step["stats"].items() if k in _SHOWN_COUNTS and isinstance(v, dict)}
+        if shown:
+            label = step["name"].rsplit(": ", 1)[-1].encode("ascii", "ignore").decode().strip()  # no emoji
+            counts.append(f"{label}: " + ", ".join(f"{k} {v:,}" for k, v in shown.items()))
+    print(f"data: {time.strftime('%H:%M:%S')} stage {name}: {tasks} task{'s' * (tasks > 1)} done in {seconds:.1f} s"
+          + (f" ({'; '.join(counts)})" if counts else ""), file=sys.stderr, flush=True)
+
+
+_SHOWN_COUNTS = ("read", "kept", "forwarded", "dropped", "documents")
 
 
 def _count_sources(cfg: DataConfig, work: Path, progress: bool) -> dict:
@@ -335,35 +446,43 @@ def _sbatch_safe(what: str, value: str) -> str:
     return value
 
 
-def _executors(cfg: DataConfig, stages: list, work: Path) -> list:
+def _executors(cfg: DataConfig, stages: list, work: Path, log_file: Path, progress: bool) -> list:
     """One DataTrove executor per stage, each depending on the one before."""
     executors: list = []
     for name, pipeline, tasks in stages:
         common = {"pipeline": pipeline, "tasks": tasks, "logging_dir": str(work / name),
                   "depends": executors[-1] if executors else None}
         if cfg.executor == "local":
-            executors.append(LocalPipelineExecutor(**common, workers=min(tasks, cfg.num_proc)))
+            executors.append(_LocalExecutor(**common, workers=min(tasks, cfg.num_proc)))
+            executors[-1].stage, executors[-1].progress, executors[-1].log_file = name, progress, str(log_file)
             continue
         s = cfg.slurm
         if not s.partition:
             raise ConfigError("data.executor=slurm needs data.slurm.partition (sinfo lists the partitions)")
         bin_dir = os.path.dirname(sys.executable)  # launch_pickled_pipeline and merge_stats live beside python
-        executors.append(SlurmPipelineExecutor(
+        executors.append(_SlurmExecutor(
             **common, partition=_sbatch_safe("data.slurm.partition", s.partition),
             time=_sbatch_safe("data.slurm.time", s.time), cpus_per_task=s.cpus_per_task,
             mem_per_cpu_gb=s.mem_per_cpu_gb, qos=_sbatch_safe("data.slurm.qos", s.qos) if s.qos else "",
             job_name=_sbatch_safe("data.slurm.job_name", f"{s.job_name}-{name}"),
             slurm_logs_folder=_sbatch_safe("the run directory", str(work / "slurm_logs" / name)),
             env_command=f"export PATH={_sbatch_safe('the Python environment', bin_dir)}:$PATH"))
+        executors[-1].stage = name
         _sbatch_safe("the run directory", str(work / name))
     return executors
 
 
-def _wait_for_slurm(executors: list, poll_s: float = 2.0) -> None:
-    """Until every task of the last stage is complete; an error naming the logs when a stage's job fails."""
+def _wait_for_slurm(executors: list, progress: bool, poll_s: float = 2.0) -> None:
+    """Until every task of the last stage is complete; an error naming the logs when a stage's job fails. With
+    progress, a line for each stage when its tasks are done."""
     last = executors[-1]
     jobs = [str(e.job_id) for e in executors if e.job_id not in (None, -1)]
+    waiting, started = list(executors), time.perf_counter()
     while last.get_incomplete_ranks():
+        while progress and waiting and not waiting[0].get_incomplete_ranks():
+            done = waiting.pop(0)
+            _report_stage(done.stage, done.world_size, time.perf_counter() - started,
+                          Path(done.logging_dir.resolve_paths("")))
         queue = subprocess.run(["squeue", "-h", "-o", "%i %r", "-j", ",".join(jobs)], capture_output=True,
                                text=True, check=False).stdout if jobs else ""
         stuck = "DependencyNeverSatisfied" in queue
@@ -462,13 +581,27 @@ def prepare_on_datatrove(cfg: DataConfig, tokenizer, out_dir: Path, seed: int, d
     work.mkdir(parents=True, exist_ok=True)
     write_json(plan_path, plan)
     counts = _count_sources(cfg, work, progress)
-    stages = _stages(cfg, tokenizer, seed, work, counts)
-    executors = _executors(cfg, stages, work)
-    executors[-1].run()
-    if cfg.executor == "slurm":
-        _wait_for_slurm(executors)
-    elif executors[-1].get_incomplete_ranks():
-        raise DataError(f"DataTrove tasks failed: see {work}/*/logs; re-run to redo only the unfinished ones")
+    log_file = out_dir / LOG
+    if progress:
+        print(f"data: DataTrove's log: {log_file}", file=sys.stderr, flush=True)
+    _log_datatrove_to(str(log_file))
+    try:
+        stages = _stages(cfg, tokenizer, seed, work, counts)
+        executors = _executors(cfg, stages, work, log_file, progress)
+        executors[-1].run()
+        if cfg.executor == "slurm":
+            _wait_for_slurm(executors, progress)
+        elif executors[-1].get_incomplete_ranks():
+            raise DataError(f"DataTrove tasks failed: see {log_file}; re-run to redo only the unfinished ones")
+    except OndolError:
+        raise
+    except Exception as e:  # a task's error: its traceback is in the log
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise DataError(f"a DataTrove task failed ({type(e).__name__}: {first}): see {log_file}; re-run to redo "
+                        f"only the unfinished tasks") from e
+    finally:
+        trove_logger.remove()
+        setup_default_logger()
     dtype = token_dtype(tokenizer.vocab_size)
     writers = _pack(cfg, out_dir, work, dtype, cfg.tasks)
     stats, cleaner = _source_stats(cfg, counts, work, cfg.tasks)

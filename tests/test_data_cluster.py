@@ -4,6 +4,7 @@ any number of tasks, near-duplicate removal, personal data, a task killed mid-wr
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def messy_sources(tmp_path: Path) -> list[SourceConfig]:
             SourceConfig(name="again", path=str(tmp_path / "again.jsonl"), weight=0.3)]
 
 
-def test_one_and_four_tasks_write_the_shards_of_single_machine_prepare(tmp_path, tok, monkeypatch):
+def test_one_and_four_tasks_write_the_shards_of_single_machine_prepare(tmp_path, tok, monkeypatch, capfd):
     monkeypatch.setattr(cluster, "CHECKPOINT_DOCS", 37)  # tasks start reading at a checkpoint inside the file
     sources = messy_sources(tmp_path)
     single = DataConfig(sources=sources, val_fraction=0.1, shard_tokens=3000, num_proc=1)
@@ -65,9 +66,17 @@ def test_one_and_four_tasks_write_the_shards_of_single_machine_prepare(tmp_path,
     for tasks in (1, 4):
         cfg = DataConfig(sources=sources, val_fraction=0.1, shard_tokens=3000, num_proc=2, executor="local",
                          tasks=tasks)
-        manifest = prepare(cfg, tok, tmp_path / f"tasks{tasks}", seed=7, progress=False)
+        capfd.readouterr()
+        manifest = prepare(cfg, tok, tmp_path / f"tasks{tasks}", seed=7, progress=True)
         assert manifest["stages"]["tokenize"]  # DataTrove's per-step counts of every stage
         assert_same_preparation(tmp_path / "single", tmp_path / f"tasks{tasks}")
+        # DataTrove's log lines (its tasks run in other processes) go to a file, Ondol's stage lines to the console
+        console = capfd.readouterr().err
+        assert " | INFO " not in console and " | WARNING " not in console
+        assert f"data: DataTrove's log: {tmp_path / f'tasks{tasks}' / cluster.LOG}" in console
+        kept = sum(s["kept"]["train"] + s["kept"]["val"] for s in manifest["sources"])
+        assert re.search(rf"stage tokenize: {tasks} tasks? done in [0-9.]+ s \(.*documents {kept:,}\)", console)
+        assert f"Launching pipeline for rank={tasks - 1}" in (tmp_path / f"tasks{tasks}" / cluster.LOG).read_text()
     # a finished preparation is reused whatever the executor
     assert prepare(single, tok, tmp_path / "tasks4", seed=7, progress=False)["config"]["executor"] == "local"
 
@@ -150,6 +159,49 @@ def test_a_task_killed_mid_write_is_redone_alone_and_the_output_is_identical(tmp
     assert ran == [("tokenize", 1)]  # finished tasks are not redone
     prepare(DataConfig(**{**cfg.__dict__, "executor": "single"}), tok, tmp_path / "whole", seed=5, progress=False)
     assert_same_preparation(tmp_path / "whole", killed)
+
+
+def test_a_completion_file_is_renamed_into_place_after_the_tasks_files_are_on_disk(tmp_path, tok, monkeypatch):
+    """When a task's completion file is renamed into place, every file the stages have left (cleaned documents,
+    signatures, duplicates, shards, statistics, completion files) is fsynced at its present size, and so is
+    every folder above it: a crash then cannot leave a task marked complete with torn outputs."""
+    work = (tmp_path / "data" / cluster.WORK).resolve()
+    durable, synced_folders, markers = {}, set(), []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.isdir(path):
+            synced_folders.add(Path(path))
+        else:
+            durable[path] = os.fstat(fd).st_size
+        fsync(fd)
+
+    def checking_replace(src, dst):
+        replace(src, dst)
+        if str(src) in durable:
+            durable[str(dst)] = durable.pop(str(src))
+        if "completions" not in Path(dst).parts:
+            return
+        markers.append(Path(dst).relative_to(work).as_posix())
+        for path in work.rglob("*"):
+            rel = path.relative_to(work)
+            if (path.is_dir() or path == Path(dst) or "logs" in rel.parts
+                    or (len(rel.parts) == 2 and rel.name in DATATROVE_SUMMARIES)):
+                continue  # the marker's folder is fsynced after the rename
+            assert durable.get(str(path)) == path.stat().st_size, f"{rel} is not on disk before {markers[-1]}"
+            assert {p for p in path.parents if p.is_relative_to(work)} <= synced_folders, rel
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", checking_replace)
+    cfg = DataConfig(sources=[corpus_source("ko_reviews", 400)], val_fraction=0.1, shard_tokens=2000,
+                     executor="local", tasks=2, num_proc=1)  # num_proc=1: the tasks run in this process
+    prepare(cfg, tok, tmp_path / "data", seed=0, progress=False)
+    assert markers == [f"{stage}/completions/{rank:05d}" for stage in ("clean", "exact", "tokenize")
+                       for rank in (0, 1)]
+
+
+DATATROVE_SUMMARIES = ("executor.json", "stats.json")  # a stage's, written by DataTrove's launching process
 
 
 def test_bad_input_behaves_as_in_single_machine_prepare(tmp_path, tok):
