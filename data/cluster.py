@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import heapq
+import itertools
 import json
 import logging
 import os
@@ -48,6 +50,7 @@ from datatrove.pipeline.dedup.exact_dedup import (
     ExactDedupFilter,
     ExactDedupSignature,
     ExactFindDedups,
+    get_sig_dtype,
 )
 from datatrove.pipeline.dedup.minhash import (
     MinhashConfig,
@@ -59,6 +62,7 @@ from datatrove.pipeline.dedup.minhash import (
 from datatrove.utils.hashing import HashConfig
 from datatrove.utils.logging import logger as trove_logger
 from datatrove.utils.logging import setup_default_logger
+from datatrove.utils.typeshelper import ExtensionHelperSD, StatHints
 from datatrove.utils.word_tokenizers import KiwiTokenizer
 from tqdm import tqdm
 
@@ -76,6 +80,8 @@ WORK = "datatrove"  # DATA_DIR/datatrove: stage logs, completion files and inter
 LOG = "datatrove.log"  # DATA_DIR/datatrove.log: DataTrove's own log lines (data.executor=local), kept
 ENCODE_DOCS = 2048  # documents tokenized at a time
 CHECKPOINT_DOCS = 4096  # the count stage notes where every this-many-th document of a source starts
+RUN_SIGNATURES = 1 << 22  # exact-dedup signatures a task sorts in memory at a time (16 bytes each: 64 MiB)
+MERGE_BLOCK = 1 << 16  # signatures read from each sorted run, and written, at a time
 MAX_PRIORITY = 65535  # DataTrove keeps the duplicate of highest priority (16 bits)
 KOREAN = "kor_Hang"  # DataTrove's language code for Korean (its MinHash n-grams are of Kiwi's words)
 # Values that DataTrove writes into an sbatch script: no spaces, quotes, $, ;, newlines or other shell syntax.
@@ -415,7 +421,8 @@ def _stages(cfg: DataConfig, tokenizer, seed: int, work: Path, counts: dict) -> 
     tokenize: list = [_ReadCleaned(w), _Tally("cleaned")]
     stages = []
     if cfg.cleaning.dedup:
-        clean.append(ExactDedupSignature(f"{work}/exact_signatures", _exact_config(), finder_workers=n))
+        clean.append(_ExactSignatures(f"{work}/exact_signatures", _exact_config(), n, f"{work}/exact_runs",
+                                      RUN_SIGNATURES))
         stages.append(("exact", [ExactFindDedups(f"{work}/exact_signatures", f"{work}/exact_duplicates",
                                                  _exact_config())], n))
         tokenize += [ExactDedupFilter(f"{work}/exact_duplicates", _exact_config()), _Tally("after_exact_dedup")]
@@ -444,6 +451,76 @@ def _sbatch_safe(what: str, value: str) -> str:
         raise ConfigError(f"{what} '{value}' goes into an sbatch script: use only letters, digits and . _ / : % + , "
                          f"= @ - (no spaces or shell characters)")
     return value
+
+
+class _ExactSignatures(ExactDedupSignature):
+    """DataTrove's exact-dedup signatures of a task, in the files its finder reads, with memory bounded by
+    run_size signatures whatever the task's share: DataTrove's own step keeps every signature of the task in
+    one Python list (about 150 bytes each). A task of more than run_size documents sorts runs of them, spills
+    each to disk and merges them; the merged order (hash, highest priority, document) is that of one sort."""
+
+    def __init__(self, output_folder: str, config: ExactDedupConfig, finder_workers: int, spill: str,
+                 run_size: int):
+        super().__init__(output_folder, config, finder_workers)
+        self.spill, self.run_size = spill, run_size
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        dtype = get_sig_dtype(self.config.hash_config)
+        spill = Path(self.spill) / f"{rank:05d}"
+        shutil.rmtree(spill, ignore_errors=True)  # a killed earlier attempt of this task
+        run, size, runs = np.empty(self.run_size, dtype), 0, []
+        for doc_idx, doc in enumerate(data):
+            with self.stats.time_stats:
+                self.stat_update(StatHints.total)
+                run[size] = self.get_hashes(doc, doc_idx)[0]
+                size += 1
+            if size == self.run_size:
+                spill.mkdir(parents=True, exist_ok=True)
+                runs.append(spill / f"{len(runs):05d}.npy")
+                np.save(runs[-1], _sorted_signatures(run))
+                size = 0
+        if not runs:
+            self.save_hashes(rank, run[:size])
+            return
+        if size:
+            runs.append(spill / f"{len(runs):05d}.npy")
+            np.save(runs[-1], _sorted_signatures(run[:size]))
+        self._merge(rank, runs, dtype)
+        shutil.rmtree(spill)
+
+    def _merge(self, rank: int, runs: list[Path], dtype: np.dtype) -> None:
+        """The sorted runs merged into the finder's files: file i holds the hashes up to (i + 1) * max / workers,
+        the last one the rest (DataTrove's save_hashes)."""
+        per_worker = self.config.hash_config.max // self.finder_workers
+        files = [self.output_folder.open(f"{i:04d}/{rank:05d}{ExtensionHelperSD.stage_1_signature}", mode="wb")
+                 for i in range(self.finder_workers)]
+        merged = heapq.merge(*(_run_records(path) for path in runs))
+        try:
+            while block := list(itertools.islice(merged, MERGE_BLOCK)):
+                signatures = np.array(block, dtype)
+                signatures["priority"] = -signatures["priority"]  # back from the sort key
+                bounds = [(i + 1) * per_worker for i in range(self.finder_workers - 1)]
+                cuts = [0, *signatures["hash"].searchsorted(bounds, side="right"), len(signatures)]
+                for f, start, end in zip(files, cuts, cuts[1:]):
+                    f.write(signatures[start:end].tobytes())
+        finally:
+            for f in files:
+                f.close()
+
+
+def _sorted_signatures(signatures: np.ndarray) -> np.ndarray:
+    """Signatures sorted by (hash, highest priority first, document), the priority left negated (the key)."""
+    signatures = signatures.copy()
+    signatures["priority"] = -signatures["priority"]
+    signatures.sort()
+    return signatures
+
+
+def _run_records(path: Path):
+    """The (hash, negated priority, document) records of a sorted run on disk, a block at a time."""
+    run = np.load(path, mmap_mode="r")
+    for start in range(0, len(run), MERGE_BLOCK):
+        yield from run[start:start + MERGE_BLOCK].tolist()
 
 
 def _executors(cfg: DataConfig, stages: list, work: Path, log_file: Path, progress: bool) -> list:
