@@ -2,12 +2,14 @@
 the same shards and manifest as the single-machine prepare.
 
 Stages, each a DataTrove executor whose tasks leave a completion file, so a re-run skips finished tasks and
-redoes a killed one from its start (a task's outputs are whole files, rewritten by the redo):
+redoes a killed one from its start (a task's outputs are whole files, rewritten by the redo; the completion file
+is written by temp + fsync + rename after the task's files are fsynced):
   count     (this process) reads every source once: its documents and bad input, reported as single-machine
             prepare reports them, and where every CHECKPOINT_DOCS-th document starts (file, line); it fixes the
             share of each source that each task takes
   clean     N tasks: task k takes the k-th contiguous share of every source, cleans and filters it (clean.py),
-            writes the cleaned documents and their exact (and MinHash) signatures. A task starts reading at
+            writes the cleaned documents and their exact signatures (sorted in runs of at most
+            RUN_SIGNATURES in memory, merged on disk beyond). A task starts reading at
             the checkpoint before its share: the files before it are not opened, the lines before it in its
             file are only decompressed and counted, not parsed
   exact     N tasks: DataTrove's ExactFindDedups, one hash range each, merging sorted signature files
@@ -18,6 +20,8 @@ redoes a killed one from its start (a task's outputs are whole files, rewritten 
   pack      (this process) appends the task shards in task order to the final shards and writes the manifest
 Exact duplicates are found by a 64-bit SHA-1 prefix (DataTrove's), the single-machine prepare uses 128-bit
 BLAKE2b: they disagree only on a 64-bit collision (about 1e-8 for a million documents).
+DataTrove's own log lines go to DATA_DIR/datatrove.log (local tasks; Slurm tasks write to their Slurm logs);
+the console gets one line per finished stage.
 """
 
 from __future__ import annotations
