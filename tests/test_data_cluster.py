@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ondol.data import cluster
-from ondol.data.config import DataConfig, NearDedupConfig, SlurmConfig, SourceConfig
+from ondol.data.config import CleaningConfig, DataConfig, NearDedupConfig, SlurmConfig, SourceConfig
 from ondol.data.preparation import prepare
 from ondol.data.shards import read_manifest
 from tests.conftest import CORPORA, ROOT, corpus_texts
@@ -121,6 +121,21 @@ def test_personal_data_in_the_pipeline_is_masked_or_dropped(tmp_path, tok):
     assert decoded_split(tmp_path / "drop", "train", tok)["pii"] == reviews[2:]
     with pytest.raises(ValueError, match="data.near_dedup and data.pii run on DataTrove"):
         prepare(DataConfig(sources=source, pii="mask"), tok, tmp_path / "single", seed=0, progress=False)
+
+
+def test_language_filter_drops_english_from_the_korean_sources_on_both_executors(tmp_path, tok):
+    """The corpora's own languages are the reference: Korean documents stay, English ones in the filtered sources
+    go (counted as wrong_language), a source outside data.cleaning.language_sources is untouched."""
+    sources = [corpus_source("ko_docs", 40), corpus_source("en_docs", 20), corpus_source("code_python", 10)]
+    cleaning = CleaningConfig(languages=["ko"], min_language_score=0.5, language_sources=["ko_docs", "en_docs"])
+    manifests = [prepare(DataConfig(sources=sources, cleaning=cleaning, val_fraction=0.0, executor=executor,
+                                    tasks=2, num_proc=1), tok, tmp_path / executor, seed=0, progress=False)
+                 for executor in ("single", "local")]
+    assert_same_preparation(tmp_path / "single", tmp_path / "local")
+    stats = {s["name"]: s for s in manifests[0]["sources"]}
+    assert stats["ko_docs"]["kept"]["train"] >= 38
+    assert stats["en_docs"]["dropped"] == {"wrong_language": 20} and stats["en_docs"]["kept"]["train"] == 0
+    assert stats["code_python"]["kept"]["train"] == 10
 
 
 KILLED_RUN = """
