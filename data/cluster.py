@@ -44,7 +44,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import zstandard
+import pyarrow as pa
 from datatrove.data import Document as TroveDocument
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 from datatrove.io import DataFolder
@@ -163,8 +163,12 @@ class _CleanShare(PipelineStep):
         fsync_written([str(path)], Path(self.work))
 
 
+DOC_FIELDS = ("text", "id", "source", "split")  # of a cleaned document between stages
+
+
 class _SaveDocuments(PipelineStep):
-    """Stage clean, last step: the cleaned documents of this task, in order, as zstd JSON Lines."""
+    """Stage clean, last step: the cleaned documents of this task, in order, as zstd-compressed Arrow record
+    batches (written and read a batch at a time: a JSON line per document cost a fifth of the pipeline)."""
 
     name, type = "save cleaned documents", "ondol"
 
@@ -173,13 +177,24 @@ class _SaveDocuments(PipelineStep):
         self.work = work
 
     def run(self, data, rank: int = 0, world_size: int = 1):
-        path = Path(self.work) / "docs" / f"{rank:05d}.jsonl.zst"
+        path = Path(self.work) / "docs" / f"{rank:05d}.arrow"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with zstandard.open(path, "wt", encoding="utf-8") as f:
+        schema = pa.schema([(name, pa.string()) for name in DOC_FIELDS])
+        batch: list[tuple] = []
+        with pa.ipc.new_stream(str(path), schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as out:
+
+            def write() -> None:
+                out.write_batch(pa.record_batch([pa.array(column, pa.string()) for column in zip(*batch)],
+                                                schema=schema))
+                batch.clear()
+
             for doc in data:
-                f.write(json.dumps({"text": doc.text, "id": doc.id, "source": doc.metadata["source"],
-                                    "split": doc.metadata["split"]}, ensure_ascii=False) + "\n")
+                batch.append((doc.text, doc.id, doc.metadata["source"], doc.metadata["split"]))
+                if len(batch) == ENCODE_DOCS:
+                    write()
                 yield doc
+            if batch:
+                write()
         fsync_written([str(path)], Path(self.work))
 
 
@@ -193,11 +208,10 @@ class _ReadCleaned(PipelineStep):
         self.work = work
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        with zstandard.open(Path(self.work) / "docs" / f"{rank:05d}.jsonl.zst", "rt", encoding="utf-8") as f:
-            for line in f:
-                record = json.loads(line)
-                yield TroveDocument(text=record["text"], id=record["id"],
-                                    metadata={"source": record["source"], "split": record["split"]})
+        with pa.ipc.open_stream(str(Path(self.work) / "docs" / f"{rank:05d}.arrow")) as batches:
+            for batch in batches:
+                for text, doc_id, source, split in zip(*(column.to_pylist() for column in batch.columns)):
+                    yield TroveDocument(text=text, id=doc_id, metadata={"source": source, "split": split})
 
 
 class _Tally(PipelineStep):
@@ -473,16 +487,16 @@ class _ExactSignatures(ExactDedupSignature):
         spill = Path(self.spill) / f"{rank:05d}"
         shutil.rmtree(spill, ignore_errors=True)  # a killed earlier attempt of this task
         run, size, runs = np.empty(self.run_size, dtype), 0, []
-        for doc_idx, doc in enumerate(data):
-            with self.stats.time_stats:
-                self.stat_update(StatHints.total)
-                run[size] = self.get_hashes(doc, doc_idx)[0]
-                size += 1
+        count = 0  # counted here, recorded once: DataTrove's per-document statistics cost more than hashing
+        for count, doc in enumerate(data, 1):
+            run[size] = self.get_hashes(doc, count - 1)[0]
+            size += 1
             if size == self.run_size:
                 spill.mkdir(parents=True, exist_ok=True)
                 runs.append(spill / f"{len(runs):05d}.npy")
                 np.save(runs[-1], _sorted_signatures(run))
                 size = 0
+        self.stat_update(StatHints.total, value=count)
         if not runs:
             self.save_hashes(rank, run[:size])
             return
