@@ -218,6 +218,19 @@ def test_a_completion_file_is_renamed_into_place_after_the_tasks_files_are_on_di
                        for rank in (0, 1)]
 
 
+def test_a_failing_task_is_one_error_line_naming_datatroves_log(tmp_path, tok, monkeypatch, capfd):
+    def disk_full(self, data, rank=0, world_size=1):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cluster._TokenizeAndWrite, "run", disk_full)
+    cfg = DataConfig(sources=[corpus_source("ko_docs", 20)], executor="local", tasks=1, num_proc=1)
+    log = tmp_path / "data" / cluster.LOG
+    with pytest.raises(ValueError, match=rf"a DataTrove task failed \(OSError: .*No space left on device\): see {log}"):
+        prepare(cfg, tok, tmp_path / "data", seed=0, progress=False)
+    assert "Traceback" not in capfd.readouterr().err
+    assert "No space left on device" in log.read_text() and "Traceback" in log.read_text()
+
+
 DATATROVE_SUMMARIES = ("executor.json", "stats.json")  # a stage's, written by DataTrove's launching process
 
 
