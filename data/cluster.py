@@ -85,7 +85,7 @@ LOG = "datatrove.log"  # DATA_DIR/datatrove.log: DataTrove's own log lines (data
 ENCODE_DOCS = 2048  # documents tokenized at a time
 CHECKPOINT_DOCS = 4096  # the count stage notes where every this-many-th document of a source starts
 RUN_SIGNATURES = 1 << 22  # exact-dedup signatures a task sorts in memory at a time (16 bytes each: 64 MiB)
-MERGE_BLOCK = 1 << 16  # signatures read from each sorted run, and written, at a time
+MERGE_BLOCK = 1 << 12  # signatures read from each sorted run, and written, at a time
 MAX_PRIORITY = 65535  # DataTrove keeps the duplicate of highest priority (16 bits)
 KOREAN = "kor_Hang"  # DataTrove's language code for Korean (its MinHash n-grams are of Kiwi's words)
 # Values that DataTrove writes into an sbatch script: no spaces, quotes, $, ;, newlines or other shell syntax.
