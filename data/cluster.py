@@ -573,22 +573,27 @@ def _wait_for_slurm(executors: list, progress: bool, poll_s: float = 2.0) -> Non
     last = executors[-1]
     jobs = [str(e.job_id) for e in executors if e.job_id not in (None, -1)]
     waiting, started = list(executors), time.perf_counter()
-    while last.get_incomplete_ranks():
+
+    def report_finished() -> None:
         while progress and waiting and not waiting[0].get_incomplete_ranks():
             done = waiting.pop(0)
             _report_stage(done.stage, done.world_size, time.perf_counter() - started,
                           Path(done.logging_dir.resolve_paths("")))
+
+    while last.get_incomplete_ranks():
+        report_finished()
         queue = subprocess.run(["squeue", "-h", "-o", "%i %r", "-j", ",".join(jobs)], capture_output=True,
                                text=True, check=False).stdout if jobs else ""
         stuck = "DependencyNeverSatisfied" in queue
         if stuck or not queue.strip():
             time.sleep(poll_s)  # the last completion file may land just after the job leaves the queue
             if not last.get_incomplete_ranks():
-                return
+                break
             failed = next((e for e in executors if e.get_incomplete_ranks()), last)
             raise DataError(f"Slurm stage job {failed.job_name} failed: see {failed.slurm_logs_folder}; "
                                f"re-run the same command to redo only the unfinished tasks")
         time.sleep(poll_s)
+    report_finished()
 
 
 def _pack(cfg: DataConfig, out_dir: Path, work: Path, dtype: np.dtype, tasks: int) -> dict:

@@ -269,14 +269,17 @@ def test_sbatch_script_values_cannot_be_shell_words(tmp_path, tok):
 
 
 def test_slurm_executor_runs_the_stages_as_job_arrays_on_a_real_cluster(slurm_cluster, tmp_path, tok,
-                                                                        monkeypatch):
+                                                                        monkeypatch, capfd):
     for key, value in slurm_cluster.env.items():
         monkeypatch.setenv(key, value)
     sources = [corpus_source("ko_reviews", 600), corpus_source("ko_docs", 30)]
     cfg = DataConfig(sources=sources, val_fraction=0.1, shard_tokens=4000, executor="slurm", tasks=2,
                      slurm=SlurmConfig(partition="debug", time="00:10:00", mem_per_cpu_gb=1))
-    manifest = prepare(cfg, tok, tmp_path / "slurm", seed=3, progress=False)
+    manifest = prepare(cfg, tok, tmp_path / "slurm", seed=3, progress=True)
     assert set(manifest["stages"]) == {"clean", "exact", "tokenize"}
+    console = capfd.readouterr().err
+    assert " | INFO " not in console and "stage exact: 2 tasks done" in console  # sbatch lines in the log file
+    assert re.search(r"stage tokenize: 2 tasks done in [0-9.]+ s \(.*documents 6", console)
     prepare(DataConfig(sources=sources, val_fraction=0.1, shard_tokens=4000), tok, tmp_path / "single", seed=3,
             progress=False)
     assert_same_preparation(tmp_path / "single", tmp_path / "slurm")
