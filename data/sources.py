@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -236,14 +237,17 @@ def _check_complete(f: IO[bytes], path: str, line: int, bad: BadInputLog) -> boo
     return broken is None
 
 
-def _decoded_lines(path: str, bad: BadInputLog) -> Iterator[tuple[int, str]]:
-    """(line number, text) of each line decoding as UTF-8; the others are counted as invalid_utf8."""
+def _decoded_lines(path: str, bad: BadInputLog, first_line: int = 1) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line from first_line on decoding as UTF-8; the others are counted as
+    invalid_utf8."""
     number = 0
     with _open_binary(path) as f:
         for number, raw in enumerate(f, 1):
             if not raw.endswith(b"\n") and getattr(f.raw, "broken", None):
                 number -= 1  # the line the stream broke in is part of what is lost
                 break
+            if number < first_line:
+                continue
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -265,17 +269,33 @@ def _count_not_text(value: object, text_field: str, where: str, bad: BadInputLog
     bad.add("missing_text_field", where, f"{detail} (set text_field in the source config)")
 
 
-def _line_blocks(path: str, bad: BadInputLog) -> Iterator[tuple[int, bytes]]:
-    """(number of its first line, whole lines) for consecutive blocks of about JSONL_BLOCK_BYTES."""
-    first, tail = 1, b""
+def _skip_lines(f: IO[bytes], lines: int) -> bytes:
+    """Reads past the first `lines` lines of f without parsing them; the bytes read after them."""
+    while chunk := f.read(JSONL_BLOCK_BYTES):
+        count = chunk.count(b"\n")
+        if count >= lines:
+            cut = -1
+            for _ in range(lines):
+                cut = chunk.index(b"\n", cut + 1)
+            return chunk[cut + 1:] or f.read(JSONL_BLOCK_BYTES)
+        lines -= count
+    return b""
+
+
+def _line_blocks(path: str, bad: BadInputLog, first_line: int = 1) -> Iterator[tuple[int, bytes]]:
+    """(number of its first line, whole lines) for consecutive blocks of about JSONL_BLOCK_BYTES, from
+    first_line on (the lines before it are only counted, which costs a small part of parsing them)."""
+    first, tail = first_line, b""
     with _open_binary(path) as f:
-        while chunk := f.read(JSONL_BLOCK_BYTES):
+        chunk = _skip_lines(f, first_line - 1)
+        while chunk:
             block = tail + chunk
             cut = block.rfind(b"\n") + 1
             block, tail = block[:cut], block[cut:]
             if block:
                 yield first, block
                 first += block.count(b"\n")
+            chunk = f.read(JSONL_BLOCK_BYTES)
         if not _check_complete(f, path, first, bad):
             return  # the unfinished line the stream broke in is part of what is lost
     if tail:
@@ -330,11 +350,11 @@ def _parsed_lines(block: bytes, first: int, path: str, text_field: str, bad: Bad
         yield number, value
 
 
-def _read_jsonl(path: str, source: SourceConfig, bad: BadInputLog) -> Iterator[Document]:
+def _read_jsonl(path: str, source: SourceConfig, bad: BadInputLog, first_line: int) -> Iterator[Document]:
     """JSON Lines a block at a time: Arrow's fast reader for blocks that parse cleanly, the exact
     line-by-line parser (which names each bad line) for the others. Both give the same documents."""
     key = source.text_field
-    for first, block in _line_blocks(path, bad):
+    for first, block in _line_blocks(path, bad, first_line):
         values = _arrow_column(block, key)
         numbered = enumerate(values, first) if values is not None else _parsed_lines(block, first, path, key, bad)
         for number, value in numbered:
@@ -344,18 +364,18 @@ def _read_jsonl(path: str, source: SourceConfig, bad: BadInputLog) -> Iterator[D
                 _count_not_text(value, key, f"{path}:{number}", bad)
 
 
-def _read_text(path: str, source: SourceConfig, bad: BadInputLog) -> Iterator[Document]:
+def _read_text(path: str, source: SourceConfig, bad: BadInputLog, first_line: int) -> Iterator[Document]:
     """Plain text: one document per line, per blank-line-separated paragraph, or per file (text_unit)."""
     unit = source.text_unit
     if unit == "line":
-        for number, line in _decoded_lines(path, bad):
+        for number, line in _decoded_lines(path, bad, first_line):
             text = line.rstrip("\r\n")
             if text.strip():
                 yield Document(text, source.name, path, number)
         return
     lines: list[str] = []
-    start = 1
-    for number, line in _decoded_lines(path, bad):
+    start = first_line
+    for number, line in _decoded_lines(path, bad, first_line):
         if unit == "paragraph" and not line.strip():
             if lines:
                 yield Document("".join(lines).rstrip("\r\n"), source.name, path, start)
@@ -374,15 +394,18 @@ def _read_text(path: str, source: SourceConfig, bad: BadInputLog) -> Iterator[Do
             bad.add("empty_doc", f"{path}:1", "the file has no text")
 
 
-def _read_rows(rows: Iterator[object], label: str, source: SourceConfig, bad: BadInputLog) -> Iterator[Document]:
-    for number, value in enumerate(rows, 1):
+def _read_rows(rows: Iterator[object], label: str, source: SourceConfig, bad: BadInputLog, first_row: int
+               ) -> Iterator[Document]:
+    """The documents of rows numbered from first_row."""
+    for number, value in enumerate(rows, first_row):
         if _is_text(value):
             yield Document(value, source.name, label, number)
         else:
             _count_not_text(value, source.text_field, f"{label}:{number}", bad)
 
 
-def _parquet_column(path: str, source: SourceConfig) -> Iterator[object]:
+def _parquet_column(path: str, source: SourceConfig, first_row: int) -> Iterator[object]:
+    """The text column from first_row on (row groups before it are not read)."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
@@ -390,8 +413,14 @@ def _parquet_column(path: str, source: SourceConfig) -> Iterator[object]:
     if source.text_field not in names:
         raise SourceError(f"{path}: no column '{source.text_field}' (columns: {', '.join(names)}); "
                           f"set text_field in data source '{source.name}'")
-    for batch in pf.iter_batches(batch_size=8192, columns=[source.text_field]):
-        yield from batch.column(0).to_pylist()
+    groups, skip = list(range(pf.num_row_groups)), first_row - 1
+    while groups and skip >= (rows := pf.metadata.row_group(groups[0]).num_rows):
+        skip -= rows
+        groups.pop(0)
+    for batch in pf.iter_batches(batch_size=8192, columns=[source.text_field], row_groups=groups):
+        column = batch.column(0)[skip:]
+        skip = max(0, skip - batch.num_rows)
+        yield from column.to_pylist()
 
 
 def _hf_column(source: SourceConfig) -> Iterator[object]:
@@ -421,35 +450,39 @@ def _hf_column(source: SourceConfig) -> Iterator[object]:
         yield row.get(source.text_field)
 
 
-def _file_documents(path: str, source: SourceConfig, bad: BadInputLog) -> Iterator[Document]:
+def _file_documents(path: str, source: SourceConfig, bad: BadInputLog, first_line: int) -> Iterator[Document]:
     kind = source.format if source.format != "auto" else detect_format(path)
     if kind == "jsonl":
-        return _read_jsonl(path, source, bad)
+        return _read_jsonl(path, source, bad, first_line)
     if kind == "text":
-        return _read_text(path, source, bad)
+        return _read_text(path, source, bad, first_line)
     if kind == "parquet":
-        return _read_rows(_parquet_column(path, source), path, source, bad)
+        return _read_rows(_parquet_column(path, source, first_line), path, source, bad, first_line)
     raise SourceError(f"data source '{source.name}': cannot tell the format of '{path}' from its suffix "
                       f"(set format: jsonl | text | parquet | hf)")
 
 
-def iter_documents(source: SourceConfig, strict: bool = False, bad: BadInputLog | None = None
-                   ) -> Iterator[Document]:
+def iter_documents(source: SourceConfig, strict: bool = False, bad: BadInputLog | None = None,
+                   start: tuple[int, int] = (0, 1)) -> Iterator[Document]:
     """Every document of a source in a fixed order (files sorted), at most `source.max_docs` of them.
 
     Bad lines are counted in `bad` (a fresh log when None) and skipped, or raise with `strict`. A source
-    that exists but yields no document at all is an error, as is a missing file.
+    that exists but yields no document at all is an error, as is a missing file. `start` (file number in
+    that order, its line or row number) begins the reading at a document an earlier reading gave as (the
+    number of doc.file in resolve_files(source), doc.line): the files before it are not opened, the lines before
+    it are not parsed, and max_docs counts from it.
     """
     bad = bad if bad is not None else BadInputLog(strict=strict)
     bad.strict = bad.strict or strict
     if source.max_docs is not None and source.max_docs <= 0:
         return
     if source.format == "hf":
+        rows = itertools.islice(_hf_column(source), start[1] - 1, None)
         streams: Iterator[Iterator[Document]] = iter(
-            [_read_rows(_hf_column(source), f"hf:{source.path}[{source.hf_split}]", source, bad)])
+            [_read_rows(rows, f"hf:{source.path}[{source.hf_split}]", source, bad, start[1])])
     else:
-        files = resolve_files(source)
-        streams = (_file_documents(path, source, bad) for path in files)
+        files = resolve_files(source)[start[0]:]
+        streams = (_file_documents(path, source, bad, start[1] if i == 0 else 1) for i, path in enumerate(files))
     count = 0
     for stream in streams:
         for doc in stream:

@@ -4,6 +4,7 @@ any number of tasks, near-duplicate removal, personal data, a task killed mid-wr
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ondol.data import cluster
-from ondol.data.config import DataConfig, NearDedupConfig, SlurmConfig, SourceConfig
+from ondol.data.config import CleaningConfig, DataConfig, NearDedupConfig, SlurmConfig, SourceConfig
 from ondol.data.preparation import prepare
 from ondol.data.shards import read_manifest
 from tests.conftest import CORPORA, ROOT, corpus_texts
@@ -54,7 +55,10 @@ def messy_sources(tmp_path: Path) -> list[SourceConfig]:
             SourceConfig(name="again", path=str(tmp_path / "again.jsonl"), weight=0.3)]
 
 
-def test_one_and_four_tasks_write_the_shards_of_single_machine_prepare(tmp_path, tok):
+def test_one_and_four_tasks_write_the_shards_of_single_machine_prepare(tmp_path, tok, monkeypatch, capfd):
+    monkeypatch.setattr(cluster, "CHECKPOINT_DOCS", 37)  # tasks start reading at a checkpoint inside the file
+    monkeypatch.setattr(cluster, "RUN_SIGNATURES", 50)  # exact-dedup signatures sorted in runs, then merged
+    monkeypatch.setattr(cluster, "MERGE_BLOCK", 16)
     sources = messy_sources(tmp_path)
     single = DataConfig(sources=sources, val_fraction=0.1, shard_tokens=3000, num_proc=1)
     reference = prepare(single, tok, tmp_path / "single", seed=7, progress=False)
@@ -64,9 +68,17 @@ def test_one_and_four_tasks_write_the_shards_of_single_machine_prepare(tmp_path,
     for tasks in (1, 4):
         cfg = DataConfig(sources=sources, val_fraction=0.1, shard_tokens=3000, num_proc=2, executor="local",
                          tasks=tasks)
-        manifest = prepare(cfg, tok, tmp_path / f"tasks{tasks}", seed=7, progress=False)
+        capfd.readouterr()
+        manifest = prepare(cfg, tok, tmp_path / f"tasks{tasks}", seed=7, progress=True)
         assert manifest["stages"]["tokenize"]  # DataTrove's per-step counts of every stage
         assert_same_preparation(tmp_path / "single", tmp_path / f"tasks{tasks}")
+        # DataTrove's log lines (its tasks run in other processes) go to a file, Ondol's stage lines to the console
+        console = capfd.readouterr().err
+        assert " | INFO " not in console and " | WARNING " not in console
+        assert f"data: DataTrove's log: {tmp_path / f'tasks{tasks}' / cluster.LOG}" in console
+        kept = sum(s["kept"]["train"] + s["kept"]["val"] for s in manifest["sources"])
+        assert re.search(rf"stage tokenize: {tasks} tasks? done in [0-9.]+ s \(.*documents {kept:,}\)", console)
+        assert f"Stats: All {tasks} tasks" in (tmp_path / f"tasks{tasks}" / cluster.LOG).read_text()
     # a finished preparation is reused whatever the executor
     assert prepare(single, tok, tmp_path / "tasks4", seed=7, progress=False)["config"]["executor"] == "local"
 
@@ -111,6 +123,21 @@ def test_personal_data_in_the_pipeline_is_masked_or_dropped(tmp_path, tok):
         prepare(DataConfig(sources=source, pii="mask"), tok, tmp_path / "single", seed=0, progress=False)
 
 
+def test_language_filter_drops_english_from_the_korean_sources_on_both_executors(tmp_path, tok):
+    """The corpora's own languages are the reference: Korean documents stay, English ones in the filtered sources
+    go (counted as wrong_language), a source outside data.cleaning.language_sources is untouched."""
+    sources = [corpus_source("ko_docs", 40), corpus_source("en_docs", 20), corpus_source("code_python", 10)]
+    cleaning = CleaningConfig(languages=["ko"], min_language_score=0.5, language_sources=["ko_docs", "en_docs"])
+    manifests = [prepare(DataConfig(sources=sources, cleaning=cleaning, val_fraction=0.0, executor=executor,
+                                    tasks=2, num_proc=1), tok, tmp_path / executor, seed=0, progress=False)
+                 for executor in ("single", "local")]
+    assert_same_preparation(tmp_path / "single", tmp_path / "local")
+    stats = {s["name"]: s for s in manifests[0]["sources"]}
+    assert stats["ko_docs"]["kept"]["train"] >= 38
+    assert stats["en_docs"]["dropped"] == {"wrong_language": 20} and stats["en_docs"]["kept"]["train"] == 0
+    assert stats["code_python"]["kept"]["train"] == 10
+
+
 KILLED_RUN = """
 import sys
 from ondol.data.preparation import prepare
@@ -151,6 +178,62 @@ def test_a_task_killed_mid_write_is_redone_alone_and_the_output_is_identical(tmp
     assert_same_preparation(tmp_path / "whole", killed)
 
 
+def test_a_completion_file_is_renamed_into_place_after_the_tasks_files_are_on_disk(tmp_path, tok, monkeypatch):
+    """When a task's completion file is renamed into place, every file the stages have left (cleaned documents,
+    signatures, duplicates, shards, statistics, completion files) is fsynced at its present size, and so is
+    every folder above it: a crash then cannot leave a task marked complete with torn outputs."""
+    work = (tmp_path / "data" / cluster.WORK).resolve()
+    durable, synced_folders, markers = {}, set(), []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.isdir(path):
+            synced_folders.add(Path(path))
+        else:
+            durable[path] = os.fstat(fd).st_size
+        fsync(fd)
+
+    def checking_replace(src, dst):
+        replace(src, dst)
+        if str(src) in durable:
+            durable[str(dst)] = durable.pop(str(src))
+        if "completions" not in Path(dst).parts:
+            return
+        markers.append(Path(dst).relative_to(work).as_posix())
+        for path in work.rglob("*"):
+            rel = path.relative_to(work)
+            if (path.is_dir() or path == Path(dst) or "logs" in rel.parts
+                    or (len(rel.parts) == 2 and rel.name in DATATROVE_SUMMARIES)):
+                continue  # the marker's folder is fsynced after the rename
+            assert durable.get(str(path)) == path.stat().st_size, f"{rel} is not on disk before {markers[-1]}"
+            assert {p for p in path.parents if p.is_relative_to(work)} <= synced_folders, rel
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", checking_replace)
+    cfg = DataConfig(sources=[corpus_source("ko_reviews", 400)], val_fraction=0.1, shard_tokens=2000,
+                     executor="local", tasks=2, num_proc=1)  # num_proc=1: the tasks run in this process
+    prepare(cfg, tok, tmp_path / "data", seed=0, progress=False)
+    assert markers == [f"{stage}/completions/{rank:05d}" for stage in ("clean", "exact", "tokenize")
+                       for rank in (0, 1)]
+
+
+def test_a_failing_task_is_one_error_line_naming_datatroves_log(tmp_path, tok, monkeypatch, capfd):
+    def disk_full(self, data, rank=0, world_size=1):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cluster._TokenizeAndWrite, "run", disk_full)
+    cfg = DataConfig(sources=[corpus_source("ko_docs", 20)], executor="local", tasks=1, num_proc=1)
+    log = tmp_path / "data" / cluster.LOG
+    with pytest.raises(ValueError, match=rf"a DataTrove task failed \(OSError: .*No space left on device\): see {log}"):
+        prepare(cfg, tok, tmp_path / "data", seed=0, progress=False)
+    assert "Traceback" not in capfd.readouterr().err
+    assert "No space left on device" in log.read_text() and "Traceback" in log.read_text()
+
+
+DATATROVE_SUMMARIES = ("executor.json", "stats.json")  # a stage's, written by DataTrove's launching process
+
+
 def test_bad_input_behaves_as_in_single_machine_prepare(tmp_path, tok):
     good = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in corpus_texts("ko_reviews", 300))
     (tmp_path / "truncated.jsonl.gz").write_bytes(gzip.compress(good.encode())[:-2000])
@@ -186,14 +269,17 @@ def test_sbatch_script_values_cannot_be_shell_words(tmp_path, tok):
 
 
 def test_slurm_executor_runs_the_stages_as_job_arrays_on_a_real_cluster(slurm_cluster, tmp_path, tok,
-                                                                        monkeypatch):
+                                                                        monkeypatch, capfd):
     for key, value in slurm_cluster.env.items():
         monkeypatch.setenv(key, value)
     sources = [corpus_source("ko_reviews", 600), corpus_source("ko_docs", 30)]
     cfg = DataConfig(sources=sources, val_fraction=0.1, shard_tokens=4000, executor="slurm", tasks=2,
                      slurm=SlurmConfig(partition="debug", time="00:10:00", mem_per_cpu_gb=1))
-    manifest = prepare(cfg, tok, tmp_path / "slurm", seed=3, progress=False)
+    manifest = prepare(cfg, tok, tmp_path / "slurm", seed=3, progress=True)
     assert set(manifest["stages"]) == {"clean", "exact", "tokenize"}
+    console = capfd.readouterr().err
+    assert " | INFO " not in console and "stage exact: 2 tasks done" in console  # sbatch lines in the log file
+    assert re.search(r"stage tokenize: 2 tasks done in [0-9.]+ s \(.*documents 6", console)
     prepare(DataConfig(sources=sources, val_fraction=0.1, shard_tokens=4000), tok, tmp_path / "single", seed=3,
             progress=False)
     assert_same_preparation(tmp_path / "single", tmp_path / "slurm")

@@ -176,3 +176,30 @@ def test_clean_files_take_the_fast_path(tmp_path, monkeypatch):
 def test_real_corpus_reads_every_line():
     docs = list(iter_documents(SourceConfig(name="ko_docs", path="../shared/corpora/ko_docs.jsonl.gz")))
     assert [d.text for d in docs] == corpus_texts("ko_docs")
+
+
+def test_reading_from_a_documents_start_gives_the_rest_of_the_documents(tmp_path, monkeypatch):
+    """iter_documents(start=(file number, line)) gives exactly the documents a full reading gives from that one
+    on, in every format, across files, bad lines and small blocks (the line skip crosses block edges)."""
+    from ondol.data import sources
+
+    monkeypatch.setattr(sources, "JSONL_BLOCK_BYTES", 1000)
+    lines = [_good(t) for t in TEXTS[:20]]
+    for i, raw in enumerate(BAD_LINES.values()):
+        lines.insert(2 + 3 * i, raw)
+    (tmp_path / "j").mkdir()
+    (tmp_path / "j" / "a.jsonl.gz").write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    (tmp_path / "j" / "b.jsonl.zst").write_bytes(zstandard.compress(_jsonl_bytes(TEXTS[20:])))
+    (tmp_path / "p.txt").write_text(f"{TEXTS[0]}\n{TEXTS[1]}\n\n\n{TEXTS[2]}\n\n{TEXTS[3]}\n", encoding="utf-8")
+    pq.write_table(pa.table({"text": TEXTS}), tmp_path / "t.parquet", row_group_size=7)
+    cases = [SourceConfig(name="j", path=str(tmp_path / "j")),
+             SourceConfig(name="l", path=str(tmp_path / "p.txt")),
+             SourceConfig(name="p", path=str(tmp_path / "p.txt"), text_unit="paragraph"),
+             SourceConfig(name="q", path=str(tmp_path / "t.parquet"))]
+    for source in cases:
+        files = {path: i for i, path in enumerate(sources.resolve_files(source))}
+        docs = list(iter_documents(source, bad=BadInputLog()))
+        assert len(docs) >= 3
+        for i, doc in enumerate(docs):
+            rest = list(iter_documents(source, bad=BadInputLog(), start=(files[doc.file], doc.line)))
+            assert rest == docs[i:], (source.name, i)
