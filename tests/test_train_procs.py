@@ -112,11 +112,12 @@ def test_sigkill_mid_save_and_mid_run_then_resume_is_bit_exact(assets, tmp_path)
     assert [p.name for p in checkpoint.complete_checkpoints(ckpts)] == ["step_00000015", "step_00000016"]
 
 
-@pytest.mark.parametrize("expert_parallel,zero", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("expert_parallel,zero", [(2, 2), (1, 3)])  # ZeRO 1 reshards as 2 does (one optimizer)
 def test_two_ranks_match_one_rank_and_resume_on_one_rank(assets, tmp_path, expert_parallel, zero):
     """Global batch 4 as 2 ranks x 2 or 1 rank x 4: the same losses (with expert_parallel=2 each rank holds half
-    of the experts). A 2-rank run killed after its step-4 checkpoint resumes on 1 rank (EP 1, the same ZeRO
-    stage), resharded from the per-rank weight and Adam shards, and ends with the 1-rank run's losses."""
+    of the experts; at ZeRO 3 each holds half of every parameter from the build on). A 2-rank run killed after
+    its step-4 checkpoint resumes on 1 rank (EP 1, the same ZeRO stage), resharded from the per-rank weight and
+    Adam shards, and ends with the 1-rank run's losses."""
     steps = ("train.steps=10", "train.save_every=4", "train.eval_every=5")
     reference = run_losses(tmp_path / "ref", assets, *steps)
     run = tmp_path / "run"
