@@ -7,6 +7,7 @@ reviews with the trainer's step: loss + aux + MTP backward, optimizer step, load
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -156,9 +157,16 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
         ref = groups(Transformer(ModelConfig(**CFG), seed=0))
         return [n for n, g in groups(model).items() if ref[n] != g]
 
+    def buffer_mismatches(model: torch.nn.Module) -> list[str]:
+        """Buffers (rotary frequencies, router biases) not in fp32 with a whole build's values: zero.Init creates
+        them in its dtype, bf16 under deepspeed.precision=bf16."""
+        ref = dict(Transformer(ModelConfig(**CFG), seed=0).named_buffers())
+        return [n for n, b in model.named_buffers() if b.dtype != ref[n].dtype or not torch.equal(b, ref[n])]
+
     zero3 = RunConfig(seed=0, model=ModelConfig(**CFG), deepspeed=DeepSpeedConfig(zero_stage=3))
     z3_model = build_model(zero3, env)
-    init_bad = {"z3": init_mismatches(z3_model) + group_mismatches(z3_model)}
+    z3_bf16 = build_model(dataclasses.replace(zero3, deepspeed=DeepSpeedConfig(zero_stage=3, precision="bf16")), env)
+    init_bad = {"z3": init_mismatches(z3_model) + group_mismatches(z3_model) + buffer_mismatches(z3_bf16)}
     B = GLOBAL_BATCH // world
     batches = global_batches()[:, rank * B:(rank + 1) * B]
     eval_ids = batches[STEPS, :, :-1]

@@ -117,7 +117,8 @@ def _build_partitioned(cfg: RunConfig, env: DistEnv):
     """ZeRO 3: every parameter partitioned over the ranks as soon as its module exists (deepspeed.zero.Init),
     then initialised one gathered parameter at a time, drawn in fp32 on rank 0 exactly as a whole build draws it
     and cast to the partition's dtype. zero.Init creates floating buffers in that dtype too (bf16 under
-    deepspeed.precision=bf16), so they are recomputed in fp32 afterwards as every other layout's are."""
+    deepspeed.precision=bf16) where DeepSpeed leaves every other layout's in fp32 (it casts parameters only), so
+    they are made fp32 again and recomputed."""
     import deepspeed
 
     from ondol.model.transformer import Transformer
@@ -134,6 +135,10 @@ def _build_partitioned(cfg: RunConfig, env: DistEnv):
                 full = torch.empty(p.shape, dtype=torch.float32, device=p.device)
                 model.init_parameter(name, full, cfg.seed)
                 p.copy_(full)
+    for module in model.modules():
+        for key, b in module._buffers.items():
+            if b is not None and b.is_floating_point():
+                module._buffers[key] = b.float()
     model.reset_buffers()
     return model
 
