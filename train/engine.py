@@ -96,9 +96,9 @@ def build_model(cfg: RunConfig, env: DistEnv):
     Built on the meta device (no memory), experts sharded over their expert-parallel group while still on
     meta, then this rank's tensors allocated and initialised: its E / expert_parallel_size experts per MoE layer
     and the dense parameters. At ZeRO 3 the model is built under DeepSpeed's zero.Init instead (see
-    `_build_partitioned`), so no rank ever holds more than its partition plus one gathered tensor. The initial values are the same for every layout (Transformer.init_parameter seeds each tensor, and each
-    expert, from cfg.seed and its name), so expert-parallel sizes and ZeRO stages all start from the same
-    weights."""
+    `_build_partitioned`), so no rank ever holds more than its partition plus one gathered tensor. The initial
+    values are the same for every layout (Transformer.init_parameter seeds each tensor, and each expert, from
+    cfg.seed and its name), so expert-parallel sizes and ZeRO stages all start from the same weights."""
     from ondol.model.transformer import Transformer
     from ondol.train import expert_parallel
 
