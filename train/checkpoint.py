@@ -229,8 +229,8 @@ def load(engine, folder: Path, rank: int, seed: int) -> dict:
 
 
 def load_resharded(engine, folder: Path, rank: int, seed: int) -> dict:
-    """Like `load`, for a checkpoint written on another layout (any ZeRO stage): weights, fp32 master partitions and
-    Adam state from the per-rank shards, each rank reading only its own rows; returns the client state."""
+    """Like `load`, for a checkpoint written on another layout (any ZeRO stage): weights, fp32 master partitions
+    and Adam state from the per-rank shards, each rank reading only its own rows; returns the client state."""
     client_state = torch.load(folder / CLIENT_STATE, weights_only=True)
     applied = int(client_state["step"]) - int(client_state["nonfinite"]["total"])  # skipped steps: no Adam step
     state_shards.load(engine, engine.client_optimizer, folder, applied)

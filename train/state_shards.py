@@ -161,10 +161,10 @@ def load(engine, optimizer, folder: Path, adam_steps: int) -> None:
     module = engine.module
     weights = tensor_index(folder)
     moments = tensor_index(folder, OPTIM_INDEX, OPTIM_SINGLE)
-    partitioned = engine.optimizer is not optimizer  # ZeRO 1/2 or bf16: DeepSpeed's fp32 partitions
+    partitioned = engine.optimizer is not optimizer  # ZeRO 1-3 or bf16: DeepSpeed's fp32 partitions
     # Adam state as after `adam_steps` updates, moments set below; ZeRO 3 keeps it on its flat fp32 partitions
-    stepped = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
-    for p in stepped or [p for group in optimizer.param_groups for p in group["params"]]:
+    zero3_flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    for p in zero3_flat or [p for group in optimizer.param_groups for p in group["params"]]:
         optimizer.state[p] = {"step": torch.tensor(float(adam_steps)), "exp_avg": torch.zeros_like(p),
                               "exp_avg_sq": torch.zeros_like(p)}
     if partitioned:
