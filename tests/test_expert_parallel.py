@@ -92,22 +92,25 @@ BIG = {**CFG, "d_model": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 8, "hea
 
 
 def zero3_build_growth(env) -> tuple[int, int]:
-    """(growth of this process's peak RSS while `build_model` builds BIG at ZeRO 3, BIG's fp32 bytes). Large
-    allocations are given back to the system when freed (a fixed mmap threshold), so the peak counts tensors
-    alive at once, not freed memory the allocator kept."""
+    """(growth of this process's peak resident memory while `build_model` builds BIG at ZeRO 3, BIG's fp32
+    bytes). The peak is reset just before (/proc/self/clear_refs), and large allocations go back to the system
+    when freed (a fixed mmap threshold), so it counts the tensors alive at once, not memory the allocator kept."""
     import ctypes
-    import resource
 
     import deepspeed.runtime.zero.partition_parameters  # noqa: F401 (imported before the first reading)
 
     from ondol.train.engine import build_model
 
+    def status_kib(field: str) -> int:
+        return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith(field + ":"))
+
     ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD: 128 KiB, no longer raised on free
-    rss = lambda: int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    before = rss()
+    torch.distributed.barrier()  # the process group's first collective sets up its connections
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here
+    before = status_kib("VmRSS")
     model = build_model(RunConfig(seed=0, model=ModelConfig(**BIG), deepspeed=DeepSpeedConfig(zero_stage=3)), env)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return peak - before, sum(p.ds_numel for p in model.parameters()) * 4
+    return (status_kib("VmHWM") - before) * 1024, sum(p.ds_numel for p in model.parameters()) * 4
 
 
 def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> None:
@@ -304,12 +307,13 @@ def test_initial_weights_equal_a_whole_build(runs, name):
 @pytest.mark.parametrize("world", sorted({w for w, *_ in SCENARIOS.values()}))
 def test_zero3_build_holds_one_partition_per_rank(runs, world):
     """ZeRO 3 (the trainer's build_model, as `ondol train` calls it) builds under zero.Init: a rank's peak memory
-    grows by its 1/world share of the fp32 model plus a fixed overhead (~22 MiB measured: imports, one gathered
-    tensor while initialising), never the whole model (128 MiB here)."""
+    grows by its 1/world share of the fp32 model plus an overhead that does not depend on the world size (18-22
+    MiB measured at worlds 2 and 4, allowed 40: one gathered tensor and its fp32 draw while initialising,
+    DeepSpeed's bookkeeping), never by the whole model (129 MiB here)."""
     name = next(n for n, (w, *_) in SCENARIOS.items() if w == world)
     for rank, (growth, full) in enumerate(runs[name]["z3_build"]):
         assert full >= 128 * 2**20
-        assert growth < full / world + 32 * 2**20, f"rank {rank}: {growth / 2**20:.0f} MiB of {full / 2**20:.0f}"
+        assert growth < full / world + 40 * 2**20, f"rank {rank}: {growth / 2**20:.0f} MiB of {full / 2**20:.0f}"
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
