@@ -7,9 +7,10 @@ reports the largest per-rank peak next to train/memory.py's total for the same l
 
 What "peak memory" is on CPU: the growth of the process's resident set (VmHWM in /proc/self/status) over its
 resident set just before the model is built (after torch, DeepSpeed and the process group are up). The high-water
-mark is reset (`echo 5 > /proc/self/clear_refs`) once the engine is built, so the peak is that of training: the
-model built whole on every rank before expert parallelism slices it, and DeepSpeed's flattening copies at
-start-up are not counted (the plan is about steady training; building on the meta device removes the former).
+mark is reset (`echo 5 > /proc/self/clear_refs`) once the engine is built, so the peak is that of training:
+DeepSpeed's flattening copies at start-up are not counted (the plan is about steady training). The build itself
+(the trainer's build_model: meta device, this rank's experts, ZeRO 3 under zero.Init) is reported on its own, as
+the peak growth up to the built model next to the whole fp32 model's size: at ZeRO 3 about 1/world of it.
 Counted: weights, gradients, optimizer state, DeepSpeed's buffers, activations, logits, allocator slack that
 stays resident. Not counted: pages reserved but never touched (RSS counts touched pages only: a bucket that is
 allocated but only partly filled counts for what is filled), memory freed back to the system before the peak.
@@ -63,8 +64,7 @@ def _rank(rank: int, world: int, port: int, layout: tuple[int, int, int], out: s
     from model_fwd_bwd import korean_batch  # real-text batches (this script's folder)
 
     from ondol.configs import load_config
-    from ondol.model.transformer import Transformer
-    from ondol.train.engine import build_engine, init_distributed
+    from ondol.train.engine import build_engine, build_model, init_distributed
 
     cfg = load_config(CONFIG, overrides(*layout))
     env = init_distributed(cfg)
@@ -73,8 +73,8 @@ def _rank(rank: int, world: int, port: int, layout: tuple[int, int, int], out: s
     ids, labels = (t.view(STEPS, world, tr.micro_batch_size, -1)[:, rank] for t in (ids, labels))
     torch.distributed.barrier()
     base = rss_kib("VmRSS")
-    torch.manual_seed(cfg.seed)
-    model = Transformer(cfg.model)
+    model = build_model(cfg, env)
+    built = torch.tensor([float(rss_kib("VmHWM") - base)], dtype=torch.float64)
     engine, _ = build_engine(model, cfg, env)
     Path("/proc/self/clear_refs").write_text("5")  # peak from here: training, not construction
     for step in range(STEPS):
@@ -84,22 +84,24 @@ def _rank(rank: int, world: int, port: int, layout: tuple[int, int, int], out: s
         del result
     peak = rss_kib("VmHWM")
     growth = torch.tensor([float(peak - base)], dtype=torch.float64)
-    torch.distributed.all_reduce(growth, op=torch.distributed.ReduceOp.MAX)
+    for t in (growth, built):
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     if rank == 0:
-        Path(out).write_text(json.dumps({"peak_kib": float(growth), "maxrss_kib": resource.getrusage(
-            resource.RUSAGE_SELF).ru_maxrss}))
+        Path(out).write_text(json.dumps({"peak_kib": float(growth), "build_kib": float(built),
+                                         "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
-def measure(world: int, zero: int, ep: int) -> float:
-    """Largest per-rank peak RSS growth (bytes) of a run of this layout."""
+def measure(world: int, zero: int, ep: int) -> tuple[float, float]:
+    """Largest per-rank peak RSS growth (bytes) of a run of this layout: while training, and while building."""
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # inherited by the spawned ranks
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peak.json"
         mp.start_processes(_rank, args=(world, free_port(), (world, zero, ep), str(out)), nprocs=world, join=True,
                            start_method="spawn")
-        return json.loads(out.read_text())["peak_kib"] * 1024
+        got = json.loads(out.read_text())
+        return got["peak_kib"] * 1024, got["build_kib"] * 1024
 
 
 def predict(world: int, zero: int, ep: int):
@@ -114,14 +116,16 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", default=LAYOUTS, help="WORLD:ZERO:EP entries")
     args = parser.parse_args()
     print(f"model: {CONFIG.name} with {' '.join(MODEL)}; {STEPS} steps")
-    print(f"{'layout':<22} {'predicted MiB':>14} {'measured MiB':>13} {'error':>7}   largest term")
+    print(f"{'layout':<22} {'predicted MiB':>14} {'measured MiB':>13} {'error':>7} {'build MiB':>10} "
+          f"{'fp32 model MiB':>15}   largest term")
     for item in args.layouts:
         world, zero, ep = (int(x) for x in item.split(":"))
         plan = predict(world, zero, ep)
-        measured = measure(world, zero, ep)
+        measured, built = measure(world, zero, ep)
         name, _ = plan.largest
         print(f"{f'{world} ranks ZeRO {zero} EP {ep}':<22} {plan.total / 2**20:>14.0f} {measured / 2**20:>13.0f} "
-              f"{(plan.total - measured) / measured:>+7.1%}   {name}", flush=True)
+              f"{(plan.total - measured) / measured:>+7.1%} {built / 2**20:>10.0f} "
+              f"{plan.params.total * 4 / 2**20:>15.0f}   {name}", flush=True)
 
 
 if __name__ == "__main__":

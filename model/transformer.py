@@ -150,6 +150,11 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if not p.is_meta:
                 self.init_parameter(name, p, seed)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The rotary frequencies (in fp32, cast to the buffer's dtype) and the MoE biases and load counts (0)."""
         if not self.inv_freq.is_meta:  # buffers too: materialising a meta build leaves them uninitialised
             self.inv_freq.copy_(rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta))
         for moe in self.moe_layers():

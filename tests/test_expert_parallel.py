@@ -7,6 +7,7 @@ reviews with the trainer's step: loss + aux + MTP backward, optimizer step, load
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -85,6 +86,33 @@ def train_reference(clip: float) -> dict:
             "norms": opt.norms, "model": model}
 
 
+# A dense model of 128 MiB in fp32 and no tensor over 4 MiB: large against the fixed overhead of a build
+BIG = {**CFG, "d_model": 512, "n_layers": 8, "n_heads": 8, "n_kv_heads": 8, "head_dim": 64, "ffn_hidden": 2048,
+       "n_experts": 0, "mtp_layers": 0}
+
+
+def zero3_build_growth(env) -> tuple[int, int]:
+    """(growth of this process's peak resident memory while `build_model` builds BIG at ZeRO 3, BIG's fp32
+    bytes). The peak is reset just before (/proc/self/clear_refs), and large allocations go back to the system
+    when freed (a fixed mmap threshold), so it counts the tensors alive at once, not memory the allocator kept."""
+    import ctypes
+
+    import deepspeed.runtime.zero.partition_parameters  # noqa: F401 (imported before the first reading)
+
+    from ondol.train.engine import build_model
+
+    def status_kib(field: str) -> int:
+        return next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith(field + ":"))
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD: 128 KiB, no longer raised on free
+    torch.distributed.barrier()  # the process group's first collective sets up its connections
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here
+    before = status_kib("VmRSS")
+    model = build_model(RunConfig(seed=0, model=ModelConfig(**BIG), deepspeed=DeepSpeedConfig(zero_stage=3)), env)
+    return (status_kib("VmHWM") - before) * 1024, sum(p.ds_numel for p in model.parameters()) * 4
+
+
 def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -103,9 +131,11 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
         optimizer_param_groups,
         save_expert_shards,
     )
+    from ondol.train.optim import param_groups
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     env = DistEnv(rank, rank, world, torch.device("cpu"), "gloo")
+    z3_build = zero3_build_growth(env)
     whole = dict(Transformer(ModelConfig(**CFG), seed=0).named_parameters())
 
     def init_mismatches(model: torch.nn.Module) -> list[str]:
@@ -120,8 +150,26 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
                     bad.append(n)
         return bad
 
+    def group_mismatches(model: torch.nn.Module) -> list[str]:
+        """Names of parameters the trainer's AdamW groups (decay or not) place differently than for a whole
+        build: a ZeRO-3 partition is an empty 1-D tensor whatever its parameter's shape."""
+        def groups(m):
+            names = {id(p): n for n, p in m.named_parameters()}
+            return {names[id(p)]: g["name"] for g in param_groups(m, 0.1) for p in g["params"]}
+
+        ref = groups(Transformer(ModelConfig(**CFG), seed=0))
+        return [n for n, g in groups(model).items() if ref[n] != g]
+
+    def buffer_mismatches(model: torch.nn.Module) -> list[str]:
+        """Buffers (rotary frequencies, router biases) not in fp32 with a whole build's values: zero.Init creates
+        them in its dtype, bf16 under deepspeed.precision=bf16."""
+        ref = dict(Transformer(ModelConfig(**CFG), seed=0).named_buffers())
+        return [n for n, b in model.named_buffers() if b.dtype != ref[n].dtype or not torch.equal(b, ref[n])]
+
     zero3 = RunConfig(seed=0, model=ModelConfig(**CFG), deepspeed=DeepSpeedConfig(zero_stage=3))
-    init_bad = {"z3": init_mismatches(build_model(zero3, env))}
+    z3_model = build_model(zero3, env)
+    z3_bf16 = build_model(dataclasses.replace(zero3, deepspeed=DeepSpeedConfig(zero_stage=3, precision="bf16")), env)
+    init_bad = {"z3": init_mismatches(z3_model) + group_mismatches(z3_model) + buffer_mismatches(z3_bf16)}
     B = GLOBAL_BATCH // world
     batches = global_batches()[:, rank * B:(rank + 1) * B]
     eval_ids = batches[STEPS, :, :-1]
@@ -178,7 +226,8 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
         # Each rank writes its own file; no collectives after the last engine call.
         torch.save({"losses": losses, "biases": torch.stack([m.expert_bias for m in model.moe_layers()]),
                     "logits": logits, "eval_ids": eval_ids, "resumed_logits": resumed_logits,
-                    "metrics": metrics, "gathered": gathered if rank == 0 else None, "init_bad": init_bad},
+                    "metrics": metrics, "gathered": gathered if rank == 0 else None, "init_bad": init_bad,
+                    "z3_build": z3_build},
                    out_dir / f"rank{rank}.pt")
         dist.barrier()
 
@@ -204,6 +253,7 @@ def runs(tmp_path_factory) -> dict:
         out[name] = {**ranks[0], "biases": torch.stack([r["biases"] for r in ranks]),
                      "init_bad": [b for r in ranks for b in r["init_bad"][name]],
                      "z3_init_bad": [b for r in ranks for b in r["init_bad"]["z3"]],
+                     "z3_build": [r["z3_build"] for r in ranks],
                      "ckpt": root / name / "ckpt" / "final", "shards": root / name / "shards"}
     return out
 
@@ -248,10 +298,22 @@ def test_traffic_metrics(runs, name):
 
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_initial_weights_equal_a_whole_build(runs, name):
-    """Built on the meta device with only this rank's experts materialised (EP 2 and 4, ZeRO 0-2; ZeRO 3 at
-    worlds 2 and 4, read back gathered): every rank's initial weights are the matching slice of one
-    single-process build with the same seed, bit for bit."""
+    """Built on the meta device with only this rank's experts materialised (EP 2 and 4, ZeRO 0-2), or under
+    zero.Init at ZeRO 3 (worlds 2 and 4, read back gathered): every rank's initial weights are the matching slice
+    of one single-process build with the same seed, bit for bit, in the same AdamW (weight-decay) groups."""
     assert runs[name]["init_bad"] == [] and runs[name]["z3_init_bad"] == []
+
+
+@pytest.mark.parametrize("world", sorted({w for w, *_ in SCENARIOS.values()}))
+def test_zero3_build_holds_one_partition_per_rank(runs, world):
+    """ZeRO 3 (the trainer's build_model, as `ondol train` calls it) builds under zero.Init: a rank's peak memory
+    grows by its 1/world share of the fp32 model plus an overhead that does not depend on the world size (18-22
+    MiB measured at worlds 2 and 4, allowed 40: one gathered tensor and its fp32 draw while initialising,
+    DeepSpeed's bookkeeping), never by the whole model (129 MiB here)."""
+    name = next(n for n, (w, *_) in SCENARIOS.items() if w == world)
+    for rank, (growth, full) in enumerate(runs[name]["z3_build"]):
+        assert full >= 128 * 2**20
+        assert growth < full / world + 40 * 2**20, f"rank {rank}: {growth / 2**20:.0f} MiB of {full / 2**20:.0f}"
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

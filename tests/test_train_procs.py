@@ -112,24 +112,33 @@ def test_sigkill_mid_save_and_mid_run_then_resume_is_bit_exact(assets, tmp_path)
     assert [p.name for p in checkpoint.complete_checkpoints(ckpts)] == ["step_00000015", "step_00000016"]
 
 
-@pytest.mark.parametrize("expert_parallel,zero", [(1, 1), (2, 2)])
-def test_two_ranks_match_one_rank_and_resume_on_one_rank(assets, tmp_path, expert_parallel, zero):
+RESHARD_STEPS = ("train.steps=10", "train.save_every=4", "train.eval_every=5")
+
+
+@pytest.fixture(scope="module")
+def one_rank_losses(assets, tmp_path_factory) -> list[float]:
+    return run_losses(tmp_path_factory.mktemp("one_rank"), assets, *RESHARD_STEPS)
+
+
+@pytest.mark.parametrize("expert_parallel,zero,resume_zero", [(2, 2, 2), (1, 1, 3), (1, 3, 1)])
+def test_two_ranks_match_one_rank_and_resume_on_one_rank(assets, one_rank_losses, tmp_path, expert_parallel, zero,
+                                                         resume_zero):
     """Global batch 4 as 2 ranks x 2 or 1 rank x 4: the same losses (with expert_parallel=2 each rank holds half
-    of the experts). A 2-rank run killed after its step-4 checkpoint resumes on 1 rank (EP 1, the same ZeRO
-    stage), resharded from the per-rank weight and Adam shards, and ends with the 1-rank run's losses."""
-    steps = ("train.steps=10", "train.save_every=4", "train.eval_every=5")
-    reference = run_losses(tmp_path / "ref", assets, *steps)
+    of the experts; at ZeRO 3 each holds half of every parameter from the build on). A 2-rank run killed after
+    its step-4 checkpoint resumes on 1 rank (EP 1; ZeRO 1 and 3 into each other), resharded from the per-rank
+    weight and Adam shards, and ends with the 1-rank run's losses."""
+    reference = one_rank_losses
     run = tmp_path / "run"
-    code = _launch(tmp_path, run, assets, "step:6", *steps, "train.micro_batch_size=2",
+    code = _launch(tmp_path, run, assets, "step:6", *RESHARD_STEPS, "train.micro_batch_size=2",
                    f"deepspeed.expert_parallel_size={expert_parallel}", f"deepspeed.zero_stage={zero}", ranks=2)
     assert code != 0
     two_ranks = _losses(run)
     assert len(two_ranks) == 5  # steps 1..5 logged before the kill after step 6
     assert two_ranks == pytest.approx(reference[:5], rel=1e-5)
     saved = checkpoint.read_meta(checkpoint.latest_checkpoint(run / "checkpoints"))
-    assert (saved["world_size"], saved["expert_parallel_size"]) == (2, expert_parallel)
+    assert (saved["world_size"], saved["expert_parallel_size"], saved["zero_stage"]) == (2, expert_parallel, zero)
 
-    assert _launch(tmp_path, run, assets, "none", *steps, f"deepspeed.zero_stage={zero}") == 0
+    assert _launch(tmp_path, run, assets, "none", *RESHARD_STEPS, f"deepspeed.zero_stage={resume_zero}") == 0
     assert _losses(run) == pytest.approx(reference, rel=1e-5)
 
 

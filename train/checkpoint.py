@@ -204,8 +204,7 @@ def check_compatible(folder: Path, meta: dict) -> None:
                       ("seq_len", "data.seq_len")):
         if saved.get(key) != meta.get(key):
             changed.append(f"{what}: {saved.get(key)!r} -> {meta.get(key)!r}")
-    reshardable = (saved.get("zero_stage") in (0, 1, 2) and meta.get("zero_stage") in (0, 1, 2)
-                   and (folder / CLIENT_STATE).is_file())  # stages 0-2 from per-rank shards (state_shards)
+    reshardable = (folder / CLIENT_STATE).is_file()  # any stage from the per-rank shards (state_shards)
     for key in ("zero_stage", "expert_parallel_size"):  # both decide how optimizer state is laid out
         if saved.get(key, 1 if key == "expert_parallel_size" else None) != meta.get(key) and not reshardable:
             changed.append(f"deepspeed.{key}: {saved.get(key)} -> {meta.get(key)}")
@@ -230,8 +229,8 @@ def load(engine, folder: Path, rank: int, seed: int) -> dict:
 
 
 def load_resharded(engine, folder: Path, rank: int, seed: int) -> dict:
-    """Like `load`, for a checkpoint written on another layout (ZeRO 0-2): weights, fp32 master partitions and
-    Adam state from the per-rank shards, each rank reading only its own rows; returns the client state."""
+    """Like `load`, for a checkpoint written on another layout (any ZeRO stage): weights, fp32 master partitions
+    and Adam state from the per-rank shards, each rank reading only its own rows; returns the client state."""
     client_state = torch.load(folder / CLIENT_STATE, weights_only=True)
     applied = int(client_state["step"]) - int(client_state["nonfinite"]["total"])  # skipped steps: no Adam step
     state_shards.load(engine, engine.client_optimizer, folder, applied)

@@ -95,20 +95,51 @@ def build_model(cfg: RunConfig, env: DistEnv):
 
     Built on the meta device (no memory), experts sharded over their expert-parallel group while still on
     meta, then this rank's tensors allocated and initialised: its E / expert_parallel_size experts per MoE layer
-    and the dense parameters (at ZeRO 3 DeepSpeed partitions those at initialize; building them under
-    deepspeed.zero.Init instead moved ZeRO-3 losses 2e-5 away from ZeRO 0's within 8 steps, not yet explained).
-    The initial values are the same for every layout (Transformer.init_parameter seeds each tensor, and each
-    expert, from cfg.seed and its name), so expert-parallel sizes and ZeRO stages all start from the same
-    weights."""
+    and the dense parameters. At ZeRO 3 the model is built under DeepSpeed's zero.Init instead (see
+    `_build_partitioned`), so no rank ever holds more than its partition plus one gathered tensor. The initial
+    values are the same for every layout (Transformer.init_parameter seeds each tensor, and each expert, from
+    cfg.seed and its name), so expert-parallel sizes and ZeRO stages all start from the same weights."""
     from ondol.model.transformer import Transformer
     from ondol.train import expert_parallel
 
     ds = cfg.deepspeed
+    if ds.zero_stage == 3:
+        return _build_partitioned(cfg, env)
     with torch.device("meta"):
         model = Transformer(cfg.model, seed=cfg.seed)
     expert_parallel.apply_expert_parallel(model, ds.expert_parallel_size, ds.zero_stage)
     _materialize(model, env.device)
     model.reset_parameters(cfg.seed)
+    return model
+
+
+def _build_partitioned(cfg: RunConfig, env: DistEnv):
+    """ZeRO 3: every parameter partitioned over the ranks as soon as its module exists (deepspeed.zero.Init),
+    then initialised one gathered parameter at a time, drawn in fp32 on rank 0 exactly as a whole build draws it
+    and cast to the partition's dtype. zero.Init creates floating buffers in that dtype too (bf16 under
+    deepspeed.precision=bf16) where DeepSpeed leaves every other layout's in fp32 (it casts parameters only), so
+    they are made fp32 again and recomputed."""
+    import deepspeed
+
+    from ondol.model.transformer import Transformer
+    from ondol.train import expert_parallel
+
+    ds = cfg.deepspeed
+    expert_parallel.check_expert_parallel(ds.expert_parallel_size, cfg.model.n_experts, env.world_size, 3)
+    # dtype from the DeepSpeed config: zero.Init's own dtype argument falls back to bf16 on CPU
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, env.world_size)):
+        model = Transformer(cfg.model, seed=cfg.seed)  # its own init sees empty partitions: the loop below draws
+    for name, p in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            if env.rank == 0:
+                full = torch.empty(p.shape, dtype=torch.float32, device=p.device)
+                model.init_parameter(name, full, cfg.seed)
+                p.copy_(full)
+    for module in model.modules():
+        for key, b in module._buffers.items():
+            if b is not None and b.is_floating_point():
+                module._buffers[key] = b.float()
+    model.reset_buffers()
     return model
 
 

@@ -15,14 +15,15 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matmul weights (decayed) and everything else (not decayed), in module order."""
+    """Two AdamW groups: matmul weights (decayed) and everything else (not decayed), in module order. A ZeRO-3
+    parameter built under zero.Init holds an empty 1-D partition; its true shape is `ds_shape`."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+        (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 and id(p) not in embeddings else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
 

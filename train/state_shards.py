@@ -1,6 +1,6 @@
 """The fp32 weights (and Adam state) as per-rank safetensors shards, written by every rank for what it owns and
 read back into any layout: the final weights (RUN_DIR/model), and the part of a checkpoint that lets a run resume
-on another world size, expert-parallel size or ZeRO stage 0-2.
+on another world size, expert-parallel size or ZeRO stage.
 
 Who writes what: a layer's experts are written by the ranks of the first expert-data-parallel replica (ranks
 0..ep-1: DeepSpeed's expert-parallel groups are consecutive ranks), each its own slice; every other tensor (dense
@@ -153,24 +153,28 @@ def has_shards(folder: Path) -> bool:
 @torch.no_grad()
 def load(engine, optimizer, folder: Path, adam_steps: int) -> None:
     """Set this rank's weights, fp32 master partitions and Adam state (moments, and `adam_steps` applied updates)
-    from shards written at any world size, expert-parallel size and ZeRO stage 0-2. No collective."""
+    from shards written at any world size, expert-parallel size and ZeRO stage. No collective, except at ZeRO 3:
+    one broadcast per parameter, whose module partition is re-split from the whole value."""
+    from deepspeed import zero
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     module = engine.module
     weights = tensor_index(folder)
     moments = tensor_index(folder, OPTIM_INDEX, OPTIM_SINGLE)
-    partitioned = engine.optimizer is not optimizer  # ZeRO 1/2 or bf16: DeepSpeed's fp32 partitions
-    for group in optimizer.param_groups:  # Adam state as after `adam_steps` updates, moments set below
-        for p in group["params"]:
-            optimizer.state[p] = {"step": torch.tensor(float(adam_steps)), "exp_avg": torch.zeros_like(p),
-                                  "exp_avg_sq": torch.zeros_like(p)}
+    partitioned = engine.optimizer is not optimizer  # ZeRO 1-3 or bf16: DeepSpeed's fp32 partitions
+    # Adam state as after `adam_steps` updates, moments set below; ZeRO 3 keeps it on its flat fp32 partitions
+    zero3_flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    for p in zero3_flat or [p for group in optimizer.param_groups for p in group["params"]]:
+        optimizer.state[p] = {"step": torch.tensor(float(adam_steps)), "exp_avg": torch.zeros_like(p),
+                              "exp_avg_sq": torch.zeros_like(p)}
     if partitioned:
         _link_moments(engine)
     slices = _expert_slices(module)
     for name, t, is_param in _tensors(module):
         rows = (slices[name][0], slices[name][0] + slices[name][1]) if name in slices else None
         value = read_tensor(folder, weights[name], name, rows)
-        t.data.copy_(value.to(t.dtype))
+        with zero.GatheredParameters([t], modifier_rank=0, enabled=hasattr(t, "ds_id")):
+            t.data.copy_(value.to(t.dtype))
         if not is_param:
             continue
         safe_set_full_fp32_param(t, value)
