@@ -70,6 +70,8 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         impl = self.dispatch if self.dispatch != "auto" else auto_dispatch(x, counts.numel())
+        if impl == "loop" and torch.compiler.is_compiling():  # the loop's shapes depend on the routing
+            impl = "gather"
         return {"grouped_mm": self._grouped_mm, "loop": self._loop, "bmm_padded": self._bmm_padded,
                 "gather": self._gather}[impl](x, counts)
 
@@ -136,8 +138,6 @@ def auto_dispatch(x: torch.Tensor, n_experts: int = 0) -> str:
             and torch.cuda.get_device_capability(x.device)[0] >= 9):
         return "grouped_mm"
     decoding = not torch.is_grad_enabled() and x.shape[0] <= n_experts
-    if decoding and torch.compiler.is_compiling():  # compiled decoding (generate compile=True): fixed shapes
-        return "gather"
     return "loop" if decoding else "bmm_padded"
 
 
