@@ -118,3 +118,4 @@ class GenerateConfig:
     temperature: float = 0.0  # 0: greedy
     top_k: int = 0
     speculative: bool = False  # greedy only: draft with the model's MTP depth 1 and verify (same output, faster)
+    compile: bool = False  # torch.compile the one-token decoding step (first call compiles; faster for long outputs)

@@ -62,6 +62,7 @@ def continue_prompt(cfg: RunConfig, prompt: str | None = None) -> tuple[str, str
         eos_id=tokenizer.eos_id,
         min_new_tokens=cfg.generate.min_new_tokens,
         speculative=cfg.generate.speculative,
+        compile=cfg.generate.compile,
     )
     return prompt, tokenizer.decode(ids)
 

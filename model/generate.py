@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ondol.model.kv_cache import StaticKVCache
 from ondol.model.transformer import Transformer
 
 
@@ -45,10 +46,12 @@ class Picker:
 def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, eos_id: int | None = None, generator: torch.Generator | None = None,
              min_new_tokens: int = 0, use_cache: bool = True, speculative: bool = False,
-             stats: dict | None = None) -> list[int]:
+             compile: bool = False, stats: dict | None = None) -> list[int]:
     """The new token ids (prompt excluded), stopping after eos_id when given. temperature 0 = greedy.
     eos cannot be chosen before min_new_tokens tokens (a small model often ends a prompt at once).
     use_cache=False recomputes the whole context for every token (the reference the cache is tested against).
+    compile=True decodes with a fixed-shape cache and one torch.compile'd graph per model for the one-token step
+    (the first call compiles: tens of seconds on CPU); the tokens are those of the eager cache.
     `stats`, when given, receives the main-model forward count and, when speculative, drafted/accepted counts."""
     if not prompt_ids:
         raise ValueError("generate: prompt_ids is empty; start from at least one token (e.g. the bos id)")
@@ -65,6 +68,8 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, tem
             return []
         if speculative and len(prompt_ids) + max_new_tokens + 1 <= model.cfg.max_seq_len:
             return _speculative(model, list(prompt_ids), max_new_tokens, pick, stats)
+        if compile and use_cache and len(prompt_ids) + max_new_tokens <= model.cfg.max_seq_len:
+            return _compiled_sample(model, list(prompt_ids), max_new_tokens, pick, stats)
         return _sample(model, list(prompt_ids), max_new_tokens, pick, use_cache, stats)
     finally:
         model.train(was_training)
@@ -88,6 +93,28 @@ def _sample(model: Transformer, ids: list[int], max_new_tokens: int, pick: Picke
         ids.append(new[-1])
         if pick.done(new, max_new_tokens):
             return new
+
+
+def _decode_step(model: Transformer, token: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    return model(token, cache=cache).logits[0, -1]
+
+
+_compiled_decode_step = torch.compile(_decode_step, fullgraph=True, dynamic=False)
+
+
+def _compiled_sample(model: Transformer, ids: list[int], max_new_tokens: int, pick: Picker, stats: dict
+                     ) -> list[int]:
+    """Cached sampling whose one-token steps run compiled over a StaticKVCache (the prompt runs eagerly)."""
+    device = next(model.parameters()).device
+    cache = model.new_static_cache(next(model.parameters()).dtype)
+    logits = model(torch.tensor([ids], device=device), cache=cache).logits[0, -1]
+    new = []
+    while True:
+        stats["forwards"] += 1
+        new.append(pick(logits, len(new)))
+        if pick.done(new, max_new_tokens):
+            return new
+        logits = _compiled_decode_step(model, torch.tensor([new[-1:]], device=device), cache)
 
 
 def _speculative(model: Transformer, ids: list[int], max_new_tokens: int, pick: Picker, stats: dict

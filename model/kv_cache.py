@@ -57,7 +57,63 @@ class KVCache:
         self.layers = [LayerCache(w, slack) for w in windows]
         self.length = 0
 
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        """The absolute positions [T] of T new tokens."""
+        return torch.arange(self.length, self.length + T, device=device)
+
+    def advance(self, T: int) -> None:
+        self.length += T
+
     def crop(self, n: int) -> None:
         for layer in self.layers:
             layer.crop(n)
         self.length -= n
+
+
+class StaticLayerCache:
+    """A LayerCache of fixed shape for compiled decoding: a buffer of `size` slots (the window for a
+    sliding-window layer, used as a ring; max_seq_len for a global one), each slot's absolute position in
+    `slot_pos` (-1: empty), positions written in place. The new keys are attended together with the buffer
+    before they are written, so a chunk longer than the ring (the prompt) still sees its own window."""
+
+    def __init__(self, window: int | None, size: int, position: torch.Tensor, shape: tuple[int, int, int],
+                 dtype: torch.dtype) -> None:
+        B, H, D = shape
+        self.window = window
+        self.position = position  # the model cache's next position [1], shared by its layers
+        self.k = torch.zeros(B, H, size, D, dtype=dtype, device=position.device)
+        self.v = torch.zeros_like(self.k)
+        self.slot_pos = torch.full((size,), -1, dtype=torch.long, device=position.device)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        T, size = k.shape[2], self.slot_pos.shape[0]
+        q_pos = self.position + torch.arange(T, device=k.device)
+        keys, values = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        k_pos = torch.cat([self.slot_pos, q_pos])
+        diff = q_pos[:, None] - k_pos[None, :]
+        mask = (diff >= 0) & (k_pos >= 0)[None, :]
+        if self.window is not None:
+            mask = mask & (diff < self.window)
+        last = min(T, size)  # positions the buffer keeps; distinct slots, so the writes do not collide
+        slots = q_pos[-last:] % size
+        self.k.index_copy_(2, slots, k[:, :, -last:])
+        self.v.index_copy_(2, slots, v[:, :, -last:])
+        self.slot_pos.index_copy_(0, slots, q_pos[-last:])
+        return keys, values, mask[None, None]
+
+
+class StaticKVCache:
+    """KVCache with fixed-shape buffers and the position as a tensor, so that one compiled graph serves every
+    decoding step (model/generate.py, `compile=True`). Holds at most `max_len` positions."""
+
+    def __init__(self, windows: list[int | None], max_len: int, shape: tuple[int, int, int], dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.layers = [StaticLayerCache(w, max_len if w is None else w, self.position, shape, dtype)
+                       for w in windows]
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        return self.position + torch.arange(T, device=self.position.device)
+
+    def advance(self, T: int) -> None:
+        self.position += T

@@ -70,7 +70,10 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         impl = self.dispatch if self.dispatch != "auto" else auto_dispatch(x, counts.numel())
-        return {"grouped_mm": self._grouped_mm, "loop": self._loop, "bmm_padded": self._bmm_padded}[impl](x, counts)
+        if impl == "loop" and torch.compiler.is_compiling():  # the loop's shapes depend on the routing
+            impl = "gather"
+        return {"grouped_mm": self._grouped_mm, "loop": self._loop, "bmm_padded": self._bmm_padded,
+                "gather": self._gather}[impl](x, counts)
 
     @staticmethod
     def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -87,6 +90,14 @@ class GroupedExperts(nn.Module):
         experts = zip(self.gate_up_proj.unbind(0), self.down_proj.unbind(0), x.split(counts.tolist()))
         outs = [F.linear(self._swiglu(F.linear(xe, w1)), w2) for w1, w2, xe in experts if xe.shape[0]]
         return torch.cat(outs) if outs else x.new_zeros(0, self.down_proj.shape[1])
+
+    def _gather(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Each row through its own expert's gathered weights: fixed shapes, so one compiled graph serves every
+        decoding step, touching only the chosen experts (the loop's shapes depend on the routing)."""
+        expert_of = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts,
+                                            output_size=x.shape[0])
+        h = torch.bmm(self.gate_up_proj[expert_of], x.unsqueeze(-1)).squeeze(-1)
+        return torch.bmm(self.down_proj[expert_of], self._swiglu(h).unsqueeze(-1)).squeeze(-1)
 
     def _bmm_padded(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Pad every group to the largest one and run one batched matmul per projection.

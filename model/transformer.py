@@ -15,7 +15,7 @@ from torch import nn
 
 from ondol.model.attention_backends import MaskSpec, SDPABackend, select_backend
 from ondol.model.config import ModelConfig
-from ondol.model.kv_cache import KVCache, LayerCache
+from ondol.model.kv_cache import KVCache, LayerCache, StaticKVCache
 from ondol.model.layers import RMSNorm, SwiGLU, apply_rope, document_positions, rope_cos_sin, rope_inv_freq
 from ondol.model.loss import lm_loss
 from ondol.model.moe import GroupedExperts, MoE
@@ -205,11 +205,17 @@ class Transformer(nn.Module):
         return (KVCache([window(k) for k in self.cfg.layer_kinds], slack),
                 KVCache([window(k) for k in self.cfg.mtp_kinds], slack))
 
+    def new_static_cache(self, dtype: torch.dtype = torch.float32) -> StaticKVCache:
+        """An empty fixed-shape KV cache of the main layers for up to model.max_seq_len positions (batch 1)."""
+        window = lambda kind: self.cfg.window if kind == "L" else None
+        return StaticKVCache([window(k) for k in self.cfg.layer_kinds], self.cfg.max_seq_len,
+                             (1, self.cfg.n_kv_heads, self.cfg.head_dim), dtype, self.inv_freq.device)
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                doc_ids: torch.Tensor | None = None, cache: KVCache | None = None, loss_chunk: int = 0,
+                doc_ids: torch.Tensor | None = None, cache: KVCache | StaticKVCache | None = None, loss_chunk: int = 0,
                 compile_loss: bool = False) -> ModelOutput:
-        """Logits and losses for input_ids [B, T]. With `cache`, input_ids continue the positions the cache
-        holds (generation: no labels, no document ids) and the cache is extended by them. With labels and
+        """Logits and losses for input_ids [B, T]. With `cache` (KVCache or StaticKVCache), input_ids continue the
+        positions the cache holds (generation: no labels, no document ids) and the cache is extended by them. With labels and
         `loss_chunk` > 0 the loss runs over that many tokens at a time and logits is None (model/loss.py);
         `compile_loss` compiles the loss (train.compile)."""
         cfg = self.cfg
@@ -218,7 +224,7 @@ class Transformer(nn.Module):
         backend = self.backend(x.device, x.dtype)
         docs = doc_ids if cfg.document_masking else None
         if cache is not None:
-            masks, positions = CACHED_MASKS, torch.arange(cache.length, cache.length + T, device=x.device)[None]
+            masks, positions = CACHED_MASKS, cache.positions(T, x.device)[None]
         else:
             masks = {kind: backend.prepare(MaskSpec(T, cfg.window if kind == "L" else None, docs), x.device)
                      for kind in set(cfg.layer_kinds + cfg.mtp_kinds)}
@@ -236,7 +242,7 @@ class Transformer(nn.Module):
                 aux_loss = aux_loss + stats.pop("aux_loss")
                 moe_stats.append(stats)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         loss, logits = lm_loss(self.norm(x), self.lm_head, labels, loss_chunk, compile_loss)
         metrics = {f"moe/{k}": torch.stack([s[k] for s in moe_stats]).mean() for k in (moe_stats[0] if moe_stats
                                                                                           else {})}

@@ -86,6 +86,20 @@ def test_cached_generation_equals_uncached_on_korean_prompts(trained):
     assert kept == [WINDOW - 1 if kind == "L" else ids.shape[1] for kind in model.cfg.layer_kinds]
 
 
+def test_static_cache_and_compiled_decoding_equal_the_eager_cache(trained):
+    model = trained["model"]
+    ids = torch.tensor([trained["prompts"][0] + generate(model, trained["prompts"][0], 40)])
+    cache = model.new_static_cache()  # a 20-token prompt (longer than the window's ring), then one at a time
+    with torch.no_grad():
+        steps = [model(ids[:, :20], cache=cache).logits] + [model(ids[:, i:i + 1], cache=cache).logits
+                                                            for i in range(20, ids.shape[1])]
+        torch.testing.assert_close(torch.cat(steps, 1), model(ids).logits, atol=1e-5, rtol=1e-5)
+    assert [layer.k.shape[2] for layer in cache.layers] == [
+        WINDOW if kind == "L" else model.cfg.max_seq_len for kind in model.cfg.layer_kinds]
+    for prompt in trained["prompts"]:
+        assert generate(model, prompt, 48, compile=True) == generate(model, prompt, 48)
+
+
 def test_cache_past_max_seq_len_matches_the_cropped_context(trained):
     model = trained["model"]
     model.cfg.max_seq_len = 24  # the rollout outgrows it: the context becomes the last 24 tokens
