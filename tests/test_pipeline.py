@@ -49,12 +49,11 @@ def test_run_writes_everything_into_the_run_directory(tiny_run):
     assert not (ROOT / "runs" / "tiny-ko").exists() or (ROOT / "runs" / "tiny-ko") != run_dir
 
 
-def test_deepspeed_import_and_op_build_output_stay_off_the_console(tiny_run):
+def test_deepspeed_output_stays_off_the_console_and_no_op_is_built(tiny_run):
     run_dir, result = tiny_run
     assert "DeepSpeed" not in result.stdout + result.stderr and "[WARNING]" not in result.stdout
-    # the CPU shared-memory op DeepSpeed builds when the process group starts: logged in the run directory
-    assert "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" in (
-        run_dir / "logs" / "deepspeed-rank0.log").read_text()
+    # DeepSpeed's op probe writes into the run directory; the CPU shared-memory op (inference only) is not built
+    assert "built successfully" not in (run_dir / "logs" / "deepspeed-rank0.log").read_text()
 
 
 def test_version_names_ondol_torch_and_deepspeed():
