@@ -199,16 +199,17 @@ class Transformer(nn.Module):
             self._backends[key] = select_backend(self.cfg.attn_backend, device, dtype)
         return self._backends[key]
 
+    def _windows(self, kinds: list[str]) -> list[int | None]:
+        """Each layer's attention window: cfg.window for a sliding-window layer ("L"), None for a global one."""
+        return [self.cfg.window if kind == "L" else None for kind in kinds]
+
     def new_cache(self, slack: int = 0) -> tuple[KVCache, KVCache]:
         """Empty KV caches for the main layers and the MTP blocks (see model/kv_cache.py for `slack`)."""
-        window = lambda kind: self.cfg.window if kind == "L" else None
-        return (KVCache([window(k) for k in self.cfg.layer_kinds], slack),
-                KVCache([window(k) for k in self.cfg.mtp_kinds], slack))
+        return KVCache(self._windows(self.cfg.layer_kinds), slack), KVCache(self._windows(self.cfg.mtp_kinds), slack)
 
     def new_static_cache(self, dtype: torch.dtype = torch.float32) -> StaticKVCache:
         """An empty fixed-shape KV cache of the main layers for up to model.max_seq_len positions (batch 1)."""
-        window = lambda kind: self.cfg.window if kind == "L" else None
-        return StaticKVCache([window(k) for k in self.cfg.layer_kinds], self.cfg.max_seq_len,
+        return StaticKVCache(self._windows(self.cfg.layer_kinds), self.cfg.max_seq_len,
                              (1, self.cfg.n_kv_heads, self.cfg.head_dim), dtype, self.inv_freq.device)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
