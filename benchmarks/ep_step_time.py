@@ -39,12 +39,14 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
 
     from ondol.model.config import load_preset
     from ondol.model.transformer import Transformer
+    from ondol.train.engine import skip_shared_memory_op
     from ondol.train.expert_parallel import (
         apply_expert_parallel,
         expert_parallel_metrics,
         optimizer_param_groups,
     )
 
+    skip_shared_memory_op()  # as ondol train does on CPU: no op build, no build lock
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     cfg = load_preset(args.preset, **{**overrides, "vocab_size": 256})

@@ -122,7 +122,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
     from deepspeed.utils import safe_get_full_fp32_param
 
     from ondol.train import state_shards
-    from ondol.train.engine import DistEnv, build_model
+    from ondol.train.engine import DistEnv, build_model, skip_shared_memory_op
     from ondol.train.expert_parallel import (
         checkpoint_load_fn,
         clip_grad_norm_,
@@ -133,6 +133,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
     )
     from ondol.train.optim import param_groups
 
+    skip_shared_memory_op()  # as ondol train does on CPU: no op build, no build lock
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     env = DistEnv(rank, rank, world, torch.device("cpu"), "gloo")
     z3_build = zero3_build_growth(env)

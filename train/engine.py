@@ -59,12 +59,12 @@ def init_distributed(cfg: RunConfig) -> DistEnv:
     if not dist.is_initialized():  # DeepSpeed's op-probe output goes to RUN_DIR/logs, not the console
         with build_output_to(Path(cfg.run_dir) / "logs" / f"deepspeed-rank{os.environ['RANK']}.log"):
             if not cuda:
-                _skip_shared_memory_op()
+                skip_shared_memory_op()
             deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=cfg.deepspeed.timeout_minutes))
     return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
 
 
-def _skip_shared_memory_op() -> None:
+def skip_shared_memory_op() -> None:
     """Keep DeepSpeed from JIT-building its CPU shared-memory all-reduce op at init_distributed. It serves only
     DeepSpeed's inference engine (inference_all_reduce), never training, and its build runs under a file lock in
     ~/.cache/torch_extensions: ~30 s on a machine's first run, again whenever the compile flags differ (a Slurm
