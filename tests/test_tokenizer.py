@@ -196,6 +196,12 @@ def test_config_errors_name_the_key():
         TokenizerConfig(normalization="nfkc")
     with pytest.raises(ValueError, match="tokenizer.model_type"):
         TokenizerConfig(model_type="wordpiece")
+    with pytest.raises(ValueError, match="tokenizer.superword_share must lie"):
+        TokenizerConfig(superword_share=0.6)
+    with pytest.raises(ValueError, match="tokenizer.superword_share needs model_type: bpe"):
+        TokenizerConfig(superword_share=0.2, model_type="unigram")
+    with pytest.raises(ValueError, match="less the superword share is too small"):
+        TokenizerConfig(vocab_size=4096, superword_share=0.5)
 
 
 def test_hf_export_gives_identical_ids(tok, tmp_path):
@@ -353,3 +359,60 @@ def test_a_trainer_abort_is_a_one_line_error(tmp_path, monkeypatch, capsys):
     assert main(["tokenizer", "train", str(config)]) == 4
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the sampling progress lines
     assert last.startswith("ondol: tokenizer error: tokenizer: SentencePiece") and last.endswith("[freq > 0])")
+
+
+@pytest.fixture(scope="module")
+def superword_tok(tmp_path_factory) -> Tokenizer:
+    return train_tokenizer(small_config(superword_share=0.2), SOURCES, tmp_path_factory.mktemp("superword"), 7)
+
+
+def subword_phase(tok: Tokenizer):
+    """The first phase alone: the model without the pieces the superword phase appended, and their first id."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb
+
+    first = tok.vocab_size - TokenizerConfig(**tok.meta["config"] | {"sources": []}).superword_pieces()
+    proto = sp_pb.ModelProto()
+    proto.ParseFromString(tok.sentencepiece.serialized_model_proto())
+    del proto.pieces[first:]
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString()), first
+
+
+def two_phase_reference(subword, vocab: dict[str, int], text: str) -> list[int]:
+    """SuperBPE's encoding written out: the subword phase's tokens, then, while any adjacent pair joins into a
+    piece, the pair whose piece ranks first (lowest id; the leftmost on a tie) is merged."""
+    pieces = subword.encode(text, out_type=str)
+    while True:
+        ranked = [(vocab[a + b], k) for k, (a, b) in enumerate(zip(pieces, pieces[1:])) if a + b in vocab]
+        if not ranked:
+            return [vocab[p] if p in vocab else subword.piece_to_id(p) for p in pieces]
+        _, k = min(ranked)
+        pieces[k : k + 2] = [pieces[k] + pieces[k + 1]]
+
+
+def test_superword_phase_encodes_as_subwords_then_superword_merges(superword_tok):
+    subword, first = subword_phase(superword_tok)
+    sp = superword_tok.sentencepiece
+    normal = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if not (sp.is_control(i) or sp.is_byte(i)
+                                                                                or sp.is_unknown(i))}
+    texts = (corpus_texts("ko_reviews", 300, skip=150_000) + corpus_texts("ko_law", 20, skip=9000)
+             + [t[:3000] for t in corpus_texts("code_python", 10, skip=600)])
+    for text in texts:
+        assert superword_tok.encode(text) == two_phase_reference(subword, normal, text), text
+    # The first phase's pieces stay within words; the second phase's cross spaces, never joining digits.
+    pieces = [superword_tok.id_to_token(i) for i in range(superword_tok.vocab_size)]
+    assert not any("\u2581" in p.lstrip("\u2581") for p in pieces[:first])
+    crossing = [p for p in pieces[first:] if "\u2581" in p.strip("\u2581")]  # '할▁수▁있는', not '의▁'
+    assert len(crossing) >= 50 and "할▁수▁있는" in crossing
+    assert not any(c.isdigit() for p in pieces[first:] for c in p)
+
+
+def test_superword_phase_is_lossless_exported_and_shorter_than_subwords(superword_tok, tmp_path):
+    check_corpus(superword_tok, {"held_out": held_out_texts()})
+    # Same inputs, same model: the second phase (HF tokenizers' trainer) is deterministic too.
+    again = train_tokenizer(small_config(superword_share=0.2), SOURCES, tmp_path / "again", 7)
+    assert again.fingerprint == superword_tok.fingerprint
+    subwords = train_tokenizer(small_config(split_by_whitespace=True), SOURCES, tmp_path / "subword", 7)
+    texts = held_out_texts()
+    assert subwords.vocab_size == superword_tok.vocab_size
+    assert sum(map(len, superword_tok.encode_batch(texts))) < 0.99 * sum(map(len, subwords.encode_batch(texts)))

@@ -36,6 +36,9 @@ class TokenizerConfig:
     split_digits: bool = True  # every digit its own piece (numbers read digit by digit)
     split_by_script: bool = False  # True: no piece mixes scripts (no '다.' or '요!'); measured worse
     split_by_whitespace: bool = False  # True: no piece crosses a space (no '▁수▁있다'); measured worse
+    # Share of the vocabulary learned by a second BPE phase whose pieces may cross spaces (SuperBPE), after a
+    # first phase of pieces within words (whatever split_by_whitespace says); 0: one phase. BPE only.
+    superword_share: float = 0.0
     holdout_fraction: float = 0.0  # documents kept out of training (by text hash) for `ondol tokenizer eval`
     unk_token: str = "<|unk|>"
     bos_token: str = "<|bos|>"
@@ -61,15 +64,20 @@ class TokenizerConfig:
             )
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError("tokenizer.holdout_fraction must lie in [0, 1)")
+        if not 0.0 <= self.superword_share <= 0.5:
+            raise ValueError("tokenizer.superword_share must lie in [0, 0.5] (0: no superword phase)")
+        if self.superword_share and (self.model_type != "bpe" or self.split_by_script):
+            raise ValueError("tokenizer.superword_share needs model_type: bpe and split_by_script: false")
         if self.reserved_special_tokens < 0:
             raise ValueError("tokenizer.reserved_special_tokens must be >= 0")
         names = self.all_special_tokens()
         if len(set(names)) != len(names):
             raise ValueError(f"tokenizer.special_tokens repeat a name: {names}")
         floor = 256 + len(names) + 512 + (self.required_hangul() if self.hangul_coverage else 0)
-        if self.vocab_size < floor:
+        if self.subword_vocab_size() < floor:
             raise ValueError(
-                f"tokenizer.vocab_size {self.vocab_size} is too small: bytes, special tokens"
+                f"tokenizer.vocab_size {self.vocab_size}{' less the superword share' if self.superword_share else ''}"
+                f" is too small: bytes, special tokens"
                 f"{' and hangul_coverage' if self.hangul_coverage else ''} need at least {floor}"
                 f"{' (or set tokenizer.hangul_coverage=false)' if self.hangul_coverage else ''}"
             )
@@ -77,6 +85,14 @@ class TokenizerConfig:
     def rounded_vocab_size(self) -> int:
         """The vocabulary size actually trained: vocab_size rounded up to a multiple of 128."""
         return -(-self.vocab_size // 128) * 128
+
+    def superword_pieces(self) -> int:
+        """Pieces the superword phase adds after the subword phase."""
+        return int(self.superword_share * self.rounded_vocab_size())
+
+    def subword_vocab_size(self) -> int:
+        """The first (subword) phase's vocabulary: all of it without a superword phase."""
+        return self.rounded_vocab_size() - self.superword_pieces()
 
     def all_special_tokens(self) -> list[str]:
         """unk, bos, eos, pad, then the declared tokens, then the reserved slots, in id order."""

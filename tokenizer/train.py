@@ -33,6 +33,7 @@ from ondol.tokenizer.config import TokenizerConfig
 from ondol.tokenizer.hf_export import write_hf_files
 from ondol.tokenizer.korean import compatibility_jamo, conjoining_jamo, hangul_syllables, pretokenize
 from ondol.tokenizer.sample import mix, nfc, sample_source
+from ondol.tokenizer.superword import append_pieces, learn_superwords
 from ondol.tokenizer.tokenizer import META_FILE, MODEL_FILE, Tokenizer, fingerprint
 
 CUT = "\u241f"  # marks pre-tokenization cuts in training sentences; SentencePiece cuts there and drops it
@@ -71,7 +72,9 @@ def train_tokenizer(
     sentences, stats = training_sentences(cfg, sources, seed)
     console.print(
         f"tokenizer: training SentencePiece {cfg.model_type} on {len(sentences):,} sentences "
-        f"({sum(map(len, sentences)):,} chars), vocab {cfg.rounded_vocab_size():,} ..."
+        f"({sum(map(len, sentences)):,} chars), vocab {cfg.rounded_vocab_size():,}"
+        + (f" ({cfg.subword_vocab_size():,} subword pieces, then {cfg.superword_pieces():,} superword pieces)"
+           if cfg.superword_pieces() else "") + " ..."
     )
     model_proto = _train_sentencepiece(cfg, sentences, seed)
     seconds = time.perf_counter() - started
@@ -184,9 +187,10 @@ def _train_sentencepiece(cfg: TokenizerConfig, sentences: list[str], seed: int) 
     sentences, dropped = drop_rare_chars(sentences, cfg.character_coverage, required)
     console.print(f"tokenizer: {dropped:,} rare characters left to byte fallback")
     special = cfg.all_special_tokens()
+    superwords = cfg.superword_pieces()
     options = {
         "model_type": cfg.model_type,
-        "vocab_size": cfg.rounded_vocab_size(),
+        "vocab_size": cfg.subword_vocab_size(),
         # lossless: SentencePiece changes nothing; Ondol applies the declared normalization itself
         "normalization_rule_name": "identity",
         "remove_extra_whitespaces": False,
@@ -195,7 +199,7 @@ def _train_sentencepiece(cfg: TokenizerConfig, sentences: list[str], seed: int) 
         "split_digits": cfg.split_digits,
         "byte_fallback": True,
         "split_by_unicode_script": cfg.split_by_script,
-        "split_by_whitespace": cfg.split_by_whitespace,
+        "split_by_whitespace": cfg.split_by_whitespace or superwords > 0,
         "character_coverage": 1.0,  # drop_rare_chars applied cfg.character_coverage
         "required_chars": required,
         "max_sentencepiece_length": cfg.max_piece_chars,
@@ -216,7 +220,16 @@ def _train_sentencepiece(cfg: TokenizerConfig, sentences: list[str], seed: int) 
         "num_threads": cfg.num_threads,
         "minloglevel": 2,
     }
-    return run_trainer(sentences, options, seed)
+    model = run_trainer(sentences, options, seed)
+    if superwords:
+        started = time.perf_counter()
+        with console.status(f"tokenizer: learning {superwords:,} superword pieces over the subword tokens"):
+            pieces = learn_superwords(
+                model, sentences, superwords, cfg.max_piece_chars, cfg.split_digits, cfg.num_threads
+            )
+        model = append_pieces(model, pieces)
+        console.print(f"tokenizer: {superwords:,} superword pieces learned in {time.perf_counter() - started:.1f} s")
+    return model
 
 
 class TrainerAbort(TokenizerError):
