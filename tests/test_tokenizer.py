@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from ondol.data.config import SourceConfig
 from ondol.tokenizer.config import TokenizerConfig
-from ondol.tokenizer.korean import compatibility_jamo, conjoining_jamo, hangul_syllables
+from ondol.tokenizer.korean import compatibility_jamo, conjoining_jamo, hangul_syllables, ksx1001_symbols
 from ondol.tokenizer.tokenizer import Tokenizer
 from ondol.tokenizer.train import train_tokenizer
 from tests.conftest import CORPORA, corpus_texts
@@ -169,6 +169,23 @@ def test_hangul_and_jamo_coverage(tok):
     assert [tok.decode(ids) for ids in nfd_ids] == [unicodedata.normalize("NFD", t) for t in texts]
     extra = sum(map(len, nfd_ids)) - sum(map(len, tok.encode_batch(texts)))
     assert extra <= 2 * syllables
+
+
+def test_symbol_coverage_makes_every_ksx1001_symbol_a_piece(tmp_path):
+    """Reviews alone hardly use ①, so without symbol_coverage it is three byte tokens (the reference)."""
+    law = corpus_texts("ko_law", 200, skip=3000)
+    cfg = small_config(vocab_size=3200, hangul_coverage=False, max_sentences=5000)
+    plain = train_tokenizer(cfg, SOURCES[:1], tmp_path / "plain", seed=3)
+    covered = train_tokenizer(dataclasses.replace(cfg, symbol_coverage=True), SOURCES[:1], tmp_path / "sym", 3)
+    assert [plain.is_byte(i) for i in plain.encode("①")] == [True] * 3
+    symbols = ksx1001_symbols()
+    assert len(symbols) == 563 and {"①", "「", "※", "│", "㎏", "㈜", "ⅳ"} <= set(symbols)
+    assert not set(symbols) & set(compatibility_jamo() + "\u3000\u00ad")
+    for ch in symbols:
+        ids = covered.encode(ch)
+        assert len(ids) == 1 and not covered.is_byte(ids[0]), ch
+        assert ch.encode("euc_kr").decode("euc_kr") == ch  # in KS X 1001
+    assert sum(map(len, covered.encode_batch(law))) < sum(map(len, plain.encode_batch(law)))
 
 
 def hangul_syllables_in(text: str) -> str:

@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 from ondol.data.config import SourceConfig
+from ondol.tokenizer.korean import ksx1001_symbols
 
 
 @dataclass
@@ -26,6 +27,7 @@ class TokenizerConfig:
     )
     jamo_split: bool = False  # pieces never join a run of compatibility jamo to its neighbours (다|ㅋㅋ)
     jamo_coverage: bool = True  # compatibility jamo (ㅋ, ㅠ, ...) are always pieces, never byte fallback
+    symbol_coverage: bool = False  # KS X 1001's 563 symbols (①, 「」, ※, │, ㎏, ...) are always pieces
     character_coverage: float = (
         0.9995  # share of training characters kept as pieces; the rest fall back to bytes
     )
@@ -73,13 +75,15 @@ class TokenizerConfig:
         names = self.all_special_tokens()
         if len(set(names)) != len(names):
             raise ValueError(f"tokenizer.special_tokens repeat a name: {names}")
-        floor = 256 + len(names) + 512 + (self.required_hangul() if self.hangul_coverage else 0)
+        floor = (256 + len(names) + 512 + (self.required_hangul() if self.hangul_coverage else 0)
+                 + (len(ksx1001_symbols()) if self.symbol_coverage else 0))
         if self.subword_vocab_size() < floor:
             raise ValueError(
                 f"tokenizer.vocab_size {self.vocab_size}{' less the superword share' if self.superword_share else ''}"
                 f" is too small: bytes, special tokens"
-                f"{' and hangul_coverage' if self.hangul_coverage else ''} need at least {floor}"
-                f"{' (or set tokenizer.hangul_coverage=false)' if self.hangul_coverage else ''}"
+                f"{' and the guaranteed characters' if self.hangul_coverage or self.symbol_coverage else ''}"
+                f" need at least {floor}"
+                f"{' (or set tokenizer.hangul_coverage / symbol_coverage to false)' if floor > 1024 else ''}"
             )
 
     def rounded_vocab_size(self) -> int:

@@ -31,7 +31,13 @@ from ondol.errors import TokenizerError, ignore_interrupts
 from ondol.files import fsync_dir, fsync_tree
 from ondol.tokenizer.config import TokenizerConfig
 from ondol.tokenizer.hf_export import write_hf_files
-from ondol.tokenizer.korean import compatibility_jamo, conjoining_jamo, hangul_syllables, pretokenize
+from ondol.tokenizer.korean import (
+    compatibility_jamo,
+    conjoining_jamo,
+    hangul_syllables,
+    ksx1001_symbols,
+    pretokenize,
+)
 from ondol.tokenizer.sample import mix, nfc, sample_source
 from ondol.tokenizer.superword import append_pieces, learn_superwords
 from ondol.tokenizer.tokenizer import META_FILE, MODEL_FILE, Tokenizer, fingerprint
@@ -181,8 +187,10 @@ def drop_rare_chars(sentences: list[str], coverage: float, required: str) -> tup
 def _train_sentencepiece(cfg: TokenizerConfig, sentences: list[str], seed: int) -> bytes:
     # Text is kept as it comes (no NFC), so decomposed Hangul needs its jamo as pieces, not 3 bytes each.
     hangul = hangul_syllables(cfg.hangul_syllables) + conjoining_jamo()
-    required = (hangul if cfg.hangul_coverage else "") + (
-        compatibility_jamo() if cfg.jamo_coverage else ""
+    required = (
+        (hangul if cfg.hangul_coverage else "")
+        + (compatibility_jamo() if cfg.jamo_coverage else "")
+        + (ksx1001_symbols() if cfg.symbol_coverage else "")
     )
     sentences, dropped = drop_rare_chars(sentences, cfg.character_coverage, required)
     console.print(f"tokenizer: {dropped:,} rare characters left to byte fallback")
