@@ -433,3 +433,13 @@ def test_superword_phase_is_lossless_exported_and_shorter_than_subwords(superwor
     texts = held_out_texts()
     assert subwords.vocab_size == superword_tok.vocab_size
     assert sum(map(len, superword_tok.encode_batch(texts))) < 0.99 * sum(map(len, subwords.encode_batch(texts)))
+
+
+def test_a_superword_phase_short_of_pairs_is_a_one_line_error(tmp_path):
+    from ondol.errors import TokenizerError
+
+    cfg = small_config(vocab_size=3200, hangul_coverage=False, max_sentences=300, superword_share=0.5)
+    with pytest.raises(TokenizerError, match=r"^tokenizer: the superword phase found [\d,]+ of the 1,600 pieces asked for "
+                                             r"\(pairs seen at least twice\); lower tokenizer.superword_share"):
+        train_tokenizer(cfg, [dataclasses.replace(SOURCES[0], max_docs=300)], tmp_path / "tok", 0)
+    assert not (tmp_path / "tok" / "meta.json").exists()
