@@ -35,11 +35,17 @@ VARIANTS = {
     "no_jamo_coverage": {"jamo_coverage": False},
     "no_hangul_coverage": {"hangul_coverage": False},
     "all_hangul": {"hangul_syllables": "all"},
-    "split_by_whitespace": {"split_by_whitespace": True},
+    "split_by_whitespace": {"split_by_whitespace": True, "superword_share": 0.0},  # plain subwords
+    "one_phase": {"superword_share": 0.0},  # SentencePiece alone, pieces may cross spaces from the start
+    "superword_0.1": {"superword_share": 0.1},
+    "superword_0.2": {"superword_share": 0.2},
+    "superword_0.3": {"superword_share": 0.3},
     "split_by_script": {"split_by_script": True},
     "unigram": {"model_type": "unigram"},
     "coverage_0.9999": {"character_coverage": 0.9999},
     "no_split_digits": {"split_digits": False},
+    "split_digits": {"split_digits": True},
+    "no_symbol_coverage": {"symbol_coverage": False},
     "max_piece_8": {"max_piece_chars": 8},
     "max_piece_24": {"max_piece_chars": 24},
     "chars_20M": {"max_chars": 20_000_000},
