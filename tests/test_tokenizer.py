@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import unicodedata
 
 import pytest
@@ -400,7 +401,7 @@ def two_phase_reference(subword, vocab: dict[str, int], text: str) -> list[int]:
     piece, the pair whose piece ranks first (lowest id; the leftmost on a tie) is merged."""
     pieces = subword.encode(text, out_type=str)
     while True:
-        ranked = [(vocab[a + b], k) for k, (a, b) in enumerate(zip(pieces, pieces[1:])) if a + b in vocab]
+        ranked = [(vocab[a + b], k) for k, (a, b) in enumerate(itertools.pairwise(pieces)) if a + b in vocab]
         if not ranked:
             return [vocab[p] if p in vocab else subword.piece_to_id(p) for p in pieces]
         _, k = min(ranked)
