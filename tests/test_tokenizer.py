@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ondol.data.config import SourceConfig
-from ondol.tokenizer.config import TokenizerConfig
+from ondol.tokenizer.config import KSX1001_SYMBOLS, TokenizerConfig
 from ondol.tokenizer.korean import compatibility_jamo, conjoining_jamo, hangul_syllables, ksx1001_symbols
 from ondol.tokenizer.tokenizer import Tokenizer
 from ondol.tokenizer.train import train_tokenizer
@@ -180,7 +180,7 @@ def test_symbol_coverage_makes_every_ksx1001_symbol_a_piece(tmp_path):
     covered = train_tokenizer(dataclasses.replace(cfg, symbol_coverage=True), SOURCES[:1], tmp_path / "sym", 3)
     assert [plain.is_byte(i) for i in plain.encode("①")] == [True] * 3
     symbols = ksx1001_symbols()
-    assert len(symbols) == 563 and {"①", "「", "※", "│", "㎏", "㈜", "ⅳ"} <= set(symbols)
+    assert len(symbols) == KSX1001_SYMBOLS and {"①", "「", "※", "│", "㎏", "㈜", "ⅳ"} <= set(symbols)
     assert not set(symbols) & set(compatibility_jamo() + "\u3000\u00ad")
     for ch in symbols:
         ids = covered.encode(ch)
