@@ -282,8 +282,14 @@ def _interrupt(tmp_path: Path, args: list[str], ready) -> tuple[int, str]:
     """Run `ondol ARGS`, send SIGINT once `ready(its stderr so far)` holds; (exit code, stderr)."""
     err = tmp_path / "stderr"
     with open(err, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "ondol.launch.cli", *args], cwd=ROOT, text=True,
-                                stdout=subprocess.DEVNULL, stderr=stderr, env=without_rank_variables(os.environ))
+        # The child starts with SIGINT at its default, as from a terminal: an ignored SIGINT (a test run started
+        # in the background) would be inherited, a handled one is reset by exec.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "ondol.launch.cli", *args], cwd=ROOT, text=True,
+                                    stdout=subprocess.DEVNULL, stderr=stderr, env=without_rank_variables(os.environ))
+        finally:
+            signal.signal(signal.SIGINT, previous)
         deadline = time.monotonic() + 240
         while not ready(err.read_text()) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
