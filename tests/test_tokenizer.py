@@ -220,6 +220,8 @@ def test_config_errors_name_the_key():
         TokenizerConfig(superword_share=0.2, model_type="unigram")
     with pytest.raises(ValueError, match="less the superword share is too small"):
         TokenizerConfig(vocab_size=4096, superword_share=0.5)
+    with pytest.raises(ValueError, match=r"need at least 1347 \(or set tokenizer.symbol_coverage=false\)$"):
+        TokenizerConfig(vocab_size=1024, hangul_coverage=False, symbol_coverage=True)
 
 
 def test_hf_export_gives_identical_ids(tok, tmp_path):

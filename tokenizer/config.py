@@ -76,15 +76,16 @@ class TokenizerConfig:
         names = self.all_special_tokens()
         if len(set(names)) != len(names):
             raise ValueError(f"tokenizer.special_tokens repeat a name: {names}")
+        coverage = [key for key, on in (("hangul_coverage", self.hangul_coverage),
+                                        ("symbol_coverage", self.symbol_coverage)) if on]
         floor = (256 + len(names) + 512 + (self.required_hangul() if self.hangul_coverage else 0)
                  + (KSX1001_SYMBOLS if self.symbol_coverage else 0))
         if self.subword_vocab_size() < floor:
             raise ValueError(
                 f"tokenizer.vocab_size {self.vocab_size}{' less the superword share' if self.superword_share else ''}"
-                f" is too small: bytes, special tokens"
-                f"{' and the guaranteed characters' if self.hangul_coverage or self.symbol_coverage else ''}"
+                f" is too small: bytes, special tokens{' and the guaranteed characters' if coverage else ''}"
                 f" need at least {floor}"
-                f"{' (or set tokenizer.hangul_coverage / symbol_coverage to false)' if floor > 1024 else ''}"
+                + (f" (or set {' / '.join(f'tokenizer.{key}=false' for key in coverage)})" if coverage else "")
             )
 
     def rounded_vocab_size(self) -> int:
