@@ -446,3 +446,25 @@ def test_a_superword_phase_short_of_pairs_is_a_one_line_error(tmp_path):
                                              r"\(pairs seen at least twice\); lower tokenizer.superword_share"):
         train_tokenizer(cfg, [dataclasses.replace(SOURCES[0], max_docs=300)], tmp_path / "tok", 0)
     assert not (tmp_path / "tok" / "meta.json").exists()
+
+
+def test_ctrl_c_stops_a_trainer_child_at_once():
+    """A trainer in this process (SentencePiece's C++, tokenizers' Rust) would run to its end before Python saw
+    Ctrl-C; in its child it is stopped at once and leaves no process behind."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    from ondol.tokenizer.train import run_in_child
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal, even in background
+    try:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            run_in_child(lambda: time.sleep(600) or b"", "sleeping")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert time.monotonic() - started < 30 and multiprocessing.active_children() == []

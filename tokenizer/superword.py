@@ -25,8 +25,6 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, trainers
 
-from ondol.errors import TokenizerError
-
 NORMAL = sp_pb.ModelProto.SentencePiece.NORMAL
 FIRST_CHAR = 0x10000  # subword id i is written as chr(FIRST_CHAR + i): past the BMP, so never a surrogate
 ENCODE_BATCH = 10_000  # sentences encoded at a time, so the id sequences never all sit in memory
@@ -35,8 +33,9 @@ ENCODE_BATCH = 10_000  # sentences encoded at a time, so the id sequences never 
 def learn_superwords(
     subword_model: bytes, sentences: list[str], count: int, max_chars: int, split_digits: bool, num_threads: int
 ) -> list[str]:
-    """`count` new pieces learned by BPE over the subword model's tokens of `sentences`, in the order learned,
-    each at most max_chars characters and none already in the vocabulary."""
+    """Up to `count` new pieces learned by BPE over the subword model's tokens of `sentences`, in the order learned,
+    each at most max_chars characters and none already in the vocabulary (fewer when the sample runs out of pairs
+    seen twice)."""
     proto = sp_pb.ModelProto()
     proto.ParseFromString(subword_model)
     texts = [p.piece for p in proto.pieces]
@@ -74,11 +73,8 @@ def learn_superwords(
             known.add(text)
             learned.append(text)
             if len(learned) == count:
-                return learned
-    raise TokenizerError(
-        f"tokenizer: the superword phase found {len(learned):,} of the {count:,} pieces asked for (pairs seen "
-        "at least twice); lower tokenizer.superword_share or train on more text"
-    )
+                break
+    return learned
 
 
 def append_pieces(model_proto: bytes, texts: list[str]) -> bytes:

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import sentencepiece as spm
@@ -232,33 +233,54 @@ def _train_sentencepiece(cfg: TokenizerConfig, sentences: list[str], seed: int) 
     if superwords:
         started = time.perf_counter()
         with console.status(f"tokenizer: learning {superwords:,} superword pieces over the subword tokens"):
-            pieces = learn_superwords(
-                model, sentences, superwords, cfg.max_piece_chars, cfg.split_digits, cfg.num_threads
+            learned = json.loads(run_in_child(
+                lambda: json.dumps(learn_superwords(model, sentences, superwords, cfg.max_piece_chars,
+                                                    cfg.split_digits, cfg.num_threads)).encode(),
+                "the superword phase (Hugging Face tokenizers' BPE trainer) failed"))
+        if len(learned) < superwords:
+            raise TokenizerError(
+                f"tokenizer: the superword phase found {len(learned):,} of the {superwords:,} pieces asked for "
+                "(pairs seen at least twice); lower tokenizer.superword_share or train on more text"
             )
-        model = append_pieces(model, pieces)
+        model = append_pieces(model, learned)
         console.print(f"tokenizer: {superwords:,} superword pieces learned in {time.perf_counter() - started:.1f} s")
     return model
 
 
 class TrainerAbort(TokenizerError):
-    """SentencePiece's trainer died in C++ (a failed CHECK aborts the process); the message is one line."""
+    """A trainer died in its child process (SentencePiece's failed CHECK aborts it); the message is one line."""
 
 
 def run_trainer(sentences: list[str], options: dict, seed: int) -> bytes:
-    """Train in a forked child, so a C++ abort ends the child, not this process, and becomes a TrainerAbort.
+    """SentencePiece's trainer in a forked child (run_in_child): the serialized model."""
+    too_old = tuple(int(x) for x in spm.__version__.split(".")[:3]) < (0, 2, 3)
 
-    The child inherits the sentences (fork, no copy) and sends back the model; its stderr goes to a file
-    whose last line (SentencePiece's failed CHECK) names the cause."""
+    def train() -> bytes:
+        model = io.BytesIO()
+        spm.set_random_generator_seed(seed)
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **options)
+        return model.getvalue()
+
+    return run_in_child(train, f"SentencePiece {spm.__version__} aborted training",
+                        "; install sentencepiece >= 0.2.3" if too_old else "")
+
+
+def run_in_child(work: Callable[[], bytes], failure: str, hint: str = "") -> bytes:
+    """work() in a forked child, which inherits the training sample (fork, no copy) and sends back the bytes.
+
+    A C++ abort ends the child, not this process, and becomes a TrainerAbort naming `failure` and the cause (the
+    last line of the child's stderr, which goes to a file: SentencePiece's failed CHECK); Ctrl-C stops the child
+    at once, where a trainer running in this process would finish before Python sees the signal."""
     ctx = multiprocessing.get_context("fork")
     receive, send = ctx.Pipe(duplex=False)
     with tempfile.TemporaryFile() as log:
-        child = ctx.Process(target=_trainer_child, args=(sentences, options, seed, send, log.fileno()))
+        child = ctx.Process(target=_child, args=(work, send, log.fileno()))
         child.start()
         send.close()
         try:
-            model = receive.recv_bytes()
+            result = receive.recv_bytes()
         except EOFError:
-            model = None
+            result = None
         except BaseException:  # Ctrl-C: the child ignores it, so stop it here
             child.terminate()
             child.join()
@@ -266,25 +288,18 @@ def run_trainer(sentences: list[str], options: dict, seed: int) -> bytes:
         child.join()
         log.seek(0)
         lines = log.read().decode("utf-8", "replace").strip().splitlines()
-    if child.exitcode != 0 or model is None:
+    if child.exitcode != 0 or result is None:
         checks = [line for line in lines if "Check failed" in line]  # glog's line before its stack trace
         cause = (checks or lines or [f"exit code {child.exitcode}"])[-1].strip()
-        too_old = tuple(int(x) for x in spm.__version__.split(".")[:3]) < (0, 2, 3)
-        raise TrainerAbort(
-            f"tokenizer: SentencePiece {spm.__version__} aborted training ({cause})"
-            + ("; install sentencepiece >= 0.2.3" if too_old else "")
-        )
-    return model
+        raise TrainerAbort(f"tokenizer: {failure} ({cause}){hint}")
+    return result
 
 
-def _trainer_child(sentences: list[str], options: dict, seed: int, send, stderr_fd: int) -> None:
-    faulthandler.disable()  # an abort's last stderr line stays SentencePiece's, not a Python stack dump
+def _child(work: Callable[[], bytes], send, stderr_fd: int) -> None:
+    faulthandler.disable()  # an abort's last stderr line stays the trainer's, not a Python stack dump
     ignore_interrupts()
     os.dup2(stderr_fd, 2)
-    model = io.BytesIO()
-    spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **options)
-    send.send_bytes(model.getvalue())
+    send.send_bytes(work())
 
 
 def _write_folder(out_dir: Path, model_proto: bytes, meta: dict) -> None:
