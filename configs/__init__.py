@@ -192,7 +192,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     except OmegaConfBaseException as e:
         raise _explain(e, str(path)) from None
     except ValueError as e:  # a component's __post_init__ check; its message names the key
-        raise ConfigError(f"{path}{' with ' + ' '.join(overrides) if overrides else ''}: {e}") from None
+        shown = " ".join(item if item.isprintable() else repr(item) for item in overrides)  # stays one line
+        raise ConfigError(f"{path}{' with ' + shown if overrides else ''}: {e}") from None
     assert isinstance(cfg, RunConfig)
     return cfg
 

@@ -59,10 +59,6 @@ class SlurmConfig:
             raise ValueError("launch.slurm.cpus_per_node must be >= 0 (0: the whole node, --exclusive)")
         if self.stop_signal_s < 0:
             raise ValueError("launch.slurm.stop_signal_s must be >= 0 (0: no signal before the time limit)")
-        for key in ("partition", "time", "account", "job_name", "container"):
-            value = getattr(self, key) or ""
-            if "\n" in value or "\r" in value:
-                raise ValueError(f"launch.slurm.{key} must be one line")
 
 
 @dataclass

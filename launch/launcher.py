@@ -6,7 +6,8 @@ the config or the command line becomes a word of a shell command: the overrides 
 file the pre-flight checked (named by its content, so a queued job runs exactly that config), and the paths
 reach the rank inside SPEC, base64url-encoded JSON made of letters, digits, '-', '_' and '=', which every
 runner's remote shell (pdsh joins the command into one line and quotes only arguments with spaces) passes as
-it is. Runners:
+it is. Every value of the command and the spec is checked first (launch/script_values.py: no control
+characters). Runners:
 - local: `deepspeed --num_gpus N` on this machine (N gloo workers on CPU);
 - pdsh / openmpi / mvapich: `deepspeed --hostfile RUN_DIR/launch/hostfile --launcher X`, the hostfile being the
   first `launch.nodes` hosts of `launch.hostfile` with `launch.gpus_per_node` slots each.
@@ -30,6 +31,7 @@ from pathlib import Path
 from ondol.configs import RunConfig, to_yaml
 from ondol.files import write_atomic
 from ondol.launch.preflight import Layout
+from ondol.launch.script_values import option_words, script_value
 
 DEFAULT_MODULE = "ondol.train"
 SPEC_PREFIX = "--spec="
@@ -62,13 +64,18 @@ class LaunchPlan:
         return decode_spec(re.search(SPEC_PREFIX + r"([A-Za-z0-9_=-]+)", text).group(1))
 
 
+def run_path(cfg: RunConfig) -> Path:
+    """RUN_DIR as an absolute path, checked first: the launch writes paths under it into scripts and commands."""
+    return Path(script_value("run_dir", cfg.run_dir)).resolve()
+
+
 def log_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.run_dir).resolve() / "logs"
+    return run_path(cfg) / "logs"
 
 
 def launch_dir(cfg: RunConfig) -> Path:
     """Where generated launch files (hostfile, sbatch script) go."""
-    return Path(cfg.run_dir).resolve() / "launch"
+    return run_path(cfg) / "launch"
 
 
 def free_port() -> int:
@@ -80,7 +87,8 @@ def free_port() -> int:
 def deepspeed_executable() -> str:
     """The `deepspeed` runner of this environment (beside this Python), else the one on PATH."""
     beside = Path(sys.executable).parent / "deepspeed"
-    return str(beside) if beside.is_file() else (shutil.which("deepspeed") or "deepspeed")
+    found = str(beside) if beside.is_file() else (shutil.which("deepspeed") or "deepspeed")
+    return script_value("the Python environment's deepspeed", found)
 
 
 def encode_spec(spec: dict) -> str:
@@ -103,8 +111,12 @@ def rank_args(cfg: RunConfig, config_file: Path, module: str, master: tuple[str,
     """`--module --no_local_rank ondol.launch.rank --spec=SPEC`: the tail of every DeepSpeed runner command.
 
     `master` is passed on for MPI runners, which start ranks directly and set no MASTER_ADDR/MASTER_PORT."""
-    spec = {"log_dir": str(log_dir(cfg)), "module": module, "args": [str(config_file)],
-            "env_file": str(Path(cfg.launch.env_file).expanduser().resolve()) if cfg.launch.env_file else None}
+    env_file = None
+    if cfg.launch.env_file:  # checked before and after resolving: a symlink may lead elsewhere
+        env_file = script_value("launch.env_file", Path(script_value("launch.env_file", cfg.launch.env_file))
+                                .expanduser().resolve())
+    spec = {"log_dir": script_value("run_dir", log_dir(cfg)), "module": script_value("--module", module),
+            "args": [script_value("run_dir", config_file)], "env_file": env_file}
     if master:
         spec.update(master_addr=master[0], master_port=master[1])
     return ["--module", "--no_local_rank", "ondol.launch.rank", SPEC_PREFIX + encode_spec(spec)]
@@ -132,10 +144,10 @@ def plan_launch(cfg: RunConfig, layout: Layout, module: str = DEFAULT_MODULE) ->
         port = lc.master_port or 29500
         hostfile = launch_dir(cfg) / "hostfile"
         files[hostfile] = hostfile_text(layout)
-        ds += ["--hostfile", str(hostfile), "--launcher", lc.launcher, "--force_multi",
+        ds += ["--hostfile", script_value("run_dir", hostfile), "--launcher", lc.launcher, "--force_multi",
                "--master_addr", addr, "--master_port", str(port)]
         if lc.launcher_args:
-            ds += ["--launcher_args", lc.launcher_args]
+            ds += ["--launcher_args", shlex.join(option_words("launch.launcher_args", lc.launcher_args))]
     mpi = lc.launcher in ("openmpi", "mvapich")
     ds += rank_args(cfg, config_file, module, (addr, port) if mpi else None)
     return LaunchPlan(layout, log_dir(cfg), ds, files, env)

@@ -9,8 +9,9 @@ id, so jobs sharing a node do not collide), writes a DeepSpeed hostfile of the a
 Preemption and time limits: Slurm signals the batch script (USR1 `launch.slurm.stop_signal_s` before the limit,
 TERM on scancel); the script's trap writes the run's stop file, every rank saves at the end of its step and
 exits with 75, and after a USR1 stop the script requeues its own job (`--requeue`, output appended), which
-resumes from that checkpoint. Every value from the config is quoted: `#SBATCH` lines in Slurm's double quotes,
-shell lines with shlex; the ranks read the resolved config the pre-flight checked, never overrides.
+resumes from that checkpoint. Every value from the config or the environment is checked and quoted
+(launch/script_values.py): `#SBATCH` lines hold one option each in Slurm's double quotes, shell lines quote with
+shlex, comments carry no values; the ranks read the resolved config the pre-flight checked, never overrides.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from pathlib import Path
 
 from ondol.configs import RunConfig
 from ondol.errors import LaunchError
-from ondol.launch.launcher import LaunchPlan, launch_dir, log_dir, rank_args, resolved_config
+from ondol.launch.launcher import LaunchPlan, launch_dir, log_dir, rank_args, resolved_config, run_path
 from ondol.launch.preflight import Layout
+from ondol.launch.script_values import sbatch_option, script_value, shell_word
 from ondol.train.preemption import PREEMPTED_EXIT, stop_file
 
 SCRIPT_NAME = "ondol.sbatch"
@@ -33,18 +35,21 @@ SCRIPT_NAME = "ondol.sbatch"
 def _venv_setup() -> list[str]:
     """Activate the virtual environment `ondol` runs from, when it runs from one."""
     if sys.prefix != sys.base_prefix and (Path(sys.prefix) / "bin" / "activate").is_file():
-        return [f"source {shlex.quote(str(Path(sys.prefix) / 'bin' / 'activate'))}"]
+        return [f"source {shell_word('the virtual environment', Path(sys.prefix) / 'bin' / 'activate')}"]
     return []
 
 
 def _directive(option: str) -> str:
-    """One `#SBATCH` line; sbatch reads its argument with double quotes grouping and backslash escaping."""
+    """One `#SBATCH` line of a checked option; sbatch reads its argument with double quotes grouping and backslash
+    escaping."""
     return "#SBATCH " + '"' + option.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def sbatch_directives(cfg: RunConfig, layout: Layout) -> list[str]:
+    """The `#SBATCH` options, each checked (launch/script_values.py) under the key it comes from."""
     sl = cfg.launch.slurm
-    name = sl.job_name or f"ondol-{Path(cfg.run_dir).resolve().name}"
+    name = script_value("launch.slurm.job_name" if sl.job_name else "run_dir",
+                        sl.job_name or f"ondol-{run_path(cfg).name}")
     lines = [f"--job-name={name}", f"--nodes={layout.nodes}", "--ntasks-per-node=1"]
     if sl.request_gpus:
         lines.append(f"--gpus-per-node={layout.gpus_per_node}")
@@ -52,15 +57,17 @@ def sbatch_directives(cfg: RunConfig, layout: Layout) -> list[str]:
     # CPU Slurm gives a task by default where the cluster sets no CPUs per GPU.
     lines.append(f"--cpus-per-task={sl.cpus_per_node}" if sl.cpus_per_node else "--exclusive")
     if sl.partition:
-        lines.append(f"--partition={sl.partition}")
+        lines.append(f"--partition={script_value('launch.slurm.partition', sl.partition)}")
     if sl.account:
-        lines.append(f"--account={sl.account}")
-    lines += [f"--time={sl.time}", f"--output={log_dir(cfg) / 'slurm-%j.out'}", "--open-mode=append"]
+        lines.append(f"--account={script_value('launch.slurm.account', sl.account)}")
+    lines += [f"--time={script_value('launch.slurm.time', sl.time)}",
+              f"--output={script_value('run_dir', log_dir(cfg) / 'slurm-%j.out')}", "--open-mode=append"]
     if sl.stop_signal_s:
         lines.append(f"--signal=B:USR1@{sl.stop_signal_s}")
     if sl.requeue:
         lines.append("--requeue")
-    return [*lines, *sl.extra_sbatch]
+    return [*lines, *(sbatch_option(f"launch.slurm.extra_sbatch[{i}]", option)
+                      for i, option in enumerate(sl.extra_sbatch))]
 
 
 def node_command(cfg: RunConfig, config_file: Path, module: str) -> str:
@@ -81,17 +88,20 @@ def sbatch_script(cfg: RunConfig, layout: Layout, config_file: Path, module: str
     cpus = f"--cpus-per-task={sl.cpus_per_node}" if sl.cpus_per_node else '--cpus-per-task="$SLURM_CPUS_ON_NODE"'
     container = []
     if sl.container:
-        mounts = [f"{workdir}:{workdir}", *sl.container_mounts]
-        container = [f"--container-image={sl.container}", f"--container-mounts={','.join(mounts)}",
+        mounts = [f"{workdir}:{workdir}",
+                  *(script_value(f"launch.slurm.container_mounts[{i}]", m) for i, m in enumerate(sl.container_mounts))]
+        container = [f"--container-image={script_value('launch.slurm.container', sl.container)}", f"--container-mounts={','.join(mounts)}",
                      f"--container-workdir={workdir}"]
     job_line = " ".join([shlex.join(srun), cpus, *([shlex.join(container)] if container else []), "bash -c",
                          shlex.quote(node_command(cfg, config_file, module))])
     if not sl.container:  # the supervisor needs this environment on the batch host; a container has it inside
-        job_line = (f"python -m ondol.launch.supervise --log-dir {shlex.quote(str(logs))} "
-                    f"--stop-file {shlex.quote(str(stop_file(cfg.run_dir)))} "
+        job_line = (f"python -m ondol.launch.supervise --log-dir {shell_word('run_dir', logs)} "
+                    f"--stop-file {shell_word('run_dir', stop_file(cfg.run_dir))} "
                     f"--watchdog-minutes {cfg.launch.watchdog_minutes:g} "
                     f"--failure-grace-s {cfg.launch.failure_grace_s:g} -- {job_line}")
-    setup = sl.setup or ([] if sl.container else _venv_setup())
+    # launch.slurm.setup is shell code by design (module load ...): one line per entry, written as it is
+    setup = [script_value(f"launch.slurm.setup[{i}]", line) for i, line in enumerate(sl.setup)]
+    setup = setup or ([] if sl.container else _venv_setup())
     cpu_threads = []
     if not sl.request_gpus:  # CPU nodes: the gloo workers share the node's cores, at least one thread each
         per_worker = f"${{SLURM_CPUS_ON_NODE:-1}} / {layout.gpus_per_node}"
@@ -101,21 +111,21 @@ def sbatch_script(cfg: RunConfig, layout: Layout, config_file: Path, module: str
                '  scontrol requeue "$SLURM_JOB_ID"\nfi') if sl.requeue else ""
     lines = [
         "#!/bin/bash",
-        f"# Generated by `ondol launch`: one DeepSpeed launcher per node, every rank reading {config_file}.",
+        "# Generated by `ondol launch`: one DeepSpeed launcher per node, every rank reading the resolved config.",
         *[_directive(d) for d in sbatch_directives(cfg, layout)],
         "set -euo pipefail",
-        f"cd {shlex.quote(str(workdir))}",
+        f"cd {shell_word('the working directory', workdir)}",
         *setup,
-        f"mkdir -p {shlex.quote(str(logs))} {shlex.quote(str(launch_dir(cfg)))}",
+        f"mkdir -p {shell_word('run_dir', logs)} {shell_word('run_dir', launch_dir(cfg))}",
         'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"',
         "export MASTER_PORT=$((20000 + SLURM_JOB_ID % 40000))",
-        f"export HOSTFILE={shlex.quote(str(hostfile.parent))}/hostfile.$SLURM_JOB_ID",
+        f"export HOSTFILE={shell_word('run_dir', hostfile.parent)}/hostfile.$SLURM_JOB_ID",
         f"scontrol show hostnames \"$SLURM_JOB_NODELIST\" | sed 's/$/ slots={layout.gpus_per_node}/' > \"$HOSTFILE\"",
         ('echo "ondol: job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES node(s), master $MASTER_ADDR:$MASTER_PORT'
          ' (restart ${SLURM_RESTART_COUNT:-0})"'),
         *cpu_threads,
         "# A signal to this script asks every rank to save at the end of its step and stop (exit 75).",
-        f"stop() {{ stop_signal=$1; touch {shlex.quote(str(stop_file(cfg.run_dir)))}; }}",
+        f"stop() {{ stop_signal=$1; touch {shell_word('run_dir', stop_file(cfg.run_dir))}; }}",
         'stop_signal=""',
         "trap 'stop USR1' USR1",
         "trap 'stop TERM' TERM",
