@@ -48,6 +48,11 @@ class RunConfig:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
+    def __post_init__(self) -> None:  # checks across sections (each section checks its own keys)
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(f"data.seq_len ({self.data.seq_len}) is above model.max_seq_len "
+                             f"({self.model.max_seq_len}): lower data.seq_len or raise model.max_seq_len")
+
 
 def _valid_keys(node: Any, prefix: str = "") -> list[str]:
     """Every dotted key path of a dataclass type, for 'did you mean' suggestions."""
@@ -195,6 +200,27 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         shown = " ".join(item if item.isprintable() else repr(item) for item in overrides)  # stays one line
         raise ConfigError(f"{path}{' with ' + shown if overrides else ''}: {e}") from None
     assert isinstance(cfg, RunConfig)
+    return cfg
+
+
+def load_run_config(run: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The config of a trained run, for the commands that read one (eval, generate): given a run directory,
+    its config.yaml with run_dir set to that directory and the tokenizer read from RUN_DIR/tokenizer when it
+    holds one, so a copied or moved run reads only its own folder; given a YAML file, that config as `ondol
+    train` reads it."""
+    run = Path(run)
+    if run.is_file():
+        return load_config(run, overrides)
+    if not (run / "config.yaml").is_file():
+        what = "has no config.yaml" if run.is_dir() else "not found"
+        raise ConfigError(f"{run}: {what}: give a run directory written by `ondol run` or `ondol train` (it holds "
+                          "config.yaml), or the run's config YAML")
+    if any(item.startswith("run_dir=") for item in overrides):
+        raise ConfigError(f"override run_dir: the run is {run}, as given on the command line; leave run_dir out")
+    cfg = load_config(run / "config.yaml", overrides)
+    cfg.run_dir = str(run)
+    if (run / "tokenizer" / "meta.json").is_file():
+        cfg.tokenizer.path = None
     return cfg
 
 

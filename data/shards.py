@@ -43,6 +43,17 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def check_tokenizer(data_dir: str | os.PathLike, manifest: dict, tokenizer) -> None:
+    """Refuse prepared data whose tokens come from another tokenizer than `tokenizer` (ids would mean other
+    pieces: a model trained or scored on them would not match its tokenizer)."""
+    prepared = manifest["tokenizer"]["fingerprint"]
+    if prepared != tokenizer.fingerprint:
+        raise DataError(f"{data_dir} was prepared with tokenizer {prepared}, but the run's tokenizer at "
+                        f"{tokenizer.directory} is {tokenizer.fingerprint}: delete {data_dir} and re-run "
+                        "`ondol data prepare CONFIG` with this tokenizer, or point tokenizer.path at the one the data "
+                        "was prepared with")
+
+
 def shard_intact(data_dir: str | os.PathLike, record: dict, dtype: str) -> bool:
     """Whether a recorded shard's token and index files are there with the sizes its record gives."""
     stem = Path(data_dir) / record["path"]

@@ -19,6 +19,7 @@ from ondol.configs import (
     add_config_command,
     data_dir,
     load_config,
+    load_run_config,
     model_dir,
     tokenizer_dir,
 )
@@ -45,9 +46,9 @@ def continue_prompt(cfg: RunConfig, prompt: str | None = None) -> tuple[str, str
     """Greedy (or sampled, per `generate`) continuation of `prompt` by the run's final model."""
     from ondol.model.generate import generate
     from ondol.model.io import load_pretrained
-    from ondol.tokenizer.tokenizer import Tokenizer
+    from ondol.train.evaluation import load_tokenizer
 
-    tokenizer = Tokenizer.load(tokenizer_dir(cfg))
+    tokenizer = load_tokenizer(cfg)
     model = load_pretrained(model_dir(cfg)).eval()
     if cfg.generate.speculative and (cfg.generate.temperature > 0 or not model.cfg.mtp_layers):
         raise ConfigError(f"generate.speculative=true needs generate.temperature=0 and a model trained with "
@@ -122,7 +123,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    cfg = load_config(Path(args.run_dir) / "config.yaml", args.overrides)
+    cfg = load_run_config(args.run_dir, args.overrides)
     prompt, continuation = continue_prompt(cfg, args.prompt)
     print(f"{prompt}{continuation}")
     if not continuation.strip():  # blanks, or nothing before eos, would look like no output at all
@@ -143,7 +144,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="continue a prompt with a finished run's model",
         description="Continue a prompt with RUN_DIR's final model (greedy unless generate.temperature > 0).",
     )
-    g.add_argument("run_dir", help="a run directory written by `ondol run` or `ondol train`")
+    g.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `ondol run` or `ondol train` "
+                   "(every file is read from it), or the run's config YAML")
     g.add_argument("--prompt", help="text to continue (default: generate.prompt, else a held-out document's start)")
     g.add_argument("overrides", nargs="*", help="overrides such as generate.max_new_tokens=80")
     g.set_defaults(func=_generate)

@@ -108,3 +108,33 @@ def test_component_checks_become_one_line_config_errors():
         "supported with deepspeed.expert_parallel_size=2: use ZeRO stage 0, 1 or 2")
     with pytest.raises(ConfigError, match="model.n_heads must be divisible by model.n_kv_heads"):
         load_config(TINY, ["model.n_kv_heads=3"])
+
+
+def test_seq_len_above_max_seq_len_names_both_keys():
+    with pytest.raises(ConfigError) as info:
+        load_config(TINY, ["data.seq_len=2048"])
+    assert str(info.value) == (f"{TINY} with data.seq_len=2048: data.seq_len (2048) is above model.max_seq_len "
+                               "(1024): lower data.seq_len or raise model.max_seq_len")
+    assert load_config(TINY, ["data.seq_len=1024"]).data.seq_len == 1024  # equal is fine
+
+
+def test_a_run_directory_is_the_run_whatever_its_config_yaml_records(tmp_path):
+    from ondol.configs import load_run_config, tokenizer_dir
+
+    run = tmp_path / "copied"
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(load_config(TINY, ["run_dir=runs/original",
+                                                                 "tokenizer.path=/elsewhere/tokenizer"])))
+    assert load_run_config(run).run_dir == str(run)
+    assert tokenizer_dir(load_run_config(run)) == Path("/elsewhere/tokenizer")  # the run has none of its own
+    (run / "tokenizer").mkdir()
+    (run / "tokenizer" / "meta.json").write_text("{}")
+    assert tokenizer_dir(load_run_config(run)) == run / "tokenizer"
+    assert load_run_config(run / "config.yaml").run_dir == "runs/original"  # a file is read as `ondol train` does
+    with pytest.raises(ConfigError, match="the run is .*copied, as given on the command line"):
+        load_run_config(run, ["run_dir=/other"])
+    with pytest.raises(ConfigError, match=r"nowhere: not found: .*config.yaml"):
+        load_run_config(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"empty: has no config.yaml"):
+        load_run_config(tmp_path / "empty")

@@ -6,10 +6,12 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from ondol.launch.cli import main
 from ondol.model.config import load_preset
@@ -107,6 +109,49 @@ def test_a_checkpoint_scores_like_the_final_weights_it_equals(eval_run, tmp_path
     assert rows[0]["documents"] == 20
     assert rows[0]["bits_per_byte"] == pytest.approx(rows[1]["bits_per_byte"], rel=1e-6)
     assert rows[0]["bits_per_byte"] != pytest.approx(rows[2]["bits_per_byte"], rel=1e-4)
+
+
+def _edit_config(run, **top_level) -> None:
+    path = run / "config.yaml"
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **top_level}, allow_unicode=True))
+
+
+def test_a_copied_run_reads_only_its_own_folder(eval_run, tmp_path, capsys, monkeypatch):
+    """eval, generate and export hf take the RUN_DIR given as the run: a copy whose config.yaml records the
+    original's folder (or a relative run_dir), its original deleted, run from another folder, scores and
+    continues exactly as the run it was copied from."""
+    corpus = tmp_path / "reviews.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                              for t in corpus_texts("ko_reviews", 20, skip=50_000)), encoding="utf-8")
+    assert ondol_eval(capsys, eval_run, "--data", corpus, "--json", tmp_path / "reference.json")[0] == 0
+    assert main(["generate", str(eval_run), "generate.max_new_tokens=8"]) == 0
+    continuation = capsys.readouterr().out
+    original, moved, elsewhere = tmp_path / "original", tmp_path / "moved", tmp_path / "elsewhere"
+    shutil.copytree(eval_run, original)  # the data symlink is copied as a folder: the run holds everything
+    _edit_config(original, run_dir=str(original), tokenizer={"path": str(original / "tokenizer")})
+    shutil.copytree(original, moved)
+    shutil.rmtree(original)
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    assert ondol_eval(capsys, moved, "--data", corpus, "--json", tmp_path / "moved.json")[0] == 0
+    scores = [json.loads((tmp_path / f"{k}.json").read_text())["sources"]["reviews"] for k in ("reference", "moved")]
+    assert scores[0] == scores[1]
+    assert main(["generate", str(moved), "generate.max_new_tokens=8"]) == 0
+    assert capsys.readouterr().out == continuation
+    assert main(["export", "hf", str(moved), str(tmp_path / "hf")]) == 0
+    assert f"exported {moved} ->" in capsys.readouterr().out
+    _edit_config(moved, run_dir="runs/tiny-ko")
+    assert main(["generate", str(moved), "generate.max_new_tokens=8"]) == 0
+    assert capsys.readouterr().out == continuation
+    assert main(["generate", str(eval_run / "config.yaml"), "generate.max_new_tokens=8"]) == 0  # a config file
+    assert capsys.readouterr().out == continuation
+
+    manifest = json.loads((moved / "data" / "manifest.json").read_text())
+    manifest["tokenizer"]["fingerprint"] = "0123456789abcdef"  # data prepared with another tokenizer
+    (moved / "data" / "manifest.json").write_text(json.dumps(manifest))
+    rc, _, err = ondol_eval(capsys, moved, "--data", corpus)
+    assert rc == 1 and "was prepared with tokenizer 0123456789abcdef" in err and len(err.splitlines()) == 1, err
 
 
 def test_bad_input_is_one_line(eval_run, tmp_path, capsys):

@@ -32,6 +32,7 @@ from golden import (
 )
 from safetensors.torch import load_file
 
+from ondol.errors import DataError
 from ondol.train import checkpoint
 from ondol.train.config import OptimConfig
 from ondol.train.metrics import read_metrics
@@ -288,6 +289,81 @@ def test_trainer_refuses_to_resume_a_different_shape(assets, zero0, tmp_path):
     (run / "checkpoints").symlink_to(zero0["run"] / "checkpoints", target_is_directory=True)
     with pytest.raises(checkpoint.IncompatibleCheckpoint, match="model.n_layers: 4 -> 2"):
         Trainer(tiny_config(run, assets, "model.n_layers=2")).fit()
+
+
+def test_resume_refuses_any_change_of_the_models_function_and_lists_each(zero0):
+    folder = checkpoint.latest_checkpoint(zero0["run"] / "checkpoints")
+    meta = checkpoint.read_meta(folder)
+    model = {**meta["model"], "window": 32, "rope_theta": 500000.0, "max_seq_len": 512, "attn_pattern": "LG"}
+    with pytest.raises(checkpoint.IncompatibleCheckpoint) as info:
+        checkpoint.check_compatible(folder, {**meta, "model": model, "seq_len": 32})
+    assert str(info.value).startswith(
+        f"cannot resume from {folder}: model.attn_pattern: 'LLLG' -> 'LG'; model.window: 64 -> 32; "
+        "model.rope_theta: 10000.0 -> 500000.0; model.max_seq_len: 1024 -> 512; data.seq_len: 64 -> 32. ")
+    kernels_and_losses = {"attn_backend": "sdpa", "moe_dispatch": "bmm_padded", "aux_loss_coef": 0.01,
+                          "z_loss_coef": 0.001, "bias_update_rate": 0.0, "mtp_loss_weight": 0.1, "init_std": 0.01}
+    checkpoint.check_compatible(folder, {**meta, "model": {**meta["model"], **kernels_and_losses}})
+
+
+def test_resume_from_before_a_model_key_or_the_weights_were_recorded_takes_their_defaults(zero0, tmp_path):
+    from ondol.model.config import ModelConfig
+
+    folder = tmp_path / checkpoint.latest_checkpoint(zero0["run"] / "checkpoints").name
+    shutil.copytree(checkpoint.latest_checkpoint(zero0["run"] / "checkpoints"), folder)
+    meta = checkpoint.read_meta(folder)
+    older = {k: v for k, v in meta.items() if k != "weights"}
+    older["model"] = {k: v for k, v in meta["model"].items() if k != "mtp_layers"}
+    (folder / checkpoint.META).write_text(json.dumps(older))
+    checkpoint.check_compatible(folder, meta)  # mtp_layers: the default (0) it was trained with
+    with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r"model.mtp_layers: 0 -> 1\."):
+        checkpoint.check_compatible(folder, {**meta, "model": {**meta["model"], "mtp_layers": 1}})
+    assert ModelConfig.mtp_layers == 0
+
+
+def test_mixture_weights_are_the_configs_and_a_change_is_refused_on_resume(assets, zero0, tmp_path):
+    """The loader mixes by data.sources' weights, not the (older) ones in the data manifest; a resume with
+    other weights is refused before anything is written, so config.yaml never records weights that did not run."""
+    from ondol.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    link_data(run, assets)
+    (run / "checkpoints").symlink_to(zero0["run"] / "checkpoints", target_is_directory=True)
+    cfg = tiny_config(run, assets, *ZERO_RUN)
+    assert {s.name: s.weight for s in cfg.data.sources} == {"ko_reviews": 0.6, "ko_docs": 0.4}
+    cfg.data.sources[1].weight = 0.9
+    trainer = Trainer(cfg)
+    assert trainer.loader.weights == trainer.val_loader.weights == {"ko_reviews": 0.6, "ko_docs": 0.9}
+    assert json.loads((assets / "data" / "manifest.json").read_text())["weights"]["ko_docs"] == 0.4
+    with pytest.raises(checkpoint.IncompatibleCheckpoint,
+                       match=r": data.sources\[ko_docs\].weight: 0.4 -> 0.9\. Restore the original setting"):
+        trainer.fit()
+    assert not (run / "config.yaml").exists()
+    cfg.data.sources[0].name = "ko_news"
+    with pytest.raises(DataError, match=r"data.sources \['ko_news'\] are not in .*re-run `ondol data prepare"):
+        Trainer(cfg)
+
+
+def test_train_refuses_data_prepared_with_another_tokenizer(assets, tmp_path, capsys):
+    """Exit 3 and one line naming both folders: the data's token ids belong to the other tokenizer."""
+    from ondol.configs import to_yaml
+    from ondol.launch.cli import main
+
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    for part in (assets / "data").iterdir():
+        (run / "data" / part.name).symlink_to(part)
+    manifest = json.loads((assets / "data" / "manifest.json").read_text())
+    manifest["tokenizer"]["fingerprint"] = "0123456789abcdef"  # as `ondol data prepare` with another tokenizer
+    (run / "data" / "manifest.json").unlink()
+    (run / "data" / "manifest.json").write_text(json.dumps(manifest))
+    config = tmp_path / "run.yaml"
+    config.write_text(to_yaml(tiny_config(run, assets)))
+    assert main(["train", str(config)]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith(f"ondol: data error: {run / 'data'} was prepared with tokenizer 0123456789abcdef, but "
+                          f"the run's tokenizer at {assets / 'tokenizer'} is "), err
+    assert "`ondol data prepare CONFIG`" in err and len(err.strip().splitlines()) == 1
+    assert not (run / "checkpoints").exists()
 
 
 def test_incomplete_checkpoint_is_ignored(zero0, tmp_path):

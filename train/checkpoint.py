@@ -16,6 +16,7 @@ three DeepSpeed classes its optimizer files contain.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -29,15 +30,17 @@ import torch.distributed as dist
 
 from ondol.errors import TrainError
 from ondol.files import fsync_tree, write_atomic
+from ondol.model.config import ModelConfig
 from ondol.train import expert_parallel, state_shards
 
 META, LATEST, CLIENT_STATE = "meta.json", "latest", "client_state.pt"
 LAYOUT_KEYS = ("world_size", "expert_parallel_size", "zero_stage")  # how weights and optimizer state are split
 _TAG = re.compile(r"^step_(\d{8})$")
-# Fields whose change alters parameter shapes or their meaning; anything else may change on resume.
-SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden", "n_experts",
-              "top_k", "n_shared_experts", "expert_hidden", "first_k_dense", "tie_embeddings", "qk_norm",
-              "attn_sinks", "attn_pattern", "norm_placement", "router_score")
+# The model keys that may change on resume: how the same function is computed (kernels) and training-only terms
+# (balancing, auxiliary losses, initialisation). Every other model key shapes the parameters or defines the
+# function they compute (window, rope_theta, max_seq_len, layer pattern, experts, ...) and must match.
+RESUMABLE_MODEL_KEYS = ("attn_backend", "moe_dispatch", "bias_update_rate", "aux_loss_coef", "z_loss_coef",
+                        "mtp_loss_weight", "init_std")
 
 
 class IncompatibleCheckpoint(TrainError):
@@ -194,16 +197,35 @@ def describe_layout(folder: Path) -> str:
     return ", ".join(f"{k} {saved.get(k)}" for k in LAYOUT_KEYS)
 
 
+def _model_changes(saved: dict, model: dict) -> list[str]:
+    """'model.KEY: old -> new' for each model key outside RESUMABLE_MODEL_KEYS that differs (a key the checkpoint
+    predates counts as its default, the behaviour it was trained with)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    changed = []
+    for key, value in model.items():
+        old = saved.get(key, defaults.get(key))
+        if key not in RESUMABLE_MODEL_KEYS and old != value:
+            changed.append(f"model.{key}: {old!r} -> {value!r}")
+    return changed
+
+
+def _weight_changes(saved: dict, weights: dict) -> list[str]:
+    """'data.sources[NAME].weight: old -> new' for each source whose mixture weight differs (0: left out)."""
+    return [f"data.sources[{name}].weight: {saved.get(name, 0)} -> {weights.get(name, 0)}"
+            for name in sorted(set(saved) | set(weights)) if saved.get(name, 0) != weights.get(name, 0)]
+
+
 def check_compatible(folder: Path, meta: dict) -> None:
-    """Refuse a checkpoint whose model shape, tokenizer or data differs from this run's, or whose layout
-    (world size, expert-parallel size, ZeRO stage) differs where no reshard can bridge it."""
+    """Refuse a checkpoint whose model, tokenizer, data, sequence length or mixture differs from this run's, or
+    whose layout (world size, expert-parallel size, ZeRO stage) differs where no reshard can bridge it."""
     saved = read_meta(folder)
-    changed = [f"model.{k}: {saved['model'].get(k)!r} -> {meta['model'].get(k)!r}" for k in SHAPE_KEYS
-               if saved["model"].get(k) != meta["model"].get(k)]
-    for key, what in (("tokenizer_fingerprint", "tokenizer"), ("data_hash", "prepared data"),
+    changed = _model_changes(saved["model"], meta["model"])
+    for key, what in (("tokenizer_fingerprint", "tokenizer fingerprint"), ("data_hash", "prepared data hash"),
                       ("seq_len", "data.seq_len")):
         if saved.get(key) != meta.get(key):
             changed.append(f"{what}: {saved.get(key)!r} -> {meta.get(key)!r}")
+    if "weights" in saved:  # recorded since mixture weights apply at training time
+        changed += _weight_changes(saved["weights"], meta["weights"])
     reshardable = (folder / CLIENT_STATE).is_file()  # any stage from the per-rank shards (state_shards)
     for key in ("zero_stage", "expert_parallel_size"):  # both decide how optimizer state is laid out
         if saved.get(key, 1 if key == "expert_parallel_size" else None) != meta.get(key) and not reshardable:

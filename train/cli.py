@@ -47,10 +47,6 @@ def eval_command(args: argparse.Namespace) -> int:
     from ondol.train.checkpoint import IncompatibleCheckpoint
     from ondol.train.evaluation import evaluate_run, print_table
 
-    if not (Path(args.run_dir) / "config.yaml").is_file():
-        print(f"ondol eval: {args.run_dir} has no config.yaml: give a run directory written by `ondol run` or "
-              "`ondol train`", file=sys.stderr)
-        return 1
     try:
         task_data = dict(_task_file(item) for item in args.task_data or ())
         result = evaluate_run(args.run_dir, args.checkpoint, args.data or ())
@@ -93,7 +89,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Bits per byte (UTF-8) and per character of RUN_DIR's model on the held-out documents of "
         "every source of the run (or on --data files), each document scored whole from its start with the "
         "run's context length (sliding windows beyond it): numbers that compare across tokenizers.")
-    e.add_argument("run_dir", help="a run directory written by `ondol run` or `ondol train`")
+    e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `ondol run` or `ondol train` "
+                   "(every file is read from it), or the run's config YAML")
     e.add_argument("--checkpoint", help="step_N: a checkpoint of the run instead of its final weights")
     e.add_argument("--data", action="append", metavar="FILE", help="a .jsonl[.gz] or text file to score instead "
                    "of the validation split (repeat for several; each is a source named after the file)")

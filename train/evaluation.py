@@ -127,6 +127,19 @@ def _shard_documents(shards) -> Iterable:
             yield shard.document(i)
 
 
+def load_tokenizer(cfg):
+    """The run's tokenizer, refused when the run's prepared data (RUN_DIR/data, when there) was tokenized by
+    another: the model learned those ids."""
+    from ondol.configs import data_dir, tokenizer_dir
+    from ondol.data.shards import MANIFEST, check_tokenizer, read_manifest
+    from ondol.tokenizer.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tokenizer_dir(cfg))
+    if (data_dir(cfg) / MANIFEST).is_file():
+        check_tokenizer(data_dir(cfg), read_manifest(data_dir(cfg)), tokenizer)
+    return tokenizer
+
+
 def load_model(run_dir, checkpoint: str | None = None):
     """The run's final weights (RUN_DIR/model), or those of checkpoint `step_N` (or its folder)."""
     from pathlib import Path
@@ -165,17 +178,16 @@ def _tag(name: str) -> str:
 def evaluate_run(run_dir, checkpoint: str | None = None, data_files: list[str] | tuple[str, ...] = (),
                  batch_tokens: int = 8192) -> dict:
     """`ondol eval`: bits per byte of RUN_DIR's model on the run's held-out documents of every source, or on
-    the given jsonl/text files (one source each, named after the file)."""
+    the given jsonl/text files (one source each, named after the file). RUN_DIR may be the run's config YAML."""
     from pathlib import Path
 
-    from ondol.configs import data_dir, load_config, tokenizer_dir
+    from ondol.configs import data_dir, load_run_config
     from ondol.data.config import SourceConfig
     from ondol.data.sources import iter_documents
-    from ondol.tokenizer.tokenizer import Tokenizer
 
-    cfg = load_config(Path(run_dir) / "config.yaml")
-    tokenizer = Tokenizer.load(tokenizer_dir(cfg))
-    model = load_model(run_dir, checkpoint)
+    cfg = load_run_config(run_dir)
+    tokenizer = load_tokenizer(cfg)
+    model = load_model(cfg.run_dir, checkpoint)
     if data_files:
         documents = {}
         for path in data_files:

@@ -23,13 +23,12 @@ class OndolLM(TemplateLM):
 
     def __init__(self, run_dir: str, checkpoint: str | None = None, batch_tokens: int = 8192) -> None:
         super().__init__()
-        from ondol.configs import load_config, tokenizer_dir
-        from ondol.tokenizer.tokenizer import Tokenizer
-        from ondol.train.evaluation import load_model
+        from ondol.configs import load_run_config
+        from ondol.train.evaluation import load_model, load_tokenizer
 
-        cfg = load_config(Path(run_dir) / "config.yaml")
-        self.tokenizer = Tokenizer.load(tokenizer_dir(cfg))
-        self.model = load_model(run_dir, checkpoint)
+        cfg = load_run_config(run_dir)
+        self.tokenizer = load_tokenizer(cfg)
+        self.model = load_model(cfg.run_dir, checkpoint)
         self.context, self.batch_tokens = cfg.data.seq_len, batch_tokens
         self.start = document_start(self.tokenizer, cfg.data.bos)
 

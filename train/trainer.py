@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ondol.configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, tokenizer_dir
-from ondol.errors import TrainError
+from ondol.errors import ConfigError, DataError, TrainError
 from ondol.files import write_atomic
 from ondol.train import checkpoint, expert_parallel, state_shards
 from ondol.train.engine import build_engine, build_model, init_distributed
@@ -42,7 +42,7 @@ class NothingToTrain(TrainError):
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
         from ondol.data.loader import TokenLoader
-        from ondol.data.shards import read_manifest
+        from ondol.data.shards import check_tokenizer, read_manifest
         from ondol.model.flops import train_flops_per_token
         from ondol.tokenizer.tokenizer import Tokenizer
 
@@ -51,16 +51,13 @@ class Trainer:
         if cfg.model.vocab_size == 0:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
         elif cfg.model.vocab_size < tokenizer.vocab_size:
-            raise ValueError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
+            raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
                              f"{tokenizer.vocab_size} at {tokenizer_dir(cfg)}: set model.vocab_size=0 to take it")
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         manifest = read_manifest(data_dir(cfg))
-        self.meta = {"model": config_dict(cfg.model), "tokenizer_fingerprint": tokenizer.fingerprint,
-                     "data_hash": manifest["hash"], "seq_len": cfg.data.seq_len,
-                     "zero_stage": cfg.deepspeed.zero_stage, "world_size": self.env.world_size,
-                     "expert_parallel_size": cfg.deepspeed.expert_parallel_size}
+        check_tokenizer(data_dir(cfg), manifest, tokenizer)
 
         _seed_everything(cfg.seed)
         self.model = build_model(cfg, self.env)  # only this rank's share materialised; the same for every layout
@@ -71,10 +68,16 @@ class Trainer:
         self.moe_layers = self.engine.module.moe_layers()
         self.moe_layer_ids = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
         tr, env = cfg.train, self.env
+        weights = _mixture_weights(cfg, manifest)
         self.loader = TokenLoader(data_dir(cfg), "train", cfg.data.seq_len, tr.micro_batch_size, env.rank,
-                                  env.world_size, seed=cfg.seed)
+                                  env.world_size, seed=cfg.seed, weights=weights)
         self.val_loader = TokenLoader(data_dir(cfg), "val", cfg.data.seq_len, tr.micro_batch_size, env.rank,
-                                      env.world_size, seed=cfg.seed)
+                                      env.world_size, seed=cfg.seed, weights=weights)
+        # what decides whether a checkpoint can continue this run (checkpoint.check_compatible)
+        self.meta = {"model": config_dict(cfg.model), "tokenizer_fingerprint": tokenizer.fingerprint,
+                     "data_hash": manifest["hash"], "seq_len": cfg.data.seq_len, "weights": self.loader.weights,
+                     "zero_stage": cfg.deepspeed.zero_stage, "world_size": self.env.world_size,
+                     "expert_parallel_size": cfg.deepspeed.expert_parallel_size}
         self.tokens_per_step = tr.micro_batch_size * tr.grad_accum * env.world_size * cfg.data.seq_len
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         peak, self.peak_source = detect_peak_tflops(env.device, cfg.logging.peak_tflops, cfg.deepspeed.precision)
@@ -365,6 +368,18 @@ class Trainer:
                 "final_val_loss": val[-1] if val else None, "final_loss": train[-1] if train else None,
                 "nonfinite_steps": self.nonfinite["total"], "model_dir": str(model_dir(self.cfg)),
                 "run_dir": str(self.run_dir)}
+
+
+def _mixture_weights(cfg: RunConfig, manifest: dict) -> dict[str, float] | None:
+    """The mixture weights of data.sources, applied when training (not when preparing), so the weights in the
+    config are the ones that run; None when the config lists no sources (the manifest's weights apply)."""
+    if not cfg.data.sources:
+        return None
+    weights = {s.name: s.weight for s in cfg.data.sources}
+    if unprepared := sorted(set(weights) - set(manifest["weights"])):
+        raise DataError(f"data.sources {unprepared} are not in {data_dir(cfg)} (prepared: "
+                        f"{sorted(manifest['weights'])}): re-run `ondol data prepare CONFIG`")
+    return weights
 
 
 def _seed_everything(seed: int) -> None:
