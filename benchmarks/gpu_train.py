@@ -1,20 +1,26 @@
 """Training speed of `ondol train` on one GPU, beside a bare training loop and transformers' ExaoneMoeForCausalLM.
 
-Trains a model preset (default: the ~1B-total MoE, LLLG attention, window 128) on real Korean batches
-(ko_reviews + ko_docs through Ondol's own tokenizer and data pipeline, so routing is as unbalanced as real text
-makes it) for a fixed number of steps after warm-up:
+Two workloads, each trained on real Korean batches (ko_reviews + ko_docs through Ondol's own tokenizer and data
+pipeline, so routing is as unbalanced as real text makes it) with 4 micro-batches of gradient accumulation per
+optimizer step, as configs/k-exaone-236b.yaml:
+  - moe-1b: the ~1B-total MoE preset, batch 8 x 2048;
+  - k-exaone-shaped: K-EXAONE-236B's layer shapes (d_model 6,144, 64/8 heads of 128, top-8 of 2,048-wide
+    experts + 1 shared, window 128, LLLG, the real 153,600 vocabulary), batch 1 x 4096, with 2 layers of 16
+    experts and no MTP so that weights, gradients and Adam state fit one 80 GB GPU; its memory is planned with
+    `ondol plan`'s own model (train/memory.py) and printed first.
+Rows, each in its own process (so nothing a row leaves behind, e.g. a DeepSpeed engine, holds memory in the next;
+peak memory is each row's own):
   - the `Trainer` step itself (DeepSpeed engine, ZeRO, fp32 master weights, router-bias update), once per
     row of TRAINER_ROWS: the same config keys a user sets (train.compile=true, ...), plus --train-overrides;
   - a bare loop (bf16 parameters, torch AdamW, no DeepSpeed), each variant switching on one more fast path;
   - the same config as transformers' ExaoneMoeForCausalLM in that bare loop, on the same batches.
-Prints two tables: tokens/s, achieved TFLOP/s, MFU against the device's dense bf16 peak, peak memory, host
-syncs per step, then for the trainer the forward / backward / optimizer (engine.step) split of a step (each
-part synchronised, mean of 3 steps) and for the bare loop the profiler's time shares of attention, MoE and the
-rest.
+Prints per workload two tables: tokens/s, achieved TFLOP/s, MFU against the device's dense bf16 peak, peak
+memory, host syncs per optimizer step, then for the trainer the forward / backward / optimizer (engine.step)
+split of a step (each part synchronised, mean of 3 steps) and for the bare loop the profiler's time shares of
+attention, MoE and the rest.
 
-    python benchmarks/gpu_train.py                          # CUDA: moe-1b, batch 8 x 2048, bf16, ZeRO 1
-    python benchmarks/gpu_train.py --device cpu --preset tiny --batch 2 --seq-len 256 --steps 2 --warmup 1 \
-        --docs 3000 --vocab 4096                            # CPU at tiny size (fp32, ZeRO 0)
+    python benchmarks/gpu_train.py --work gpu-work        # CUDA: both workloads, default rows (reuses gpu-work)
+    python benchmarks/gpu_train.py --cpu-smoke            # the same code on CPU at tiny shapes (a minute or two)
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,14 +44,17 @@ from torch.profiler import ProfilerActivity, profile, record_function
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ondol.configs import load_config
 from ondol.data.config import DataConfig, SourceConfig
 from ondol.data.loader import TokenLoader
 from ondol.data.preparation import prepare
+from ondol.launch.plan import plan_for_config, table
 from ondol.model.config import PRESET_DIR, load_preset
 from ondol.model.export import hf_config, hf_state_dict
 from ondol.model.flops import param_counts, train_flops_per_token
 from ondol.model.transformer import Transformer
 from ondol.tokenizer.config import TokenizerConfig
+from ondol.tokenizer.tokenizer import Tokenizer
 from ondol.tokenizer.train import train_tokenizer
 from ondol.train.config import TrainConfig
 from ondol.train.fast_paths import apply_compile_and_checkpointing
@@ -67,19 +78,56 @@ TRAINER_ROWS = {
                              "train.checkpointed_blocks=alternate"],
     "train +compile +full ckpt": ["train.compile=true", "train.activation_checkpointing=true"],
 }
+GRAD_ACCUM = 4  # micro-batches per optimizer step, as configs/k-exaone-236b.yaml
+# name: model preset, overrides, micro-batch, sequence length, and the rows a plain run measures (chosen so that
+# the whole default run takes about 7 minutes on one H100: see benchmarks/README.md).
+WORKLOADS = {
+    "moe-1b": {"preset": "moe-1b", "model": {}, "batch": 8, "seq_len": 2048,
+               "trainer_rows": "train +compile", "variants": "+compile", "transformers": True},
+    "k-exaone-shaped": {"preset": "k-exaone-236b",
+                        "model": {"n_layers": 2, "n_experts": 16, "first_k_dense": 0, "mtp_layers": 0},
+                        "batch": 1, "seq_len": 4096,
+                        "trainer_rows": "train +compile", "variants": "", "transformers": False},
+}
+# --cpu-smoke: every workload at the tiny preset's shapes, the vocabulary still above the tokenizer's where the
+# workload sets its own (as K-EXAONE's 153,600 is above the benchmark tokenizer's 32,768).
+SMOKE = {"preset": "tiny", "batch": 2, "seq_len": 128}
+SMOKE_ARGS = {"device": "cpu", "steps": 1, "warmup": 1, "docs": 3000, "vocab": 4096,
+              "trainer_rows": "train", "variants": "sdpa+loop"}
 
 
-def korean_batches(args, vocab_size: int, work: Path) -> tuple[list[dict], int]:
-    """steps + warmup batches of real Korean text, tokenized and packed by Ondol's own pipeline into `work`
-    (tokenizer/ and data/, which the trainer rows read too)."""
+def workload(args, name: str) -> dict:
+    if not args.cpu_smoke:
+        return WORKLOADS[name]
+    vocab = {"vocab_size": 4 * args.vocab} if load_preset(WORKLOADS[name]["preset"]).vocab_size else {}
+    return {**WORKLOADS[name], **SMOKE, "model": vocab}
+
+
+def prepare_work(args, work: Path) -> None:
+    """Ondol's own tokenizer (work/tokenizer) and prepared data (work/data) from ko_reviews + ko_docs; a folder
+    that has both already (--work from an earlier run) is used as it is. Shards do not depend on seq_len."""
+    if (work / "tokenizer").is_dir() and (work / "data").is_dir():
+        print(f"reusing the tokenizer and data in {work}")
+        return
     corpora = Path(os.environ.get("ONDOL_CORPORA", ROOT.parent / "shared" / "corpora"))
     sources = [SourceConfig(name="ko_reviews", path=str(corpora / "ko_reviews.jsonl.gz"), max_docs=args.docs),
                SourceConfig(name="ko_docs", path=str(corpora / "ko_docs.jsonl.gz"))]
-    tok = train_tokenizer(TokenizerConfig(vocab_size=vocab_size, max_sentences=200_000), sources,
+    tok = train_tokenizer(TokenizerConfig(vocab_size=args.vocab, max_sentences=200_000), sources,
                           work / "tokenizer", seed=0)
-    prepare(DataConfig(sources=sources, seq_len=args.seq_len), tok, work / "data", seed=0, progress=False)
-    loader = TokenLoader(work / "data", "train", args.seq_len, args.batch, seed=0)
-    return [next(loader) for _ in range(args.warmup + args.steps)], tok.vocab_size
+    prepare(DataConfig(sources=sources, seq_len=WORKLOADS["moe-1b"]["seq_len"]), tok, work / "data", seed=0,
+            progress=False)
+
+
+def korean_batches(args, w: dict, work: Path) -> list[list[dict]]:
+    """warmup + steps optimizer steps of GRAD_ACCUM micro-batches of real Korean text from the prepared data."""
+    loader = TokenLoader(work / "data", "train", w["seq_len"], w["batch"], seed=0)
+    return [[next(loader) for _ in range(GRAD_ACCUM)] for _ in range(args.warmup + args.steps)]
+
+
+def model_config(w: dict, work: Path):
+    """The workload's model; vocabulary: the preset's own (K-EXAONE's 153,600), else the tokenizer's."""
+    cfg = load_preset(w["preset"], **w["model"], max_seq_len=max(w["seq_len"], 4096))
+    return cfg if cfg.vocab_size else replace(cfg, vocab_size=Tokenizer.load(work / "tokenizer").vocab_size)
 
 
 def peak_tflops(device: torch.device, given: float) -> float:
@@ -129,23 +177,26 @@ def build(variant: dict, base_cfg, device, hf: bool):
 
 
 def step_fn(model, opt, hf: bool):
-    def step(batch):
-        if hf:
-            out = model(input_ids=batch["input_ids"], labels=batch["labels"])
-            loss = out.loss
-        else:
-            out = model(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"])
-            loss = out.loss + out.aux_loss
-        loss.backward()
+    """One optimizer step over a list of micro-batches (gradients accumulated, the loss averaged)."""
+    def step(micro_batches):
+        total = 0.0
+        for batch in micro_batches:
+            if hf:
+                loss = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+            else:
+                out = model(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"])
+                loss = out.loss + out.aux_loss
+            (loss / len(micro_batches)).backward()
+            total += loss.detach() / len(micro_batches)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if not hf:
             model.update_router_biases()
-        return loss.detach()
+        return total
     return step
 
 
-def measure(name: str, variant: dict, base_cfg, batches, args, device) -> dict:
+def measure(name: str, variant: dict, base_cfg, batches, args, device, w: dict) -> dict:
     hf = name == "transformers"
     if device.type != "cuda" and variant.get("attn_backend") == "flex":
         return {"variant": name, "skipped": "FlexAttention has no backward on CPU"}
@@ -156,29 +207,25 @@ def measure(name: str, variant: dict, base_cfg, batches, args, device) -> dict:
     step = step_fn(model, opt, hf)
     # transformers shifts labels itself, so it gets labels = input_ids (same targets but the last position's);
     # it has no document masking, so it attends across packed documents where Ondol does not.
-    use = [{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in batches]
+    use = [[{k: v.to(device, non_blocking=True) for k, v in b.items()} for b in group] for group in batches]
     if hf:
-        use = [{**b, "labels": b["input_ids"]} for b in use]
+        use = [[{**b, "labels": b["input_ids"]} for b in group] for group in use]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for b in use[: args.warmup]:
-        step(b)
+    for group in use[: args.warmup]:
+        step(group)
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    losses = [step(b) for b in use[args.warmup:]]
+    losses = [step(group) for group in use[args.warmup:]]
     sync()
     elapsed = time.perf_counter() - start
-    tokens = args.batch * args.seq_len * args.steps
-    tps = tokens / elapsed
-    tflops = tps * train_flops_per_token(cfg, args.seq_len) / 1e12
-    row = {"variant": name, "tokens_per_s": tps, "tflops": tflops, "loss": float(losses[-1]),
+    tps = w["batch"] * w["seq_len"] * GRAD_ACCUM * args.steps / elapsed
+    row = {"variant": name, "tokens_per_s": tps, "tflops": tps * train_flops_per_token(cfg, w["seq_len"]) / 1e12,
+           "loss": float(losses[-1]),
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
            "syncs_per_step": count_host_syncs(step, use[-1], device)}
     row.update(time_shares(step, use[-1], device))
-    del model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -191,19 +238,19 @@ def count_host_syncs(step, batch, device) -> float:
     return float(syncs.count)
 
 
-def trainer_config(overrides: list[str], args, work: Path, device: torch.device):
-    """A run config as a user would write it: the preset, this run's tokenizer and data, then the overrides."""
-    from ondol.configs import load_config
-
+def trainer_config(overrides: list[str], args, work: Path, w: dict, device: torch.device):
+    """A run config as a user would write it: the workload's model, this run's tokenizer and data, then the
+    overrides."""
     run = Path(tempfile.mkdtemp(prefix="train-", dir=work))
     (run / "data").symlink_to(work / "data", target_is_directory=True)
     cuda = device.type == "cuda"
-    preset = Path(args.preset) if Path(args.preset).suffix else PRESET_DIR / f"{args.preset}.yaml"
-    model = {**yaml.safe_load(preset.read_text(encoding="utf-8")), "vocab_size": 0,
-             "max_seq_len": max(args.seq_len, 4096)}
+    preset = Path(w["preset"]) if Path(w["preset"]).suffix else PRESET_DIR / f"{w['preset']}.yaml"
+    model = {**yaml.safe_load(preset.read_text(encoding="utf-8")), **w["model"],
+             "vocab_size": model_config(w, work).vocab_size, "max_seq_len": max(w["seq_len"], 4096)}
     config = {"run_dir": str(run), "seed": 0, "tokenizer": {"path": str(work / "tokenizer")},
-              "data": {"seq_len": args.seq_len}, "model": model,
-              "train": {"steps": 1 << 30, "micro_batch_size": args.batch, "eval_bpb_tokens": 0, "resume": "never"},
+              "data": {"seq_len": w["seq_len"]}, "model": model,
+              "train": {"steps": 1 << 30, "micro_batch_size": w["batch"], "grad_accum": GRAD_ACCUM,
+                        "eval_bpb_tokens": 0, "resume": "never"},
               "deepspeed": {"zero_stage": 1 if cuda else 0, "precision": "bf16" if cuda else "fp32"},
               "logging": {"progress": False, "wandb_mode": "disabled", "peak_tflops": args.peak_tflops}}
     path = run / "run.yaml"
@@ -211,11 +258,11 @@ def trainer_config(overrides: list[str], args, work: Path, device: torch.device)
     return load_config(path, [*args.train_overrides, *overrides])
 
 
-def measure_trainer(name: str, overrides: list[str], args, work: Path, device: torch.device) -> dict:
+def measure_trainer(name: str, overrides: list[str], args, work: Path, device: torch.device, w: dict) -> dict:
     """The `Trainer` step itself, as `ondol train` runs it (without evaluation, logging and checkpoints)."""
     from ondol.train.trainer import Trainer
 
-    trainer = Trainer(trainer_config(overrides, args, work, device))
+    trainer = Trainer(trainer_config(overrides, args, work, w, device))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(args.warmup):
         trainer.train_step()
@@ -233,9 +280,6 @@ def measure_trainer(name: str, overrides: list[str], args, work: Path, device: t
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan"),
            "syncs_per_step": count_host_syncs(trainer.train_step, None, device)}
     row.update(step_split(trainer, sync))
-    del trainer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -285,44 +329,88 @@ def time_shares(step, batch, device) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="moe-1b")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated subset of " + ",".join(WORKLOADS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per row")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--vocab", type=int, default=32768, help="the benchmark tokenizer's vocabulary")
     p.add_argument("--docs", type=int, default=200_000, help="ko_reviews documents to tokenize for batches")
+    p.add_argument("--work", help="folder for the tokenizer and data, reused when both are there (default: a "
+                                  "temporary one)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak; 0: by device name")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
-    p.add_argument("--no-transformers", action="store_true")
-    p.add_argument("--trainer-rows", default=",".join(TRAINER_ROWS),
-                   help="comma-separated subset of " + ",".join(TRAINER_ROWS) + " (empty: none)")
+    p.add_argument("--variants", help="bare-loop rows, comma-separated subset of " + ",".join(VARIANTS)
+                   + " (default: each workload's own; empty: none)")
+    p.add_argument("--transformers", choices=("on", "off"), help="transformers' row (default: each workload's)")
+    p.add_argument("--trainer-rows", help="comma-separated subset of " + ",".join(TRAINER_ROWS)
+                   + " (default: each workload's own; empty: none)")
     p.add_argument("--train-overrides", nargs="*", default=[],
                    help="config overrides for every trainer row, e.g. deepspeed.zero_stage=2 optim.adamw=foreach")
+    p.add_argument("--cpu-smoke", action="store_true", help="the same code on CPU at tiny shapes, one step per row")
+    p.add_argument("--row", nargs=3, metavar=("WORKLOAD", "KIND", "NAME"), help=argparse.SUPPRESS)
     args = p.parse_args()
-
+    if args.cpu_smoke:
+        for key, value in SMOKE_ARGS.items():
+            setattr(args, key, value)
     device = torch.device(args.device)
-    with tempfile.TemporaryDirectory() as work:
-        run(args, device, Path(work))
+    if args.row:  # a child: one row, printed as the last line of its output
+        print(ROW_MARK + json.dumps(run_row(args, device, Path(args.work), *args.row)), flush=True)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(args.work or scratch).resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        prepare_work(args, work)
+        for name in args.workloads.split(","):
+            report(args, device, work, name)
 
 
-def run(args, device: torch.device, work: Path) -> None:
-    batches, vocab = korean_batches(args, args.vocab, work)
-    base_cfg = load_preset(args.preset, vocab_size=vocab, max_seq_len=max(args.seq_len, 4096))
-    counts = param_counts(base_cfg)
+ROW_MARK = "ROW "
+
+
+def run_row(args, device: torch.device, work: Path, name: str, kind: str, row: str) -> dict:
+    w = workload(args, name)
+    if kind == "trainer":
+        return measure_trainer(row, TRAINER_ROWS[row], args, work, device, w)
+    return measure(row, VARIANTS.get(row, {}), model_config(w, work), korean_batches(args, w, work), args, device, w)
+
+
+def in_own_process(args, work: Path, name: str, kind: str, row: str) -> dict:
+    """One row in a fresh process: whatever it allocates (a DeepSpeed engine, compiled graphs, the CUDA caching
+    allocator's blocks) is gone before the next row starts, and its peak memory is its own."""
+    argv = [sys.executable, __file__, *sys.argv[1:], "--work", str(work), "--row", name, kind, row]
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    result = {"variant": row, "skipped": "its process failed (output above)"}
+    for line in child.stdout:
+        if line.startswith(ROW_MARK):
+            result = json.loads(line[len(ROW_MARK):])
+        else:
+            print(line, end="", flush=True)
+    child.wait()
+    return result
+
+
+def report(args, device: torch.device, work: Path, name: str) -> None:
+    """One workload: its memory plan, then each row in its own process, then the tables."""
+    w = workload(args, name)
+    cfg = model_config(w, work)
+    counts = param_counts(cfg)
     peak = peak_tflops(device, args.peak_tflops)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {gpu} | preset {args.preset}: {counts['total'] / 1e6:,.1f}M total, "
-          f"{counts['active'] / 1e6:,.1f}M active | batch {args.batch} x {args.seq_len} | {args.steps} steps "
-          f"after {args.warmup} warm-up | peak {peak or 'unknown'} TFLOP/s | torch {torch.__version__}")
+    print(f"\n== {name} | device {gpu} | {counts['total'] / 1e6:,.1f}M total, {counts['active'] / 1e6:,.1f}M "
+          f"active, vocabulary {cfg.vocab_size:,} | {GRAD_ACCUM} x {w['batch']} x {w['seq_len']} tokens per step | "
+          f"{args.steps} steps after {args.warmup} warm-up | peak {peak or 'unknown'} TFLOP/s | "
+          f"torch {torch.__version__}")
+    gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    plan = plan_for_config(trainer_config(args.train_overrides, args, work, w, device), 1, 1)
+    print("memory of the `ondol train` rows as `ondol plan` computes it (train/memory.py):")
+    print("\n".join("  " + line for line in table(plan, gpu_gib)))
 
-    trained = [measure_trainer(n, TRAINER_ROWS[n], args, work, device)
-               for n in args.trainer_rows.split(",") if n]
-    names = [n for n in args.variants.split(",") if n]
-    rows = [measure(n, VARIANTS[n], base_cfg, batches, args, device) for n in names]
-    if not args.no_transformers:
-        rows.append(measure("transformers", {}, base_cfg, batches, args, device))
+    def chosen(given: str | None, own: str) -> list[str]:
+        return [n for n in (own if given is None else given).split(",") if n]
+
+    trained = [in_own_process(args, work, name, "trainer", n) for n in chosen(args.trainer_rows, w["trainer_rows"])]
+    rows = [in_own_process(args, work, name, "bare", n) for n in chosen(args.variants, w["variants"])]
+    if w["transformers"] if args.transformers is None else args.transformers == "on":
+        rows.append(in_own_process(args, work, name, "bare", "transformers"))
     ref = next((r for r in rows if r["variant"] == "transformers" and "skipped" not in r), None)
 
     def common(r: dict) -> str:
@@ -333,19 +421,17 @@ def run(args, device: torch.device, work: Path) -> None:
 
     columns = f"{'variant':<26} {'tok/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'mem GiB':>8} {'syncs':>6} {'loss':>8} " \
               f"{'x HF':>6}"
-    if trained:
-        head = f"{columns} {'fwd ms':>7} {'bwd ms':>7} {'opt ms':>7} {'other':>7}"
-        print(f"\n`ondol train` step ({' '.join(args.train_overrides) or 'default keys'})\n{head}\n" + "-" * len(head))
-        for r in trained:
-            print(f"{common(r)} {r['forward_ms']:>7.1f} {r['backward_ms']:>7.1f} {r['step_ms']:>7.1f} "
-                  f"{r['other_ms']:>7.1f}")
-    head = f"{columns} {'attn':>6} {'moe':>6} {'rest':>6}"
-    print(f"\nbare loop\n{head}\n" + "-" * len(head))
-    for r in rows:
-        if "skipped" in r:
-            print(f"{r['variant']:<26} skipped: {r['skipped']}")
+    tables = [(f"`ondol train` step ({' '.join(args.train_overrides) or 'default keys'})", trained,
+               f"{columns} {'fwd ms':>7} {'bwd ms':>7} {'opt ms':>7} {'other':>7}",
+               lambda r: f"{r['forward_ms']:>7.1f} {r['backward_ms']:>7.1f} {r['step_ms']:>7.1f} {r['other_ms']:>7.1f}"),
+              ("bare loop", rows, f"{columns} {'attn':>6} {'moe':>6} {'rest':>6}",
+               lambda r: f"{100 * r['attention']:>5.1f}% {100 * r['moe']:>5.1f}% {100 * r['rest']:>5.1f}%")]
+    for title, found, head, extra in tables:
+        if not found:
             continue
-        print(f"{common(r)} {100 * r['attention']:>5.1f}% {100 * r['moe']:>5.1f}% {100 * r['rest']:>5.1f}%")
+        print(f"\n{name}: {title}\n{head}\n" + "-" * len(head))
+        for r in found:
+            print(f"{r['variant']:<26} skipped: {r['skipped']}" if "skipped" in r else f"{common(r)} {extra(r)}")
 
 
 if __name__ == "__main__":

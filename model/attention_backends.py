@@ -165,15 +165,11 @@ BACKENDS = {"sdpa": SDPABackend, "flex": FlexBackend, "flash": FlashVarlenBacken
 
 
 def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """The backend for `name`; 'auto' picks flash-attn (CUDA, half precision, installed), then flex on CUDA,
-    else SDPA (CPU: flex has no backward there)."""
+    """The backend for `name`; 'auto' picks flex on CUDA, else SDPA (CPU: flex has no backward there). Never
+    flash: its `prepare` reads document lengths on the host (4 syncs per forward), so only an explicit
+    model.attn_backend=flash runs it."""
     if name == "auto":
-        if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and flash_available():
-            name = "flash"
-        elif device.type == "cuda":
-            name = "flex"
-        else:
-            name = "sdpa"
+        name = "flex" if device.type == "cuda" else "sdpa"
     if name == "flash" and not flash_available():
         raise RuntimeError("model.attn_backend=flash needs the flash-attn package (pip install flash-attn), "
                            "or set model.attn_backend=auto")

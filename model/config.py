@@ -62,6 +62,9 @@ class ModelConfig:
         need(bool(self.attn_pattern) and set(self.attn_pattern) <= {"L", "G"},
              f"model.attn_pattern must be a string of L and G, got '{self.attn_pattern}'")
         need(self.attn_backend in ATTN_BACKENDS, f"model.attn_backend must be one of {ATTN_BACKENDS}")
+        need(not (self.attn_sinks and self.attn_backend == "flash"),
+             "model.attn_sinks=true does not train correctly with model.attn_backend=flash (flash-attn returns "
+             "the log-sum-exp without its gradient, so the q/k gradients would be wrong): use attn_backend auto")
         need(self.router_score in ROUTER_SCORES, f"model.router_score must be one of {ROUTER_SCORES}")
         need(self.norm_placement in NORM_PLACEMENTS, f"model.norm_placement must be one of {NORM_PLACEMENTS}")
         need(self.moe_dispatch in ("auto", "grouped_mm", "loop", "bmm_padded"),

@@ -23,17 +23,18 @@ def full_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def _chunk_loss_and_grads(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, need_grads: bool):
-    """Summed loss of one chunk, and d(sum)/d(logits) in the logits' dtype (None without `need_grads`)."""
+    """Summed loss of one chunk and, with `need_grads`, that sum's gradients of h and weight (in their dtype;
+    None without): the head matmul, the loss and both gradient matmuls, one compiled graph under train.compile."""
     logits = (h @ weight.t()).float()
     valid = labels != IGNORE
     target = labels.clamp_min(0)
     lse = torch.logsumexp(logits, dim=-1)
     loss = ((lse - logits.gather(1, target[:, None])[:, 0]) * valid).sum()
     if not need_grads:
-        return loss, None
+        return loss, None, None
     grad = (logits - lse[:, None]).exp()  # softmax
-    grad = grad.scatter_add(1, target[:, None], -valid[:, None].to(grad.dtype)) * valid[:, None]
-    return loss, grad.to(h.dtype)
+    grad = (grad.scatter_add(1, target[:, None], -valid[:, None].to(grad.dtype)) * valid[:, None]).to(h.dtype)
+    return loss, grad @ weight, grad.t() @ h
 
 
 @functools.cache
@@ -41,25 +42,29 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
 
+def _chunked(hidden, weight, labels, chunk: int, compiled: bool, need_grads: bool):
+    """(mean loss, d(summed loss)/d(hidden), d(summed loss)/d(weight) in fp32), the gradients None without
+    `need_grads`: then nothing of the size of hidden or weight is allocated."""
+    step = _compiled(_chunk_loss_and_grads) if compiled else _chunk_loss_and_grads
+    total = hidden.new_zeros((), dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden) if need_grads else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grads else None
+    for start in range(0, hidden.shape[0], chunk):
+        loss, grad_h, grad_w = step(hidden[start:start + chunk], weight, labels[start:start + chunk], need_grads)
+        total += loss
+        if need_grads:
+            grad_hidden[start:start + chunk] = grad_h
+            grad_weight += grad_w
+    count = (labels != IGNORE).sum()  # a tensor: no host sync; 0 valid labels give nan, like F.cross_entropy
+    return total / count, grad_hidden, grad_weight, count
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk: int, compiled: bool):
-        step = _compiled(_chunk_loss_and_grads) if compiled else _chunk_loss_and_grads
-        need_grads = hidden.requires_grad or weight.requires_grad
-        total = hidden.new_zeros((), dtype=torch.float32)
-        grad_hidden = torch.empty_like(hidden) if need_grads else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grads else None
-        for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start:start + chunk]
-            loss, grad = step(h, weight, labels[start:start + chunk], need_grads)
-            total += loss
-            if need_grads:
-                grad_hidden[start:start + chunk] = grad @ weight
-                grad_weight += grad.t() @ h
-        count = (labels != IGNORE).sum()  # a tensor: no host sync; 0 valid labels give nan, like F.cross_entropy
-        if need_grads:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype), count)
-        return total / count
+        loss, grad_hidden, grad_weight, count = _chunked(hidden, weight, labels, chunk, compiled, need_grads=True)
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype), count)
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -83,6 +88,10 @@ def lm_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor | None, 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
                                  compiled: bool = False) -> torch.Tensor:
-    """Mean cross-entropy of `hidden @ weight.T` (hidden [..., D], weight [V, D], labels [...]) without logits."""
-    return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                            chunk, compiled)
+    """Mean cross-entropy of `hidden @ weight.T` (hidden [..., D], weight [V, D], labels [...]) without logits.
+    Gradients are built in the forward pass only when autograd will want them: not under torch.no_grad() or
+    inference_mode (evaluation), where a [V, D] fp32 buffer would cost 3.8 GB at a 153,600 vocabulary."""
+    hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk, compiled)
+    return _chunked(hidden, weight, labels, chunk, compiled, need_grads=False)[0]

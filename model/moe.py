@@ -3,7 +3,8 @@
 The layer runs in three separable steps so that expert parallelism or faster kernels can replace one step alone:
   route    (scores, bias-corrected top-k selection, normalised and scaled weights; fp32)
   dispatch (sort the N*k token copies by expert -> `GroupedExperts` on contiguous groups -> unsort, weighted sum)
-  balance  (expert loads accumulated in `tokens_per_expert`; `update_bias` moves `expert_bias`, outside autograd)
+  balance  (loads returned in the stats, added to `tokens_per_expert` by `count_load` outside the block;
+           `update_bias` moves `expert_bias`, outside autograd)
 Routing matches transformers' ExaoneMoeTopkRouter (n_group = 1): the bias only changes which experts are
 chosen; weights come from the unbiased scores.
 """
@@ -106,7 +107,7 @@ class GroupedExperts(nn.Module):
         other orientation makes autograd copy every expert weight gradient once more (~25% of the time)."""
         E, cap = counts.shape[0], int(counts.max())
         starts = torch.cumsum(counts, 0) - counts
-        expert_of = torch.repeat_interleave(torch.arange(E, device=x.device), counts)
+        expert_of = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=x.shape[0])
         slot = torch.arange(x.shape[0], device=x.device) - starts[expert_of]
         padded = x.new_zeros(E, cap, x.shape[1]).index_put((expert_of, slot), x)
         gate, up = torch.bmm(self.gate_up_proj, padded.transpose(1, 2)).chunk(2, dim=1)  # [E, I, cap] each
@@ -163,10 +164,17 @@ class MoE(nn.Module):
         out = self.combine(flat, r, counts)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        if self.training and torch._C._current_graph_task_id() == -1:  # not an activation-checkpoint recompute
-            with torch.no_grad():
-                self.tokens_per_expert += counts.float()
-        return out.view(B, T, D), self.losses(r, counts, B, T)
+        stats = self.losses(r, counts, B, T)
+        stats["load"] = counts  # for count_load, called by whoever runs the block
+        return out.view(B, T, D), stats
+
+    @torch.no_grad()
+    def count_load(self, load: torch.Tensor) -> None:
+        """Add a forward's expert loads (its stats["load"]) to `tokens_per_expert`, in training only. Called
+        outside the block, on the block's returned stats: an activation-checkpoint recompute returns nothing,
+        so each forward counts exactly once, and the compiled block has no side effect to break its graph."""
+        if self.training:
+            self.tokens_per_expert += load.float()
 
     def combine(self, flat: torch.Tensor, r: Routing, counts: torch.Tensor) -> torch.Tensor:
         """Sort token copies by expert, run the experts, unsort and sum with the routing weights."""

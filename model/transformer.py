@@ -241,6 +241,7 @@ class Transformer(nn.Module):
             x, stats = block(x, rope, masks, backend, None if cache is None else cache.layers[i])
             if stats is not None:
                 aux_loss = aux_loss + stats.pop("aux_loss")
+                block.mlp.count_load(stats.pop("load"))
                 moe_stats.append(stats)
         if cache is not None:
             cache.advance(T)

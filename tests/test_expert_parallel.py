@@ -113,6 +113,22 @@ def zero3_build_growth(env) -> tuple[int, int]:
     return (status_kib("VmHWM") - before) * 1024, sum(p.ds_numel for p in model.parameters()) * 4
 
 
+def forward_host_syncs(model: torch.nn.Module, batch: torch.Tensor) -> dict[str, int]:
+    """Host-sync sites (file:line op -> calls) of one training forward with the CUDA dispatch (grouped_mm, whose
+    own path has none), so that what remains is expert parallelism's."""
+    from ondol.train.host_syncs import HostSyncCounter
+
+    experts = [m.experts for m in model.moe_layers()]
+    dispatch = experts[0].dispatch
+    for e in experts:
+        e.dispatch = "grouped_mm"
+    with HostSyncCounter(torch.device("cpu")) as syncs:
+        model(batch[:, :-1], labels=batch[:, 1:])
+    for e in experts:
+        e.dispatch = dispatch
+    return dict(syncs.sites)
+
+
 def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -206,6 +222,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
             dist.all_reduce(loss)
             losses.append(float(loss) / world)
         metrics = expert_parallel_metrics(model, seconds=1.0, steps=STEPS)
+        syncs = forward_host_syncs(model, batches[0])
         model.eval()
         with torch.no_grad():
             logits = model(eval_ids).logits
@@ -227,7 +244,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
         # Each rank writes its own file; no collectives after the last engine call.
         torch.save({"losses": losses, "biases": torch.stack([m.expert_bias for m in model.moe_layers()]),
                     "logits": logits, "eval_ids": eval_ids, "resumed_logits": resumed_logits,
-                    "metrics": metrics, "gathered": gathered if rank == 0 else None, "init_bad": init_bad,
+                    "metrics": metrics, "syncs": syncs, "gathered": gathered if rank == 0 else None, "init_bad": init_bad,
                     "z3_build": z3_build},
                    out_dir / f"rank{rank}.pt")
         dist.barrier()
@@ -285,6 +302,15 @@ def test_bias_update_identical_on_every_rank_and_to_reference(runs, reference, n
     for r in range(biases.shape[0]):
         assert torch.equal(biases[r], biases[0]), f"{name}: rank {r} has different expert biases from rank 0"
     assert torch.equal(biases[0], ref), f"{name}: expert biases differ from the single-process run"
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_one_host_sync_per_moe_layer_forward(runs, name):
+    """Expert parallelism reads its all-to-all split sizes on the host once per layer (all_to_all_single takes
+    them as ints); nothing else in a training forward waits for the device."""
+    sites = runs[name]["syncs"]
+    assert sum(sites.values()) <= CFG["n_layers"] - CFG["first_k_dense"], sites
+    assert all("expert_parallel.py" in site for site in sites), sites
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS))

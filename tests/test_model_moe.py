@@ -88,16 +88,26 @@ def test_auto_dispatch_on_cpu_is_bmm_padded():
     assert auto_dispatch(torch.zeros(2, 4), n_experts=8) == "bmm_padded"  # training: one path on every rank
 
 
+def run_counted(moe: MoE, x: torch.Tensor, forward=None) -> torch.Tensor:
+    """The layer as the model runs it: forward (the layer's own, or e.g. a checkpointed one), then its
+    returned loads counted outside."""
+    out, stats = (forward or moe)(x)
+    moe.count_load(stats["load"])
+    return out
+
+
 def test_loads_accumulate_in_training_only():
     moe = build()
     x = torch.randn(2, 16, moe.cfg.d_model)
     moe.eval()
-    moe(x)
+    run_counted(moe, x)
     assert moe.tokens_per_expert.sum() == 0
     moe.train()
-    moe(x)
-    moe(x)
-    assert moe.tokens_per_expert.sum() == 2 * 32 * moe.cfg.top_k
+    run_counted(moe, x)
+    run_counted(moe, x)
+    with torch.no_grad():
+        chosen = torch.topk(moe.gate(x.reshape(-1, x.shape[-1])).sigmoid() + moe.expert_bias, moe.cfg.top_k).indices
+    assert torch.equal(moe.tokens_per_expert, 2 * torch.bincount(chosen.flatten(), minlength=moe.cfg.n_experts).float())
     assert "tokens_per_expert" not in moe.state_dict() and "expert_bias" in moe.state_dict()
 
 
@@ -106,7 +116,7 @@ def test_checkpoint_recompute_does_not_count_loads_twice():
 
     moe = build()
     x = torch.randn(2, 16, moe.cfg.d_model, requires_grad=True)
-    out, _ = checkpoint(moe, x, use_reentrant=False)
+    out = run_counted(moe, x, lambda x: checkpoint(moe, x, use_reentrant=False))
     out.sum().backward()  # recomputes the forward inside backward
     assert moe.tokens_per_expert.sum() == 32 * moe.cfg.top_k
 
@@ -126,14 +136,14 @@ def test_bias_update_moves_load_toward_balance():
         counts = moe.tokens_per_expert.clone()
         return float(counts.max() / counts.mean())
 
-    moe(x)
+    run_counted(moe, x)
     before = imbalance()
     first_bias = None
     for _ in range(60):
         moe.update_bias()
         if first_bias is None:
             first_bias = moe.expert_bias.clone()
-        moe(x)
+        run_counted(moe, x)
     after = imbalance()
     assert first_bias[0] < 0  # the overloaded expert is pushed down first
     assert before > 2.0 and after < 0.6 * before, (before, after)

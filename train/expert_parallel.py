@@ -22,9 +22,10 @@ writes one safetensors file per expert-parallel rank in the model's standard lay
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -74,15 +75,37 @@ class CommStats:
     """Per-layer all-to-all counters, accumulated until `expert_parallel_metrics` reads and resets them."""
     tokens_sent: int = 0  # token copies sent to other ranks (forward)
     tokens_received: int = 0  # token copies received from other ranks (forward)
-    all_to_all_s: float = 0.0  # wall time inside all-to-alls, forward and backward
+    host_s: float = 0.0  # time inside host (gloo) all-to-alls, which return when their work is done
+    cuda_events: list = field(default_factory=list)  # (start, end) around each CUDA all-to-all on its stream
+
+    @contextlib.contextmanager
+    def timed(self, device: torch.device):
+        """Time what runs inside. On CUDA an all-to-all returns before its work is done, so the time is taken
+        between events on the compute stream, which waits for the collective: no host sync here; `seconds`
+        reads them when the metrics are logged."""
+        if device.type != "cuda":
+            t0 = time.perf_counter()
+            yield
+            self.host_s += time.perf_counter() - t0
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self.cuda_events.append((start, end))
+
+    def seconds(self) -> float:
+        """Wall time inside all-to-alls, forward and backward (waits for the last recorded one to finish)."""
+        if self.cuda_events:
+            self.cuda_events[-1][1].synchronize()
+        return self.host_s + sum(start.elapsed_time(end) for start, end in self.cuda_events) / 1e3
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, stats: CommStats
                 ) -> torch.Tensor:
     out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    t0 = time.perf_counter()
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    stats.all_to_all_s += time.perf_counter() - t0
+    with stats.timed(x.device):
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
     return out
 
 
@@ -145,15 +168,18 @@ class ExpertParallelExperts(DeepSpeedMoE, GroupedExperts):
         send_counts = counts.view(ep, L)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # recv[i, l]: rank i -> my expert l
-        in_splits = send_counts.sum(1).tolist()
-        out_splits = recv_counts.sum(1).tolist()
+        # The layer's one host sync: all_to_all_single takes its split sizes as Python ints. A fixed-size
+        # exchange would need none, but a dropless one must then pad every split to the worst case (all of a
+        # rank's copies to one rank: ep_size times the traffic), and a capacity limit drops tokens.
+        in_splits, out_splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()
         stats = self.stats if self.training else CommStats()  # evaluation traffic is not training's
         stats.tokens_sent += sum(in_splits) - in_splits[self.ep_rank]
         stats.tokens_received += sum(out_splits) - out_splits[self.ep_rank]
 
         received = AllToAll.apply(x, out_splits, in_splits, self.group, stats)
         # Received rows are grouped by source rank, then by local expert; the experts want them by expert.
-        expert_of = torch.arange(L, device=x.device).repeat(ep).repeat_interleave(recv_counts.flatten())
+        expert_of = torch.arange(L, device=x.device).repeat(ep).repeat_interleave(recv_counts.flatten(),
+                                                                                  output_size=sum(out_splits))
         order = torch.argsort(expert_of, stable=True)
         y_local = GroupedExperts.forward(self, received[order], recv_counts.sum(0))
         y_received = torch.empty_like(y_local).index_copy(0, order, y_local)
@@ -207,7 +233,7 @@ def expert_parallel_metrics(model: nn.Module, seconds: float, steps: float) -> d
     for layer in layers:
         layer.stats = CommStats()
     local = torch.tensor([sum(s.tokens_sent for s in stats), sum(s.tokens_received for s in stats),
-                          sum(s.all_to_all_s for s in stats)], dtype=torch.float64, device=device)
+                          sum(s.seconds() for s in stats)], dtype=torch.float64, device=device)
     local /= torch.tensor([steps, steps, seconds], dtype=torch.float64, device=device).clamp_min(1e-9)
     total, peak = local.clone(), local.clone()
     if dist.is_initialized():

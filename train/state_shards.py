@@ -150,6 +150,16 @@ def has_shards(folder: Path) -> bool:
     return (folder / INDEX).is_file() or (folder / WEIGHTS).is_file()
 
 
+def adam_step_state(p: torch.Tensor, steps: int, fused: bool, capturable: bool) -> torch.Tensor:
+    """AdamW's `step` entry for parameter p after `steps` updates, where and as torch's AdamW creates it: on p's
+    device for the fused and capturable kernels (which read it there; CUDA's fused kernel rejects a host
+    tensor), on the host otherwise (torch reads it there without waiting for the device)."""
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    return torch.tensor(float(steps), dtype=_get_scalar_dtype(is_fused=fused),
+                        device=p.device if fused or capturable else "cpu")
+
+
 @torch.no_grad()
 def load(engine, optimizer, folder: Path, adam_steps: int) -> None:
     """Set this rank's weights, fp32 master partitions and Adam state (moments, and `adam_steps` applied updates)
@@ -164,9 +174,10 @@ def load(engine, optimizer, folder: Path, adam_steps: int) -> None:
     partitioned = engine.optimizer is not optimizer  # ZeRO 1-3 or bf16: DeepSpeed's fp32 partitions
     # Adam state as after `adam_steps` updates, moments set below; ZeRO 3 keeps it on its flat fp32 partitions
     zero3_flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    fused, capturable = bool(optimizer.defaults.get("fused")), bool(optimizer.defaults.get("capturable"))
     for p in zero3_flat or [p for group in optimizer.param_groups for p in group["params"]]:
-        optimizer.state[p] = {"step": torch.tensor(float(adam_steps)), "exp_avg": torch.zeros_like(p),
-                              "exp_avg_sq": torch.zeros_like(p)}
+        optimizer.state[p] = {"step": adam_step_state(p, adam_steps, fused, capturable),
+                              "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
     if partitioned:
         _link_moments(engine)
     slices = _expert_slices(module)
