@@ -90,8 +90,12 @@ class _OrderedEncoder:
             self.pool.shutdown()
 
     def terminate(self) -> None:
+        """Stop now: queued chunks are dropped and busy workers terminated, not left to finish their chunk."""
         if self.pool is not None:
+            workers = list((self.pool._processes or {}).values())  # the executor has no public way to stop them
             self.pool.shutdown(wait=False, cancel_futures=True)
+            for worker in workers:
+                worker.terminate()
 
 
 def _identity(cfg: DataConfig, tokenizer, seed: int) -> dict:

@@ -27,6 +27,7 @@ from tests.conftest import CORPORA, ROOT, without_rank_variables
 
 TINY = str(ROOT / "configs" / "tiny-ko.yaml")
 INTERRUPTED = "ondol: interrupted (Ctrl-C); finished work is kept, run the same command to continue\n"
+TERMINATED = "ondol: stopped by SIGTERM; finished work is kept, run the same command to continue\n"
 STRICT = " (data.strict is on: fix this line, or set data.strict=false to count and skip bad lines)"
 
 
@@ -277,9 +278,36 @@ def test_each_attempt_that_trains_keeps_its_config(run, capsys, keep_process_gro
     assert history[1].read_text().split("\n", 1)[1] == second
 
 
-# ---- Ctrl-C in each stage ------------------------------------------------------------------------------------
-def _interrupt(tmp_path: Path, args: list[str], ready) -> tuple[int, str]:
-    """Run `ondol ARGS`, send SIGINT once `ready(its stderr so far)` holds; (exit code, stderr)."""
+# ---- Ctrl-C and SIGTERM in each stage --------------------------------------------------------------------------
+def _descendants(pid: int) -> set[int]:
+    """The processes below `pid` (from /proc: each one's parent is the 4th field of its stat)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended while listed
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (a zombie has ended: it only waits for its parent to read its status)."""
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    return {pid for pid in pids if running(pid)}
+
+
+def _interrupt(tmp_path: Path, args: list[str], ready, sig=signal.SIGINT, workers: int = 0) -> tuple[int, str]:
+    """Run `ondol ARGS`, send `sig` once `ready(its stderr so far)` holds and it has `workers` child processes;
+    (exit code, stderr). It must exit within 10 s of the signal and leave none of its children running."""
     err = tmp_path / "stderr"
     with open(err, "w") as stderr:
         # The child starts with SIGINT at its default, as from a terminal: an ignored SIGINT (a test run started
@@ -290,12 +318,14 @@ def _interrupt(tmp_path: Path, args: list[str], ready) -> tuple[int, str]:
                                     stdout=subprocess.DEVNULL, stderr=stderr, env=without_rank_variables(os.environ))
         finally:
             signal.signal(signal.SIGINT, previous)
-        deadline = time.monotonic() + 240
-        while not ready(err.read_text()) and proc.poll() is None and time.monotonic() < deadline:
+        deadline, children = time.monotonic() + 240, set()
+        while proc.poll() is None and time.monotonic() < deadline and not (
+                ready(err.read_text()) and len(children := _descendants(proc.pid)) >= workers):
             time.sleep(0.05)
         assert proc.poll() is None, f"finished before it could be interrupted: {err.read_text()[-2000:]}"
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        proc.send_signal(sig)
+        proc.wait(timeout=10)
+    assert _alive(children) == set(), f"left running: {_alive(children)}"
     return proc.returncode, err.read_text()
 
 
@@ -315,6 +345,31 @@ def test_ctrl_c_while_preparing_data(tmp_path, eval_run):
                            ready=lambda out: (run / "data" / "prepare.json").exists())
     assert (code, err) == (130, INTERRUPTED)  # one line: the tokenizing workers left Ctrl-C to their parent
     assert not (run / "data" / "manifest.json").exists()
+
+
+def test_sigterm_while_training_the_tokenizer_stops_its_trainer_child(tmp_path):
+    run = tmp_path / "run"
+    code, err = _interrupt(tmp_path, ["tokenizer", "train", TINY, f"run_dir={run}"], sig=signal.SIGTERM, workers=1,
+                           ready=lambda err: "training SentencePiece" in err)
+    assert code == 143 and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.startswith("ondol")] == [TERMINATED.strip()]
+    assert not (run / "tokenizer").exists() and not (run / "tokenizer.partial").exists()
+
+
+def test_sigterm_while_preparing_data_stops_the_workers_and_a_rerun_finishes(tmp_path, eval_run):
+    run = tmp_path / "run"
+    args = ["data", "prepare", TINY, f"run_dir={run}", "--no-progress", f"tokenizer.path={eval_run / 'tokenizer'}",
+            "data.num_proc=2", "data.sources.0.max_docs=20000", "data.sources.1.max_docs=2000"]
+    code, err = _interrupt(tmp_path, args, sig=signal.SIGTERM, workers=2,
+                           ready=lambda out: (run / "data" / "prepare.json").exists())
+    assert (code, err) == (143, TERMINATED)
+    assert not (run / "data" / "manifest.json").exists()
+    assert [p.name for p in (run / "data").rglob("*.tmp")] == []
+    rerun = subprocess.run([sys.executable, "-m", "ondol.launch.cli", *args],
+                           check=False, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                           env=without_rank_variables(os.environ))
+    assert rerun.returncode == 0, rerun.stderr
+    assert (run / "data" / "manifest.json").is_file()
 
 
 def test_ctrl_c_while_exporting(eval_run, tmp_path, capsys, monkeypatch):

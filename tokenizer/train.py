@@ -307,10 +307,14 @@ def _write_folder(out_dir: Path, model_proto: bytes, meta: dict) -> None:
     scratch = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    (scratch / MODEL_FILE).write_bytes(model_proto)
-    write_hf_files(model_proto, meta, scratch)
-    (scratch / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-    fsync_tree(scratch)
+    try:
+        (scratch / MODEL_FILE).write_bytes(model_proto)
+        write_hf_files(model_proto, meta, scratch)
+        (scratch / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+        fsync_tree(scratch)
+    except BaseException:  # a full disk, a signal: no half-written folder is left
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in sorted(scratch.iterdir(), key=lambda p: p.name == META_FILE):
         os.replace(f, out_dir / f.name)
