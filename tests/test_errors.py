@@ -382,6 +382,60 @@ def test_ctrl_c_while_exporting(eval_run, tmp_path, capsys, monkeypatch):
     assert list((tmp_path / "hf").iterdir()) == []  # no partial weights file left behind
 
 
+def test_sigterm_while_exporting_leaves_no_temporary_file(eval_run, tmp_path, capsys, monkeypatch):
+    from ondol.model import export
+
+    read_tensor = export.read_tensor
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled as soon as this returns: mid-way through the weights
+        return read_tensor(*args, **kwargs)
+
+    monkeypatch.setattr("ondol.model.export.read_tensor", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, err = ondol(capsys, "export", "hf", eval_run, tmp_path / "hf")
+    assert (code, err) == (143, TERMINATED)
+    assert list((tmp_path / "hf").iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before  # the command's handler is gone with it
+
+
+CLEANUP_THAT_HANGS = """
+import multiprocessing, sys, time
+from ondol.errors import exit_process, reported
+
+def command():
+    multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,)).start()
+    try:
+        time.sleep(600)
+    finally:
+        print("cleaning up", file=sys.stderr, flush=True)
+        time.sleep(600)
+
+exit_process(reported(command, "ondol", False))
+"""
+
+
+def test_a_second_signal_stops_at_once_with_the_workers(tmp_path):
+    """The first SIGTERM starts the command's clean-up; a second one, while that clean-up runs, ends the
+    command within seconds and kills its worker processes."""
+    script = tmp_path / "hangs.py"
+    script.write_text(CLEANUP_THAT_HANGS)
+    err = tmp_path / "stderr"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stderr=stderr)
+        deadline = time.monotonic() + 60
+        while not (children := _descendants(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        while "cleaning up" not in err.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 143
+    assert children and _alive(children) == set()
+    assert err.read_text() == ("cleaning up\nreceived SIGTERM after SIGTERM: stopping at once; a run of the same "
+                               "command redoes what was not finished\n")
+
+
 EXIT_AFTER_TEARDOWN_ABORT = """
 import os, sys
 from ondol.errors import exit_process
