@@ -5,6 +5,7 @@ The run directories are copies of the session's 4-step `eval_run` (conftest.py).
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -261,6 +262,96 @@ def test_a_deleted_shard(eval_run, tmp_path, capsys, keep_process_group):
                               f"{record['docs']} documents the manifest says; re-run `ondol data prepare CONFIG` "
                               "to rebuild it\n"))
     assert tree(run) == before
+
+
+def test_a_damaged_manifest_is_named_and_rebuilt_by_prepare(eval_run, tmp_path, capsys, keep_process_group):
+    run = tmp_path / "run"
+    shutil.copytree(eval_run, run)  # the prepared data copied too: its manifest is damaged
+    manifest = run / "data" / "manifest.json"
+    good = json.loads(manifest.read_text())
+    manifest.write_text(manifest.read_text()[:100])
+    code, _, err = _train(capsys, run, "train.steps=5")
+    assert code == 3 and err.startswith(f"ondol: data error: {manifest}: damaged, not JSON (") and err.endswith(
+        "); re-run `ondol data prepare CONFIG`: it rebuilds the manifest from the finished shards\n"), err
+    code, _, err = ondol(capsys, "data", "prepare", run / "config.yaml", f"run_dir={run}", "--no-progress")
+    assert code == 0, err
+    assert json.loads(manifest.read_text())["splits"] == good["splits"]
+
+
+def test_a_shard_with_ids_past_the_vocabulary_is_named(eval_run, tmp_path, capsys, keep_process_group):
+    run = tmp_path / "run"
+    shutil.copytree(eval_run, run)
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    shards = [run / "data" / f"{r['path']}.bin" for rs in manifest["splits"]["train"].values() for r in rs]
+    for shard in shards:  # the right size, damaged bytes: the first id of every shard becomes 65535
+        with open(shard, "r+b") as f:
+            f.write(b"\xff\xff")
+    code, _, err = _train(capsys, run, "train.steps=5")
+    named = err.removeprefix("ondol: data error: ").split(":")[0]
+    assert code == 3 and Path(named) in shards, err
+    assert err == (f"ondol: data error: {named}: token id 65535 is not below the vocabulary of "
+                   f"{manifest['tokenizer']['vocab_size']} the manifest records: the shard is damaged; delete it "
+                   "and re-run `ondol data prepare CONFIG` to rebuild it\n")
+
+
+def test_a_model_vocab_below_the_tokenizers_names_the_key(run, capsys, keep_process_group):
+    code, _, err = _train(capsys, run, "model.vocab_size=1")
+    assert code == 2 and err.startswith("ondol: config error: model.vocab_size=1 is smaller than the tokenizer's "
+                                        "2048 at "), err
+
+
+@pytest.mark.parametrize("damage", ["meta.json", "tokenizer.model"])
+def test_damaged_tokenizer_files_are_named(run, tmp_path, capsys, damage):
+    path = run / "tokenizer" / damage
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    code, _, err = ondol(capsys, "export", "hf", run, tmp_path / "hf")
+    why = "damaged, not JSON (" if damage == "meta.json" else "damaged, not a SentencePiece model"
+    assert code == 4 and err.startswith(f"ondol: tokenizer error: {path}: {why}") and err.endswith(
+        "; retrain the tokenizer (`ondol tokenizer train CONFIG`) or copy its folder again\n"), err
+
+
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_while_writing_the_tokenizer(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("ondol.tokenizer.train.write_hf_files", _full_disk)
+    run = tmp_path / "run"
+    code, _, err = ondol(capsys, "tokenizer", "train", TINY, f"run_dir={run}", "tokenizer.vocab_size=2048",
+                         "data.sources.0.max_docs=2500", "data.sources.1.max_docs=500")  # the golden sample
+    last = err.splitlines()[-1]  # after the sample's progress lines
+    assert code == 4 and last.startswith(f"ondol: tokenizer error: {run}: no space left on the device for the "
+                                         "tokenizer (about ") and last.endswith(
+        " MiB free); free some space and run the same command again"), err
+    assert list(run.iterdir()) == []  # neither a tokenizer folder nor its scratch folder
+
+
+def test_a_full_disk_while_preparing_keeps_the_finished_shards(eval_run, tmp_path, capsys, monkeypatch):
+    from ondol.data import shards
+
+    writes = []
+
+    def fills_at_the_second_record(path, data):  # the file that would mark shard 00001 complete
+        writes.append(path)
+        if path.name == "00001.json":
+            _full_disk()
+        write_atomic(path, data)
+
+    write_atomic = shards.write_atomic
+    monkeypatch.setattr("ondol.data.shards.write_atomic", fills_at_the_second_record)
+    run = tmp_path / "run"
+    args = ["data", "prepare", TINY, f"run_dir={run}", "--no-progress", f"tokenizer.path={eval_run / 'tokenizer'}",
+            "data.sources.0.max_docs=3000", "data.sources.1.max_docs=300", "data.shard_tokens=20000"]
+    code, _, err = ondol(capsys, *args)
+    folder = writes[-1].parent
+    assert code == 3 and err.startswith(f"ondol: data error: {folder}: no space left on the device for shard "
+                                        "00001 (about "), err
+    assert "00001.json" not in {p.name for p in folder.iterdir()}  # shard 00001 is not marked complete
+    assert not (run / "data" / "manifest.json").exists()
+    monkeypatch.setattr("ondol.data.shards.write_atomic", write_atomic)
+    code, _, err = ondol(capsys, *args)
+    assert code == 0, err
+    assert (run / "data" / "manifest.json").is_file()
 
 
 def test_each_attempt_that_trains_keeps_its_config(run, capsys, keep_process_group):

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ondol.configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, tokenizer_dir
-from ondol.errors import TrainError
+from ondol.errors import ConfigError, TrainError
 from ondol.files import write_atomic
 from ondol.train import checkpoint, expert_parallel, state_shards
 from ondol.train.engine import build_engine, build_model, init_distributed
@@ -51,7 +51,7 @@ class Trainer:
         if cfg.model.vocab_size == 0:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
         elif cfg.model.vocab_size < tokenizer.vocab_size:
-            raise ValueError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                              f"{tokenizer.vocab_size} at {tokenizer_dir(cfg)}: set model.vocab_size=0 to take it")
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
