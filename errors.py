@@ -2,8 +2,12 @@
 
 Every `ondol` command (and each rank of a launch) runs through `reported()`: an `OndolError` prints
 `PROG: KIND error: MESSAGE` (the message names the file, line or key and what to do) and exits with its class's
-code; Ctrl-C prints one line and exits 130; anything else is a bug or an OS error, printed as one line too.
-The traceback is printed only with `--debug` or ONDOL_DEBUG=1.
+code; anything else is a bug or an OS error, printed as one line too. The traceback is printed only with
+`--debug` or ONDOL_DEBUG=1.
+
+Signals, outside training (which saves a checkpoint first: train/preemption.py): SIGINT (Ctrl-C) and SIGTERM
+end the command cleanly (its worker processes stopped, its temporary files removed, finished work kept) with
+one line and exit 130 or 143; a second signal while it cleans up stops it at once (its workers killed too).
 
 Exit codes:
   0    success
@@ -16,17 +20,25 @@ Exit codes:
   7    LaunchError: pre-flight checks, hostfile, job submission
   75   training stopped on request after saving a checkpoint (train/preemption.py): run again to continue
   130  interrupted by Ctrl-C (SIGINT) outside training
+  143  stopped by SIGTERM outside training
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+TERMINATED_EXIT = 143  # 128 + SIGTERM, what a shell reports for a command stopped by kill or a scheduler
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+CHILD_GRACE_S = 5.0  # how long a terminated worker may take before it is killed
 DEBUG_FLAG = "--debug"
 
 
@@ -76,10 +88,74 @@ class LaunchError(OndolError, ValueError):
 USER_ERROR_EXITS = frozenset({2, 3, 4, 5, 6, 7})  # a rank exiting with one of these printed its one-line cause
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread as Ctrl-C raises KeyboardInterrupt, so that `finally` blocks and
+    `except BaseException` clean-ups run (a BaseException: `except Exception` does not swallow it)."""
+
+
 def ignore_interrupts() -> None:
     """In a worker process: leave Ctrl-C to the parent, which stops the workers and reports it once (a worker
-    that got SIGINT itself would print a traceback of its own)."""
+    that got SIGINT itself would print a traceback of its own); SIGTERM, which the parent sends to stop it,
+    ends it at once, even inside C++ or Rust code."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def stop_children() -> None:
+    """Terminate the worker processes this process started (multiprocessing's, pools' included) and wait for
+    them; one still alive after CHILD_GRACE_S is killed."""
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + CHILD_GRACE_S
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
+class _StopSignals:
+    """While a command runs: the first SIGINT or SIGTERM raises KeyboardInterrupt or Terminated in the main
+    thread; a second one, while the command cleans up, kills its workers and exits at once. A process forked
+    from this one that kept the handler ends as the signal's default would end it."""
+
+    def __init__(self) -> None:
+        self.owner = os.getpid()
+        self.received: str | None = None
+
+    def __call__(self, signum: int, frame) -> None:
+        if os.getpid() != self.owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            print(f"received {name} after {self.received}: stopping at once; a run of the same command redoes "
+                  "what was not finished", file=sys.stderr, flush=True)
+            for child in multiprocessing.active_children():
+                child.kill()
+            os._exit(128 + signum)
+        self.received = name
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """_StopSignals handles STOP_SIGNALS inside the block (from the main thread only: elsewhere Python cannot
+    install handlers), and the previous handlers come back after it. An ignored SIGINT (a command started in
+    the background by a shell) stays ignored."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        handler = _StopSignals()
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) != signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def debug_env() -> bool:
@@ -106,13 +182,27 @@ def reported(call: Callable[[], int | None], prog: str, debug: bool) -> int:
     if debug:
         os.environ["ONDOL_DEBUG"] = "1"
     try:
+        with _stop_signals():  # still handled while the error is reported: a second signal stops at once
+            return _run(call, prog, debug)
+    finally:
+        if saved is None:
+            os.environ.pop("ONDOL_DEBUG", None)
+        else:
+            os.environ["ONDOL_DEBUG"] = saved
+
+
+def _run(call: Callable[[], int | None], prog: str, debug: bool) -> int:
+    try:
         return int(call() or 0)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as e:
+        stop_children()
         if debug:
             traceback.print_exc()
-        print(f"{prog}: interrupted (Ctrl-C); finished work is kept, run the same command to continue",
+        how, code = (("interrupted (Ctrl-C)", INTERRUPTED_EXIT) if isinstance(e, KeyboardInterrupt)
+                     else ("stopped by SIGTERM", TERMINATED_EXIT))
+        print(f"{prog}: {how}; finished work is kept, run the same command to continue",
               file=sys.stderr, flush=True)
-        return INTERRUPTED_EXIT
+        return code
     except OndolError as e:
         if debug:
             traceback.print_exc()
@@ -126,11 +216,6 @@ def reported(call: Callable[[], int | None], prog: str, debug: bool) -> int:
         print(f"{prog}: {what}: {_first_line(e)} (run with --debug or ONDOL_DEBUG=1 for the traceback)",
               file=sys.stderr, flush=True)
         return 1
-    finally:
-        if saved is None:
-            os.environ.pop("ONDOL_DEBUG", None)
-        else:
-            os.environ["ONDOL_DEBUG"] = saved
 
 
 _exit_code: list[int] = []  # the code exit_process was last given; read by _leave_after_training at exit

@@ -1,4 +1,5 @@
-"""Durable writes for files that mark work complete (manifests, shards, checkpoints' meta.json, final weights).
+"""Durable writes for files that mark work complete (manifests, shards, checkpoints' meta.json, final weights),
+reading such a JSON file back as one clear error when its bytes are damaged, and a full disk reported as one.
 
 A file is written under a unique temporary name in its own folder, fsynced, renamed over the target and the
 folder fsynced, so that a crash or kill -9 at any moment leaves either the old complete file or the new one,
@@ -8,10 +9,15 @@ never a torn one, and two writers never share a temporary name.
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from ondol.errors import OndolError
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -76,3 +82,30 @@ def fsync_tree(folder: str | os.PathLike) -> None:
             except FileNotFoundError:
                 continue
         fsync_dir(root)
+
+
+def read_json(path: str | os.PathLike, error: type[OndolError], remedy: str) -> dict:
+    """The JSON object in `path`; damaged bytes (not UTF-8, not JSON, not an object) raise `error` naming the
+    file, followed by `remedy` (what to do)."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: damaged, not JSON ({e}); {remedy}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: damaged, a JSON {type(obj).__name__} where an object belongs; {remedy}")
+    return obj
+
+
+@contextlib.contextmanager
+def space_checked(folder: str | os.PathLike, error: type[OndolError], what: str, need_bytes: int) -> Iterator[None]:
+    """A full disk (ENOSPC) while writing `what` into `folder` becomes `error` naming the folder, the space it
+    needs and the space free; files written with atomic_path are then whole or absent, never half-written."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        free = shutil.disk_usage(folder).free
+        raise error(f"{folder}: no space left on the device for {what} (about {need_bytes / 2**20:,.1f} MiB "
+                    f"needed, {free / 2**20:,.1f} MiB free); free some space and run the same command again"
+                    ) from None

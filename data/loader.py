@@ -143,7 +143,7 @@ class TokenLoader:
         sources = []
         for b in range(B):
             s, shard, start = self.sequence(first + b)
-            tokens[b] = shard.tokens[start:start + T + 1]
+            tokens[b] = shard.window(start, T + 1)
             lo = np.searchsorted(shard.starts, start, side="right")
             hi = np.searchsorted(shard.starts, start + T, side="left")
             boundaries[b, shard.starts[lo:hi] - start] = 1  # a document starts at this position

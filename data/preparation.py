@@ -35,9 +35,19 @@ from ondol.data.packing import (
     source_files,
     tokenizer_record,
 )
-from ondol.data.shards import IDENTITY, MANIFEST, SPLITS, ShardWriter, shard_intact, token_dtype, write_json
+from ondol.data.shards import (
+    IDENTITY,
+    MANIFEST,
+    SPLITS,
+    ShardWriter,
+    read_manifest,
+    shard_intact,
+    token_dtype,
+    write_json,
+)
 from ondol.data.sources import BadInputLog, iter_documents, source_identity
-from ondol.errors import ignore_interrupts
+from ondol.errors import DataError, ignore_interrupts
+from ondol.files import read_json
 
 CHUNK_DOCS, CHUNK_CHARS = 2048, 1 << 20  # documents sent to a worker at a time
 log = logging.getLogger("ondol.data")
@@ -90,8 +100,12 @@ class _OrderedEncoder:
             self.pool.shutdown()
 
     def terminate(self) -> None:
+        """Stop now: queued chunks are dropped and busy workers terminated, not left to finish their chunk."""
         if self.pool is not None:
+            workers = list((self.pool._processes or {}).values())  # the executor has no public way to stop them
             self.pool.shutdown(wait=False, cancel_futures=True)
+            for worker in workers:
+                worker.terminate()
 
 
 def _identity(cfg: DataConfig, tokenizer, seed: int) -> dict:
@@ -128,7 +142,7 @@ def _refuse_mixing(out_dir: Path, identity: dict, digest: str) -> None:
     path = out_dir / IDENTITY
     if not path.is_file():
         return
-    old = json.loads(path.read_text(encoding="utf-8"))
+    old = read_json(path, DataError, f"delete {out_dir} or use another run_dir, and prepare again")
     if old.get("hash") == digest:
         return
     changed = [k for k in sorted(identity) if old.get("identity", {}).get(k) != identity[k]] or ["format"]
@@ -142,7 +156,12 @@ def _reuse(out_dir: Path, cfg: DataConfig, digest: str) -> dict | None:
     path = out_dir / MANIFEST
     if not path.is_file():
         return None
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = read_manifest(out_dir)
+    except DataError as e:
+        log.warning("%s; rebuilding it", e)
+        path.unlink()
+        return None
     if manifest.get("hash") != digest:
         return None
     records = [r for split in manifest["splits"].values() for rs in split.values() for r in rs]

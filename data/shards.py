@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ondol.errors import DataError
-from ondol.files import write_atomic
+from ondol.files import read_json, space_checked, write_atomic
 
 MANIFEST = "manifest.json"
 IDENTITY = "prepare.json"
@@ -40,7 +40,8 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {data_dir}: run `ondol data prepare CONFIG` first "
                                 f"(an interrupted preparation resumes when re-run)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    return read_json(path, DataError, "re-run `ondol data prepare CONFIG`: it rebuilds the manifest from the "
+                                      "finished shards")
 
 
 def check_tokenizer(data_dir: str | os.PathLike, manifest: dict, tokenizer) -> None:
@@ -107,11 +108,14 @@ class ShardWriter:
             return
         stem = f"{len(self.records):05d}"
         starts = np.concatenate([[0], np.cumsum(np.concatenate(self._lengths))])
-        write_atomic(self.dir / f"{stem}.bin", np.concatenate(self._parts).astype(self.dtype, copy=False).tobytes())
-        write_atomic(self.dir / f"{stem}.idx", starts.tobytes())
-        record = {"path": str(Path(self.dir.parent.name) / self.dir.name / stem), "tokens": int(starts[-1]),
-                  "docs": len(starts) - 1}
-        write_json(self.dir / f"{stem}.json", record)
+        need = int(starts[-1]) * self.dtype.itemsize + starts.nbytes
+        with space_checked(self.dir, DataError, f"shard {stem}", need):
+            write_atomic(self.dir / f"{stem}.bin",
+                         np.concatenate(self._parts).astype(self.dtype, copy=False).tobytes())
+            write_atomic(self.dir / f"{stem}.idx", starts.tobytes())
+            record = {"path": str(Path(self.dir.parent.name) / self.dir.name / stem), "tokens": int(starts[-1]),
+                      "docs": len(starts) - 1}
+            write_json(self.dir / f"{stem}.json", record)
         self.records.append(record)
         self._parts, self._lengths, self._tokens = [], [], 0
 
@@ -121,17 +125,32 @@ class Shard:
     tokens: np.ndarray  # read-only memmap of the packed tokens
     starts: np.ndarray  # document start offsets, then the token count
     bos: bool  # each document starts with bos
+    path: Path  # the .bin file of `tokens`
+    vocab_size: int = 0  # every id must lie below it (checked on the first window); 0: not checked
+    checked: bool = False
 
     @property
     def docs(self) -> int:
         return len(self.starts) - 1
+
+    def window(self, start: int, n: int) -> np.ndarray:
+        """Tokens [start, start + n). On the first call the shard's largest id is checked against vocab_size
+        (one pass over the file, once per process): damaged bytes would index past the embedding."""
+        if not self.checked and self.vocab_size and len(self.tokens):
+            largest = int(self.tokens.max())
+            if largest >= self.vocab_size:
+                raise DataError(f"{self.path}: token id {largest} is not below the vocabulary of {self.vocab_size} "
+                                "the manifest records: the shard is damaged; delete it and re-run "
+                                "`ondol data prepare CONFIG` to rebuild it")
+        self.checked = True
+        return self.tokens[start:start + n]
 
     def document(self, i: int) -> np.ndarray:
         """The text tokens of document i (no bos, no eos)."""
         return self.tokens[self.starts[i] + self.bos:self.starts[i + 1] - 1]
 
 
-def open_shard(data_dir: str | os.PathLike, record: dict, dtype: str, bos: bool) -> Shard:
+def open_shard(data_dir: str | os.PathLike, record: dict, dtype: str, bos: bool, vocab_size: int = 0) -> Shard:
     stem = Path(data_dir) / record["path"]
     bin_path = stem.with_suffix(".bin")
     dtype_ = np.dtype(dtype)
@@ -140,7 +159,7 @@ def open_shard(data_dir: str | os.PathLike, record: dict, dtype: str, bos: bool)
                          f"the manifest says; re-run `ondol data prepare CONFIG` to rebuild it")
     starts = np.fromfile(stem.with_suffix(".idx"), dtype=np.int64)
     tokens = np.memmap(bin_path, dtype=dtype_, mode="r") if record["tokens"] else np.zeros(0, dtype_)
-    return Shard(tokens, starts, bos)
+    return Shard(tokens, starts, bos, bin_path, vocab_size)
 
 
 def split_shards(data_dir: str | os.PathLike, split: str, manifest: dict | None = None) -> dict[str, list[Shard]]:
@@ -148,7 +167,8 @@ def split_shards(data_dir: str | os.PathLike, split: str, manifest: dict | None 
     manifest = manifest or read_manifest(data_dir)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, not '{split}'")
-    return {name: [open_shard(data_dir, r, manifest["dtype"], manifest["bos"]) for r in records]
+    vocab_size = manifest["tokenizer"]["vocab_size"]
+    return {name: [open_shard(data_dir, r, manifest["dtype"], manifest["bos"], vocab_size) for r in records]
             for name, records in manifest["splits"][split].items()}
 
 

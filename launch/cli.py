@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Korean-first foundation-model training: tokenizer -> data -> model -> train -> export.",
         epilog="Errors are one line; add --debug (anywhere) or set ONDOL_DEBUG=1 for the traceback. Exit codes: "
         "2 config, 3 data, 4 tokenizer, 5 model, 6 train, 7 launch, 75 stopped after saving, 130 Ctrl-C, "
-        "1 anything else.",
+        "143 SIGTERM, 1 anything else.",
     )
     parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

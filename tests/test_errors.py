@@ -5,6 +5,7 @@ The run directories are copies of the session's 4-step `eval_run` (conftest.py).
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -27,6 +28,7 @@ from tests.conftest import CORPORA, ROOT, without_rank_variables
 
 TINY = str(ROOT / "configs" / "tiny-ko.yaml")
 INTERRUPTED = "ondol: interrupted (Ctrl-C); finished work is kept, run the same command to continue\n"
+TERMINATED = "ondol: stopped by SIGTERM; finished work is kept, run the same command to continue\n"
 STRICT = " (data.strict is on: fix this line, or set data.strict=false to count and skip bad lines)"
 
 
@@ -262,6 +264,96 @@ def test_a_deleted_shard(eval_run, tmp_path, capsys, keep_process_group):
     assert tree(run) == before
 
 
+def test_a_damaged_manifest_is_named_and_rebuilt_by_prepare(eval_run, tmp_path, capsys, keep_process_group):
+    run = tmp_path / "run"
+    shutil.copytree(eval_run, run)  # the prepared data copied too: its manifest is damaged
+    manifest = run / "data" / "manifest.json"
+    good = json.loads(manifest.read_text())
+    manifest.write_text(manifest.read_text()[:100])
+    code, _, err = _train(capsys, run, "train.steps=5")
+    assert code == 3 and err.startswith(f"ondol: data error: {manifest}: damaged, not JSON (") and err.endswith(
+        "); re-run `ondol data prepare CONFIG`: it rebuilds the manifest from the finished shards\n"), err
+    code, _, err = ondol(capsys, "data", "prepare", run / "config.yaml", f"run_dir={run}", "--no-progress")
+    assert code == 0, err
+    assert json.loads(manifest.read_text())["splits"] == good["splits"]
+
+
+def test_a_shard_with_ids_past_the_vocabulary_is_named(eval_run, tmp_path, capsys, keep_process_group):
+    run = tmp_path / "run"
+    shutil.copytree(eval_run, run)
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    shards = [run / "data" / f"{r['path']}.bin" for rs in manifest["splits"]["train"].values() for r in rs]
+    for shard in shards:  # the right size, damaged bytes: the first id of every shard becomes 65535
+        with open(shard, "r+b") as f:
+            f.write(b"\xff\xff")
+    code, _, err = _train(capsys, run, "train.steps=5")
+    named = err.removeprefix("ondol: data error: ").split(":")[0]
+    assert code == 3 and Path(named) in shards, err
+    assert err == (f"ondol: data error: {named}: token id 65535 is not below the vocabulary of "
+                   f"{manifest['tokenizer']['vocab_size']} the manifest records: the shard is damaged; delete it "
+                   "and re-run `ondol data prepare CONFIG` to rebuild it\n")
+
+
+def test_a_model_vocab_below_the_tokenizers_names_the_key(run, capsys, keep_process_group):
+    code, _, err = _train(capsys, run, "model.vocab_size=1")
+    assert code == 2 and err.startswith("ondol: config error: model.vocab_size=1 is smaller than the tokenizer's "
+                                        "2048 at "), err
+
+
+@pytest.mark.parametrize("damage", ["meta.json", "tokenizer.model"])
+def test_damaged_tokenizer_files_are_named(run, tmp_path, capsys, damage):
+    path = run / "tokenizer" / damage
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    code, _, err = ondol(capsys, "export", "hf", run, tmp_path / "hf")
+    why = "damaged, not JSON (" if damage == "meta.json" else "damaged, not a SentencePiece model"
+    assert code == 4 and err.startswith(f"ondol: tokenizer error: {path}: {why}") and err.endswith(
+        "; retrain the tokenizer (`ondol tokenizer train CONFIG`) or copy its folder again\n"), err
+
+
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_while_writing_the_tokenizer(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("ondol.tokenizer.train.write_hf_files", _full_disk)
+    run = tmp_path / "run"
+    code, _, err = ondol(capsys, "tokenizer", "train", TINY, f"run_dir={run}", "tokenizer.vocab_size=2048",
+                         "data.sources.0.max_docs=2500", "data.sources.1.max_docs=500")  # the golden sample
+    last = err.splitlines()[-1]  # after the sample's progress lines
+    assert code == 4 and last.startswith(f"ondol: tokenizer error: {run}: no space left on the device for the "
+                                         "tokenizer (about ") and last.endswith(
+        " MiB free); free some space and run the same command again"), err
+    assert list(run.iterdir()) == []  # neither a tokenizer folder nor its scratch folder
+
+
+def test_a_full_disk_while_preparing_keeps_the_finished_shards(eval_run, tmp_path, capsys, monkeypatch):
+    from ondol.data import shards
+
+    writes = []
+
+    def fills_at_the_second_record(path, data):  # the file that would mark shard 00001 complete
+        writes.append(path)
+        if path.name == "00001.json":
+            _full_disk()
+        write_atomic(path, data)
+
+    write_atomic = shards.write_atomic
+    monkeypatch.setattr("ondol.data.shards.write_atomic", fills_at_the_second_record)
+    run = tmp_path / "run"
+    args = ["data", "prepare", TINY, f"run_dir={run}", "--no-progress", f"tokenizer.path={eval_run / 'tokenizer'}",
+            "data.sources.0.max_docs=3000", "data.sources.1.max_docs=300", "data.shard_tokens=20000"]
+    code, _, err = ondol(capsys, *args)
+    folder = writes[-1].parent
+    assert code == 3 and err.startswith(f"ondol: data error: {folder}: no space left on the device for shard "
+                                        "00001 (about "), err
+    assert "00001.json" not in {p.name for p in folder.iterdir()}  # shard 00001 is not marked complete
+    assert not (run / "data" / "manifest.json").exists()
+    monkeypatch.setattr("ondol.data.shards.write_atomic", write_atomic)
+    code, _, err = ondol(capsys, *args)
+    assert code == 0, err
+    assert (run / "data" / "manifest.json").is_file()
+
+
 def test_each_attempt_that_trains_keeps_its_config(run, capsys, keep_process_group):
     first = (run / "config.yaml").read_text()
     assert [p.name for p in (run / "configs").iterdir()] == ["attempt-1.yaml"]
@@ -277,9 +369,36 @@ def test_each_attempt_that_trains_keeps_its_config(run, capsys, keep_process_gro
     assert history[1].read_text().split("\n", 1)[1] == second
 
 
-# ---- Ctrl-C in each stage ------------------------------------------------------------------------------------
-def _interrupt(tmp_path: Path, args: list[str], ready) -> tuple[int, str]:
-    """Run `ondol ARGS`, send SIGINT once `ready(its stderr so far)` holds; (exit code, stderr)."""
+# ---- Ctrl-C and SIGTERM in each stage --------------------------------------------------------------------------
+def _descendants(pid: int) -> set[int]:
+    """The processes below `pid` (from /proc: each one's parent is the 4th field of its stat)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended while listed
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (a zombie has ended: it only waits for its parent to read its status)."""
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    return {pid for pid in pids if running(pid)}
+
+
+def _interrupt(tmp_path: Path, args: list[str], ready, sig=signal.SIGINT, workers: int = 0) -> tuple[int, str]:
+    """Run `ondol ARGS`, send `sig` once `ready(its stderr so far)` holds and it has `workers` child processes;
+    (exit code, stderr). It must exit within 10 s of the signal and leave none of its children running."""
     err = tmp_path / "stderr"
     with open(err, "w") as stderr:
         # The child starts with SIGINT at its default, as from a terminal: an ignored SIGINT (a test run started
@@ -290,12 +409,14 @@ def _interrupt(tmp_path: Path, args: list[str], ready) -> tuple[int, str]:
                                     stdout=subprocess.DEVNULL, stderr=stderr, env=without_rank_variables(os.environ))
         finally:
             signal.signal(signal.SIGINT, previous)
-        deadline = time.monotonic() + 240
-        while not ready(err.read_text()) and proc.poll() is None and time.monotonic() < deadline:
+        deadline, children = time.monotonic() + 240, set()
+        while proc.poll() is None and time.monotonic() < deadline and not (
+                ready(err.read_text()) and len(children := _descendants(proc.pid)) >= workers):
             time.sleep(0.05)
         assert proc.poll() is None, f"finished before it could be interrupted: {err.read_text()[-2000:]}"
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        proc.send_signal(sig)
+        proc.wait(timeout=10)
+    assert _alive(children) == set(), f"left running: {_alive(children)}"
     return proc.returncode, err.read_text()
 
 
@@ -317,6 +438,31 @@ def test_ctrl_c_while_preparing_data(tmp_path, eval_run):
     assert not (run / "data" / "manifest.json").exists()
 
 
+def test_sigterm_while_training_the_tokenizer_stops_its_trainer_child(tmp_path):
+    run = tmp_path / "run"
+    code, err = _interrupt(tmp_path, ["tokenizer", "train", TINY, f"run_dir={run}"], sig=signal.SIGTERM, workers=1,
+                           ready=lambda err: "training SentencePiece" in err)
+    assert code == 143 and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.startswith("ondol")] == [TERMINATED.strip()]
+    assert not (run / "tokenizer").exists() and not (run / "tokenizer.partial").exists()
+
+
+def test_sigterm_while_preparing_data_stops_the_workers_and_a_rerun_finishes(tmp_path, eval_run):
+    run = tmp_path / "run"
+    args = ["data", "prepare", TINY, f"run_dir={run}", "--no-progress", f"tokenizer.path={eval_run / 'tokenizer'}",
+            "data.num_proc=2", "data.sources.0.max_docs=20000", "data.sources.1.max_docs=2000"]
+    code, err = _interrupt(tmp_path, args, sig=signal.SIGTERM, workers=2,
+                           ready=lambda out: (run / "data" / "prepare.json").exists())
+    assert (code, err) == (143, TERMINATED)
+    assert not (run / "data" / "manifest.json").exists()
+    assert [p.name for p in (run / "data").rglob("*.tmp")] == []
+    rerun = subprocess.run([sys.executable, "-m", "ondol.launch.cli", *args],
+                           check=False, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                           env=without_rank_variables(os.environ))
+    assert rerun.returncode == 0, rerun.stderr
+    assert (run / "data" / "manifest.json").is_file()
+
+
 def test_ctrl_c_while_exporting(eval_run, tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -325,6 +471,60 @@ def test_ctrl_c_while_exporting(eval_run, tmp_path, capsys, monkeypatch):
     code, _, err = ondol(capsys, "export", "hf", eval_run, tmp_path / "hf")
     assert (code, err) == (130, INTERRUPTED)
     assert list((tmp_path / "hf").iterdir()) == []  # no partial weights file left behind
+
+
+def test_sigterm_while_exporting_leaves_no_temporary_file(eval_run, tmp_path, capsys, monkeypatch):
+    from ondol.model import export
+
+    read_tensor = export.read_tensor
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled as soon as this returns: mid-way through the weights
+        return read_tensor(*args, **kwargs)
+
+    monkeypatch.setattr("ondol.model.export.read_tensor", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, err = ondol(capsys, "export", "hf", eval_run, tmp_path / "hf")
+    assert (code, err) == (143, TERMINATED)
+    assert list((tmp_path / "hf").iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before  # the command's handler is gone with it
+
+
+CLEANUP_THAT_HANGS = """
+import multiprocessing, sys, time
+from ondol.errors import exit_process, reported
+
+def command():
+    multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,)).start()
+    try:
+        time.sleep(600)
+    finally:
+        print("cleaning up", file=sys.stderr, flush=True)
+        time.sleep(600)
+
+exit_process(reported(command, "ondol", False))
+"""
+
+
+def test_a_second_signal_stops_at_once_with_the_workers(tmp_path):
+    """The first SIGTERM starts the command's clean-up; a second one, while that clean-up runs, ends the
+    command within seconds and kills its worker processes."""
+    script = tmp_path / "hangs.py"
+    script.write_text(CLEANUP_THAT_HANGS)
+    err = tmp_path / "stderr"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stderr=stderr)
+        deadline = time.monotonic() + 60
+        while not (children := _descendants(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        while "cleaning up" not in err.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 143
+    assert children and _alive(children) == set()
+    assert err.read_text() == ("cleaning up\nreceived SIGTERM after SIGTERM: stopping at once; a run of the same "
+                               "command redoes what was not finished\n")
 
 
 EXIT_AFTER_TEARDOWN_ABORT = """

@@ -11,12 +11,13 @@ tokens instead.
 from __future__ import annotations
 
 import hashlib
-import json
 import unicodedata
 from pathlib import Path
 
 import sentencepiece as spm
 
+from ondol.errors import TokenizerError
+from ondol.files import read_json
 from ondol.tokenizer.korean import pretokenize
 
 META_SPACE = "\u2581"
@@ -54,8 +55,14 @@ class Tokenizer:
                     f"{p} not found: train one with `ondol tokenizer train CONFIG` "
                     f"or point tokenizer.path at a trained tokenizer folder"
                 )
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        tok = cls(model.read_bytes(), meta)
+        retrain = "retrain the tokenizer (`ondol tokenizer train CONFIG`) or copy its folder again"
+        meta = read_json(meta_path, TokenizerError, retrain)
+        try:
+            tok = cls(model.read_bytes(), meta)
+        except RuntimeError:  # SentencePiece could not parse the model
+            raise TokenizerError(f"{model}: damaged, not a SentencePiece model; {retrain}") from None
+        except KeyError as e:
+            raise TokenizerError(f"{meta_path}: damaged, no {e} key; {retrain}") from None
         tok.directory = directory
         if meta.get("fingerprint") != tok.fingerprint:
             raise ValueError(

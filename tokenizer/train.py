@@ -29,7 +29,7 @@ from rich.progress import (
 from ondol.data.config import SourceConfig
 from ondol.data.sources import source_identity
 from ondol.errors import TokenizerError, ignore_interrupts
-from ondol.files import fsync_dir, fsync_tree
+from ondol.files import fsync_dir, fsync_tree, space_checked
 from ondol.tokenizer.config import TokenizerConfig
 from ondol.tokenizer.hf_export import write_hf_files
 from ondol.tokenizer.korean import (
@@ -307,10 +307,16 @@ def _write_folder(out_dir: Path, model_proto: bytes, meta: dict) -> None:
     scratch = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
-    (scratch / MODEL_FILE).write_bytes(model_proto)
-    write_hf_files(model_proto, meta, scratch)
-    (scratch / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-    fsync_tree(scratch)
+    need = 4 * len(model_proto)  # the model, tokenizer.json (about 3x the model) and meta.json
+    try:
+        with space_checked(scratch.parent, TokenizerError, "the tokenizer", need):
+            (scratch / MODEL_FILE).write_bytes(model_proto)
+            write_hf_files(model_proto, meta, scratch)
+            (scratch / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+            fsync_tree(scratch)
+    except BaseException:  # a full disk, a signal: no half-written folder is left
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in sorted(scratch.iterdir(), key=lambda p: p.name == META_FILE):
         os.replace(f, out_dir / f.name)

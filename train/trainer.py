@@ -51,7 +51,7 @@ class Trainer:
         if cfg.model.vocab_size == 0:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
         elif cfg.model.vocab_size < tokenizer.vocab_size:
-            raise ConfigError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
+            raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                              f"{tokenizer.vocab_size} at {tokenizer_dir(cfg)}: set model.vocab_size=0 to take it")
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
