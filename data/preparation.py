@@ -38,6 +38,7 @@ from ondol.data.packing import (
 from ondol.data.shards import IDENTITY, MANIFEST, SPLITS, ShardWriter, shard_intact, token_dtype, write_json
 from ondol.data.sources import BadInputLog, iter_documents, source_identity
 from ondol.errors import ignore_interrupts
+from ondol.files import move_aside
 
 CHUNK_DOCS, CHUNK_CHARS = 2048, 1 << 20  # documents sent to a worker at a time
 log = logging.getLogger("ondol.data")
@@ -125,11 +126,21 @@ def _check_sources(cfg: DataConfig) -> None:
 
 
 def _refuse_mixing(out_dir: Path, identity: dict, digest: str) -> None:
+    """Refuse a folder holding data prepared with another identity. A preparation that never finished (no
+    manifest: it failed, was stopped or found no documents) blocks nothing: without a finished shard it is
+    replaced, with some it is moved aside, so the corrected command simply runs."""
     path = out_dir / IDENTITY
     if not path.is_file():
         return
     old = json.loads(path.read_text(encoding="utf-8"))
     if old.get("hash") == digest:
+        return
+    if not (out_dir / MANIFEST).is_file():
+        if any(out_dir.glob("*/*/*.json")):  # finished shards of the unfinished preparation
+            log.warning("%s: moved the unfinished preparation with another config to %s", out_dir,
+                        move_aside(out_dir))
+        else:
+            path.unlink()
         return
     changed = [k for k in sorted(identity) if old.get("identity", {}).get(k) != identity[k]] or ["format"]
     raise ValueError(f"{out_dir} holds data prepared with a different {', '.join(changed)} "
