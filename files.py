@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,3 +77,16 @@ def fsync_tree(folder: str | os.PathLike) -> None:
             except FileNotFoundError:
                 continue
         fsync_dir(root)
+
+
+def move_aside(path: str | os.PathLike, label: str = "replaced") -> Path:
+    """Rename `path` to `NAME.LABEL-YYYYmmdd-HHMMSS` beside it (a `-2`, `-3`, ... suffix if that is taken) so that a
+    fresh one can take its place while the old one is kept, not deleted; the new path."""
+    path = Path(path)
+    stem = path.with_name(f"{path.name}.{label}-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside, n = stem, 1
+    while aside.exists():
+        n += 1
+        aside = stem.with_name(f"{stem.name}-{n}")
+    path.rename(aside)
+    return aside

@@ -220,6 +220,10 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
         entry["files"] = source_files(source)
     manifest = build_manifest(cfg, tokenizer, seed, digest, dtype, stats, cleaner, writers)
     manifest["seconds"] = round(time.perf_counter() - started, 2)
+    if not manifest["totals"]["train_tokens"]:  # unfinished, so a corrected config is not refused
+        dropped = ", ".join(f"{n:,} {why}" for s in stats for why, n in s["dropped"].items()) or "none dropped"
+        raise ValueError(f"{out_dir}: no training document is left of {sum(s['read'] for s in stats):,} read "
+                         f"({dropped}): loosen data.cleaning or add data, and re-run")
     write_json(out_dir / MANIFEST, manifest)
     return manifest
 

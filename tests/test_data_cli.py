@@ -65,3 +65,19 @@ def test_errors_are_one_line_with_exit_code_3(config, tmp_path, capsys):
     assert ondol("data", "prepare", str(config), "data.cleaning.min_chars=10", "--no-progress") == 3
     err = capsys.readouterr().err
     assert "ondol: data error: " in err and "refusing to mix" in err and len(err.splitlines()) == 1
+
+
+def test_a_failed_or_empty_prepare_does_not_block_the_corrected_one(config, tmp_path, capsys):
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(config.read_text().replace("max_docs: 30", "max_docs: 30\n      text_field: body"))
+    assert ondol("data", "prepare", str(wrong), "--no-progress") == 3
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("ondol: data error: data source 'ko_docs': no documents in ")
+    assert err[0].endswith(f"text_field 'body' (fields seen in {CORPORA / 'ko_docs.jsonl.gz'}: id, source, text)")
+    assert ondol("data", "prepare", str(config), "data.cleaning.min_chars=1000000", "--no-progress") == 3
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "no training document is left of 330 read (" in err[0]
+    assert "loosen data.cleaning" in err[0]
+    assert ondol("data", "prepare", str(config), "--no-progress") == 0
+    assert [s["read"] for s in read_manifest(tmp_path / "run" / "data")["sources"]] == [30, 300]
+    assert not list(tmp_path.glob("run/data.*"))  # nothing was left to move aside
