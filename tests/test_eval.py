@@ -208,8 +208,8 @@ def test_data_is_streamed_with_max_docs_and_max_bytes_caps(eval_run, tmp_path, c
 
 
 def test_streamed_scoring_holds_one_chunk_of_documents_at_a_time(eval_run):
-    from ondol.train.evaluation import bits_per_byte, load_model, streamed_bits_per_byte
     from ondol.tokenizer.tokenizer import Tokenizer
+    from ondol.train.evaluation import bits_per_byte, load_model, streamed_bits_per_byte
 
     model, tok = load_model(eval_run), Tokenizer.load(eval_run / "tokenizer")
     texts = corpus_texts("ko_reviews", 50, skip=100)
