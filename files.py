@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,3 +110,16 @@ def space_checked(folder: str | os.PathLike, error: type[OndolError], what: str,
         raise error(f"{folder}: no space left on the device for {what} (about {need_bytes / 2**20:,.1f} MiB "
                     f"needed, {free / 2**20:,.1f} MiB free); free some space and run the same command again"
                     ) from None
+
+
+def move_aside(path: str | os.PathLike, label: str = "replaced") -> Path:
+    """Rename `path` to `NAME.LABEL-YYYYmmdd-HHMMSS` beside it (a `-2`, `-3`, ... suffix if that is taken) so that a
+    fresh one can take its place while the old one is kept, not deleted; the new path."""
+    path = Path(path)
+    stem = path.with_name(f"{path.name}.{label}-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside, n = stem, 1
+    while aside.exists():
+        n += 1
+        aside = stem.with_name(f"{stem.name}-{n}")
+    path.rename(aside)
+    return aside

@@ -37,19 +37,33 @@ def _load(args: argparse.Namespace):
     return cfg, Tokenizer.load(tokenizer_dir(cfg)), data_dir(cfg)
 
 
-def _source_table(manifest: dict) -> Table:
-    table = Table(title=f"prepared data (tokenizer {manifest['tokenizer']['fingerprint']}, {manifest['dtype']})")
-    for column in ("source", "weight", "read", "bad input", "dropped", "train docs", "val docs", "train tokens",
-                   "val tokens", "train share"):
+def _source_table(manifest: dict, cfg) -> Table:
+    """Per source: what was read, kept and tokenized, and what training will make of it: the mixture weights
+    (the config's: they apply when training), each source's expected share of the training sequences and the
+    epochs over its own sequences that train.steps draws."""
+    from ondol.data.loader import planned_mix
+
+    tr, launch = cfg.train, cfg.launch
+    ranks = launch.nodes * launch.gpus_per_node
+    drawn = tr.steps * tr.micro_batch_size * tr.grad_accum * ranks
+    weights = manifest["weights"] | {s.name: s.weight for s in cfg.data.sources}
+    mix = planned_mix(manifest, weights, cfg.data.seq_len, drawn)
+    table = Table(title=f"prepared data (tokenizer {manifest['tokenizer']['fingerprint']}, {manifest['dtype']})",
+                  caption=f"expected share: weight / sum of weights, as training mixes sequences; epochs: passes "
+                  f"over a source's train tokens in train.steps={tr.steps:,} steps of {tr.micro_batch_size} x "
+                  f"{tr.grad_accum} x {ranks} sequences (micro batch x grad_accum x ranks) of {cfg.data.seq_len} "
+                  "tokens")
+    for column in ("source", "read", "bad input", "dropped", "train docs", "val docs", "train tokens",
+                   "val tokens", "weight", "expected share", "epochs"):
         table.add_column(column, justify="left" if column == "source" else "right")
-    total = max(1, manifest["totals"]["train_tokens"])
     for s in manifest["sources"]:
-        table.add_row(s["name"], f"{s['weight']:g}", f"{s['read']:,}",
+        share, epochs = mix[s["name"]]
+        table.add_row(s["name"], f"{s['read']:,}",
                       ", ".join(f"{n} {r}" for r, n in s["bad_input"].items()) or "0",
                       ", ".join(f"{n} {r}" for r, n in s["dropped"].items()) or "0",
                       f"{s['kept']['train']:,}", f"{s['kept']['val']:,}",
                       f"{s['tokens']['train']:,}", f"{s['tokens']['val']:,}",
-                      f"{s['tokens']['train'] / total:.1%}")
+                      f"{weights[s['name']]:g}", f"{share:.1%}", f"{epochs:.2f}")
     return table
 
 
@@ -59,7 +73,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
     cfg, tokenizer, out_dir = _load(args)
     manifest = prepare(cfg.data, tokenizer, out_dir, cfg.seed, progress=not args.no_progress)
-    console.print(_source_table(manifest))
+    console.print(_source_table(manifest, cfg))
     for s in manifest["sources"]:
         if "personal_data" in s:  # data.pii on: what was masked or dropped
             found = ", ".join(f"{n:,} {kind}" for kind, n in sorted(s["personal_data"].items())) or "none"
@@ -91,7 +105,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
     cfg, tokenizer, out_dir = _load(args)
     manifest = read_manifest(out_dir)
-    console.print(_source_table(manifest))
+    console.print(_source_table(manifest, cfg))
     shards = split_shards(out_dir, args.split, manifest)
     for name, source_shards in shards.items():
         if not source_shards:

@@ -9,8 +9,8 @@ class SourceConfig:
 
     name: str = "???"
     path: str = "???"  # file, glob, folder, or a Hugging Face dataset name/path when format == "hf"
-    format: str = "auto"  # auto | jsonl | text | parquet | hf (auto: by file suffix)
-    text_field: str = "text"
+    format: str = "auto"  # auto | jsonl | csv | tsv | text | parquet | hf (auto: by file suffix)
+    text_field: str = "text"  # the JSON field, or the CSV/TSV/Parquet column, holding the text
     text_unit: str = "line"  # plain text only: one document per line | paragraph (blank-line separated) | document (file)
     weight: float = 1.0  # mixture weight (tokenizer sampling and training data share)
     max_docs: int | None = None  # read at most this many documents (None: all)
@@ -18,9 +18,9 @@ class SourceConfig:
     hf_config: str | None = None
 
     def __post_init__(self) -> None:
-        if self.format not in ("auto", "jsonl", "text", "parquet", "hf"):
-            raise ValueError(f"data source '{self.name}': format must be auto | jsonl | text | parquet | hf, "
-                             f"not '{self.format}'")
+        if self.format not in ("auto", "jsonl", "csv", "tsv", "text", "parquet", "hf"):
+            raise ValueError(f"data source '{self.name}': format must be auto | jsonl | csv | tsv | text | parquet "
+                             f"| hf, not '{self.format}'")
         if self.text_unit not in ("line", "paragraph", "document"):
             raise ValueError(f"data source '{self.name}': text_unit must be line | paragraph | document, "
                              f"not '{self.text_unit}'")

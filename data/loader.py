@@ -45,6 +45,27 @@ def mixture_pattern(weights: list[float], length: int = PATTERN_LEN) -> tuple[np
     return pattern, counts, rank
 
 
+def sequences_in(tokens: int, seq_len: int) -> int:
+    """The seq_len + 1 token windows a shard of `tokens` tokens gives: window j starts at token j * seq_len."""
+    return max(0, (tokens - 1) // seq_len)
+
+
+def planned_mix(manifest: dict, weights: dict[str, float], seq_len: int, sequences: int
+                ) -> dict[str, tuple[float, float]]:
+    """Per source of the training split: (its expected share of the training sequences, the epochs over its own
+    sequences) when `sequences` sequences are drawn as TokenLoader mixes them; (0, 0) for a source of weight 0
+    or without a whole sequence. Weights apply when training, so they are the config's, not the preparation's."""
+    counts = {name: sum(sequences_in(r["tokens"], seq_len) for r in records)
+              for name, records in manifest["splits"]["train"].items()}
+    mixed = [name for name, n in counts.items() if weights.get(name, 0) > 0 and n > 0]
+    out = dict.fromkeys(counts, (0.0, 0.0))
+    if mixed:
+        _, slots, _ = mixture_pattern([weights[name] for name in mixed])
+        for name, k in zip(mixed, slots):
+            out[name] = (k / PATTERN_LEN, sequences * k / PATTERN_LEN / counts[name])
+    return out
+
+
 @dataclass
 class _SourceSequences:
     """The seq_len + 1 token windows of one source: window j of a shard starts at token j * seq_len."""
@@ -54,7 +75,7 @@ class _SourceSequences:
     seq_len: int
 
     def __post_init__(self) -> None:
-        per_shard = [max(0, (len(s.tokens) - 1) // self.seq_len) for s in self.shards]
+        per_shard = [sequences_in(len(s.tokens), self.seq_len) for s in self.shards]
         self.offsets = np.concatenate([[0], np.cumsum(per_shard, dtype=np.int64)])
         self.count = int(self.offsets[-1])
 

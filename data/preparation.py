@@ -47,7 +47,7 @@ from ondol.data.shards import (
 )
 from ondol.data.sources import BadInputLog, iter_documents, source_identity
 from ondol.errors import DataError, ignore_interrupts
-from ondol.files import read_json
+from ondol.files import move_aside, read_json
 
 CHUNK_DOCS, CHUNK_CHARS = 2048, 1 << 20  # documents sent to a worker at a time
 log = logging.getLogger("ondol.data")
@@ -139,11 +139,21 @@ def _check_sources(cfg: DataConfig) -> None:
 
 
 def _refuse_mixing(out_dir: Path, identity: dict, digest: str) -> None:
+    """Refuse a folder holding data prepared with another identity. A preparation that never finished (no
+    manifest: it failed, was stopped or found no documents) blocks nothing: without a finished shard it is
+    replaced, with some it is moved aside, so the corrected command simply runs."""
     path = out_dir / IDENTITY
     if not path.is_file():
         return
     old = read_json(path, DataError, f"delete {out_dir} or use another run_dir, and prepare again")
     if old.get("hash") == digest:
+        return
+    if not (out_dir / MANIFEST).is_file():
+        if any(out_dir.glob("*/*/*.json")):  # finished shards of the unfinished preparation
+            log.warning("%s: moved the unfinished preparation with another config to %s", out_dir,
+                        move_aside(out_dir))
+        else:
+            path.unlink()
         return
     changed = [k for k in sorted(identity) if old.get("identity", {}).get(k) != identity[k]] or ["format"]
     raise ValueError(f"{out_dir} holds data prepared with a different {', '.join(changed)} "
@@ -228,6 +238,10 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
         entry["files"] = source_files(source)
     manifest = build_manifest(cfg, tokenizer, seed, digest, dtype, stats, cleaner, writers)
     manifest["seconds"] = round(time.perf_counter() - started, 2)
+    if not manifest["totals"]["train_tokens"]:  # unfinished, so a corrected config is not refused
+        dropped = ", ".join(f"{n:,} {why}" for s in stats for why, n in s["dropped"].items()) or "none dropped"
+        raise ValueError(f"{out_dir}: no training document is left of {sum(s['read'] for s in stats):,} read "
+                         f"({dropped}): loosen data.cleaning or add data, and re-run")
     write_json(out_dir / MANIFEST, manifest)
     return manifest
 

@@ -1,8 +1,8 @@
 """Reading documents from every supported source, counting (never hiding) bad input.
 
 One entry point, `iter_documents(source)`, shared by the tokenizer trainer and data preparation. It reads
-JSON Lines (plain, .gz, .zst), Parquet, plain text (plain, .gz, .zst) from a file, a glob or a folder, or a
-Hugging Face dataset through `datasets`. Each document carries the file and line it came from, so every later
+JSON Lines, CSV and TSV (a header row, then one document a row) and plain text (each plain, .gz or .zst), and Parquet,
+from a file, a glob or a folder, or a Hugging Face dataset through `datasets`. Each document carries the file and line it came from, so every later
 error can point at the input. Lines that cannot be documents (malformed JSON, invalid UTF-8, a missing text
 field, an empty text) are counted per reason in a `BadInputLog` and the first few are logged with file:line;
 with `strict=True` the first one raises `BadInputError` instead. A compressed file that breaks off (truncated or
@@ -12,6 +12,7 @@ Arrow's JSON reader; a block holding any bad line goes through the exact line-by
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
 import io
@@ -33,6 +34,8 @@ log = logging.getLogger("ondol.data")
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 TEXT_SUFFIXES = (".txt", ".text")
+TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv"}
+TABLE_DIALECTS = {"csv": csv.excel, "tsv": csv.excel_tab}  # quoted fields may hold delimiters and newlines
 COMPRESSED_SUFFIXES = ("", ".gz", ".zst", ".zstd")
 PARQUET_SUFFIXES = (".parquet",)
 JSONL_BLOCK_BYTES = 4 << 20  # JSON Lines are parsed a block of whole lines at a time
@@ -85,9 +88,10 @@ class BadInputLog:
 
 
 def detect_format(path: str) -> str:
-    """The reader for a file, from its suffix (compression suffixes allowed after .jsonl and .txt)."""
+    """The reader for a file, from its suffix (compression suffixes allowed after .jsonl, .csv, .tsv and .txt)."""
     name = path.lower()
-    for base, kind in ((JSONL_SUFFIXES, "jsonl"), (TEXT_SUFFIXES, "text")):
+    kinds = [(JSONL_SUFFIXES, "jsonl"), (TEXT_SUFFIXES, "text"), *(((b,), k) for b, k in TABLE_SUFFIXES.items())]
+    for base, kind in kinds:
         if any(name.endswith(b + c) for b in base for c in COMPRESSED_SUFFIXES):
             return kind
     if name.endswith(PARQUET_SUFFIXES):
@@ -100,7 +104,7 @@ def resolve_files(source: SourceConfig) -> list[str]:
     path = os.path.expanduser(source.path)
     if os.path.isdir(path):
         files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and detect_format(str(p)))
-        what = f"folder '{path}' has no .jsonl/.json(.gz/.zst), .txt(.gz/.zst) or .parquet files"
+        what = f"folder '{path}' has no .jsonl/.json, .csv, .tsv, .txt (each also .gz/.zst) or .parquet files"
     elif os.path.isfile(path):
         files = [path]
     else:
@@ -394,6 +398,56 @@ def _read_text(path: str, source: SourceConfig, bad: BadInputLog, first_line: in
             bad.add("empty_doc", f"{path}:1", "the file has no text")
 
 
+def _read_table(path: str, source: SourceConfig, bad: BadInputLog, first_line: int, kind: str
+                ) -> Iterator[Document]:
+    """CSV or TSV: a header row naming the columns, then one document a row from column `text_field` (a quoted
+    field may span lines; a row is numbered by the line it starts on)."""
+    read_to = [0]  # the last line the csv reader has taken
+
+    def lines() -> Iterator[str]:
+        for number, line in _decoded_lines(path, bad):
+            read_to[0] = number
+            yield line
+
+    csv.field_size_limit(1 << 30)  # a document may be longer than the module's default 128 KiB field
+    rows = csv.reader(lines(), dialect=TABLE_DIALECTS[kind])
+    try:
+        header = next(rows, [])
+        if source.text_field not in header:
+            raise SourceError(f"{path}: no column '{source.text_field}' in the header row (columns: "
+                              f"{', '.join(header) or 'none'}); set text_field in data source '{source.name}'")
+        column = header.index(source.text_field)
+        start = read_to[0] + 1
+        for row in rows:
+            number, start = start, read_to[0] + 1
+            if number < first_line or not row:  # before the resume point, or a blank line
+                continue
+            where = f"{path}:{number}"
+            if len(row) <= column:
+                bad.add("missing_text_field", where, f"{len(row)} fields, no column '{source.text_field}' "
+                        f"(column {column + 1} of the header)")
+            elif _is_text(row[column]):
+                yield Document(row[column], source.name, path, number)
+            else:
+                _count_not_text(row[column], source.text_field, where, bad)
+    except csv.Error as e:
+        raise SourceError(f"{path}:{read_to[0]}: not valid {kind.upper()} ({e}); fix the file or set the "
+                          f"format of data source '{source.name}'") from None
+
+
+def _fields_seen(path: str) -> list[str]:
+    """The keys of the first JSON objects of a JSON Lines file (for an error naming what text_field could be)."""
+    seen: dict[str, None] = {}
+    for _, line in itertools.islice(_decoded_lines(path, BadInputLog()), 100):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            seen.update(dict.fromkeys(record))
+    return list(seen)
+
+
 def _read_rows(rows: Iterator[object], label: str, source: SourceConfig, bad: BadInputLog, first_row: int
                ) -> Iterator[Document]:
     """The documents of rows numbered from first_row."""
@@ -454,12 +508,17 @@ def _file_documents(path: str, source: SourceConfig, bad: BadInputLog, first_lin
     kind = source.format if source.format != "auto" else detect_format(path)
     if kind == "jsonl":
         return _read_jsonl(path, source, bad, first_line)
+    if kind in TABLE_DIALECTS:
+        return _read_table(path, source, bad, first_line, kind)
     if kind == "text":
+        if (table := detect_format(path)) in TABLE_DIALECTS:
+            log.warning("%s: read as plain text, one document a line with every column in it (format: text); "
+                        "set format: %s and text_field: COLUMN to read one column", path, table)
         return _read_text(path, source, bad, first_line)
     if kind == "parquet":
         return _read_rows(_parquet_column(path, source, first_line), path, source, bad, first_line)
     raise SourceError(f"data source '{source.name}': cannot tell the format of '{path}' from its suffix "
-                      f"(set format: jsonl | text | parquet | hf)")
+                      f"(set format: jsonl | csv | tsv | text | parquet | hf)")
 
 
 def iter_documents(source: SourceConfig, strict: bool = False, bad: BadInputLog | None = None,
@@ -491,7 +550,12 @@ def iter_documents(source: SourceConfig, strict: bool = False, bad: BadInputLog 
             if source.max_docs is not None and count >= source.max_docs:
                 return
     if count == 0:
+        fields = ""
+        if bad.counts["missing_text_field"] and source.format != "hf":
+            first = resolve_files(source)[start[0]]
+            if (source.format if source.format != "auto" else detect_format(first)) == "jsonl":
+                fields = f" (fields seen in {first}: {', '.join(_fields_seen(first)) or 'none'})"
         raise SourceError(f"data source '{source.name}': no documents in '{source.path}' "
-                          f"({bad.summary()}); check the path and text_field '{source.text_field}'")
+                          f"({bad.summary()}); check the path and text_field '{source.text_field}'{fields}")
     if bad.counts:
         log.warning("data source '%s': skipped %s", source.name, bad.summary())

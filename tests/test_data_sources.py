@@ -1,6 +1,8 @@
 """Reading every supported format, and counting each kind of bad input with its file:line."""
 
+import csv
 import gzip
+import io
 import json
 
 import pyarrow as pa
@@ -129,12 +131,51 @@ def test_missing_and_empty_sources_are_clear_errors(tmp_path):
         list(iter_documents(SourceConfig(name="x", path=str(tmp_path / "nope.jsonl"))))
     with pytest.raises(SourceError, match="folder '.*' has no"):
         list(iter_documents(SourceConfig(name="x", path=str(tmp_path))))
-    (tmp_path / "e.jsonl").write_text('{"body": "x"}\n')
-    with pytest.raises(SourceError, match=r"no documents in .*\(1 missing_text_field\)"):
+    (tmp_path / "e.jsonl").write_text('{"body": "x"}\n{"id": 2, "body": "y"}\n')
+    with pytest.raises(SourceError, match=r"no documents in .*\(2 missing_text_field\); check the path and "
+                       r"text_field 'text' \(fields seen in .*e.jsonl: body, id\)$"):
         list(iter_documents(SourceConfig(name="x", path=str(tmp_path / "e.jsonl"))))
     (tmp_path / "e.csv").write_text("a,b\n")
-    with pytest.raises(SourceError, match="cannot tell the format of .*e.csv"):
+    with pytest.raises(SourceError, match=r"e.csv: no column 'text' in the header row \(columns: a, b\); set "
+                       "text_field in data source 'x'"):
         list(iter_documents(SourceConfig(name="x", path=str(tmp_path / "e.csv"))))
+    (tmp_path / "e.bin").write_text("a,b\n")
+    with pytest.raises(SourceError, match="cannot tell the format of .*e.bin"):
+        list(iter_documents(SourceConfig(name="x", path=str(tmp_path / "e.bin"))))
+
+
+def _table_bytes(texts: list[str], delimiter: str) -> bytes:
+    """texts as the 'review' column of a table with other columns around it, written by Python's csv module."""
+    out = io.StringIO(newline="")
+    writer = csv.writer(out, dialect=csv.excel if delimiter == "," else csv.excel_tab)
+    writer.writerow(["id", "review", "label"])
+    writer.writerows([i, t, i % 2] for i, t in enumerate(texts))
+    return out.getvalue().encode("utf-8")
+
+
+@pytest.mark.parametrize("suffix,delimiter,pack", [
+    (".csv", ",", lambda b: b), (".tsv.gz", "\t", gzip.compress), (".csv.zst", ",", zstandard.compress)])
+def test_csv_and_tsv_read_the_text_column(tmp_path, suffix, delimiter, pack):
+    texts = corpus_texts("ko_docs", 12)  # real documents with commas, quotes, tabs and newlines inside
+    assert any("\n" in t for t in texts) and any("," in t for t in texts) and any('"' in t for t in texts)
+    raw = _table_bytes(texts, delimiter)
+    path = tmp_path / f"t{suffix}"
+    path.write_bytes(pack(raw))
+    docs = list(iter_documents(SourceConfig(name="t", path=str(path), text_field="review")))
+    assert [d.text for d in docs] == texts
+    lines = raw.decode("utf-8").split("\n")  # each row numbered by the line it starts on
+    assert all(lines[d.line - 1].startswith(f"{i}{delimiter}") for i, d in enumerate(docs))
+
+
+def test_text_read_from_a_csv_warns_once(tmp_path, caplog):
+    path = tmp_path / "t.csv"
+    path.write_bytes(_table_bytes(TEXTS[:5], ","))
+    docs = _texts(SourceConfig(name="t", path=str(path), format="text"))
+    assert docs[1].startswith("0,") and TEXTS[0] in docs[1]  # every column glued to the text, as asked
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [(f"{path}: read as plain text, one document a line with every column in it (format: "
+                         "text); set format: csv and text_field: COLUMN to read one column")]
+    assert _texts(SourceConfig(name="t", path=str(path), format="csv", text_field="review")) == TEXTS[:5]
 
 
 def test_block_reader_matches_line_by_line_at_every_block_size(tmp_path, monkeypatch):
@@ -192,10 +233,12 @@ def test_reading_from_a_documents_start_gives_the_rest_of_the_documents(tmp_path
     (tmp_path / "j" / "b.jsonl.zst").write_bytes(zstandard.compress(_jsonl_bytes(TEXTS[20:])))
     (tmp_path / "p.txt").write_text(f"{TEXTS[0]}\n{TEXTS[1]}\n\n\n{TEXTS[2]}\n\n{TEXTS[3]}\n", encoding="utf-8")
     pq.write_table(pa.table({"text": TEXTS}), tmp_path / "t.parquet", row_group_size=7)
+    (tmp_path / "t.csv").write_bytes(_table_bytes(corpus_texts("ko_docs", 6), ","))
     cases = [SourceConfig(name="j", path=str(tmp_path / "j")),
              SourceConfig(name="l", path=str(tmp_path / "p.txt")),
              SourceConfig(name="p", path=str(tmp_path / "p.txt"), text_unit="paragraph"),
-             SourceConfig(name="q", path=str(tmp_path / "t.parquet"))]
+             SourceConfig(name="q", path=str(tmp_path / "t.parquet")),
+             SourceConfig(name="c", path=str(tmp_path / "t.csv"), text_field="review")]
     for source in cases:
         files = {path: i for i, path in enumerate(sources.resolve_files(source))}
         docs = list(iter_documents(source, bad=BadInputLog()))

@@ -180,3 +180,49 @@ def test_in_loop_bits_per_byte_is_logged_per_source_and_equals_ondol_eval(eval_r
     reviews = json.loads((tmp_path / "eval.json").read_text(encoding="utf-8"))["sources"]["ko_reviews"]
     assert evals[-1]["bpb/ko_reviews"] == pytest.approx(reviews["bits_per_byte"], rel=1e-5)
     assert (eval_run / "loss.png").stat().st_size > 0
+
+
+def test_data_is_streamed_with_max_docs_and_max_bytes_caps(eval_run, tmp_path, capsys):
+    """--max-docs and --max-bytes score exactly the first documents of a file (the reference: those documents
+    written to a file of their own, scored whole), reading the 617,741-document corpus only as far as needed."""
+    from tests.conftest import CORPORA
+
+    texts = corpus_texts("ko_reviews", 40)
+    first = tmp_path / "first.jsonl"
+    first.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    corpus = CORPORA / "ko_reviews.jsonl.gz"
+    assert ondol_eval(capsys, eval_run, "--data", first, "--json", tmp_path / "reference.json")[0] == 0
+    assert ondol_eval(capsys, eval_run, "--data", corpus, "--max-docs", "40", "--json", tmp_path / "docs.json")[0] == 0
+    reference = json.loads((tmp_path / "reference.json").read_text())["sources"]["first"]
+    capped = json.loads((tmp_path / "docs.json").read_text())["sources"]["ko_reviews"]
+    assert capped == reference and capped["documents"] == 40
+
+    budget = sum(len(t.encode("utf-8")) for t in texts[:17]) - 1  # reached by the 17th document
+    assert ondol_eval(capsys, eval_run, "--data", corpus, "--max-bytes", str(budget), "--json",
+                      tmp_path / "bytes.json")[0] == 0
+    capped = json.loads((tmp_path / "bytes.json").read_text())["sources"]["ko_reviews"]
+    assert capped["documents"] == 17 and capped["bytes"] == budget + 1
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", str(eval_run), "--data", str(corpus), "--max-docs", "0"])
+    assert stop.value.code == 2 and "--max-docs: must be a whole number >= 1, not '0'" in capsys.readouterr().err
+
+
+def test_streamed_scoring_holds_one_chunk_of_documents_at_a_time(eval_run):
+    from ondol.tokenizer.tokenizer import Tokenizer
+    from ondol.train.evaluation import bits_per_byte, load_model, streamed_bits_per_byte
+
+    model, tok = load_model(eval_run), Tokenizer.load(eval_run / "tokenizer")
+    texts = corpus_texts("ko_reviews", 50, skip=100)
+    pulled, seen = [], []
+
+    def documents():
+        for t in texts:
+            pulled.append(t)
+            yield "ko_reviews", t
+
+    rows = streamed_bits_per_byte(model, tok, documents(), 64, True, chunk_docs=16,
+                                  progress=lambda n: seen.append((n, len(pulled))))
+    assert seen == [(16, 16), (16, 32), (16, 48), (2, 50)]  # never more than a chunk read ahead of scoring
+    whole = bits_per_byte(model, tok, {"ko_reviews": texts}, 64, True)
+    assert rows["ko_reviews"]["documents"] == 50
+    assert rows["ko_reviews"]["bits_per_byte"] == pytest.approx(whole["ko_reviews"]["bits_per_byte"], rel=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import unicodedata
 
 import pytest
@@ -11,8 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ondol.data.config import SourceConfig
+from ondol.errors import TokenizerError
 from ondol.tokenizer.config import KSX1001_SYMBOLS, TokenizerConfig
 from ondol.tokenizer.korean import compatibility_jamo, conjoining_jamo, hangul_syllables, ksx1001_symbols
+from ondol.tokenizer.sample import is_held_out
 from ondol.tokenizer.tokenizer import Tokenizer
 from ondol.tokenizer.train import train_tokenizer
 from tests.conftest import CORPORA, corpus_texts
@@ -201,10 +204,35 @@ def test_rerun_reuses_and_changed_config_refuses(tmp_path):
     assert (
         again.fingerprint == first.fingerprint and (tmp_path / "tokenizer.model").stat().st_mtime_ns == stamp
     )
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(TokenizerError, match="another config, sources or seed: add --overwrite to move it aside"):
         train_tokenizer(cfg, SOURCES[:1], tmp_path, seed=4)
     # Same inputs in a fresh folder give the same model bit for bit.
     assert train_tokenizer(cfg, SOURCES[:1], tmp_path / "other", seed=3).fingerprint == first.fingerprint
+
+
+def test_cli_overwrite_moves_a_tokenizer_of_another_config_aside_and_eval_works_by_default(tmp_path, capsys):
+    from ondol.launch.cli import main
+
+    config = tmp_path / "run.yaml"  # no tokenizer.holdout_fraction: the default keeps documents out for eval
+    config.write_text(f"run_dir: {tmp_path}/run\n"
+                      f"data: {{sources: [{{name: ko_reviews, path: {CORPORA}/ko_reviews.jsonl.gz, max_docs: 3000}}]}}\n"
+                      "tokenizer: {vocab_size: 3200, hangul_coverage: false}\n", encoding="utf-8")
+    folder = tmp_path / "run" / "tokenizer"
+    assert main(["tokenizer", "train", str(config)]) == 0
+    first = json.loads((folder / "meta.json").read_text())
+    assert main(["tokenizer", "eval", str(config), "--compare", str(folder / "tokenizer.json"), "--max-docs", "20"]) == 0
+    held_out = [t for t in corpus_texts("ko_reviews", 3000) if is_held_out(t, 0.01)]
+    assert len(held_out) >= 20 and json.loads((folder / "eval.json").read_text())["rows"][0]["docs"] == 20
+    capsys.readouterr()
+    assert main(["tokenizer", "train", str(config), "seed=5"]) == 4
+    assert capsys.readouterr().err == (f"ondol: tokenizer error: {folder} holds a tokenizer trained with another "
+                                       "config, sources or seed: add --overwrite to move it aside and train a new "
+                                       "one, or choose another run_dir / tokenizer.path\n")
+    assert main(["tokenizer", "train", str(config), "seed=5", "--overwrite"]) == 0
+    (aside,) = (tmp_path / "run").glob("tokenizer.replaced-*")
+    assert f"moved the tokenizer trained with another config to {aside}" in capsys.readouterr().err
+    assert json.loads((aside / "meta.json").read_text()) == first
+    assert json.loads((folder / "meta.json").read_text())["recipe"]["seed"] == 5
 
 
 def test_config_errors_name_the_key():
@@ -439,7 +467,6 @@ def test_superword_phase_is_lossless_exported_and_shorter_than_subwords(superwor
 
 
 def test_a_superword_phase_short_of_pairs_is_a_one_line_error(tmp_path):
-    from ondol.errors import TokenizerError
 
     cfg = small_config(vocab_size=3200, hangul_coverage=False, max_sentences=300, superword_share=0.5)
     with pytest.raises(TokenizerError, match=r"^tokenizer: the superword phase found [\d,]+ of the 1,600 pieces asked for "

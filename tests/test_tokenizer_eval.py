@@ -126,7 +126,7 @@ data:
   sources:
     - {{name: ko_reviews, path: {CORPORA}/ko_reviews.jsonl.gz, max_docs: 6000}}
     - {{name: ko_docs, path: {CORPORA}/ko_docs.jsonl.gz}}
-tokenizer: {{path: {folder}, vocab_size: 3000, hangul_coverage: false}}
+tokenizer: {{path: {folder}, vocab_size: 3000, hangul_coverage: false, holdout_fraction: 0}}
 """, encoding="utf-8")
     out = root / "no-holdout.json"
     assert ondol("tokenizer", "eval", str(cfg), "--max-docs", "40", "--compare", str(folder / "tokenizer.json"),
@@ -134,7 +134,7 @@ tokenizer: {{path: {folder}, vocab_size: 3000, hangul_coverage: false}}
     assert capsys.readouterr().err == (
         "ondol tokenizer eval: source ko_docs trained the tokenizer with every document it has (no max_docs, "
         "tokenizer.holdout_fraction=0): not measured; set tokenizer.holdout_fraction=0.01 and retrain the "
-        "tokenizer to keep documents out\n")
+        "tokenizer (tokenizer train CONFIG --overwrite) to keep documents out\n")
     rows = json.loads(out.read_text())["rows"]
     assert {r["source"] for r in rows} == {"ko_reviews"}
     unseen = corpus_texts("ko_reviews", 40, skip=6000)

@@ -21,11 +21,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
 
-    add_config_command(
+    t = add_config_command(
         tsub, "train", _train,
         help="train the tokenizer into RUN_DIR/tokenizer (reused when already trained)",
         description="Sample sentences from tokenizer.sources (or data.sources), train "
         "SentencePiece losslessly, write tokenizer.model, meta.json, tokenizer.json.",
+    )
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a tokenizer trained with another config, sources or seed; the old one is moved to "
+        "TOKENIZER_DIR.replaced-DATE, not deleted (data prepared with it no longer matches: prepare again)",
     )
 
     e = add_config_command(
@@ -62,7 +68,7 @@ def _train(args) -> int:
     from ondol.tokenizer.train import train_tokenizer
 
     cfg = load_config(args.config, args.overrides)
-    tok = train_tokenizer(cfg.tokenizer, cfg.data.sources, tokenizer_dir(cfg), cfg.seed)
+    tok = train_tokenizer(cfg.tokenizer, cfg.data.sources, tokenizer_dir(cfg), cfg.seed, args.overwrite)
     print(f"{tokenizer_dir(cfg)}: {tok}")
     return 0
 
@@ -79,11 +85,12 @@ def _eval(args) -> int:
         why = ("has no held-out documents" if held_out else
                "trained the tokenizer with every document it has (no max_docs, tokenizer.holdout_fraction=0)")
         print(f"ondol tokenizer eval: source {name} {why}: not measured; set tokenizer.holdout_fraction=0.01 "
-              "and retrain the tokenizer to keep documents out", file=sys.stderr)
+              "and retrain the tokenizer (tokenizer train CONFIG --overwrite) to keep documents out", file=sys.stderr)
         del texts[name]
     if not texts:
         raise TokenizerError("no source has documents the tokenizer did not train on: set "
-                             "tokenizer.holdout_fraction=0.01 and retrain the tokenizer, or give sources a max_docs")
+                             "tokenizer.holdout_fraction=0.01 and retrain the tokenizer (tokenizer train CONFIG "
+                             "--overwrite), or give sources a max_docs")
     report = evaluate(encoders, texts)
     kind = "held-out documents" if held_out else "documents after each source's max_docs (unseen in training)"
     Console(width=150).print(table(report, f"tokenizer efficiency ({kind}, up to {args.max_docs} per source)"))

@@ -29,7 +29,7 @@ from rich.progress import (
 from ondol.data.config import SourceConfig
 from ondol.data.sources import source_identity
 from ondol.errors import TokenizerError, ignore_interrupts
-from ondol.files import fsync_dir, fsync_tree, space_checked
+from ondol.files import fsync_dir, fsync_tree, move_aside, space_checked
 from ondol.tokenizer.config import TokenizerConfig
 from ondol.tokenizer.hf_export import write_hf_files
 from ondol.tokenizer.korean import (
@@ -48,9 +48,10 @@ console = Console(stderr=True, soft_wrap=True)  # off a terminal, lines are neve
 
 
 def train_tokenizer(
-    cfg: TokenizerConfig, sources: list[SourceConfig], out_dir: str | Path, seed: int
+    cfg: TokenizerConfig, sources: list[SourceConfig], out_dir: str | Path, seed: int, overwrite: bool = False
 ) -> Tokenizer:
-    """Train on `sources` (cfg.sources wins when set) into out_dir; an identical finished run is reused."""
+    """Train on `sources` (cfg.sources wins when set) into out_dir; an identical finished run is reused. A
+    tokenizer trained with another recipe is refused, or with `overwrite` moved aside and replaced."""
     out_dir = Path(out_dir)
     sources = list(cfg.sources or sources)
     if not sources:
@@ -66,10 +67,12 @@ def train_tokenizer(
         if tok.meta.get("recipe") == recipe:
             console.print(f"tokenizer: reusing {out_dir} (same config, sources and seed)")
             return tok
-        raise ValueError(
-            f"{out_dir} holds a tokenizer trained with another config, sources or seed: "
-            f"remove it or choose another run_dir / tokenizer.path"
-        )
+        if not overwrite:
+            raise TokenizerError(
+                f"{out_dir} holds a tokenizer trained with another config, sources or seed: add --overwrite to "
+                f"move it aside and train a new one, or choose another run_dir / tokenizer.path"
+            )
+        console.print(f"tokenizer: moved the tokenizer trained with another config to {move_aside(out_dir)}")
 
     if cfg.rounded_vocab_size() != cfg.vocab_size:
         console.print(f"tokenizer: vocab_size {cfg.vocab_size} rounded up to {cfg.rounded_vocab_size()} (a multiple "

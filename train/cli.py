@@ -49,7 +49,8 @@ def eval_command(args: argparse.Namespace) -> int:
 
     try:
         task_data = dict(_task_file(item) for item in args.task_data or ())
-        result = evaluate_run(args.run_dir, args.checkpoint, args.data or ())
+        result = evaluate_run(args.run_dir, args.checkpoint, args.data or (), max_docs=args.max_docs,
+                              max_bytes=args.max_bytes, progress=True)
         print_table(result)
         if args.tasks:
             try:
@@ -65,6 +66,12 @@ def eval_command(args: argparse.Namespace) -> int:
     if args.json:
         write_atomic(Path(args.json), json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     return 0
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not '{value}'")
+    return int(value)
 
 
 def _task_file(item: str) -> tuple[str, str]:
@@ -92,8 +99,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `ondol run` or `ondol train` "
                    "(every file is read from it), or the run's config YAML")
     e.add_argument("--checkpoint", help="step_N: a checkpoint of the run instead of its final weights")
-    e.add_argument("--data", action="append", metavar="FILE", help="a .jsonl[.gz] or text file to score instead "
-                   "of the validation split (repeat for several; each is a source named after the file)")
+    e.add_argument("--data", action="append", metavar="FILE", help="a .jsonl, .csv, .tsv or text file (also .gz, "
+                   ".zst) to score instead of the validation split (repeat for several; each is a source named "
+                   "after the file); streamed, with a progress bar on a terminal")
+    e.add_argument("--max-docs", type=_positive, metavar="N", help="score at most N documents of each --data file "
+                   "(they are read as they are scored: memory stays bounded however large the file)")
+    e.add_argument("--max-bytes", type=_positive, metavar="B", help="stop each --data file after the document "
+                   "that reaches B bytes of UTF-8 text")
     e.add_argument("--tasks", metavar="T1,T2", help="also run these lm-evaluation-harness tasks zero-shot, e.g. "
                    "kobest_copa,kobest_hellaswag,haerae,kmmlu,click (needs pip install 'ondol[eval]')")
     e.add_argument("--task-data", action="append", metavar="TASK=FILE", help="evaluate TASK on a local JSON "

@@ -11,8 +11,9 @@ it has no bytes. bits/byte = sum over text tokens of -log2 p(token | context) / 
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -85,24 +86,45 @@ def document_start(tokenizer, bos: bool) -> int:
 def bits_per_byte(model, tokenizer, documents: dict[str, list[str]], context: int, bos: bool,
                   batch_tokens: int = 8192) -> dict:
     """Per source and overall: documents, bytes, characters, tokens, bits per byte and per character."""
+    named = ((name, t) for name, texts in documents.items() for t in texts)
+    return streamed_bits_per_byte(model, tokenizer, named, context, bos, batch_tokens, names=list(documents))
+
+
+def streamed_bits_per_byte(model, tokenizer, documents: Iterable[tuple[str, str]], context: int, bos: bool,
+                           batch_tokens: int = 8192, chunk_docs: int = 256, names: Iterable[str] = (),
+                           progress: Callable[[int], None] | None = None) -> dict:
+    """bits_per_byte over (source name, text) pairs scored `chunk_docs` at a time, so memory stays bounded
+    however many there are; `progress(documents)` after each chunk. `names`: sources listed even when empty."""
     start = document_start(tokenizer, bos)
-    names = [name for name, texts in documents.items() for t in texts if t]
-    texts = [t for texts in documents.values() for t in texts if t]
-    scored = token_logprobs(model, [([start, *ids], 1) for ids in tokenizer.encode_batch(texts)], context,
-                            batch_tokens=batch_tokens)
-    rows = {name: {"documents": 0, "bytes": 0, "chars": 0, "tokens": 0, "bits": 0.0} for name in documents}
-    for name, text, s in zip(names, texts, scored):
-        row = rows[name]
-        row["documents"] += 1
-        row["bytes"] += len(text.encode("utf-8"))
-        row["chars"] += len(text)
-        row["tokens"] += s.tokens
-        row["bits"] -= s.logprob / math.log(2)
-    rows["all"] = {k: sum(r[k] for r in rows.values()) for k in ("documents", "bytes", "chars", "tokens", "bits")}
+    rows = {name: _empty_row() for name in names}
+    for chunk in _chunks(((name, t) for name, t in documents if t), chunk_docs):
+        texts = [t for _, t in chunk]
+        scored = token_logprobs(model, [([start, *ids], 1) for ids in tokenizer.encode_batch(texts)], context,
+                                batch_tokens=batch_tokens)
+        for (name, text), s in zip(chunk, scored):
+            row = rows.setdefault(name, _empty_row())
+            row["documents"] += 1
+            row["bytes"] += len(text.encode("utf-8"))
+            row["chars"] += len(text)
+            row["tokens"] += s.tokens
+            row["bits"] -= s.logprob / math.log(2)
+        if progress is not None:
+            progress(len(chunk))
+    rows["all"] = {k: sum(r[k] for r in rows.values()) for k in _empty_row()}
     for row in rows.values():
         row["bits_per_byte"] = row["bits"] / row["bytes"] if row["bytes"] else float("nan")
         row["bits_per_char"] = row["bits"] / row["chars"] if row["chars"] else float("nan")
     return rows
+
+
+def _empty_row() -> dict:
+    return {"documents": 0, "bytes": 0, "chars": 0, "tokens": 0, "bits": 0.0}
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def held_out_documents(data_dir, tokenizer, max_tokens: int | None = None) -> dict[str, list[str]]:
@@ -175,28 +197,55 @@ def _tag(name: str) -> str:
 
 
 
-def evaluate_run(run_dir, checkpoint: str | None = None, data_files: list[str] | tuple[str, ...] = (),
-                 batch_tokens: int = 8192) -> dict:
-    """`ondol eval`: bits per byte of RUN_DIR's model on the run's held-out documents of every source, or on
-    the given jsonl/text files (one source each, named after the file). RUN_DIR may be the run's config YAML."""
+def _file_documents(data_files: list[str] | tuple[str, ...], max_docs: int | None, max_bytes: int | None
+                    ) -> tuple[list[str], Iterator[tuple[str, str]]]:
+    """The source names of the files (each named after its file) and their (name, text) pairs, read as they
+    are scored: at most max_docs documents of each file, ending with the one that reaches max_bytes bytes."""
     from pathlib import Path
 
-    from ondol.configs import data_dir, load_run_config
     from ondol.data.config import SourceConfig
     from ondol.data.sources import iter_documents
+
+    sources = []
+    for path in data_files:
+        name = Path(path).name.split(".")[0]
+        sources.append(SourceConfig(name=name if name not in [s.name for s in sources] else path, path=path,
+                                    max_docs=max_docs))
+
+    def documents() -> Iterator[tuple[str, str]]:
+        for source in sources:
+            read = 0
+            for doc in iter_documents(source):
+                yield source.name, doc.text
+                read += len(doc.text.encode("utf-8"))
+                if max_bytes is not None and read >= max_bytes:
+                    break
+    return [s.name for s in sources], documents()
+
+
+def evaluate_run(run_dir, checkpoint: str | None = None, data_files: list[str] | tuple[str, ...] = (),
+                 batch_tokens: int = 8192, max_docs: int | None = None, max_bytes: int | None = None,
+                 progress: bool = False) -> dict:
+    """`ondol eval`: bits per byte of RUN_DIR's model on the run's held-out documents of every source, or on
+    the given jsonl/csv/text files (one source each, named after the file), streamed with at most max_docs
+    documents and about max_bytes bytes of each. RUN_DIR may be the run's config YAML."""
+    from tqdm import tqdm
+
+    from ondol.configs import data_dir, load_run_config
 
     cfg = load_run_config(run_dir)
     tokenizer = load_tokenizer(cfg)
     model = load_model(cfg.run_dir, checkpoint)
     if data_files:
-        documents = {}
-        for path in data_files:
-            name = Path(path).name.split(".")[0]
-            source = SourceConfig(name=name, path=path)
-            documents[name if name not in documents else path] = [d.text for d in iter_documents(source)]
+        names, documents = _file_documents(data_files, max_docs, max_bytes)
     else:
-        documents = held_out_documents(data_dir(cfg), tokenizer)
-    rows = bits_per_byte(model, tokenizer, documents, cfg.data.seq_len, cfg.data.bos, batch_tokens)
+        held_out = held_out_documents(data_dir(cfg), tokenizer)
+        names, documents = list(held_out), ((name, t) for name, texts in held_out.items() for t in texts)
+    total = max_docs * len(data_files) if data_files and max_docs and max_bytes is None else None
+    with tqdm(desc="eval", unit=" docs", total=total, disable=None if progress else True, mininterval=0.5,
+              dynamic_ncols=True) as bar:  # None: no bar off a terminal
+        rows = streamed_bits_per_byte(model, tokenizer, documents, cfg.data.seq_len, cfg.data.bos, batch_tokens,
+                                      names=names, progress=bar.update)
     return {"run_dir": str(run_dir), "checkpoint": checkpoint or "final", "context": cfg.data.seq_len,
             "tokenizer_fingerprint": tokenizer.fingerprint, "sources": rows}
 

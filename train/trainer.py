@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ondol.configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, tokenizer_dir
 from ondol.errors import ConfigError, DataError, TrainError
-from ondol.files import write_atomic
+from ondol.files import move_aside, write_atomic
 from ondol.train import checkpoint, expert_parallel, state_shards
 from ondol.train.engine import build_engine, build_model, init_distributed
 from ondol.train.evaluation import InLoopBitsPerByte
@@ -116,8 +116,7 @@ class Trainer:
         mode = self.cfg.train.resume
         if mode == "never":
             if self.env.is_main and self.ckpt_dir.exists():
-                aside = self.ckpt_dir.with_name(f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-                self.ckpt_dir.rename(aside)
+                aside = move_aside(self.ckpt_dir)
                 print(f"train.resume=never: moved the earlier checkpoints to {aside} (delete it when no longer "
                       "needed)", flush=True)
             dist.barrier()
