@@ -37,7 +37,8 @@ from ondol.data.packing import (
 )
 from ondol.data.shards import IDENTITY, MANIFEST, SPLITS, ShardWriter, shard_intact, token_dtype, write_json
 from ondol.data.sources import BadInputLog, iter_documents, source_identity
-from ondol.errors import ignore_interrupts
+from ondol.errors import DataError, ignore_interrupts
+from ondol.files import LOCK, exclusive_lock
 
 CHUNK_DOCS, CHUNK_CHARS = 2048, 1 << 20  # documents sent to a worker at a time
 log = logging.getLogger("ondol.data")
@@ -174,11 +175,14 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
     identity |= {"near_dedup": asdict(cfg.near_dedup)} if cfg.near_dedup.enabled else {}
     identity |= {"pii": cfg.pii} if cfg.pii != "off" else {}
     digest = _digest(identity)
-    _refuse_mixing(out_dir, identity, digest)
-    manifest = _reuse(out_dir, cfg, digest)
-    if manifest is not None:
-        return manifest
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out_dir / LOCK, DataError):  # one preparation writes a data folder at a time
+        _refuse_mixing(out_dir, identity, digest)
+        return _reuse(out_dir, cfg, digest) or _prepare_into(cfg, tokenizer, out_dir, seed, progress, identity,
+                                                             digest)
+
+
+def _prepare_into(cfg: DataConfig, tokenizer, out_dir: Path, seed: int, progress: bool, identity: dict,
+                  digest: str) -> dict:
     write_json(out_dir / IDENTITY, {"hash": digest, "identity": identity})
     if cfg.executor != "single":
         from ondol.data.cluster import prepare_on_datatrove

@@ -9,6 +9,7 @@ steps whose update was skipped as non-finite are counted, not averaged into the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from ondol.configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, tokenizer_dir
 from ondol.errors import TrainError
-from ondol.files import write_atomic
+from ondol.files import LOCK, exclusive_lock, write_atomic
 from ondol.train import checkpoint, expert_parallel, state_shards
 from ondol.train.engine import build_engine, build_model, init_distributed
 from ondol.train.evaluation import InLoopBitsPerByte
@@ -60,7 +61,8 @@ class Trainer:
         self.meta = {"model": config_dict(cfg.model), "tokenizer_fingerprint": tokenizer.fingerprint,
                      "data_hash": manifest["hash"], "seq_len": cfg.data.seq_len,
                      "zero_stage": cfg.deepspeed.zero_stage, "world_size": self.env.world_size,
-                     "expert_parallel_size": cfg.deepspeed.expert_parallel_size}
+                     "expert_parallel_size": cfg.deepspeed.expert_parallel_size,
+                     "seed": cfg.seed, "precision": cfg.deepspeed.precision}
 
         _seed_everything(cfg.seed)
         self.model = build_model(cfg, self.env)  # only this rank's share materialised; the same for every layout
@@ -171,7 +173,10 @@ class Trainer:
     def fit(self) -> dict:
         """Train to train.steps; raises Preempted after saving when asked to stop (train/preemption.py)."""
         cfg, tr = self.cfg, self.cfg.train
-        with StopRequest(tr.stop_signals, stop_file(self.run_dir), self.env.device, self.env.world_size) as stop:
+        # rank 0 writes checkpoints' meta.json and metrics: it alone holds the run directory's lock
+        lock = exclusive_lock(self.run_dir / LOCK, TrainError) if self.env.is_main else contextlib.nullcontext()
+        with lock, StopRequest(tr.stop_signals, stop_file(self.run_dir), self.env.device,
+                               self.env.world_size) as stop:
             self._resume()
             sink = None
             if self.env.is_main:
