@@ -343,18 +343,19 @@ class Trainer:
 
     def save_final_weights(self) -> Path:
         """RUN_DIR/model: every rank writes the fp32 weights it owns (train/state_shards.py), then rank 0 the
-        config; no rank gathers the whole model."""
-        from ondol.model.io import CONFIG
+        config and SHA256SUMS; no rank gathers the whole model."""
+        from ondol.model.io import CHECKSUMS, CONFIG, write_checksums
 
         out = model_dir(self.cfg)
         if self.env.is_main and out.is_dir():  # an earlier run's files (another layout) must not mix in
-            for stale in [out / CONFIG, *out.glob("model*.safetensors"), *out.glob("*.index.json")]:
-                stale.unlink()
+            for stale in [out / CONFIG, out / CHECKSUMS, *out.glob("model*.safetensors"), *out.glob("*.index.json")]:
+                stale.unlink(missing_ok=True)
         dist.barrier()
         state_shards.save(self.engine, self.optimizer, out, self.env.rank, self.env.world_size,
                           with_optimizer=False)
         if self.env.is_main:
             write_atomic(out / CONFIG, json.dumps(self.cfg.model.to_dict(), indent=2) + "\n")
+            write_checksums(out, [p.name for p in out.iterdir() if p.is_file() and p.name != CHECKSUMS])
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         dist.barrier()
         return out
