@@ -17,6 +17,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 LOCK = ".lock"  # in a folder with one writer at a time: the holder's pid and host
@@ -90,6 +91,14 @@ def sha256_file(path: str | os.PathLike) -> str:
     """The SHA-256 of a file's bytes, read in chunks (hex)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def sha256_files(paths: list[Path]) -> list[str]:
+    """sha256_file of each path, several files at once on the cores this process may use (hashlib releases the
+    GIL while it hashes)."""
+    workers = max(1, min(len(paths), len(os.sched_getaffinity(0))))
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(sha256_file, paths))
 
 
 @contextlib.contextmanager

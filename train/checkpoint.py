@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ondol.errors import TrainError
-from ondol.files import fsync_tree, sha256_file, write_atomic
+from ondol.files import fsync_tree, sha256_files, write_atomic
 from ondol.train import expert_parallel, state_shards
 
 META, LATEST, CLIENT_STATE = "meta.json", "latest", "client_state.pt"
@@ -87,8 +87,8 @@ def damage(folder: Path, verify: bool = True) -> str | None:
     named = _TAG.match(folder.name)
     if named and meta.get("step") != int(named.group(1)):
         return f"{folder / META} records step {meta.get('step')}, its folder's name step {int(named.group(1))}"
-    digests = meta.get("sha256", {}) if verify else {}
-    for name, size in meta.get("files", {}).items():
+    files = meta.get("files", {})
+    for name, size in files.items():
         path = folder / name
         if Path(name).is_absolute() or ".." in Path(name).parts or path.is_symlink():
             return f"{path} is a symbolic link or outside {folder}"
@@ -96,8 +96,10 @@ def damage(folder: Path, verify: bool = True) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != size:
             return f"{path} has {path.stat().st_size:,} bytes, {META} recorded {size:,}"
-        if name in digests and sha256_file(path) != digests[name]:
-            return f"{path} does not have the SHA-256 digest {META} recorded (its bytes changed)"
+    recorded = sorted((n, d) for n, d in meta.get("sha256", {}).items() if verify and n in files)
+    for (name, digest), found in zip(recorded, sha256_files([folder / name for name, _ in recorded])):
+        if found != digest:
+            return f"{folder / name} does not have the SHA-256 digest {META} recorded (its bytes changed)"
     return None
 
 
@@ -210,7 +212,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, meta: dict, rank
 
 def _digests(folder: Path, names: list[str], rank: int, world_size: int) -> dict[str, str]:
     """Collective: the SHA-256 of every file, each rank hashing every world_size-th one; the whole on every rank."""
-    mine = {name: sha256_file(folder / name) for name in names[rank::world_size]}
+    mine = dict(zip(names[rank::world_size], sha256_files([folder / n for n in names[rank::world_size]])))
     shares = [None] * world_size
     dist.all_gather_object(shares, mine)
     return {name: share[name] for share in shares for name in share}
