@@ -4,21 +4,30 @@ reading such a JSON file back as one clear error when its bytes are damaged, and
 A file is written under a unique temporary name in its own folder, fsynced, renamed over the target and the
 folder fsynced, so that a crash or kill -9 at any moment leaves either the old complete file or the new one,
 never a torn one, and two writers never share a temporary name.
+
+Also: the lock that makes one process the only writer of a folder (a run, its prepared data, its tokenizer), and
+the content digest that checkpoints and exports record for every file they write.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ondol.errors import OndolError
+
+LOCK = ".lock"  # in a folder with one writer at a time: the holder's pid and host
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -123,3 +132,43 @@ def move_aside(path: str | os.PathLike, label: str = "replaced") -> Path:
         aside = stem.with_name(f"{stem.name}-{n}")
     path.rename(aside)
     return aside
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in chunks (hex)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def sha256_files(paths: list[Path]) -> list[str]:
+    """sha256_file of each path, several files at once on the cores this process may use (hashlib releases the
+    GIL while it hashes)."""
+    workers = max(1, min(len(paths), len(os.sched_getaffinity(0))))
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, error: Callable[[str], Exception]) -> Iterator[None]:
+    """Be the only writer of what the lock file `path` guards for the with-block (a run: RUN_DIR/.lock): an
+    exclusive flock on it (created, with this process's pid and host in it). If another process holds it,
+    `error(one line naming its pid and host)` is raised. The OS drops the lock when its holder exits or is killed
+    (kill -9 leaves none behind); on NFS, Linux turns flock into a POSIX lock that the server arbitrates between
+    hosts. The file itself stays: removing it would let two processes lock two different files of one name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "a process that is starting"
+            raise error(f"{path} is held by {holder}, which is writing there: wait for it to finish or stop it, "
+                        "or use another folder") from None
+        me = f"pid {os.getpid()} on host {socket.gethostname()}\n".encode()
+        if os.pread(fd, 256, 0) != me:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, me, 0)
+        yield
+    finally:
+        os.close(fd)

@@ -47,7 +47,7 @@ from ondol.data.shards import (
 )
 from ondol.data.sources import BadInputLog, iter_documents, source_identity
 from ondol.errors import DataError, ignore_interrupts
-from ondol.files import move_aside, read_json
+from ondol.files import exclusive_lock, move_aside, read_json
 
 CHUNK_DOCS, CHUNK_CHARS = 2048, 1 << 20  # documents sent to a worker at a time
 log = logging.getLogger("ondol.data")
@@ -203,11 +203,16 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
     identity |= {"near_dedup": asdict(cfg.near_dedup)} if cfg.near_dedup.enabled else {}
     identity |= {"pii": cfg.pii} if cfg.pii != "off" else {}
     digest = _digest(identity)
-    _refuse_mixing(out_dir, identity, digest)
-    manifest = _reuse(out_dir, cfg, digest)
-    if manifest is not None:
-        return manifest
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # one preparation writes a data folder at a time; the lock lies beside the folder, which an unfinished
+    # preparation with another config may be moved aside as a whole (_refuse_mixing)
+    with exclusive_lock(out_dir.with_name(f"{out_dir.name}.lock"), DataError):
+        _refuse_mixing(out_dir, identity, digest)
+        return _reuse(out_dir, cfg, digest) or _prepare_into(cfg, tokenizer, out_dir, seed, progress, identity,
+                                                             digest)
+
+
+def _prepare_into(cfg: DataConfig, tokenizer, out_dir: Path, seed: int, progress: bool, identity: dict,
+                  digest: str) -> dict:
     write_json(out_dir / IDENTITY, {"hash": digest, "identity": identity})
     if cfg.executor != "single":
         from ondol.data.cluster import prepare_on_datatrove

@@ -8,7 +8,8 @@ import argparse
 def _export_hf(args: argparse.Namespace) -> int:
     from ondol.model.export import export_hf
 
-    out = export_hf(args.run_dir, args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb)
+    out = export_hf(args.run_dir, args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
+                    verify=not args.no_verify)
     print(f"exported {args.run_dir} -> {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
@@ -30,4 +31,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     hf.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight dtype written (default fp32)")
     hf.add_argument("--max-shard-gb", type=float, default=5.0, dest="max_shard_gb",
                     help="largest safetensors file in GiB before splitting into shards (default 5)")
+    hf.add_argument("--no-verify", action="store_true", help="skip checking the source's bytes against the "
+                    "SHA-256 digests its checkpoint (meta.json) or folder (SHA256SUMS) recorded")
     hf.set_defaults(func=_export_hf)

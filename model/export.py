@@ -24,6 +24,7 @@ from ondol.errors import ModelError
 from ondol.files import atomic_path, write_atomic
 from ondol.model.config import ModelConfig
 from ondol.model.io import (
+    CHECKSUMS,
     CONFIG,
     INDEX,
     WEIGHTS,
@@ -31,6 +32,8 @@ from ondol.model.io import (
     read_tensor,
     tensor_bytes,
     tensor_index,
+    verify_checksums,
+    write_checksums,
     write_safetensors,
 )
 
@@ -149,6 +152,18 @@ def _locate(source: Path) -> tuple[Path, ModelConfig, Path]:
                             "RUN_DIR/checkpoints/step_N")
 
 
+def _verify_source(weights: Path) -> None:
+    """ModelError if the weights folder (a checkpoint, or one with SHA256SUMS) is not what was written."""
+    if not (weights / CHECKPOINT_META).is_file():
+        verify_checksums(weights)
+        return
+    from ondol.train.checkpoint import damage
+
+    if problem := damage(weights):
+        raise ModelError(f"{weights}: {problem}: the checkpoint is damaged; export another one (or the final "
+                         "weights), or pass --no-verify to export it as it is")
+
+
 def _plan_shards(specs: list[tuple[str, torch.dtype, list[int]]], max_bytes: int) -> list[list]:
     """Consecutive tensors grouped into shards of at most max_bytes (a larger tensor alone in its shard)."""
     shards, size = [[]], 0
@@ -162,16 +177,21 @@ def _plan_shards(specs: list[tuple[str, torch.dtype, list[int]]], max_bytes: int
     return shards
 
 
-def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", max_shard_gb: float = 5.0) -> Path:
+def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", max_shard_gb: float = 5.0,
+              verify: bool = True) -> Path:
     """Write a run's final weights (RUN_DIR or RUN_DIR/model) or one of its complete checkpoints
     (RUN_DIR/checkpoints/step_N), with the run's tokenizer, as a transformers model folder in `out_dir`.
 
     Streams one tensor at a time from Ondol's shards (any world and expert-parallel size) into safetensors shards
     of at most max_shard_gb in `dtype` (fp32 or bf16): `model.safetensors`, or `model-0000K-of-0000N.safetensors`
     with `model.safetensors.index.json`. Peak memory is about twice the largest tensor, whatever the model size.
+    SHA256SUMS lists every file written. Unless `verify` is off, the source's bytes are checked first against
+    the digests its checkpoint's meta.json or its SHA256SUMS recorded.
     """
     source, out = Path(source), Path(out_dir)
     weights, cfg, run_dir = _locate(source)
+    if verify:
+        _verify_source(weights)
     check_exportable(cfg)
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"cannot export as {dtype!r}: choose one of {sorted(EXPORT_DTYPES)}")
@@ -205,6 +225,7 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", max_
     write_atomic(out / "generation_config.json", json.dumps(special, indent=2) + "\n")
     conf = {**hf_config(cfg, special), "torch_dtype": "bfloat16" if dtype == "bf16" else "float32"}
     write_atomic(out / "config.json", json.dumps(conf, indent=2) + "\n")
+    write_checksums(out, [p.name for p in out.iterdir() if p.is_file() and p.name != CHECKSUMS])
     return out
 
 

@@ -7,6 +7,8 @@ owns, and no process ever holds the whole model to save it. The index names, for
 (a layer's experts split over expert-parallel ranks), or one piece [file, 0] for a whole tensor.
 `tensor_index` / `read_tensor` read either layout one tensor at a time (each read opens and closes its files, so
 no memory map outlives it and memory stays bounded by the tensor read).
+A folder may carry SHA256SUMS (`sha256sum -c` reads it; `ondol export hf` writes one): loading it checks every
+file it lists, so a same-size corruption is refused instead of loaded.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ondol.files import atomic_path, write_atomic
+from ondol.errors import ModelError
+from ondol.files import atomic_path, sha256_file, write_atomic
 from ondol.model.config import ModelConfig
 from ondol.model.transformer import Transformer
 
-WEIGHTS, CONFIG, INDEX = "model.safetensors", "config.json", "model.index.json"
+WEIGHTS, CONFIG, INDEX, CHECKSUMS = "model.safetensors", "config.json", "model.index.json", "SHA256SUMS"
 DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
@@ -136,6 +139,28 @@ def save_pretrained(model: Transformer, cfg: ModelConfig, out_dir: str | Path,
     return out
 
 
+def write_checksums(folder: str | Path, names: Iterable[str]) -> None:
+    """FOLDER/SHA256SUMS for the named files, in sha256sum's format."""
+    folder = Path(folder)
+    write_atomic(folder / CHECKSUMS, "".join(f"{sha256_file(folder / n)}  {n}\n" for n in sorted(names)))
+
+
+def verify_checksums(folder: str | Path) -> None:
+    """Check every file FOLDER/SHA256SUMS lists (nothing to check without one); ModelError names the first that
+    differs."""
+    folder = Path(folder)
+    if not (folder / CHECKSUMS).is_file():
+        return
+    for line in (folder / CHECKSUMS).read_text(encoding="utf-8").splitlines():
+        digest, _, name = line.partition("  ")
+        path = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file() or path.is_symlink():
+            raise ModelError(f"{folder / CHECKSUMS} lists {name!r}, not a file in {folder}: export the model again")
+        if sha256_file(path) != digest:
+            raise ModelError(f"{path} does not match its SHA-256 in {folder / CHECKSUMS} (its bytes changed): "
+                             "export the model again, or copy it again from its source")
+
+
 def load_config(model_dir: str | Path) -> ModelConfig:
     path = Path(model_dir) / CONFIG
     if not path.is_file():
@@ -149,7 +174,9 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     return ModelConfig(**raw)
 
 
-def load_pretrained(model_dir: str | Path, device: str | torch.device = "cpu") -> Transformer:
+def load_pretrained(model_dir: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> Transformer:
+    if verify:
+        verify_checksums(model_dir)
     cfg = load_config(model_dir)
     model = Transformer(cfg, seed=0)
     missing, unexpected = model.load_state_dict(load_state_dict(model_dir), strict=False)

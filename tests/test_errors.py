@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,12 +19,15 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 import zstandard
 
 from ondol.configs import load_config, parse_config_args
 from ondol.data.config import SourceConfig
 from ondol.data.sources import source_identity
+from ondol.files import LOCK, exclusive_lock
 from ondol.launch.cli import build_parser, main
+from ondol.model.io import CHECKSUMS
 from tests.conftest import CORPORA, ROOT, without_rank_variables
 
 TINY = str(ROOT / "configs" / "tiny-ko.yaml")
@@ -367,6 +371,128 @@ def test_each_attempt_that_trains_keeps_its_config(run, capsys, keep_process_gro
     assert history[0].read_text().split("\n", 1)[1] == first
     assert history[1].read_text().startswith("# attempt 2, started ") and " at step 4\n" in history[1].read_text()
     assert history[1].read_text().split("\n", 1)[1] == second
+
+
+def test_a_resume_with_another_seed(run, capsys, keep_process_group):
+    """(deepspeed.precision is checked the same way: test_train.py; a bf16 engine takes half a minute on CPU)"""
+    before = tree(run)
+    code, _, err = _train(capsys, run, "train.steps=5", "seed=7")
+    assert (code, err) == (6, (f"ondol: train error: cannot resume from {run}/checkpoints/step_00000004: seed: 1234 "
+                              "-> 7. Restore the original setting, point train.resume at a compatible checkpoint, "
+                              "or start over with train.resume=never\n"))
+    assert tree(run) == before
+
+
+def test_a_full_disk_while_saving_loses_nothing(run, capsys, keep_process_group, monkeypatch):
+    save = torch.save
+
+    def disk_full(obj, path, *args, **kwargs):  # the last file of a save: every other one is written
+        if Path(path).name.startswith("rng_rank"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    checkpoints = tree(run / "checkpoints")
+    code, _, err = _train(capsys, run, "train.steps=5")
+    assert (code, err) == (6, (f"ondol: train error: could not save checkpoint {run}/checkpoints/step_00000005: No "
+                              f"space left on device; the previous checkpoints are kept: free space under "
+                              f"{run}/checkpoints (or lower train.keep_last) and run the same command again to "
+                              "resume\n"))
+    assert tree(run / "checkpoints") == checkpoints  # the partial step 5 removed, steps 2 and 4 and latest as were
+
+
+HOLD_LOCK = """
+import sys
+from ondol.files import exclusive_lock
+with exclusive_lock(sys.argv[1], RuntimeError):
+    print("held", flush=True)
+    sys.stdin.readline()  # until the test closes stdin (or kills this process)
+"""
+
+
+def _holder(lock: Path) -> subprocess.Popen:
+    """A process holding `lock` once this returns."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT, env=without_rank_variables(os.environ))
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def _held_by(lock: Path, holder: subprocess.Popen) -> str:
+    return (f"{lock} is held by pid {holder.pid} on host {socket.gethostname()}, which is writing there: wait for "
+            "it to finish or stop it, or use another folder\n")
+
+
+def test_a_second_writer_of_a_run_is_refused_while_the_first_lives(run, capsys, keep_process_group):
+    holder = _holder(run / LOCK)
+    try:
+        before = tree(run)
+        code, _, err = _train(capsys, run, "train.steps=5")
+        assert (code, err) == (6, f"ondol: train error: {_held_by(run / LOCK, holder)}")
+        assert tree(run) == before
+    finally:
+        holder.kill()  # SIGKILL: the OS releases the lock, nothing stale is left
+        holder.wait()
+    with exclusive_lock(run / LOCK, RuntimeError):
+        assert (run / LOCK).read_text() == f"pid {os.getpid()} on host {socket.gethostname()}\n"
+
+
+def test_data_and_tokenizer_folders_have_one_writer(eval_run, tmp_path, capsys):
+    source = tmp_path / "docs.jsonl"
+    source.write_bytes(_jsonl(20))
+    data_lock = tmp_path / "run" / "data.lock"  # beside the folder, which may be moved aside whole
+    holder = _holder(data_lock)
+    code, _, err = _prepare(capsys, tmp_path, eval_run, source)
+    assert (code, err) == (3, f"ondol: data error: {_held_by(data_lock, holder)}")
+    holder.stdin.close()  # a holder that exits normally releases it too
+    assert holder.wait(timeout=60) == 0
+    assert _prepare(capsys, tmp_path, eval_run, source)[0] == 0
+
+    tokenizer_lock = tmp_path / "run" / "tokenizer.lock"  # beside the folder, which appears only when complete
+    holder = _holder(tokenizer_lock)
+    try:
+        code, _, err = ondol(capsys, "tokenizer", "train", TINY, f"run_dir={tmp_path / 'run'}")
+        assert (code, err) == (4, f"ondol: tokenizer error: {_held_by(tokenizer_lock, holder)}")
+        assert not (tmp_path / "run" / "tokenizer").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_exports_and_checkpoints_prove_their_bytes(eval_run, tmp_path, capsys):
+    out = tmp_path / "hf"
+    code, _, err = ondol(capsys, "export", "hf", eval_run, out)
+    assert code == 0, err
+    check = subprocess.run(["sha256sum", "-c", CHECKSUMS], cwd=out, capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout  # coreutils reads the list: an independent check of the digests
+    assert sorted(check.stdout.splitlines()) == sorted(f"{p.name}: OK" for p in out.iterdir() if p.name != CHECKSUMS)
+    run = tmp_path / "run"
+    shutil.copytree(eval_run, run, symlinks=True)
+    weights = run / "model" / "model.safetensors"
+    _flip_byte(weights)
+    code, _, err = ondol(capsys, "export", "hf", run, tmp_path / "again")
+    assert (code, err) == (5, (f"ondol: model error: {weights} does not match its SHA-256 in "
+                              f"{run}/model/{CHECKSUMS} (its bytes changed): export the model again, or copy it "
+                              "again from its source\n"))
+    folder = run / "checkpoints" / "step_00000004"
+    states = folder / "mp_rank_00_model_states.pt"
+    _flip_byte(states)
+    code, _, err = ondol(capsys, "export", "hf", folder, tmp_path / "again")
+    assert (code, err) == (5, (f"ondol: model error: {folder}: {states} does not have the SHA-256 digest meta.json "
+                              "recorded (its bytes changed): the checkpoint is damaged; export another one (or the "
+                              "final weights), or pass --no-verify to export it as it is\n"))
+    assert ondol(capsys, "export", "hf", folder, tmp_path / "again", "--no-verify")[0] == 0
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+# ---- Ctrl-C in each stage ------------------------------------------------------------------------------------
+def _interrupt(tmp_path: Path, args: list[str], ready) -> tuple[int, str]:
+    """Run `ondol ARGS`, send SIGINT once `ready(its stderr so far)` holds; (exit code, stderr)."""
 
 
 # ---- Ctrl-C and SIGTERM in each stage --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ test_train_dist.py and test_train_resume.py.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -279,6 +280,12 @@ def test_resume_refuses_a_changed_model_or_tokenizer(zero0, tmp_path):
         checkpoint.check_compatible(folder, wider)
     with pytest.raises(checkpoint.IncompatibleCheckpoint, match="tokenizer"):
         checkpoint.check_compatible(folder, {**meta, "tokenizer_fingerprint": "0123456789abcdef"})
+    with pytest.raises(checkpoint.IncompatibleCheckpoint, match=r"deepspeed.precision: 'fp32' -> 'bf16'\."):
+        checkpoint.check_compatible(folder, {**meta, "precision": "bf16"})  # DeepSpeed: KeyError dynamic_loss_scale
+    legacy = tmp_path / "step_00000008"  # written before the seed and precision were recorded
+    legacy.mkdir()
+    (legacy / checkpoint.META).write_text(json.dumps({k: v for k, v in meta.items() if k not in ("seed", "precision")}))
+    checkpoint.check_compatible(legacy, {**meta, "seed": 7})  # nothing recorded to compare with
 
 
 def test_trainer_refuses_to_resume_a_different_shape(assets, zero0, tmp_path):
@@ -413,6 +420,66 @@ def test_damaged_newest_checkpoint_falls_back_with_one_line_and_resumes_exactly(
     assert _rows(run) == _rows(zero0["run"])  # resumed at step 4; metrics.jsonl reads as one run
     ref, got = (load_file(d / "model" / "model.safetensors") for d in (zero0["run"], run))
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def _flip(path: Path, offset: int, count: int = 1) -> None:
+    """Invert `count` bytes of a file in place: same size, other content."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = f.read(count)
+        f.seek(offset)
+        f.write(bytes(b ^ 0xFF for b in data))
+
+
+def _skipped(ckpts: Path) -> tuple[str | None, list[str]]:
+    lines = []
+    found = checkpoint.latest_checkpoint(ckpts, lines.append)
+    return (found.name if found else None), lines
+
+
+def test_flipped_bytes_of_the_right_size_fall_back_to_the_previous_checkpoint(zero0, tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    shutil.copytree(zero0["run"] / "checkpoints", ckpts)
+    states = ckpts / "step_00000008" / "mp_rank_00_model_states.pt"
+    recorded = checkpoint.read_meta(states.parent)["sha256"][states.name]
+    assert recorded == hashlib.sha256(states.read_bytes()).hexdigest()  # the digest is of the bytes written
+    _flip(states, states.stat().st_size // 2)
+    expected = (f"skipping damaged checkpoint step_00000008: {states} does not have the SHA-256 digest meta.json "
+                "recorded (its bytes changed)")
+    assert _skipped(ckpts) == ("step_00000004", [expected])
+    assert checkpoint.damage(states.parent, verify=False) is None  # sizes alone cannot see it
+
+
+def test_a_symlinked_step_folder_is_skipped_and_never_removed_through(zero0, tmp_path):
+    other = tmp_path / "other"  # another run's checkpoint, linked in under a newer step's name
+    shutil.copytree(zero0["run"] / "checkpoints" / "step_00000004", other / "step_00000004")
+    ckpts = tmp_path / "run" / "checkpoints"
+    shutil.copytree(zero0["run"] / "checkpoints" / "step_00000004", ckpts / "step_00000004")
+    link = ckpts / "step_00000030"
+    link.symlink_to(other / "step_00000004", target_is_directory=True)
+    (ckpts / checkpoint.LATEST).write_text(link.name)
+    expected = (f"skipping damaged checkpoint step_00000030: {link} is a symbolic link (checkpoints are read only "
+                f"from inside {ckpts})")
+    assert _skipped(ckpts) == ("step_00000004", [expected])
+    before = sorted(p.name for p in (other / "step_00000004").iterdir())
+    checkpoint._prune(ckpts, keep_last=1, keep=ckpts / "step_00000004")  # the link is not one of the run's
+    checkpoint._remove(link)  # a save of step 30 replaces the link itself
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000004"]
+    assert sorted(p.name for p in (other / "step_00000004").iterdir()) == before
+
+
+def test_meta_that_disagrees_with_its_folder_or_does_not_parse_is_skipped(zero0, tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    for folder in checkpoint.complete_checkpoints(zero0["run"] / "checkpoints"):
+        shutil.copytree(folder, ckpts / folder.name)
+    (ckpts / "step_00000008").rename(ckpts / "step_00000012")  # meta.json still says step 8
+    meta = ckpts / "step_00000012" / checkpoint.META
+    expected = f"skipping damaged checkpoint step_00000012: {meta} records step 8, its folder's name step 12"
+    assert _skipped(ckpts) == ("step_00000004", [expected])
+    meta.write_text(meta.read_text()[:100])  # cut short
+    name, lines = _skipped(ckpts)
+    assert name == "step_00000004" and len(lines) == 1
+    assert lines[0].startswith(f"skipping damaged checkpoint step_00000012: {meta} is unreadable (")
 
 
 @pytest.mark.parametrize("stage", [1, 3])

@@ -29,7 +29,7 @@ from rich.progress import (
 from ondol.data.config import SourceConfig
 from ondol.data.sources import source_identity
 from ondol.errors import TokenizerError, ignore_interrupts
-from ondol.files import fsync_dir, fsync_tree, move_aside, space_checked
+from ondol.files import exclusive_lock, fsync_dir, fsync_tree, move_aside, space_checked
 from ondol.tokenizer.config import TokenizerConfig
 from ondol.tokenizer.hf_export import write_hf_files
 from ondol.tokenizer.korean import (
@@ -62,6 +62,13 @@ def train_tokenizer(
         "sources": [source_identity(s) for s in sources],
         "seed": seed,
     }
+    # beside the folder, not in it: the folder appears only when the tokenizer is complete
+    with exclusive_lock(out_dir.with_name(f"{out_dir.name}.lock"), TokenizerError):
+        return _train_into(cfg, sources, out_dir, seed, recipe, overwrite)
+
+
+def _train_into(cfg: TokenizerConfig, sources: list[SourceConfig], out_dir: Path, seed: int, recipe: dict,
+                overwrite: bool) -> Tokenizer:
     if (out_dir / META_FILE).is_file():
         tok = Tokenizer.load(out_dir)
         if tok.meta.get("recipe") == recipe:

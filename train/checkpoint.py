@@ -2,10 +2,13 @@
 
 A checkpoint counts only once its `meta.json` exists. Order of a save: stale folder of the same tag removed,
 DeepSpeed writes model/optimizer shards (every rank), each rank writes its RNG states and fsyncs the folder,
-barrier, then rank 0 writes meta.json (with every file's size) and swaps `latest`, both by temp + fsync +
-rename. A crash at any point before the rename leaves `latest` on the previous complete checkpoint; a folder
-without meta.json is ignored and later removed; a checkpoint whose files no longer match the sizes in its
-meta.json (truncated, deleted) is skipped with one line, and the previous complete one is used.
+barrier, the ranks hash the files (SHA-256, each rank a share), then rank 0 writes meta.json (with every file's
+size and digest) and swaps `latest`, both by temp + fsync + rename. A crash at any point before the rename leaves
+`latest` on the previous complete checkpoint; a folder without meta.json is ignored and later removed. A
+checkpoint is damaged, skipped with one line so that the previous complete one is used, when its files no longer
+match the sizes and digests in its meta.json (truncated, deleted, flipped bytes), when meta.json is unreadable or
+records another step than the folder's name, or when the folder or a file in it is a symbolic link: checkpoints
+are read only from inside RUN_DIR/checkpoints, and pruning never follows a link.
 meta.json also carries what decides compatibility (model shape, tokenizer, data), checked before DeepSpeed
 reads anything, so a mismatch is refused with a message instead of a tensor-shape traceback.
 
@@ -29,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from ondol.errors import TrainError
-from ondol.files import fsync_tree, write_atomic
+from ondol.files import fsync_tree, sha256_files, write_atomic
 from ondol.model.config import ModelConfig
 from ondol.train import expert_parallel, state_shards
 
@@ -41,10 +44,16 @@ _TAG = re.compile(r"^step_(\d{8})$")
 # function they compute (window, rope_theta, max_seq_len, layer pattern, experts, ...) and must match.
 RESUMABLE_MODEL_KEYS = ("attn_backend", "moe_dispatch", "bias_update_rate", "aux_loss_coef", "z_loss_coef",
                         "mtp_loss_weight", "init_std")
+# Run settings a resume must keep: the seed orders the data, the precision decides DeepSpeed's optimizer state.
+RUN_KEYS = (("seed", "seed"), ("precision", "deepspeed.precision"))
 
 
 class IncompatibleCheckpoint(TrainError):
     """The checkpoint cannot continue this run (different model shape, tokenizer, data or ZeRO layout)."""
+
+
+class CheckpointNotSaved(TrainError):
+    """Writing a checkpoint failed (disk full, quota, permissions): nothing complete was replaced."""
 
 
 def tag_for(step: int) -> str:
@@ -63,15 +72,37 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def damage(folder: Path) -> str | None:
-    """What is wrong with a complete checkpoint's files compared with the sizes meta.json recorded (None: intact;
-    checkpoints from before sizes were recorded count as intact)."""
-    for name, size in read_meta(folder).get("files", {}).items():
+def damage(folder: Path, verify: bool = True) -> str | None:
+    """What is wrong with a complete checkpoint (None: intact): a symbolic link for the folder, meta.json or a
+    file; meta.json unreadable or recording another step than the folder's name; a file missing, or not of the
+    size and SHA-256 digest meta.json recorded (digests only when `verify`). Checkpoints from before sizes or
+    digests were recorded are checked for what they have."""
+    if folder.is_symlink():
+        return f"{folder} is a symbolic link (checkpoints are read only from inside {folder.parent})"
+    if (folder / META).is_symlink():
+        return f"{folder / META} is a symbolic link"
+    try:
+        meta = read_meta(folder)
+    except (ValueError, OSError) as e:
+        return f"{folder / META} is unreadable ({e})"
+    if not isinstance(meta, dict):
+        return f"{folder / META} is not a JSON object"
+    named = _TAG.match(folder.name)
+    if named and meta.get("step") != int(named.group(1)):
+        return f"{folder / META} records step {meta.get('step')}, its folder's name step {int(named.group(1))}"
+    files = meta.get("files", {})
+    for name, size in files.items():
         path = folder / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or path.is_symlink():
+            return f"{path} is a symbolic link or outside {folder}"
         if not path.is_file():
             return f"{path} is missing"
         if path.stat().st_size != size:
             return f"{path} has {path.stat().st_size:,} bytes, {META} recorded {size:,}"
+    recorded = sorted((n, d) for n, d in meta.get("sha256", {}).items() if verify and n in files)
+    for (name, digest), found in zip(recorded, sha256_files([folder / name for name, _ in recorded])):
+        if found != digest:
+            return f"{folder / name} does not have the SHA-256 digest {META} recorded (its bytes changed)"
     return None
 
 
@@ -80,7 +111,7 @@ def latest_checkpoint(ckpt_dir: Path, report: Callable[[str], None] | None = Non
     direct child of `ckpt_dir`; a damaged checkpoint is skipped with one line passed to `report`."""
     candidates = complete_checkpoints(ckpt_dir)[::-1]
     pointer = ckpt_dir / LATEST
-    if pointer.is_file():
+    if pointer.is_file() and not pointer.is_symlink():
         named = pointer.read_text(encoding="utf-8").strip()
         first = [p for p in candidates if _TAG.match(named) and p.name == named]
         candidates = first + [p for p in candidates if p not in first]
@@ -152,32 +183,58 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, meta: dict, rank
     folder = ckpt_dir / tag
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if folder.exists():  # a partial save from a crash, or a re-save of the same step
-            shutil.rmtree(folder)
+        _remove(folder)  # a partial save from a crash, a re-save of the same step, or a link put in its place
     dist.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    expert_parallel.save_expert_shards(engine.module, folder)  # DeepSpeed leaves expert-parallel weights out
-    # the same state as per-rank shards: what a resume on another layout and `ondol export hf` read
-    state_shards.save(engine, engine.client_optimizer, folder, rank, dist.get_world_size(), with_optimizer=True)
-    if rank == 0:
-        torch.save(client_state, folder / CLIENT_STATE)
-    torch.save(rng_states(), folder / f"rng_rank{rank}.pt")
-    fsync_tree(folder)  # what this rank wrote is on disk before meta.json can say the checkpoint is complete
-    dist.barrier()
-    if rank == 0:
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        expert_parallel.save_expert_shards(engine.module, folder)  # DeepSpeed leaves expert-parallel weights out
+        # the same state as per-rank shards: what a resume on another layout and `ondol export hf` read
+        state_shards.save(engine, engine.client_optimizer, folder, rank, dist.get_world_size(), with_optimizer=True)
+        if rank == 0:
+            torch.save(client_state, folder / CLIENT_STATE)
+        torch.save(rng_states(), folder / f"rng_rank{rank}.pt")
+        fsync_tree(folder)  # what this rank wrote is on disk before meta.json can say the checkpoint is complete
+        dist.barrier()
         files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-        write_atomic(folder / META, json.dumps({**meta, "step": step, "files": files}, indent=2) + "\n")
+        digests = _digests(folder, sorted(files), rank, dist.get_world_size())
+        if rank == 0:
+            record = {**meta, "step": step, "files": files, "sha256": digests}
+            write_atomic(folder / META, json.dumps(record, indent=2) + "\n")
+    except OSError as e:  # a full disk or quota: the partial folder goes, the previous checkpoints stay
+        if rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise CheckpointNotSaved(f"could not save checkpoint {folder}: {e.strerror or e}; the previous checkpoints "
+                                 f"are kept: free space under {ckpt_dir} (or lower train.keep_last) and run the "
+                                 "same command again to resume") from e
+    if rank == 0:
         write_atomic(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep_last, keep=folder)
     dist.barrier()
     return folder
 
 
+def _digests(folder: Path, names: list[str], rank: int, world_size: int) -> dict[str, str]:
+    """Collective: the SHA-256 of every file, each rank hashing every world_size-th one; the whole on every rank."""
+    mine = dict(zip(names[rank::world_size], sha256_files([folder / n for n in names[rank::world_size]])))
+    shares = [None] * world_size
+    dist.all_gather_object(shares, mine)
+    return {name: share[name] for share in shares for name in share}
+
+
+def _remove(folder: Path) -> None:
+    """Remove a checkpoint folder; a symbolic link in its place is unlinked, never followed."""
+    if folder.is_symlink():
+        folder.unlink()
+    elif folder.exists():
+        shutil.rmtree(folder)
+
+
 def _prune(ckpt_dir: Path, keep_last: int, keep: Path) -> None:
-    """Keep the newest `keep_last` complete checkpoints; remove older ones and every incomplete leftover."""
-    complete = complete_checkpoints(ckpt_dir)
-    doomed = [p for p in complete[:-keep_last] if p != keep]
-    doomed += [p for p in ckpt_dir.iterdir() if _TAG.match(p.name) and not is_complete(p)]
+    """Keep the newest `keep_last` complete checkpoints; remove older ones and every incomplete leftover. A
+    symbolic link is not this run's checkpoint: it is neither counted nor removed."""
+    own = [p for p in ckpt_dir.iterdir() if _TAG.match(p.name) and not p.is_symlink()]
+    complete = sorted((p for p in own if is_complete(p)), key=lambda p: p.name)
+    doomed = [p for p in complete[:-keep_last] if p != keep] + [p for p in own if not is_complete(p)]
     for p in doomed:
         shutil.rmtree(p, ignore_errors=True)
 
@@ -226,6 +283,9 @@ def check_compatible(folder: Path, meta: dict) -> None:
             changed.append(f"{what}: {saved.get(key)!r} -> {meta.get(key)!r}")
     if "weights" in saved:  # recorded since mixture weights apply at training time
         changed += _weight_changes(saved["weights"], meta["weights"])
+    for key, what in RUN_KEYS:  # checkpoints from before they were recorded are not checked
+        if key in saved and saved[key] != meta.get(key):
+            changed.append(f"{what}: {saved[key]!r} -> {meta.get(key)!r}")
     reshardable = (folder / CLIENT_STATE).is_file()  # any stage from the per-rank shards (state_shards)
     for key in ("zero_stage", "expert_parallel_size"):  # both decide how optimizer state is laid out
         if saved.get(key, 1 if key == "expert_parallel_size" else None) != meta.get(key) and not reshardable:

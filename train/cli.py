@@ -50,14 +50,15 @@ def eval_command(args: argparse.Namespace) -> int:
     try:
         task_data = dict(_task_file(item) for item in args.task_data or ())
         result = evaluate_run(args.run_dir, args.checkpoint, args.data or (), max_docs=args.max_docs,
-                              max_bytes=args.max_bytes, progress=True)
+                              max_bytes=args.max_bytes, progress=True, verify=not args.no_verify)
         print_table(result)
         if args.tasks:
             try:
                 from ondol.train.harness import print_tasks, run_tasks
             except ImportError:
                 raise ValueError("--tasks needs lm-evaluation-harness: pip install 'ondol[eval]'") from None
-            result["tasks"] = run_tasks(args.run_dir, args.tasks.split(","), task_data, args.checkpoint)
+            result["tasks"] = run_tasks(args.run_dir, args.tasks.split(","), task_data, args.checkpoint,
+                                        verify=not args.no_verify)
             print_tasks(result["tasks"])
     except (FileNotFoundError, SourceError, IncompatibleCheckpoint, ConfigError, ValueError, KeyError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
@@ -110,5 +111,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "kobest_copa,kobest_hellaswag,haerae,kmmlu,click (needs pip install 'ondol[eval]')")
     e.add_argument("--task-data", action="append", metavar="TASK=FILE", help="evaluate TASK on a local JSON "
                    "Lines file (lm-eval's definition of the task, its dataset read from FILE); repeat per task")
+    e.add_argument("--no-verify", action="store_true", help="read a checkpoint (or weights with SHA256SUMS) "
+                   "without checking its bytes against the SHA-256 digests recorded when it was written")
     e.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     e.set_defaults(func=eval_command)

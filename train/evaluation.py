@@ -162,8 +162,9 @@ def load_tokenizer(cfg):
     return tokenizer
 
 
-def load_model(run_dir, checkpoint: str | None = None):
-    """The run's final weights (RUN_DIR/model), or those of checkpoint `step_N` (or its folder)."""
+def load_model(run_dir, checkpoint: str | None = None, verify: bool = True):
+    """The run's final weights (RUN_DIR/model), or those of checkpoint `step_N` (or its folder); unless `verify`
+    is off, a checkpoint whose bytes differ from the digests in its meta.json is refused."""
     from pathlib import Path
 
     from ondol.model.config import ModelConfig
@@ -173,12 +174,15 @@ def load_model(run_dir, checkpoint: str | None = None):
 
     run_dir = Path(run_dir)
     if checkpoint is None:
-        return load_pretrained(run_dir / "model")
+        return load_pretrained(run_dir / "model", verify=verify)
     folder = Path(checkpoint) if Path(checkpoint).is_dir() else run_dir / "checkpoints" / _tag(checkpoint)
     if not ckpt.is_complete(folder):
         have = ", ".join(p.name for p in ckpt.complete_checkpoints(run_dir / "checkpoints")) or "none"
         raise FileNotFoundError(f"checkpoint '{checkpoint}': no complete checkpoint at {folder} (complete ones in "
                                 f"{run_dir / 'checkpoints'}: {have})")
+    if problem := ckpt.damage(folder, verify):
+        raise ckpt.IncompatibleCheckpoint(f"checkpoint '{checkpoint}': {problem}: the checkpoint is damaged; "
+                                          "evaluate another one, or pass --no-verify to read it as it is")
     model = Transformer(ModelConfig(**ckpt.read_meta(folder)["model"]))
     missing, unexpected = model.load_state_dict(ckpt.model_state(folder), strict=False)
     if [k for k in missing if k != "lm_head.weight"] or unexpected:
@@ -225,7 +229,7 @@ def _file_documents(data_files: list[str] | tuple[str, ...], max_docs: int | Non
 
 def evaluate_run(run_dir, checkpoint: str | None = None, data_files: list[str] | tuple[str, ...] = (),
                  batch_tokens: int = 8192, max_docs: int | None = None, max_bytes: int | None = None,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, verify: bool = True) -> dict:
     """`ondol eval`: bits per byte of RUN_DIR's model on the run's held-out documents of every source, or on
     the given jsonl/csv/text files (one source each, named after the file), streamed with at most max_docs
     documents and about max_bytes bytes of each. RUN_DIR may be the run's config YAML."""
@@ -235,7 +239,7 @@ def evaluate_run(run_dir, checkpoint: str | None = None, data_files: list[str] |
 
     cfg = load_run_config(run_dir)
     tokenizer = load_tokenizer(cfg)
-    model = load_model(cfg.run_dir, checkpoint)
+    model = load_model(cfg.run_dir, checkpoint, verify)
     if data_files:
         names, documents = _file_documents(data_files, max_docs, max_bytes)
     else:

@@ -21,14 +21,15 @@ from ondol.train.evaluation import document_start, token_logprobs
 class OndolLM(TemplateLM):
     """lm-eval's model interface on a run's final weights or one of its checkpoints."""
 
-    def __init__(self, run_dir: str, checkpoint: str | None = None, batch_tokens: int = 8192) -> None:
+    def __init__(self, run_dir: str, checkpoint: str | None = None, batch_tokens: int = 8192,
+                 verify: bool = True) -> None:
         super().__init__()
         from ondol.configs import load_run_config
         from ondol.train.evaluation import load_model, load_tokenizer
 
         cfg = load_run_config(run_dir)
         self.tokenizer = load_tokenizer(cfg)
-        self.model = load_model(cfg.run_dir, checkpoint)
+        self.model = load_model(cfg.run_dir, checkpoint, verify)
         self.context, self.batch_tokens = cfg.data.seq_len, batch_tokens
         self.start = document_start(self.tokenizer, cfg.data.bos)
 
@@ -106,7 +107,7 @@ def _task_yaml(name: str) -> Path:
 
 
 def run_tasks(run_dir: str, tasks: list[str], task_data: dict[str, str], checkpoint: str | None = None,
-              limit: int | None = None) -> dict[str, dict[str, float]]:
+              limit: int | None = None, verify: bool = True) -> dict[str, dict[str, float]]:
     """Each task's metrics (acc, acc_norm, ... as lm-eval reports them) for the run's model, zero-shot."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
@@ -123,7 +124,7 @@ def run_tasks(run_dir: str, tasks: list[str], task_data: dict[str, str], checkpo
     with tempfile.TemporaryDirectory() as tmp:
         specs = [str(local_task_yaml(name, task_data[name], Path(tmp))) if name in task_data else name
                  for name in tasks]
-        results = simple_evaluate(model=OndolLM(run_dir, checkpoint), tasks=specs, task_manager=manager,
+        results = simple_evaluate(model=OndolLM(run_dir, checkpoint, verify=verify), tasks=specs, task_manager=manager,
                                   num_fewshot=0, limit=limit, bootstrap_iters=0, log_samples=False)
     return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, float) and "stderr" not in k}
             for task, metrics in results["results"].items()}

@@ -9,6 +9,7 @@ steps whose update was skipped as non-finite are counted, not averaged into the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from ondol.configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, tokenizer_dir
 from ondol.errors import ConfigError, DataError, TrainError
-from ondol.files import move_aside, write_atomic
+from ondol.files import LOCK, exclusive_lock, move_aside, write_atomic
 from ondol.train import checkpoint, expert_parallel, state_shards
 from ondol.train.engine import build_engine, build_model, init_distributed
 from ondol.train.evaluation import InLoopBitsPerByte
@@ -77,7 +78,8 @@ class Trainer:
         self.meta = {"model": config_dict(cfg.model), "tokenizer_fingerprint": tokenizer.fingerprint,
                      "data_hash": manifest["hash"], "seq_len": cfg.data.seq_len, "weights": self.loader.weights,
                      "zero_stage": cfg.deepspeed.zero_stage, "world_size": self.env.world_size,
-                     "expert_parallel_size": cfg.deepspeed.expert_parallel_size}
+                     "expert_parallel_size": cfg.deepspeed.expert_parallel_size,
+                     "seed": cfg.seed, "precision": cfg.deepspeed.precision}
         self.tokens_per_step = tr.micro_batch_size * tr.grad_accum * env.world_size * cfg.data.seq_len
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         peak, self.peak_source = detect_peak_tflops(env.device, cfg.logging.peak_tflops, cfg.deepspeed.precision)
@@ -173,7 +175,10 @@ class Trainer:
     def fit(self) -> dict:
         """Train to train.steps; raises Preempted after saving when asked to stop (train/preemption.py)."""
         cfg, tr = self.cfg, self.cfg.train
-        with StopRequest(tr.stop_signals, stop_file(self.run_dir), self.env.device, self.env.world_size) as stop:
+        # rank 0 writes checkpoints' meta.json and metrics: it alone holds the run directory's lock
+        lock = exclusive_lock(self.run_dir / LOCK, TrainError) if self.env.is_main else contextlib.nullcontext()
+        with lock, StopRequest(tr.stop_signals, stop_file(self.run_dir), self.env.device,
+                               self.env.world_size) as stop:
             self._resume()
             sink = None
             if self.env.is_main:
@@ -340,18 +345,19 @@ class Trainer:
 
     def save_final_weights(self) -> Path:
         """RUN_DIR/model: every rank writes the fp32 weights it owns (train/state_shards.py), then rank 0 the
-        config; no rank gathers the whole model."""
-        from ondol.model.io import CONFIG
+        config and SHA256SUMS; no rank gathers the whole model."""
+        from ondol.model.io import CHECKSUMS, CONFIG, write_checksums
 
         out = model_dir(self.cfg)
         if self.env.is_main and out.is_dir():  # an earlier run's files (another layout) must not mix in
-            for stale in [out / CONFIG, *out.glob("model*.safetensors"), *out.glob("*.index.json")]:
-                stale.unlink()
+            for stale in [out / CONFIG, out / CHECKSUMS, *out.glob("model*.safetensors"), *out.glob("*.index.json")]:
+                stale.unlink(missing_ok=True)
         dist.barrier()
         state_shards.save(self.engine, self.optimizer, out, self.env.rank, self.env.world_size,
                           with_optimizer=False)
         if self.env.is_main:
             write_atomic(out / CONFIG, json.dumps(self.cfg.model.to_dict(), indent=2) + "\n")
+            write_checksums(out, [p.name for p in out.iterdir() if p.is_file() and p.name != CHECKSUMS])
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         dist.barrier()
         return out
