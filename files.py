@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import xxhash
+
 from ondol.errors import OndolError
 
 LOCK = ".lock"  # in a folder with one writer at a time: the holder's pid and host
@@ -134,18 +136,26 @@ def move_aside(path: str | os.PathLike, label: str = "replaced") -> Path:
     return aside
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file's bytes, read in chunks (hex)."""
+def file_digest(path: str | os.PathLike, algorithm: str) -> str:
+    """The hex digest of a file's bytes, read in chunks: `sha256` (what sha256sum and model hubs use) or
+    `xxh3_128` (xxHash: about 10x faster, and as sure to catch damaged bytes, but not a defence against someone
+    who can rewrite the file: they could rewrite the digest beside it too)."""
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        if algorithm != "xxh3_128":
+            return hashlib.file_digest(f, algorithm).hexdigest()
+        digest, chunk = xxhash.xxh3_128(), bytearray(1 << 23)
+        view = memoryview(chunk)
+        while n := f.readinto(chunk):
+            digest.update(view[:n])
+        return digest.hexdigest()
 
 
-def sha256_files(paths: list[Path]) -> list[str]:
-    """sha256_file of each path, several files at once on the cores this process may use (hashlib releases the
-    GIL while it hashes)."""
+def file_digests(paths: list[Path], algorithm: str) -> list[str]:
+    """file_digest of each path, several files at once on the cores this process may use (hashlib and xxhash
+    release the GIL while they hash)."""
     workers = max(1, min(len(paths), len(os.sched_getaffinity(0))))
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(sha256_file, paths))
+        return list(pool.map(lambda p: file_digest(p, algorithm), paths))
 
 
 @contextlib.contextmanager

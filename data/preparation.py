@@ -213,6 +213,7 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
 
 def _prepare_into(cfg: DataConfig, tokenizer, out_dir: Path, seed: int, progress: bool, identity: dict,
                   digest: str) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / IDENTITY, {"hash": digest, "identity": identity})
     if cfg.executor != "single":
         from ondol.data.cluster import prepare_on_datatrove

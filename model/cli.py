@@ -32,5 +32,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     hf.add_argument("--max-shard-gb", type=float, default=5.0, dest="max_shard_gb",
                     help="largest safetensors file in GiB before splitting into shards (default 5)")
     hf.add_argument("--no-verify", action="store_true", help="skip checking the source's bytes against the "
-                    "SHA-256 digests its checkpoint (meta.json) or folder (SHA256SUMS) recorded")
+                    "digests its checkpoint (meta.json) or folder (SHA256SUMS) recorded")
     hf.set_defaults(func=_export_hf)

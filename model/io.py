@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ondol.errors import ModelError
-from ondol.files import atomic_path, sha256_file, write_atomic
+from ondol.files import atomic_path, file_digest, write_atomic
 from ondol.model.config import ModelConfig
 from ondol.model.transformer import Transformer
 
@@ -142,7 +142,7 @@ def save_pretrained(model: Transformer, cfg: ModelConfig, out_dir: str | Path,
 def write_checksums(folder: str | Path, names: Iterable[str]) -> None:
     """FOLDER/SHA256SUMS for the named files, in sha256sum's format."""
     folder = Path(folder)
-    write_atomic(folder / CHECKSUMS, "".join(f"{sha256_file(folder / n)}  {n}\n" for n in sorted(names)))
+    write_atomic(folder / CHECKSUMS, "".join(f"{file_digest(folder / n, 'sha256')}  {n}\n" for n in sorted(names)))
 
 
 def verify_checksums(folder: str | Path) -> None:
@@ -156,7 +156,7 @@ def verify_checksums(folder: str | Path) -> None:
         path = folder / name
         if Path(name).is_absolute() or ".." in Path(name).parts or not path.is_file() or path.is_symlink():
             raise ModelError(f"{folder / CHECKSUMS} lists {name!r}, not a file in {folder}: export the model again")
-        if sha256_file(path) != digest:
+        if file_digest(path, "sha256") != digest:
             raise ModelError(f"{path} does not match its SHA-256 in {folder / CHECKSUMS} (its bytes changed): "
                              "export the model again, or copy it again from its source")
 

@@ -8,7 +8,6 @@ test_train_dist.py and test_train_resume.py.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from golden import (
     GOLDEN,
     STABLE_OPTIM,
@@ -441,10 +441,10 @@ def test_flipped_bytes_of_the_right_size_fall_back_to_the_previous_checkpoint(ze
     ckpts = tmp_path / "checkpoints"
     shutil.copytree(zero0["run"] / "checkpoints", ckpts)
     states = ckpts / "step_00000008" / "mp_rank_00_model_states.pt"
-    recorded = checkpoint.read_meta(states.parent)["sha256"][states.name]
-    assert recorded == hashlib.sha256(states.read_bytes()).hexdigest()  # the digest is of the bytes written
+    recorded = checkpoint.read_meta(states.parent)["xxh3_128"][states.name]
+    assert recorded == xxhash.xxh3_128(states.read_bytes()).hexdigest()  # the digest is of the bytes written
     _flip(states, states.stat().st_size // 2)
-    expected = (f"skipping damaged checkpoint step_00000008: {states} does not have the SHA-256 digest meta.json "
+    expected = (f"skipping damaged checkpoint step_00000008: {states} does not have the xxh3_128 digest meta.json "
                 "recorded (its bytes changed)")
     assert _skipped(ckpts) == ("step_00000004", [expected])
     assert checkpoint.damage(states.parent, verify=False) is None  # sizes alone cannot see it

@@ -2,7 +2,7 @@
 
 A checkpoint counts only once its `meta.json` exists. Order of a save: stale folder of the same tag removed,
 DeepSpeed writes model/optimizer shards (every rank), each rank writes its RNG states and fsyncs the folder,
-barrier, the ranks hash the files (SHA-256, each rank a share), then rank 0 writes meta.json (with every file's
+barrier, the ranks hash the files (xxh3-128, each rank a share), then rank 0 writes meta.json (with every file's
 size and digest) and swaps `latest`, both by temp + fsync + rename. A crash at any point before the rename leaves
 `latest` on the previous complete checkpoint; a folder without meta.json is ignored and later removed. A
 checkpoint is damaged, skipped with one line so that the previous complete one is used, when its files no longer
@@ -32,11 +32,14 @@ import torch
 import torch.distributed as dist
 
 from ondol.errors import TrainError
-from ondol.files import fsync_tree, sha256_files, write_atomic
+from ondol.files import file_digests, fsync_tree, write_atomic
 from ondol.model.config import ModelConfig
 from ondol.train import expert_parallel, state_shards
 
 META, LATEST, CLIENT_STATE = "meta.json", "latest", "client_state.pt"
+# Each file's digest in meta.json: xxHash, fast enough to check at every resume (a few % of a load), and made to
+# catch damaged bytes; it is no signature (whoever can rewrite a checkpoint can rewrite its meta.json)
+DIGEST = "xxh3_128"
 LAYOUT_KEYS = ("world_size", "expert_parallel_size", "zero_stage")  # how weights and optimizer state are split
 _TAG = re.compile(r"^step_(\d{8})$")
 # The model keys that may change on resume: how the same function is computed (kernels) and training-only terms
@@ -75,7 +78,7 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
 def damage(folder: Path, verify: bool = True) -> str | None:
     """What is wrong with a complete checkpoint (None: intact): a symbolic link for the folder, meta.json or a
     file; meta.json unreadable or recording another step than the folder's name; a file missing, or not of the
-    size and SHA-256 digest meta.json recorded (digests only when `verify`). Checkpoints from before sizes or
+    size and digest meta.json recorded (digests only when `verify`). Checkpoints from before sizes or
     digests were recorded are checked for what they have."""
     if folder.is_symlink():
         return f"{folder} is a symbolic link (checkpoints are read only from inside {folder.parent})"
@@ -99,10 +102,10 @@ def damage(folder: Path, verify: bool = True) -> str | None:
             return f"{path} is missing"
         if path.stat().st_size != size:
             return f"{path} has {path.stat().st_size:,} bytes, {META} recorded {size:,}"
-    recorded = sorted((n, d) for n, d in meta.get("sha256", {}).items() if verify and n in files)
-    for (name, digest), found in zip(recorded, sha256_files([folder / name for name, _ in recorded])):
+    recorded = sorted((n, d) for n, d in meta.get(DIGEST, {}).items() if verify and n in files)
+    for (name, digest), found in zip(recorded, file_digests([folder / name for name, _ in recorded], DIGEST)):
         if found != digest:
-            return f"{folder / name} does not have the SHA-256 digest {META} recorded (its bytes changed)"
+            return f"{folder / name} does not have the {DIGEST} digest {META} recorded (its bytes changed)"
     return None
 
 
@@ -198,7 +201,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, meta: dict, rank
         files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
         digests = _digests(folder, sorted(files), rank, dist.get_world_size())
         if rank == 0:
-            record = {**meta, "step": step, "files": files, "sha256": digests}
+            record = {**meta, "step": step, "files": files, DIGEST: digests}
             write_atomic(folder / META, json.dumps(record, indent=2) + "\n")
     except OSError as e:  # a full disk or quota: the partial folder goes, the previous checkpoints stay
         if rank == 0:
@@ -214,8 +217,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, meta: dict, rank
 
 
 def _digests(folder: Path, names: list[str], rank: int, world_size: int) -> dict[str, str]:
-    """Collective: the SHA-256 of every file, each rank hashing every world_size-th one; the whole on every rank."""
-    mine = dict(zip(names[rank::world_size], sha256_files([folder / n for n in names[rank::world_size]])))
+    """Collective: the digest of every file, each rank hashing every world_size-th one; the whole on every rank."""
+    mine = dict(zip(names[rank::world_size], file_digests([folder / n for n in names[rank::world_size]], DIGEST)))
     shares = [None] * world_size
     dist.all_gather_object(shares, mine)
     return {name: share[name] for share in shares for name in share}

@@ -112,6 +112,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--task-data", action="append", metavar="TASK=FILE", help="evaluate TASK on a local JSON "
                    "Lines file (lm-eval's definition of the task, its dataset read from FILE); repeat per task")
     e.add_argument("--no-verify", action="store_true", help="read a checkpoint (or weights with SHA256SUMS) "
-                   "without checking its bytes against the SHA-256 digests recorded when it was written")
+                   "without checking its bytes against the digests recorded when it was written")
     e.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     e.set_defaults(func=eval_command)
