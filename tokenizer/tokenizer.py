@@ -17,6 +17,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from ondol.errors import TokenizerError
 from ondol.tokenizer.korean import pretokenize
 
 META_SPACE = "\u2581"
@@ -28,6 +29,10 @@ def fingerprint(model_proto: bytes, normalization: str, morpheme_aware: bool, ja
     h = hashlib.sha256(model_proto)
     h.update(f"|{normalization}|{int(morpheme_aware)}|{int(jamo_split)}".encode())
     return h.hexdigest()[:16]
+
+
+class TokenizerNotFound(TokenizerError, FileNotFoundError):
+    """No trained tokenizer where the run reads it."""
 
 
 class Tokenizer:
@@ -50,7 +55,7 @@ class Tokenizer:
         model, meta_path = directory / MODEL_FILE, directory / META_FILE
         for p in (model, meta_path):
             if not p.is_file():
-                raise FileNotFoundError(
+                raise TokenizerNotFound(
                     f"{p} not found: train one with `ondol tokenizer train CONFIG` "
                     f"or point tokenizer.path at a trained tokenizer folder"
                 )
@@ -58,7 +63,7 @@ class Tokenizer:
         tok = cls(model.read_bytes(), meta)
         tok.directory = directory
         if meta.get("fingerprint") != tok.fingerprint:
-            raise ValueError(
+            raise TokenizerError(
                 f"{model} does not match the fingerprint in {meta_path}: the folder was changed "
                 f"after training; retrain it"
             )

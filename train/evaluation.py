@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ondol.errors import ConfigError, ModelError
+
 
 @dataclass
 class Scored:
@@ -155,12 +157,12 @@ def load_model(run_dir, checkpoint: str | None = None):
     folder = Path(checkpoint) if Path(checkpoint).is_dir() else run_dir / "checkpoints" / _tag(checkpoint)
     if not ckpt.is_complete(folder):
         have = ", ".join(p.name for p in ckpt.complete_checkpoints(run_dir / "checkpoints")) or "none"
-        raise FileNotFoundError(f"checkpoint '{checkpoint}': no complete checkpoint at {folder} (complete ones in "
+        raise ConfigError(f"--checkpoint {checkpoint}: no complete checkpoint at {folder} (complete ones in "
                                 f"{run_dir / 'checkpoints'}: {have})")
     model = Transformer(ModelConfig(**ckpt.read_meta(folder)["model"]))
     missing, unexpected = model.load_state_dict(ckpt.model_state(folder), strict=False)
     if [k for k in missing if k != "lm_head.weight"] or unexpected:
-        raise ValueError(f"{folder}: weights do not match the model in its meta.json (missing {missing[:3]}, "
+        raise ModelError(f"{folder}: weights do not match the model in its meta.json (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     return model.eval()
 
@@ -170,7 +172,7 @@ def _tag(name: str) -> str:
 
     digits = name.removeprefix("step_")
     if not digits.isdigit():
-        raise FileNotFoundError(f"checkpoint '{name}': give step_N (e.g. step_250) or a checkpoint folder")
+        raise ConfigError(f"--checkpoint {name}: give step_N (e.g. step_250) or a checkpoint folder")
     return tag_for(int(digits))
 
 
