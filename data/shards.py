@@ -35,10 +35,14 @@ def write_json(path: Path, obj: dict) -> None:
     write_atomic(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
+class DataNotPrepared(DataError, FileNotFoundError):
+    """No manifest: the data was never prepared, or its preparation did not finish."""
+
+
 def read_manifest(data_dir: str | os.PathLike) -> dict:
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {data_dir}: run `ondol data prepare CONFIG` first "
+        raise DataNotPrepared(f"no {MANIFEST} in {data_dir}: run `ondol data prepare CONFIG` first "
                                 f"(an interrupted preparation resumes when re-run)")
     return read_json(path, DataError, "re-run `ondol data prepare CONFIG`: it rebuilds the manifest from the "
                                       "finished shards")

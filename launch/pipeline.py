@@ -68,6 +68,12 @@ def continue_prompt(cfg: RunConfig, prompt: str | None = None) -> tuple[str, str
     return prompt, tokenizer.decode(ids)
 
 
+def continuation_lines(prompt: str, continuation: str, indent: str = "") -> str:
+    """The prompt and the model's continuation on labelled lines, so it shows where the prompt ends (a
+    continuation may go on mid-word)."""
+    return f"{indent}prompt:       {prompt}\n{indent}continuation: {continuation}"
+
+
 def run_pipeline(cfg: RunConfig) -> dict:
     """Run every stage of a tiny-to-large training job described by one config; returns the summary."""
     from ondol.data.preparation import prepare
@@ -94,7 +100,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     _done(t, f"{totals['train_tokens']:,} train / {totals['val_tokens']:,} validation tokens at {data_dir(cfg)}")
 
     t = _stage(3, "train")
-    summary = Trainer(cfg).fit()
+    summary = Trainer(cfg).fit(finished_ok=True)
     _done(t, f"{summary['steps']} steps, metrics in {run_dir / 'metrics.jsonl'}, plot {run_dir / 'loss.png'}")
 
     t = _stage(4, "evaluate")
@@ -103,7 +109,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
     t = _stage(5, "generate")
     prompt, continuation = continue_prompt(cfg)
-    print(f"   prompt:       {prompt}\n   continuation: {continuation}")
+    print(continuation_lines(prompt, continuation, indent="   "))
     _done(t, "greedy decoding" if cfg.generate.temperature == 0 else "sampling")
 
     summary.update(prompt=prompt, continuation=continuation, wall_s=time.perf_counter() - started)
@@ -125,7 +131,7 @@ def _run(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.run_dir, args.overrides)
     prompt, continuation = continue_prompt(cfg, args.prompt)
-    print(f"{prompt}{continuation}")
+    print(continuation_lines(prompt, continuation))
     if not continuation.strip():  # blanks, or nothing before eos, would look like no output at all
         print(f"(the continuation is only whitespace: {continuation!r})", file=sys.stderr)
     return 0

@@ -11,6 +11,10 @@ every rank saves at the end of its step and exits with 75, and the supervisor ex
 signal stops the whole job at once (SIGTERM to the launcher's process group, SIGKILL after 10 s), leaving no
 process behind.
 
+The launcher's own output (DeepSpeed's runner: its INFO/WARNING lines, "Setting CUDA_VISIBLE_DEVICES=..." even
+on CPU, pdsh and ssh messages) goes to LOG_DIR/launcher.log, and its last lines are shown when the launcher
+fails before any rank recorded an exit; ONDOL_DEBUG=1 leaves it on the console.
+
 `python -m ondol.launch.supervise --log-dir DIR [--stop-file F] [--watchdog-minutes M] -- COMMAND...` is what the
 sbatch script runs.
 """
@@ -29,10 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from ondol.errors import USER_ERROR_EXITS
+from ondol.errors import USER_ERROR_EXITS, debug_env
 from ondol.train.preemption import PREEMPTED_EXIT, SignalScope
 
 TAIL_LINES = 20
+LAUNCHER_LOG = "launcher.log"
 POLL_S = 0.5
 
 
@@ -191,8 +196,13 @@ def _supervise(cmd: list[str], log_dir: Path, env: dict[str, str] | None, watchd
     started = last_growth = time.monotonic()
     failing_since: float | None = None
     reason = None
-    print(f"ondol launch: {shlex.join(cmd)}\n  rank logs: {log_dir}/rank*.log (rank 0 follows)", file=out, flush=True)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    launcher_log = log_dir / LAUNCHER_LOG
+    print(f"ondol launch: {shlex.join(cmd)}\n  rank logs: {log_dir}/rank*.log (rank 0 follows)"
+          + ("" if debug_env() else f"; the launcher's own output: {launcher_log}"), file=out, flush=True)
+    with open(launcher_log, "ab") as launcher_out:
+        launcher_start = launcher_out.tell()
+        output = {} if debug_env() else {"stdout": launcher_out, "stderr": subprocess.STDOUT}
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, **output)
     try:
         while (code := proc.poll()) is None:
             time.sleep(POLL_S)
@@ -248,8 +258,8 @@ def _supervise(cmd: list[str], log_dir: Path, env: dict[str, str] | None, watchd
         if not reason:
             print(f"ondol launch: launcher exited with code {code} after {elapsed:.0f} s and no rank recorded an "
                   f"exit (killed by a signal, out of memory, or never started?); see {log_dir}", file=err)
-        for log in sorted(log_dir.glob("rank*.log")):
-            text = logs.new_text(log)
+        for log in [launcher_log, *sorted(log_dir.glob("rank*.log"))]:
+            text = logs.new_text(log, launcher_start if log == launcher_log else None)
             if text:
                 print(f"  last lines of {log}:\n{_tail(text, 5)}", file=err)
     err.flush()

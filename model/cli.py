@@ -9,7 +9,7 @@ def _export_hf(args: argparse.Namespace) -> int:
     from ondol.model.export import export_hf
 
     out = export_hf(args.run_dir, args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
-                    verify=not args.no_verify)
+                    verify=not args.no_verify, overwrite=args.overwrite)
     print(f"exported {args.run_dir} -> {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "...) are refused.")
     hf.add_argument("run_dir", metavar="RUN_DIR",
                     help="run directory holding model/ and tokenizer/, or a checkpoint RUN_DIR/checkpoints/step_N")
-    hf.add_argument("out", metavar="OUT", help="output folder (created)")
+    hf.add_argument("out", metavar="OUT", help="output folder (created; a non-empty one needs --overwrite)")
+    hf.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in OUT")
     hf.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight dtype written (default fp32)")
     hf.add_argument("--max-shard-gb", type=float, default=5.0, dest="max_shard_gb",
                     help="largest safetensors file in GiB before splitting into shards (default 5)")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ondol.errors import ModelError
+from ondol.errors import ConfigError, ModelError
 from ondol.files import atomic_path, write_atomic
 from ondol.model.config import ModelConfig
 from ondol.model.io import (
@@ -137,6 +137,10 @@ def hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, to
 
 def _locate(source: Path) -> tuple[Path, ModelConfig, Path]:
     """(weights folder, model config, run directory) of a run directory, its model folder, or a checkpoint."""
+    if not source.is_dir():
+        what = "is a file (a config?)" if source.is_file() else "not found"
+        raise ConfigError(f"{source}: {what}: give the run directory (the config's run_dir, e.g. runs/tiny-ko) or "
+                          "one of its checkpoints, RUN_DIR/checkpoints/step_N")
     if (source / "model" / CONFIG).is_file():
         return source / "model", load_config(source / "model"), source
     if (source / CONFIG).is_file():
@@ -178,7 +182,7 @@ def _plan_shards(specs: list[tuple[str, torch.dtype, list[int]]], max_bytes: int
 
 
 def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", max_shard_gb: float = 5.0,
-              verify: bool = True) -> Path:
+              verify: bool = True, overwrite: bool = False) -> Path:
     """Write a run's final weights (RUN_DIR or RUN_DIR/model) or one of its complete checkpoints
     (RUN_DIR/checkpoints/step_N), with the run's tokenizer, as a transformers model folder in `out_dir`.
 
@@ -186,10 +190,16 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", max_
     of at most max_shard_gb in `dtype` (fp32 or bf16): `model.safetensors`, or `model-0000K-of-0000N.safetensors`
     with `model.safetensors.index.json`. Peak memory is about twice the largest tensor, whatever the model size.
     SHA256SUMS lists every file written. Unless `verify` is off, the source's bytes are checked first against
-    the digests its checkpoint's meta.json or its SHA256SUMS recorded.
+    the digests its checkpoint's meta.json or its SHA256SUMS recorded. A non-empty `out_dir` is refused unless
+    `overwrite` (its files are then replaced one by one, each whole).
     """
     source, out = Path(source), Path(out_dir)
     weights, cfg, run_dir = _locate(source)
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out} is a file: give a folder for the export")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ModelError(f"{out} is not an empty folder: give a new folder, or add --overwrite to replace the "
+                         "export in it")
     if verify:
         _verify_source(weights)
     check_exportable(cfg)

@@ -151,20 +151,20 @@ def test_a_copied_run_reads_only_its_own_folder(eval_run, tmp_path, capsys, monk
     manifest["tokenizer"]["fingerprint"] = "0123456789abcdef"  # data prepared with another tokenizer
     (moved / "data" / "manifest.json").write_text(json.dumps(manifest))
     rc, _, err = ondol_eval(capsys, moved, "--data", corpus)
-    assert rc == 1 and "was prepared with tokenizer 0123456789abcdef" in err and len(err.splitlines()) == 1, err
+    assert rc == 3 and "was prepared with tokenizer 0123456789abcdef" in err and len(err.splitlines()) == 1, err
 
 
 def test_bad_input_is_one_line(eval_run, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl.gz"
     with gzip.open(empty, "wt", encoding="utf-8"):
         pass
-    cases = [(("--checkpoint", "step_3"), "step_00000003"), (("--data", tmp_path / "missing.jsonl"), "missing.jsonl"),
-             (("--data", empty), "no documents"), (("--checkpoint", "latest"), "step_N")]
-    for args, needle in cases:
+    cases = [(("--checkpoint", "step_3"), "step_00000003", 2), (("--data", tmp_path / "missing.jsonl"), "missing.jsonl", 3),
+             (("--data", empty), "no documents", 3), (("--checkpoint", "latest"), "step_N", 2)]
+    for args, needle, code in cases:
         rc, _, err = ondol_eval(capsys, eval_run, *args)
-        assert rc == 1 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert rc == code and needle in err and len(err.strip().splitlines()) == 1, err
     rc, _, err = ondol_eval(capsys, tmp_path / "nowhere")
-    assert rc == 1 and "config.yaml" in err and len(err.strip().splitlines()) == 1
+    assert rc == 2 and "config.yaml" in err and len(err.strip().splitlines()) == 1
 
 
 def test_in_loop_bits_per_byte_is_logged_per_source_and_equals_ondol_eval(eval_run, tmp_path, capsys):

@@ -82,7 +82,7 @@ def test_export_killed_while_writing_keeps_a_complete_folder(tmp_path, tokenizer
     out = tmp_path / "hf"
     export_hf(run, out)
     before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
-    code = f"from ondol.model.export import export_hf; export_hf({str(run)!r}, {str(out)!r})"
+    code = f"from ondol.model.export import export_hf; export_hf({str(run)!r}, {str(out)!r}, overwrite=True)"
     for _ in range(3):
         proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
         while proc.poll() is None and not list(out.glob(".*.tmp")):  # kill while a file is being written

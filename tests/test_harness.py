@@ -92,4 +92,4 @@ def test_bad_task_input_is_one_line(eval_run, tmp_path, capsys):
     for args, needle in cases:
         rc = main(["eval", str(eval_run), *args])
         err = capsys.readouterr().err
-        assert rc == 1 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err

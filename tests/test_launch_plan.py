@@ -484,5 +484,13 @@ def test_supervisor_success_and_launcher_failure_without_rank_records(tmp_path, 
     out = capsys.readouterr().out
     assert out.startswith(f"ondol launch: {sys.executable} -c pass\n  rank logs: {tmp_path / 'logs'}/rank*.log")
     assert "all ranks finished" in out
-    assert supervise(_script("import sys; sys.exit(7)"), tmp_path / "logs") == 7
-    assert "launcher exited with code 7" in capsys.readouterr().err
+    chatter = "[INFO] [launch.py:174:main] Setting CUDA_VISIBLE_DEVICES=0,1"
+    printed = f"print({chatter[:50]!r} {chatter[50:]!r})"  # the command line itself does not hold the text
+    assert supervise(_script(f"import sys; {printed}; sys.exit('pdsh: node-a: ssh exited with 255')"),
+                     tmp_path / "logs") == 1
+    out, err = capsys.readouterr()
+    assert "CUDA_VISIBLE_DEVICES" not in out  # the launcher's own output goes to its log, shown when it fails
+    assert (tmp_path / "logs" / "launcher.log").read_text() == f"{chatter}\npdsh: node-a: ssh exited with 255\n"
+    assert err.splitlines()[0].startswith("ondol launch: launcher exited with code 1 after")
+    assert err.splitlines()[1:] == [f"  last lines of {tmp_path / 'logs' / 'launcher.log'}:", f"    {chatter}",
+                                    "    pdsh: node-a: ssh exited with 255"]

@@ -84,7 +84,7 @@ def test_generate_command_is_deterministic_and_matches_the_run(tiny_run):
     continuation = re.search(r"continuation: (.*)", result.stdout).group(1)
     out = ondol("generate", str(run_dir), "--prompt", prompt)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == (prompt + continuation).strip()
+    assert out.stdout == f"prompt:       {prompt}\ncontinuation: {continuation}\n"  # the prompt's end shows
 
 
 def test_transformers_generate_from_a_plain_string_equals_ondol_generate(tiny_run, tmp_path):
@@ -109,7 +109,7 @@ def test_transformers_generate_from_a_plain_string_equals_ondol_generate(tiny_ru
     assert continuation.strip(), continuation  # real tokens, not blanks
     out = ondol("generate", str(run_dir), "generate.max_new_tokens=12", "--prompt", prompt)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout == prompt + continuation + "\n"
+    assert out.stdout == f"prompt:       {prompt}\ncontinuation: {continuation}\n"
 
 
 def test_whitespace_only_continuation_is_shown(tiny_run, capsys, monkeypatch):
@@ -119,7 +119,7 @@ def test_whitespace_only_continuation_is_shown(tiny_run, capsys, monkeypatch):
     monkeypatch.setattr(pipeline, "continue_prompt", lambda cfg, prompt: (prompt, " \n"))
     assert main(["generate", str(tiny_run[0]), "--prompt", "영화"]) == 0
     out = capsys.readouterr()
-    assert out.out == "영화 \n\n" and out.err == "(the continuation is only whitespace: ' \\n')\n"
+    assert out.out == "prompt:       영화\ncontinuation:  \n\n" and out.err == "(the continuation is only whitespace: ' \\n')\n"
 
 
 def test_rerun_reuses_finished_stages(tiny_run):

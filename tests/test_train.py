@@ -157,6 +157,25 @@ def test_run_writes_metrics_plot_and_weights_that_reload(zero0):
     assert model.cfg.vocab_size == 2048  # taken from the tokenizer (model.vocab_size: 0)
 
 
+def test_a_resume_with_another_batch_counts_tokens_exactly_appends_the_log_and_titles_the_plot(assets, zero0,
+                                                                                                tmp_path):
+    """tokens_seen is summed per step and kept in the checkpoint: 8 steps of 4 x 64 tokens, then 2 of 2 x 64 (not
+    step x the current batch). train.log holds the console lines of both attempts; loss.png names the run."""
+    from PIL import Image
+
+    run = tmp_path / "resumed"
+    shutil.copytree(zero0["run"], run, symlinks=True)
+    first_log = (run / "logs" / "train.log").read_text()
+    run_losses(run, assets, *ZERO_RUN, "train.steps=10", "train.micro_batch_size=2")
+    seen = {r["step"]: r["tokens_seen"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+    assert [seen[s] for s in (8, 9, 10)] == [8 * 256, 8 * 256 + 128, 8 * 256 + 256]
+    log = (run / "logs" / "train.log").read_text()
+    assert log.startswith(first_log) and f"run {run}: steps 8 -> 10, seed 1234\n" in log[len(first_log):]
+    assert [line[20:].split(" |")[0] for line in log.splitlines() if " | loss " in line] == [
+        f"step {s:>6}" for s in range(1, 11)]
+    assert Image.open(run / "loss.png").text["Title"] == "resumed: 10 steps"
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_give_the_same_losses_and_weights(assets, zero0, tmp_path, stage):
     losses = run_losses(tmp_path, assets, *ZERO_RUN, "train.save_every=8", "train.eval_every=8",
@@ -607,6 +626,7 @@ def test_console_off_a_terminal_is_whole_timestamped_lines_with_header_and_timin
     stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
     lines = [line for line in out.splitlines() if re.match(stamp, line)]
     assert "\r" not in out
+    assert (tmp_path / "logs" / "train.log").read_text().splitlines() == lines  # the console, kept in the run
     cfg = tiny_config(tmp_path, assets)
     counts = param_counts(dataclasses.replace(cfg.model, vocab_size=2048))
     flops = train_flops_per_token(dataclasses.replace(cfg.model, vocab_size=2048), 64)
@@ -631,6 +651,20 @@ def test_console_off_a_terminal_is_whole_timestamped_lines_with_header_and_timin
     assert records[0]["eta_s"] == pytest.approx(2 * records[0]["ms_per_step"] / 1000)
     for r in read_metrics(tmp_path / "metrics.jsonl"):
         assert datetime.fromisoformat(r["time"]).utcoffset().total_seconds() == 0  # every row, UTC
+
+
+def test_deepspeed_start_up_output_goes_to_its_log_and_the_libaio_probe_is_explained(tmp_path, capfd, monkeypatch):
+    from ondol.train.deepspeed_log import NO_LIBAIO_NOTE, build_output_to
+
+    monkeypatch.delenv("ONDOL_DEBUG", raising=False)
+    probe = "/usr/bin/ld: cannot find -laio: No such file or directory\n"
+    log = tmp_path / "deepspeed-rank0.log"
+    with build_output_to(log):  # a compiler writes to file descriptor 2, as DeepSpeed's op probe does
+        subprocess.run([sys.executable, "-c", f"import sys; sys.stderr.write({probe!r})"], check=True)
+    with build_output_to(log):
+        print("op built")
+    assert log.read_text() == probe + NO_LIBAIO_NOTE + "op built\n"
+    assert capfd.readouterr() == ("", "")
 
 
 def test_live_bar_on_a_terminal_only(tmp_path, monkeypatch):

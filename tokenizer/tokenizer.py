@@ -31,6 +31,10 @@ def fingerprint(model_proto: bytes, normalization: str, morpheme_aware: bool, ja
     return h.hexdigest()[:16]
 
 
+class TokenizerNotFound(TokenizerError, FileNotFoundError):
+    """No trained tokenizer where the run reads it."""
+
+
 class Tokenizer:
     def __init__(self, model_proto: bytes, meta: dict):
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
@@ -51,7 +55,7 @@ class Tokenizer:
         model, meta_path = directory / MODEL_FILE, directory / META_FILE
         for p in (model, meta_path):
             if not p.is_file():
-                raise FileNotFoundError(
+                raise TokenizerNotFound(
                     f"{p} not found: train one with `ondol tokenizer train CONFIG` "
                     f"or point tokenizer.path at a trained tokenizer folder"
                 )
@@ -65,7 +69,7 @@ class Tokenizer:
             raise TokenizerError(f"{meta_path}: damaged, no {e} key; {retrain}") from None
         tok.directory = directory
         if meta.get("fingerprint") != tok.fingerprint:
-            raise ValueError(
+            raise TokenizerError(
                 f"{model} does not match the fingerprint in {meta_path}: the folder was changed "
                 f"after training; retrain it"
             )

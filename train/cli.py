@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ondol.configs import add_config_command, load_config
+from ondol.errors import ConfigError
 from ondol.files import write_atomic
 
 
@@ -41,29 +42,22 @@ def _close_process_group() -> None:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    """Bits per byte per source as a table (and JSON); bad input is one line on stderr and exit code 1."""
-    from ondol.configs import ConfigError
-    from ondol.data.sources import SourceError
-    from ondol.train.checkpoint import IncompatibleCheckpoint
+    """Bits per byte per source as a table (and JSON). Bad input is one line on stderr (`ondol.errors.reported`):
+    a run folder, --checkpoint or --task-data that names nothing exits 2, unreadable text 3, weights 5."""
     from ondol.train.evaluation import evaluate_run, print_table
 
-    try:
-        task_data = dict(_task_file(item) for item in args.task_data or ())
-        result = evaluate_run(args.run_dir, args.checkpoint, args.data or (), max_docs=args.max_docs,
-                              max_bytes=args.max_bytes, progress=True, verify=not args.no_verify)
-        print_table(result)
-        if args.tasks:
-            try:
-                from ondol.train.harness import print_tasks, run_tasks
-            except ImportError:
-                raise ValueError("--tasks needs lm-evaluation-harness: pip install 'ondol[eval]'") from None
-            result["tasks"] = run_tasks(args.run_dir, args.tasks.split(","), task_data, args.checkpoint,
-                                        verify=not args.no_verify)
-            print_tasks(result["tasks"])
-    except (FileNotFoundError, SourceError, IncompatibleCheckpoint, ConfigError, ValueError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"ondol eval: {str(message).splitlines()[0]}", file=sys.stderr)
-        return 1
+    task_data = dict(_task_file(item) for item in args.task_data or ())
+    result = evaluate_run(args.run_dir, args.checkpoint, args.data or (), max_docs=args.max_docs,
+                          max_bytes=args.max_bytes, progress=True, verify=not args.no_verify)
+    print_table(result)
+    if args.tasks:
+        try:
+            from ondol.train.harness import print_tasks, run_tasks
+        except ImportError:
+            raise ConfigError("--tasks needs lm-evaluation-harness: pip install 'ondol[eval]'") from None
+        result["tasks"] = run_tasks(args.run_dir, args.tasks.split(","), task_data, args.checkpoint,
+                                    verify=not args.no_verify)
+        print_tasks(result["tasks"])
     if args.json:
         write_atomic(Path(args.json), json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     return 0
@@ -78,7 +72,7 @@ def _positive(value: str) -> int:
 def _task_file(item: str) -> tuple[str, str]:
     name, sep, path = item.partition("=")
     if not sep or not name or not path:
-        raise ValueError(f"--task-data {item}: write TASK=FILE, e.g. kobest_copa=copa.jsonl")
+        raise ConfigError(f"--task-data {item}: write TASK=FILE, e.g. kobest_copa=copa.jsonl")
     return name, path
 
 

@@ -6,7 +6,8 @@
 - Joining the process group builds DeepSpeed's shared-memory communication op on CPU (and compiling any op
   runs ninja), which prints to stdout. `build_output_to(path)` sends that to a file instead (both the Python
   streams and file descriptors 1 and 2, which compilers write to); if the step fails, the file's text is
-  written to stderr before the error goes on.
+  written to stderr before the error goes on. On a machine without libaio the file holds DeepSpeed's probe for
+  its async-I/O op, `/usr/bin/ld: cannot find -laio`; a line after it says that this is harmless.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from pathlib import Path
 from ondol.errors import debug_env
 
 IMPORT_NOISE = ("Setting accelerator to CPU",)
+NO_LIBAIO = "cannot find -laio"
+NO_LIBAIO_NOTE = ("ondol: 'cannot find -laio' above is DeepSpeed probing for libaio at start-up: without it only "
+                  "DeepSpeed's async-I/O op (NVMe offload) is unavailable, which Ondol does not use\n")
 
 
 class _DropImportNoise(logging.Filter):
@@ -61,6 +65,8 @@ def build_output_to(path: Path) -> Iterator[None]:
                 raise
             finally:
                 log.flush()
+            if NO_LIBAIO in path.read_bytes()[start:].decode("utf-8", errors="replace"):
+                log.write(NO_LIBAIO_NOTE)
     finally:
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)

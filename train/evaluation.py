@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ondol.errors import ConfigError, ModelError
+
 
 @dataclass
 class Scored:
@@ -178,7 +180,7 @@ def load_model(run_dir, checkpoint: str | None = None, verify: bool = True):
     folder = Path(checkpoint) if Path(checkpoint).is_dir() else run_dir / "checkpoints" / _tag(checkpoint)
     if not ckpt.is_complete(folder):
         have = ", ".join(p.name for p in ckpt.complete_checkpoints(run_dir / "checkpoints")) or "none"
-        raise FileNotFoundError(f"checkpoint '{checkpoint}': no complete checkpoint at {folder} (complete ones in "
+        raise ConfigError(f"--checkpoint {checkpoint}: no complete checkpoint at {folder} (complete ones in "
                                 f"{run_dir / 'checkpoints'}: {have})")
     if problem := ckpt.damage(folder, verify):
         raise ckpt.IncompatibleCheckpoint(f"checkpoint '{checkpoint}': {problem}: the checkpoint is damaged; "
@@ -186,7 +188,7 @@ def load_model(run_dir, checkpoint: str | None = None, verify: bool = True):
     model = Transformer(ModelConfig(**ckpt.read_meta(folder)["model"]))
     missing, unexpected = model.load_state_dict(ckpt.model_state(folder), strict=False)
     if [k for k in missing if k != "lm_head.weight"] or unexpected:
-        raise ValueError(f"{folder}: weights do not match the model in its meta.json (missing {missing[:3]}, "
+        raise ModelError(f"{folder}: weights do not match the model in its meta.json (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     return model.eval()
 
@@ -196,7 +198,7 @@ def _tag(name: str) -> str:
 
     digits = name.removeprefix("step_")
     if not digits.isdigit():
-        raise FileNotFoundError(f"checkpoint '{name}': give step_N (e.g. step_250) or a checkpoint folder")
+        raise ConfigError(f"--checkpoint {name}: give step_N (e.g. step_250) or a checkpoint folder")
     return tag_for(int(digits))
 
 

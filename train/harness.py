@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lm_eval.api.model import TemplateLM
 
+from ondol.errors import ConfigError
 from ondol.train.evaluation import document_start, token_logprobs
 
 
@@ -78,7 +79,7 @@ def local_task_yaml(name: str, data_file: str, folder: Path) -> Path:
     """A task file for `name` that includes lm-eval's own definition with the dataset read from `data_file`."""
     source = _task_yaml(name)
     if not Path(data_file).is_file():
-        raise FileNotFoundError(f"--task-data {name}={data_file}: no such file (give a JSON Lines file with the "
+        raise ConfigError(f"--task-data {name}={data_file}: no such file (give a JSON Lines file with the "
                                 f"fields of {name}'s dataset, one item a line)")
     override = {"include": str(source), "task": name, "dataset_path": "json", "dataset_name": None,
                 "dataset_kwargs": {"data_files": {"test": str(Path(data_file).resolve())}},
@@ -102,7 +103,7 @@ def _task_yaml(name: str) -> Path:
         for path in sorted(folder.rglob("*.yaml")):
             if line.search(path.read_text(encoding="utf-8", errors="replace")):
                 return path
-    raise KeyError(f"--task-data: lm-eval has no task '{name}' (Korean ones: kobest_boolq, kobest_copa, "
+    raise ConfigError(f"--task-data: lm-eval has no task '{name}' (Korean ones: kobest_boolq, kobest_copa, "
                    "kobest_hellaswag, kobest_sentineg, kobest_wic, haerae_general_knowledge, kmmlu_..., click_...)")
 
 
@@ -114,12 +115,12 @@ def run_tasks(run_dir: str, tasks: list[str], task_data: dict[str, str], checkpo
 
     unknown_data = sorted(set(task_data) - set(tasks))
     if unknown_data:
-        raise KeyError(f"--task-data names {unknown_data}, which --tasks does not list")
+        raise ConfigError(f"--task-data names {unknown_data}, which --tasks does not list")
     named = [name for name in tasks if name not in task_data]
     manager = TaskManager() if named else TaskManager(include_defaults=False)
     missing = [name for name in named if name not in manager.all_tasks and name not in manager.all_groups]
     if missing:
-        raise KeyError(f"--tasks: lm-eval has no task '{missing[0]}' (Korean ones: kobest_boolq, kobest_copa, "
+        raise ConfigError(f"--tasks: lm-eval has no task '{missing[0]}' (Korean ones: kobest_boolq, kobest_copa, "
                        "kobest_hellaswag, kobest_sentineg, kobest_wic, haerae, kmmlu, click)")
     with tempfile.TemporaryDirectory() as tmp:
         specs = [str(local_task_yaml(name, task_data[name], Path(tmp))) if name in task_data else name

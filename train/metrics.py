@@ -3,7 +3,9 @@ the end. The trainer reduces values across ranks before handing them over.
 
 Console: on a terminal, a live progress bar with the step lines above it; anywhere else (a log file, Slurm, CI)
 no bar, and every line is printed whole (never wrapped) and starts with a local timestamp,
-`2026-11-24 13:40:01 step     10 | loss 7.1234 | ...`, so logs of several runs and ranks line up.
+`2026-11-24 13:40:01 step     10 | loss 7.1234 | ...`, so logs of several runs and ranks line up. The same
+timestamped lines are appended to RUN_DIR/logs/train.log, so a run's console survives in its folder (a resume
+appends; its header line says from which step).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from ondol.files import write_atomic
 
+TRAIN_LOG = "logs/train.log"  # rank 0's console lines, under RUN_DIR
 # Dense bf16 peak TFLOP/s per GPU (vendor datasheets), used when logging.peak_tflops is 0.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
                "B200": 2250.0, "GH200": 989.0}
@@ -92,6 +95,8 @@ class MetricsSink:
         if kept != records:
             write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (open for the sink's lifetime)
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.log_file = open(run_dir / TRAIN_LOG, "a", encoding="utf-8")  # noqa: SIM115
         self.wandb = None
         if wandb_cfg.wandb_mode != "disabled":
             import wandb
@@ -126,13 +131,17 @@ class MetricsSink:
             self.log(line)
 
     def log(self, line: str) -> None:
-        """A console line: above the live bar on a terminal, else whole and timestamped."""
+        """A console line: above the live bar on a terminal, else whole and timestamped; in train.log always
+        timestamped."""
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
+        self.log_file.write(stamped + "\n")
+        self.log_file.flush()
         if self.progress is not None:
             self.progress.console.print(line, soft_wrap=True, highlight=False, markup=False)
         elif self.tty:
             print(line, flush=True)
         else:
-            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", flush=True)
+            print(stamped, flush=True)
 
     def advance(self, step: int) -> None:
         if self.progress is not None:
@@ -142,6 +151,7 @@ class MetricsSink:
         if self.progress is not None:
             self.progress.stop()
         self.file.close()
+        self.log_file.close()
         if self.wandb is not None:
             self.wandb.finish()
 
@@ -207,9 +217,9 @@ def run_header(cfg, world_size: int, flops_per_token: float, peak_flops: float, 
     return lines
 
 
-def plot_losses(metrics_path: Path, out_png: Path) -> Path:
+def plot_losses(metrics_path: Path, out_png: Path, title: str) -> Path:
     """Training and validation loss per step and, beside them when logged, held-out bits per byte with one line
-    per source, as a PNG (matplotlib's Agg backend, no display)."""
+    per source, as a PNG (matplotlib's Agg backend, no display) titled `title` (also the PNG's Title text)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,7 +248,8 @@ def plot_losses(metrics_path: Path, out_png: Path) -> Path:
         ax.set_ylabel("held-out bits per byte (UTF-8)")
         ax.grid(alpha=0.3)
         ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out_png)
+    fig.savefig(out_png, metadata={"Title": title})
     plt.close(fig)
     return out_png

@@ -87,6 +87,7 @@ class Trainer:
         self.bits_per_byte = (InLoopBitsPerByte(data_dir(cfg), tokenizer, tr.eval_bpb_tokens, cfg.data.seq_len,
                                                 manifest["bos"]) if tr.eval_bpb_tokens else None)
         self.step = 0
+        self.tokens_seen = 0  # summed per step, so it stays exact when a resume changes the batch
         self.nonfinite = {"total": 0, "in_a_row": 0}
         self._reset_interval()
 
@@ -111,10 +112,11 @@ class Trainer:
         sums = self.interval["sums"].clone()
         if self.env.world_size > 1:
             dist.all_reduce(sums)
-        return {"step": self.step, "loader": self.loader.state_dict(), "nonfinite": dict(self.nonfinite),
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.loader.state_dict(),
+                "nonfinite": dict(self.nonfinite),
                 "interval_sums": sums.cpu(), "interval_loads": self.interval["loads"].cpu()}
 
-    def _resume(self) -> None:
+    def _resume(self, finished_ok: bool) -> None:
         mode = self.cfg.train.resume
         if mode == "never":
             if self.env.is_main and self.ckpt_dir.exists():
@@ -135,14 +137,17 @@ class Trainer:
                                                     f"point train.resume at another one under {self.ckpt_dir}")
         checkpoint.check_compatible(folder, self.meta)
         saved_step, steps = int(checkpoint.read_meta(folder)["step"]), self.cfg.train.steps
-        if saved_step > steps:
-            raise NothingToTrain(f"{folder} is at step {saved_step}, past train.steps={steps}: nothing to train. Set "
-                                 f"train.steps above {saved_step} to train further (the schedule stretches to the "
-                                 "new length), or train.resume=never to start over")
+        if saved_step > steps or (saved_step == steps and not finished_ok):
+            where = "past" if saved_step > steps else "already at"
+            raise NothingToTrain(f"{folder} is at step {saved_step}, {where} train.steps={steps}: nothing to train. "
+                                 f"Set train.steps above {saved_step} to train further (the schedule stretches to "
+                                 "the new length), or train.resume=never to start over")
         reshard = checkpoint.layout_changed(folder, self.meta)
         state = (checkpoint.load_resharded if reshard else checkpoint.load)(self.engine, folder, self.env.rank,
                                                                           self.cfg.seed)
         self.step = int(state["step"])
+        # checkpoints written before tokens_seen was kept: as counted then, at this run's batch
+        self.tokens_seen = int(state.get("tokens_seen", self.step * self.tokens_per_step))
         self.loader.load_state_dict(state["loader"])
         self.nonfinite = dict(state["nonfinite"])
         if self.env.is_main:  # the other ranks start their share of the interval from zero
@@ -152,8 +157,8 @@ class Trainer:
             how = f" (resharded from its layout {checkpoint.describe_layout(folder)})" if reshard else ""
             print(f"resumed from {folder} at step {self.step}{how}", flush=True)
             if self.step == steps:
-                print(f"already trained to train.steps={steps}: nothing to train (set train.steps higher to "
-                      "continue)", flush=True)
+                print(f"already trained to train.steps={steps}: nothing to train, the final weights are written "
+                      "again (set train.steps higher to continue)", flush=True)
 
     def _record_config(self) -> None:
         """RUN_DIR/config.yaml: the config of the latest attempt that started training (what `ondol eval` and
@@ -172,14 +177,16 @@ class Trainer:
                                self.env.rank, self.cfg.train.keep_last)
 
     # ---- loop --------------------------------------------------------------------------------------------
-    def fit(self) -> dict:
-        """Train to train.steps; raises Preempted after saving when asked to stop (train/preemption.py)."""
+    def fit(self, finished_ok: bool = False) -> dict:
+        """Train to train.steps; raises Preempted after saving when asked to stop (train/preemption.py). A run
+        whose checkpoint is already at train.steps raises NothingToTrain, unless `finished_ok` (`ondol run`
+        reuses finished stages): then only the final weights are written again."""
         cfg, tr = self.cfg, self.cfg.train
         # rank 0 writes checkpoints' meta.json and metrics: it alone holds the run directory's lock
         lock = exclusive_lock(self.run_dir / LOCK, TrainError) if self.env.is_main else contextlib.nullcontext()
         with lock, StopRequest(tr.stop_signals, stop_file(self.run_dir), self.env.device,
                                self.env.world_size) as stop:
-            self._resume()
+            self._resume(finished_ok)
             sink = None
             if self.env.is_main:
                 if self.step < tr.steps:
@@ -246,6 +253,7 @@ class Trainer:
             step_sums[1] += out.aux_loss.detach()
         self.last_lr, self.last_metrics = lr, out.metrics
         self.step += 1
+        self.tokens_seen += self.tokens_per_step
         self.interval["sums"][3] += accum
         if self.optimizer.applied:
             self.interval["sums"][:2] += step_sums
@@ -312,7 +320,7 @@ class Trainer:
         record = {"step": self.step, "loss": sums[0] / finite, "aux_loss": sums[1] / finite, "lr": self.last_lr,
                   "grad_norm": None if grad_norm is None else float(grad_norm), "tokens_per_s": tokens_per_s,
                   "steps_per_s": timed / elapsed if timed else float("nan"), "nonfinite_steps": self.nonfinite["total"],
-                  "ms_per_step": 1000 * elapsed / max(timed, 1), "tokens_seen": self.step * self.tokens_per_step,
+                  "ms_per_step": 1000 * elapsed / max(timed, 1), "tokens_seen": self.tokens_seen,
                   "elapsed_s": time.perf_counter() - self.started,
                   "eta_s": (self.cfg.train.steps - self.step) * elapsed / max(timed, 1)}
         if self.peak_flops > 0:
@@ -358,7 +366,8 @@ class Trainer:
         if self.env.is_main:
             write_atomic(out / CONFIG, json.dumps(self.cfg.model.to_dict(), indent=2) + "\n")
             write_checksums(out, [p.name for p in out.iterdir() if p.is_file() and p.name != CHECKSUMS])
-            plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+            plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png",
+                        f"{self.cfg.logging.wandb_run_name or self.run_dir.resolve().name}: {self.step} steps")
         dist.barrier()
         return out
 
