@@ -612,6 +612,18 @@ def test_a_second_signal_exits_at_once_and_a_relayed_one_does_not(tmp_path):
         "at once)"), "received SIGUSR1 again: exiting now without saving"]
 
 
+def test_cpu_threads_come_from_the_config_or_the_launcher_never_from_the_load(monkeypatch):
+    from ondol.train.config import TrainConfig
+    from ondol.train.engine import cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_threads(0)[0] == 1 and cpu_threads(3) == (3, "train.cpu_threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # ondol launch's share of the node's cores per rank
+    assert cpu_threads(0) == (2, "auto: OMP_NUM_THREADS") and cpu_threads(1)[0] == 1
+    with pytest.raises(ValueError, match="train.cpu_threads must be >= 0"):
+        TrainConfig(cpu_threads=-1)
+
+
 # ---- console and metrics rows -------------------------------------------------------------------------------
 def test_console_off_a_terminal_is_whole_timestamped_lines_with_header_and_timing(assets, tmp_path, capsys):
     """pytest's captured stdout is not a terminal: no bar, no wrapping, every line stamped; MFU on CPU too."""
@@ -640,6 +652,8 @@ def test_console_off_a_terminal_is_whole_timestamped_lines_with_header_and_timin
     assert re.fullmatch(r"MFU peak: [\d.e+-]+ TFLOP/s over 1 rank\(s\) \(measured fp32 matmul on cpu\)", body[3])
     assert body[4] == ("warning: optim.warmup_steps 5 >= train.steps 3: the learning rate ramps for the whole run "
                        "and never decays; lower optim.warmup_steps")
+    threads = re.fullmatch(r"cpu threads: (\d+) per rank \(.+; train.cpu_threads sets it\)", body[5])
+    assert threads and int(threads.group(1)) == torch.get_num_threads()  # what the run used, logged
     steps = [b for b in body if re.match(r"step +[123] \| loss", b)]
     assert len(steps) == 3
     assert re.fullmatch(r"step +3 \| loss \d+\.\d{4} \| lr [\d.e+-]+ \| gnorm [\d.]+ \| [\d,]+ tok/s \| [\d,]+ "

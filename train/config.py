@@ -80,6 +80,12 @@ class TrainConfig:
     # auto: chunked on CUDA (a 153,600 vocabulary at 8 x 4096 tokens is 20 GB of fp32 logits), full on CPU
     loss: str = "auto"  # auto | chunked | full
     loss_chunk_tokens: int = 8192
+    # Intra-op threads of each CPU rank; 0 = auto: OMP_NUM_THREADS when set (ondol launch sets it per rank), else
+    # 1. A second thread gains little at Ondol's CPU model sizes and, when another process wants the same cores,
+    # makes every step wait on a descheduled thread (10x slower per step on a busy 2-core machine:
+    # benchmarks/cpu_threads.py). Fixed for the run, never taken from the load: the same config gives the same
+    # losses bit for bit (the thread count sets the order of fp32 sums).
+    cpu_threads: int = 0
 
     def __post_init__(self) -> None:
         _need(self.checkpointed_blocks in ("all", "alternate"), "train.checkpointed_blocks must be all or alternate, "
@@ -93,6 +99,7 @@ class TrainConfig:
         bad = [s for s in self.stop_signals if s.removeprefix("SIG") not in allowed]
         _need(not bad, f"train.stop_signals: {bad} not among {', '.join(allowed)} (names without SIG)")
         _need(self.eval_bpb_tokens >= 0, "train.eval_bpb_tokens must be >= 0 (0 turns bits per byte off)")
+        _need(self.cpu_threads >= 0, "train.cpu_threads must be >= 0 (0: auto)")
 
 
 @dataclass

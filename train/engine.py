@@ -56,12 +56,23 @@ def init_distributed(cfg: RunConfig) -> DistEnv:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(cpu_threads(cfg.train.cpu_threads)[0])
     if not dist.is_initialized():  # DeepSpeed's op-probe output goes to RUN_DIR/logs, not the console
         with build_output_to(Path(cfg.run_dir) / "logs" / f"deepspeed-rank{os.environ['RANK']}.log"):
             if not cuda:
                 skip_shared_memory_op()
             deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=cfg.deepspeed.timeout_minutes))
     return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
+
+
+def cpu_threads(setting: int) -> tuple[int, str]:
+    """The intra-op threads of a CPU rank for train.cpu_threads, and where the number comes from."""
+    if setting:
+        return setting, "train.cpu_threads"
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"]), "auto: OMP_NUM_THREADS"
+    return 1, "auto: one per rank, so that a busy machine does not stall every step"
 
 
 def skip_shared_memory_op() -> None:

@@ -24,7 +24,7 @@ from ondol.configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, 
 from ondol.errors import ConfigError, DataError, TrainError
 from ondol.files import LOCK, exclusive_lock, move_aside, write_atomic
 from ondol.train import checkpoint, expert_parallel, state_shards
-from ondol.train.engine import build_engine, build_model, init_distributed
+from ondol.train.engine import build_engine, build_model, cpu_threads, init_distributed
 from ondol.train.evaluation import InLoopBitsPerByte
 from ondol.train.fast_paths import apply_compile_and_checkpointing, loss_chunk_tokens
 from ondol.train.metrics import MetricsSink, detect_peak_tflops, memory_gib, plot_losses, read_metrics
@@ -195,6 +195,9 @@ class Trainer:
                                    config_dict(cfg))
                 sink.header(cfg, self.env.world_size, self.flops_per_token, self.peak_flops, self.peak_source,
                             self.step)
+                if self.env.device.type == "cpu":
+                    threads, source = cpu_threads(cfg.train.cpu_threads)
+                    sink.log(f"cpu threads: {threads} per rank ({source}; train.cpu_threads sets it)")
             try:
                 self._loop(sink, stop)
             finally:
