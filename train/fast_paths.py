@@ -2,6 +2,12 @@
 block (train.compile), activation checkpointing (train.activation_checkpointing, train.checkpointed_blocks)
 and the chunked loss (train.loss). MoE load counts skip a checkpoint's recompute (model/moe.py).
 
+Full checkpointing keeps a block's input and reruns its whole forward in the backward: +1 forward (about a third
+of forward + backward), expert-parallel all-to-alls included. Selective checkpointing (torchtitan's op-level
+policy) keeps the outputs of the expensive ops (SAVED_OPS: matmuls, attention kernels, grouped expert GEMMs,
+all-to-alls) and reruns only the cheap elementwise ops between them (norms, RoPE, SwiGLU, routing, casts) from
+those: about half a block's activations for a few percent of recompute, and no collective is repeated.
+
 Checkpointing wraps the compiled block, not the other way round. torch.compile of a checkpointed function
 traces the checkpoint as one higher-order op and needs its whole body as a single graph; the MoE layer has
 graph breaks (the non-recompute check before counting expert loads; data-dependent shapes in the loop and
@@ -17,14 +23,29 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ondol.train.config import TrainConfig
+
+# Ops whose outputs selective checkpointing keeps, by name (flash-attn registers its ops only when imported).
+SAVED_OPS = frozenset({
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm",
+    "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
+    "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
+    "aten::_scaled_dot_product_fused_attention_overrideable", "flex_attention",
+    "flash_attn::_flash_attn_forward", "flash_attn::_flash_attn_varlen_forward",
+    "_c10d_functional::all_to_all_single",
+})
+
+
+def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Keep the outputs of SAVED_OPS; recompute everything else in the backward."""
+    return CheckpointPolicy.MUST_SAVE if op.name() in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def checkpointed_layers(n_layers: int, tr: TrainConfig) -> list[int]:
     """Indices of the main blocks that recompute their forward: none, all, or every second one (alternate)."""
-    if not tr.activation_checkpointing:
+    if tr.activation_checkpointing == "none":
         return []
     return list(range(0, n_layers, 2 if tr.checkpointed_blocks == "alternate" else 1))
 
@@ -45,11 +66,21 @@ def apply_compile_and_checkpointing(model: torch.nn.Module, tr: TrainConfig) -> 
         # dynamic shapes); first-compiled-first order keeps the choice stable (pytorch/pytorch#166926).
         torch._C._dynamo.eval_frame._set_lru_cache(False)
     blocks = [(block, i in recomputed) for i, block in enumerate(model.layers)]
-    blocks += [(depth.block, tr.activation_checkpointing and tr.checkpointed_blocks == "all") for depth in model.mtp]
+    every = tr.activation_checkpointing != "none" and tr.checkpointed_blocks == "all"
+    blocks += [(depth.block, every) for depth in model.mtp]
+    options = {"use_reentrant": False}
+    if tr.activation_checkpointing == "selective":
+        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, selective_policy)
     for block, recompute in blocks:
+        if recompute and tr.activation_checkpointing == "selective":
+            # The policy runs as a dispatch mode, under which dynamo compiles nothing: here the checkpoint is
+            # traced into the compiled graph instead (torchtitan's order), where the partitioner applies it.
+            forward = functools.partial(checkpoint, block.forward, **options)
+            block.forward = torch.compile(forward) if tr.compile else forward
+            continue
         forward = torch.compile(block.forward) if tr.compile else block.forward
         if recompute:
-            forward = functools.partial(checkpoint, forward, use_reentrant=False)
+            forward = functools.partial(checkpoint, forward, **options)
         block.forward = forward
 
 
