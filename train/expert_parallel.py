@@ -77,11 +77,17 @@ class CommStats:
     all_to_all_s: float = 0.0  # wall time inside all-to-alls, forward and backward
 
 
+def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """all_to_all_single as a functional collective: its output is a new tensor made by one op, which selective
+    checkpointing keeps (train/fast_paths.py) instead of running the collective again in the backward."""
+    out = torch.ops._c10d_functional.all_to_all_single(x.contiguous(), out_splits, in_splits, group.group_name)
+    return torch.ops._c10d_functional.wait_tensor(out)
+
+
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, stats: CommStats
                 ) -> torch.Tensor:
-    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
     t0 = time.perf_counter()
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    out = _exchange(x, out_splits, in_splits, group)
     stats.all_to_all_s += time.perf_counter() - t0
     return out
 
@@ -143,8 +149,7 @@ class ExpertParallelExperts(DeepSpeedMoE, GroupedExperts):
         """x [n, D]: this rank's token copies sorted by expert, counts [E] -> expert outputs in the same order."""
         ep, L = self.ep_size, self.n_local
         send_counts = counts.view(ep, L)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # recv[i, l]: rank i -> my expert l
+        recv_counts = _exchange(send_counts, [1] * ep, [1] * ep, self.group)  # recv[i, l]: rank i -> my expert l
         in_splits = send_counts.sum(1).tolist()
         out_splits = recv_counts.sum(1).tolist()
         stats = self.stats if self.training else CommStats()  # evaluation traffic is not training's
