@@ -123,6 +123,59 @@ def test_selective_checkpointing_recomputes_no_matmul(dispatch):
     assert runs["full"][4] == backward_ops + forward_ops - 3 - blocks
 
 
+class CompiledRegionCounter(TorchDispatchMode):
+    """Counts the torch.compile'd regions that run (wrapped as inductor_compiled_code ops)."""
+
+    supports_higher_order_operators = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True  # else dynamo would not run compiled code under this mode
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.name() == "inductor_compiled_code"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.slow  # compiles (seconds on 2 shared cores); no other test covers a compiled region under the policy
+def test_selective_checkpointing_keeps_a_compiled_region_of_an_eager_block():
+    """FlexAttention runs on CUDA as a compiled kernel inside eager blocks, compiled as model/attention_backends.py
+    does (wrap_inductor_compiled_regions). Here a compiled stand-in on CPU: under selective checkpointing the
+    backward runs the region once (its own backward), under full twice (its forward again); same gradients."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    from ondol.train.fast_paths import selective_policy
+
+    attention = torch.compile(lambda q, k: torch.softmax(q @ k.t(), -1) @ k,
+                              options={"wrap_inductor_compiled_regions": True})
+
+    def block(x, w):
+        h = torch.sin(x @ w)
+        return attention(h, h).cos()
+
+    selective = functools.partial(create_selective_checkpoint_contexts, selective_policy)
+    forwards = {"none": block, "full": functools.partial(checkpoint, block, use_reentrant=False),
+                "selective": functools.partial(checkpoint, block, use_reentrant=False, context_fn=selective)}
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16, 8, generator=g), torch.randn(8, 8, generator=g)
+    runs = {}
+    for mode, forward in forwards.items():
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = forward(xg, wg).sum()
+        with CompiledRegionCounter() as backward:
+            grads = torch.autograd.grad(out, (xg, wg))
+        runs[mode] = (grads, backward.count)
+    for mode in ("full", "selective"):
+        assert all(torch.equal(a, b) for a, b in zip(runs[mode][0], runs["none"][0])), mode
+    assert (runs["none"][1], runs["selective"][1], runs["full"][1]) == (1, 1, 2)
+
+
 def test_a_training_step_makes_at_most_one_host_sync(assets, tmp_path):
     """The CUDA path (grouped_mm experts, fused AdamW), one rank, ZeRO 0: the only sync left is the
     finite-gradient check that decides whether the update is applied."""

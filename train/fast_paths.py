@@ -16,6 +16,9 @@ the entire checkpointed block eagerly: no compile at all, plus the recompute. Th
 with checkpointing ran slower than either alone on the H100 (47,700 tok/s against 75,000 eager and 123,000
 compiled). Outside the compiled function, the checkpoint drops what the compiled graphs saved and reruns
 them (compiled) in the backward pass: compiled speed minus one forward, for the memory of block inputs only.
+Selective checkpointing is the exception: its policy would see a compiled block as one opaque region and rerun
+all of it, so the checkpointed block is compiled whole, the policy applied by the compiler's partitioner; a
+block with graph breaks then runs eagerly (still selective) until its breaks are gone.
 """
 
 from __future__ import annotations
@@ -28,11 +31,14 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from ondol.train.config import TrainConfig
 
 # Ops whose outputs selective checkpointing keeps, by name (flash-attn registers its ops only when imported).
+# inductor_compiled_code is a torch.compile'd region called from an eager block: there only FlexAttention's
+# compiled kernel (model/attention_backends.py compiles it with wrap_inductor_compiled_regions, which makes it
+# this one op; unwrapped, its kernels would be invisible to the policy and rerun in the backward).
 SAVED_OPS = frozenset({
     "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm",
     "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_flash_attention_for_cpu",
     "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention",
-    "aten::_scaled_dot_product_fused_attention_overrideable", "flex_attention",
+    "aten::_scaled_dot_product_fused_attention_overrideable", "flex_attention", "inductor_compiled_code",
     "flash_attn::_flash_attn_forward", "flash_attn::_flash_attn_varlen_forward",
     "_c10d_functional::all_to_all_single",
 })
