@@ -152,7 +152,10 @@ class ExpertParallelExperts(DeepSpeedMoE, GroupedExperts):
         recv_counts = _exchange(send_counts, [1] * ep, [1] * ep, self.group)  # recv[i, l]: rank i -> my expert l
         in_splits = send_counts.sum(1).tolist()
         out_splits = recv_counts.sum(1).tolist()
-        stats = self.stats if self.training else CommStats()  # evaluation traffic is not training's
+        # evaluation traffic is not training's, nor is an activation-checkpoint recompute's (which only full
+        # checkpointing sends; selective keeps the forward's all-to-alls)
+        counted = self.training and torch._C._current_graph_task_id() == -1
+        stats = self.stats if counted else CommStats()
         stats.tokens_sent += sum(in_splits) - in_splits[self.ep_rank]
         stats.tokens_received += sum(out_splits) - out_splits[self.ep_rank]
 
