@@ -4,8 +4,9 @@ One model per mode, built from the same seed and checkpointed as the trainer doe
 turns with the others step by step on the same batch of real Korean text (UTF-8 bytes of ko_reviews as token
 ids), after a warm-up round; the table gives each mode's loss (which must agree), best and median ms per
 forward + backward, the peak of activations and temporaries (everything but parameters and gradients), and
-`ondol plan`'s activations + logits for the same shape (train/memory.py). The peak on CPU is torch's MemTracker
-(one extra step, as it slows every op); on CUDA the allocator's peak minus parameters and gradients.
+`ondol plan`'s activations + logits for the same shape (train/memory.py). The peak on CPU is torch's
+MemTracker (one extra step, as it slows every op); on CUDA the allocator's peak minus parameters and
+gradients.
 
     .venv/bin/python benchmarks/checkpointing.py                                  # tiny preset, CPU, fp32
     python benchmarks/checkpointing.py --preset moe-1b --device cuda --dtype bf16 --batch 8 --seq 2048
@@ -64,7 +65,8 @@ def peak_bytes(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--set", nargs="*", default=["vocab_size=4096", "moe_dispatch=grouped_mm"],
                         metavar="KEY=VALUE", help="model overrides, values read as YAML")
@@ -89,16 +91,18 @@ def main() -> None:
             sync()
             if round_:
                 times[mode].append(time.perf_counter() - t0)
-    table = Table(title=f"{args.preset} ({', '.join(args.set)}), {args.dtype} on {args.device}, batch {args.batch} x "
-                        f"{args.seq}, blocks {args.blocks}{', compiled' if args.compile else ''}")
+    compiled = ", compiled" if args.compile else ""
+    table = Table(title=f"{args.preset} ({', '.join(args.set)}), {args.dtype} on {args.device}, batch "
+                        f"{args.batch} x {args.seq}, blocks {args.blocks}{compiled}")
     for column in ("checkpointing", "loss", "best ms", "median ms", "peak act GiB", "plan GiB"):
         table.add_column(column, justify="left" if column == "checkpointing" else "right")
     s = 2 if args.dtype == "bfloat16" else 4
     for mode, model in models.items():
         shape = RunShape("bf16" if s == 2 else "fp32", 0, 1, 1, args.batch, args.seq, mode, args.blocks)
         plan = activation_bytes(cfg, shape) + logits_bytes(cfg, shape)
-        table.add_row(mode, f"{losses[mode]:.5f}", f"{1e3 * min(times[mode]):,.0f}",
-                      f"{1e3 * statistics.median(times[mode]):,.0f}", f"{peak_bytes(model, ids, labels) / GIB:.3f}",
+        peak = peak_bytes(model, ids, labels)
+        best, median = 1e3 * min(times[mode]), 1e3 * statistics.median(times[mode])
+        table.add_row(mode, f"{losses[mode]:.5f}", f"{best:,.0f}", f"{median:,.0f}", f"{peak / GIB:.3f}",
                       f"{plan / GIB:.3f}")
     Console().print(table)
 

@@ -57,7 +57,8 @@ def _billions(n: float) -> str:
 
 def describe_shape(shape: RunShape) -> str:
     blocks = ", every second block" if shape.checkpointed_blocks == "alternate" else ""
-    checkpointing = "off" if shape.activation_checkpointing == "none" else shape.activation_checkpointing + blocks
+    mode = shape.activation_checkpointing
+    checkpointing = "off" if mode == "none" else mode + blocks
     return (f"{shape.precision}, ZeRO {shape.zero_stage}, expert-parallel {shape.expert_parallel_size}, "
             f"micro-batch {shape.micro_batch_size} x {shape.seq_len} tokens, activation checkpointing "
             f"{checkpointing}")
@@ -77,8 +78,8 @@ def table(plan: MemoryPlan, gpu_gib: float | None) -> list[str]:
     for name, value in plan.terms.items():
         lines.append(f"{labels.get(name, name):<34}{_gib(value):>12}{value / plan.total:>8.0%}")
     by_mode = ", ".join(f"{mode} {_gib(v)}" for mode, v in plan.activations_by_checkpointing.items())
-    lines.append(f"  (activations by train.activation_checkpointing: {by_mode} GiB; the peak counts activations + "
-                 f"logits or the step's buffers, whichever is larger: they are not alive together)")
+    lines.append(f"  (activations by train.activation_checkpointing: {by_mode} GiB; the peak counts "
+                 f"activations + logits or the step's buffers, whichever is larger: they are not alive together)")
     name, value = plan.largest
     if gpu_gib is None:
         lines.append(f"{'total':<34}{_gib(plan.total):>12}   (GPU memory unknown: not checked)")
@@ -170,8 +171,8 @@ def single_changes(cfg: RunConfig, gpus_per_node: int, gpu_gib: float) -> list[s
 
 def smallest_layout(cfg: RunConfig, gpus_per_node: int, gpu_gib: float) -> tuple[Candidate | None, MemoryPlan]:
     """The fewest nodes (powers of two up to MAX_NODES) on which some layout fits, preferring the least
-    checkpointing (none, selective, full), the larger micro-batch, the lower ZeRO stage, the smaller EP; else (None,
-    the plan with the least memory)."""
+    checkpointing (none, selective, full), the larger micro-batch, the lower ZeRO stage, the smaller EP; else
+    (None, the plan with the least memory)."""
     model, best = model_config(cfg), None
     n = 1
     while n <= MAX_NODES:

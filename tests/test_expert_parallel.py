@@ -36,8 +36,8 @@ CFG = {"vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_head
 # name: (world size, expert_parallel_size, ZeRO stage). Scenarios of one world share its processes. All clip
 # gradients to CLIP as the trainer does: at ZeRO 0 its optimizer (clip_grad_norm_), at ZeRO 1/2 DeepSpeed.
 SCENARIOS = {"ep2_z0": (2, 2, 0), "ep4_z1": (4, 4, 1), "ep2_w4_z2": (4, 2, 2)}
-# Scenarios trained under selective activation checkpointing, as the trainer applies it: the blocks' all-to-alls
-# are kept from the forward, the rest of each block is recomputed, and the run must still match the reference.
+# Scenarios trained under selective activation checkpointing, as the trainer applies it: the blocks'
+# all-to-alls are kept from the forward, the rest of each block is recomputed; the reference must still match.
 SELECTIVE = {"ep2_z0"}
 
 

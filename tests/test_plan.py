@@ -124,9 +124,10 @@ def test_activation_checkpointing_keeps_losses_gradients_and_expert_loads():
 def test_plan_of_selective_checkpointing_against_the_measured_peak():
     """Selective checkpointing's backward transients in the plan (activations + logits) against the peak of
     everything but parameters and gradients that torch's MemTracker sees through a forward and backward of the
-    tiny MoE model (grouped_mm, one MTP depth, fp32, 2 x 256 tokens of real text): within 12%. (Measured so on
-    this model: none -2%, selective +6%, selective with alternate blocks +11%; full is over-counted by half, as
-    the plan counts the logits' backward buffers alive during a block's recompute, when they are freed.)"""
+    tiny MoE model (grouped_mm, one MTP depth, fp32, 2 x 256 tokens of real text): within 12%. (Measured
+    so on this model: none -2%, selective +6%, selective with alternate blocks +11%; full is over-counted by
+    half, as the plan counts the logits' backward buffers alive during a block's recompute, when they are
+    freed.)"""
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
     from ondol.model.config import load_preset

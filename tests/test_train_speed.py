@@ -90,10 +90,10 @@ class MatmulCounter(TorchDispatchMode):
 
 @pytest.mark.parametrize("dispatch", ["grouped_mm", "bmm_padded"])
 def test_selective_checkpointing_recomputes_no_matmul(dispatch):
-    """The tiny MoE model (dense and MoE blocks, an MTP depth) on real text: full and selective checkpointing give
-    the uncheckpointed loss, gradients and expert loads bit for bit; the backward under selective runs exactly the
-    uncheckpointed backward's matmuls (none recomputed), under full each block's forward matmuls once more
-    (attention's SDPA kernel counted with them)."""
+    """The tiny MoE model (dense and MoE blocks, an MTP depth) on real text: full and selective checkpointing
+    give the uncheckpointed loss, gradients and expert loads bit for bit; the backward under selective runs
+    exactly the uncheckpointed backward's matmuls (none recomputed), under full each block's forward matmuls
+    once more (attention's SDPA kernel counted with them)."""
     from ondol.model.config import load_preset
     from ondol.model.transformer import Transformer
 
@@ -110,15 +110,16 @@ def test_selective_checkpointing_recomputes_no_matmul(dispatch):
         with MatmulCounter() as backward:
             (out.loss + out.mtp_loss).backward()
         loads = torch.stack([m.tokens_per_expert for m in model.moe_layers()])
-        runs[mode] = (out.loss.detach(), [p.grad for p in model.parameters()], loads, forward.count, backward.count)
+        grads = [p.grad for p in model.parameters()]
+        runs[mode] = (out.loss.detach(), grads, loads, forward.count, backward.count)
     loss, grads, loads, forward_ops, backward_ops = runs["none"]
     for mode in ("full", "selective"):
         loss_c, grads_c, loads_c, forward_c, _ = runs[mode]
         assert torch.equal(loss_c, loss) and torch.equal(loads_c, loads) and forward_c == forward_ops
         assert all(torch.equal(a, b) for a, b in zip(grads_c, grads)), mode
     assert runs["selective"][4] == backward_ops
-    # Full recomputes every forward matmul but those outside the blocks (the LM head twice, the MTP projection)
-    # and each block's last (its output feeds no backward, so the checkpoint stops the recompute before it).
+    # Full recomputes every forward matmul but those outside the blocks (the LM head twice, the MTP
+    # projection) and each block's last (its output feeds no backward: the checkpoint stops before it).
     blocks = cfg.n_layers + cfg.mtp_layers
     assert runs["full"][4] == backward_ops + forward_ops - 3 - blocks
 
@@ -141,11 +142,12 @@ class CompiledRegionCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.slow  # compiles (seconds on 2 shared cores); no other test covers a compiled region under the policy
+@pytest.mark.slow  # compiles (seconds on 2 shared cores); no faster test has a compiled region under SAC
 def test_selective_checkpointing_keeps_a_compiled_region_of_an_eager_block():
-    """FlexAttention runs on CUDA as a compiled kernel inside eager blocks, compiled as model/attention_backends.py
-    does (wrap_inductor_compiled_regions). Here a compiled stand-in on CPU: under selective checkpointing the
-    backward runs the region once (its own backward), under full twice (its forward again); same gradients."""
+    """FlexAttention runs on CUDA as a compiled kernel inside eager blocks, compiled as
+    model/attention_backends.py does (wrap_inductor_compiled_regions). Here a compiled stand-in on CPU: under
+    selective checkpointing the backward runs the region once (its own backward), under full twice (its
+    forward again); same gradients."""
     import functools
 
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
@@ -243,16 +245,18 @@ def test_fast_path_selection():
 
 
 def test_activation_checkpointing_values(capsys):
-    """true/false keep meaning full/none (old configs); a bad value is one line naming the key, exit code 2."""
+    """true/false keep meaning full/none (old configs); a bad value is one line naming the key, exit code 2"""
     from ondol.configs import load_config
     from ondol.launch.cli import main
 
     config = str(ROOT / "configs" / "tiny-ko.yaml")
     for value, mode in (("true", "full"), ("false", "none"), ("none", "none"), ("full", "full"),
                         ("selective", "selective")):
-        assert load_config(config, [f"train.activation_checkpointing={value}"]).train.activation_checkpointing == mode
+        override = f"train.activation_checkpointing={value}"
+        assert load_config(config, [override]).train.activation_checkpointing == mode
     assert load_config(config).train.activation_checkpointing == "none"
-    assert load_config(ROOT / "configs" / "k-exaone-236b.yaml").train.activation_checkpointing == "full"  # YAML true
+    k_exaone = load_config(ROOT / "configs" / "k-exaone-236b.yaml")  # activation_checkpointing: true
+    assert k_exaone.train.activation_checkpointing == "full"
     assert main(["plan", config, "train.activation_checkpointing=some"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "train.activation_checkpointing must be none, full or selective" in err

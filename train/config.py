@@ -76,8 +76,8 @@ class TrainConfig:
     # Signals that make every rank finish its step, save a checkpoint and exit with code 75 (a second one: at once)
     stop_signals: list[str] = field(default_factory=lambda: ["TERM", "USR1", "INT"])
     compile: bool = False  # torch.compile each block and the loss; the first step (compiling) is not timed
-    # with activation_checkpointing full or selective: all (every block, MTP blocks too) | alternate (blocks 0, 2,
-    # 4, ...: half the recompute for about half the saved activations). A checkpointed block reruns its forward
+    # with activation_checkpointing full or selective: all (every block, MTP blocks too) | alternate
+    # (blocks 0, 2, 4, ...: half the recompute for about half the saved activations)
     checkpointed_blocks: str = "all"
     # Loss without full logits: the LM head and cross-entropy run over loss_chunk_tokens tokens at a time.
     # auto: chunked on CUDA (a 153,600 vocabulary at 8 x 4096 tokens is 20 GB of fp32 logits), full on CPU
@@ -87,8 +87,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.activation_checkpointing, bool):
             self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
-        _need(self.activation_checkpointing in ("none", "full", "selective"), "train.activation_checkpointing must "
-              f"be none, full or selective (true/false: full/none), not '{self.activation_checkpointing}'")
+        _need(self.activation_checkpointing in ("none", "full", "selective"),
+              "train.activation_checkpointing must be none, full or selective (true/false: full/none), "
+              f"not '{self.activation_checkpointing}'")
         _need(self.checkpointed_blocks in ("all", "alternate"), "train.checkpointed_blocks must be all or alternate, "
               f"not '{self.checkpointed_blocks}'")
         _need(self.loss in ("auto", "chunked", "full"), f"train.loss must be auto, chunked or full, "

@@ -78,10 +78,12 @@ class CommStats:
 
 
 def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    """all_to_all_single as a functional collective: its output is a new tensor made by one op, which selective
-    checkpointing keeps (train/fast_paths.py) instead of running the collective again in the backward."""
-    out = torch.ops._c10d_functional.all_to_all_single(x.contiguous(), out_splits, in_splits, group.group_name)
-    return torch.ops._c10d_functional.wait_tensor(out)
+    """all_to_all_single as a functional collective: its output is a new tensor made by one op, which
+    selective checkpointing keeps (train/fast_paths.py) instead of running the collective again in the
+    backward."""
+    collectives = torch.ops._c10d_functional
+    out = collectives.all_to_all_single(x.contiguous(), out_splits, in_splits, group.group_name)
+    return collectives.wait_tensor(out)
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, stats: CommStats
@@ -149,7 +151,7 @@ class ExpertParallelExperts(DeepSpeedMoE, GroupedExperts):
         """x [n, D]: this rank's token copies sorted by expert, counts [E] -> expert outputs in the same order."""
         ep, L = self.ep_size, self.n_local
         send_counts = counts.view(ep, L)
-        recv_counts = _exchange(send_counts, [1] * ep, [1] * ep, self.group)  # recv[i, l]: rank i -> my expert l
+        recv_counts = _exchange(send_counts, [1] * ep, [1] * ep, self.group)  # [i, l]: rank i -> my expert l
         in_splits = send_counts.sum(1).tolist()
         out_splits = recv_counts.sum(1).tolist()
         # evaluation traffic is not training's, nor is an activation-checkpoint recompute's (which only full

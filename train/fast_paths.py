@@ -2,11 +2,12 @@
 block (train.compile), activation checkpointing (train.activation_checkpointing, train.checkpointed_blocks)
 and the chunked loss (train.loss). MoE load counts skip a checkpoint's recompute (model/moe.py).
 
-Full checkpointing keeps a block's input and reruns its whole forward in the backward: +1 forward (about a third
-of forward + backward), expert-parallel all-to-alls included. Selective checkpointing (torchtitan's op-level
-policy) keeps the outputs of the expensive ops (SAVED_OPS: matmuls, attention kernels, grouped expert GEMMs,
-all-to-alls) and reruns only the cheap elementwise ops between them (norms, RoPE, SwiGLU, routing, casts) from
-those: about half a block's activations for a few percent of recompute, and no collective is repeated.
+Full checkpointing keeps a block's input and reruns its whole forward in the backward: +1 forward (about a
+third of forward + backward), expert-parallel all-to-alls included. Selective checkpointing (torchtitan's
+op-level policy) keeps the outputs of the expensive ops (SAVED_OPS: matmuls, attention kernels, grouped expert
+GEMMs, all-to-alls) and reruns only the cheap elementwise ops between them (norms, RoPE, SwiGLU, routing,
+casts) from those: about half a block's activations for a few percent of recompute, and no collective is
+repeated.
 
 Checkpointing wraps the compiled block, not the other way round. torch.compile of a checkpointed function
 traces the checkpoint as one higher-order op and needs its whole body as a single graph; the MoE layer has

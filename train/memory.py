@@ -26,11 +26,12 @@ W / EP: the expert-data-parallel size over which expert optimizer state is parti
   activations what autograd keeps from the forward for the backward, per token, counted from the model's code
               (model/transformer.py, model/moe.py: RMSNorm keeps fp32 copies, flash/flex attention its inputs,
               output and log-sum-exp, experts their gathered inputs, gate/up outputs and SwiGLU product, at
-              twice the mean load under EP: EP_EXPERT_LOAD), times micro_batch x seq_len. Checkpointed blocks
-              (train.checkpointed_blocks: all, or every second one) keep instead, under full checkpointing, their
-              input; under selective checkpointing their input and the outputs of the ops train/fast_paths.py's
-              policy saves (projections, attention output and log-sum-exp, router logits, expert GEMMs,
-              all-to-alls); either way plus one checkpointed block's recompute during its backward
+              twice the mean load under EP: EP_EXPERT_LOAD), times micro_batch x seq_len. Checkpointed
+              blocks (train.checkpointed_blocks: all, or every second one) keep instead, under full
+              checkpointing, their input; under selective checkpointing their input and the outputs of the
+              ops train/fast_paths.py's policy saves (projections, attention output and log-sum-exp, router
+              logits, expert GEMMs, all-to-alls); either way plus one checkpointed block's recompute in its
+              backward
   logits      the LM head's output (kept by the caller) and the loss's fp32 log-probabilities and two fp32
               gradients of the same size during its backward; once more per MTP depth
 The peak is what persists (weights, gradients, master weights, moments, buckets) plus the larger of the
@@ -153,8 +154,8 @@ def block_bytes_per_token(cfg: ModelConfig, s: int, expert_load: float = 1.0) ->
 
 def saved_bytes_per_token(cfg: ModelConfig, moe: bool, s: int, expert_load: float = 1.0,
                           all_to_all: bool = False) -> int:
-    """Bytes per token that selective checkpointing keeps of one block: its input and the outputs of the saved ops
-    (train/fast_paths.py's SAVED_OPS) counted from the block's shapes."""
+    """Bytes per token that selective checkpointing keeps of one block: its input and the outputs of the saved
+    ops (train/fast_paths.py's SAVED_OPS), counted from the block's shapes."""
     d, q, kv = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     attention = s * (q + 2 * kv) + s * q + FP32 * cfg.n_heads + s * d  # q/k/v, kernel output and lse, o_proj
     if not moe:
