@@ -80,8 +80,9 @@ def apply_compile_and_checkpointing(model: torch.nn.Module, tr: TrainConfig) -> 
         options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, selective_policy)
     for block, recompute in blocks:
         if recompute and tr.activation_checkpointing == "selective":
-            # The policy runs as a dispatch mode, under which dynamo compiles nothing: here the checkpoint is
-            # traced into the compiled graph instead (torchtitan's order), where the partitioner applies it.
+            # To the policy a compiled block is one opaque region, which it would rerun whole: here the
+            # checkpoint is traced into the compiled graph instead (torchtitan's order), where the partitioner
+            # applies the policy.
             forward = functools.partial(checkpoint, block.forward, **options)
             block.forward = torch.compile(forward) if tr.compile else forward
             continue
