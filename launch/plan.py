@@ -12,7 +12,7 @@ import dataclasses
 
 from ondol.configs import RunConfig
 from ondol.model.config import ModelConfig
-from ondol.train.memory import DEFAULT_LIVE, GIB, MemoryPlan, RunShape, plan_memory
+from ondol.train.memory import CHECKPOINTING, DEFAULT_LIVE, GIB, MemoryPlan, RunShape, plan_memory
 
 # Not in the model: the CUDA context, NCCL's buffers and the caching allocator's fragmentation.
 RESERVE_GIB = 2.0
@@ -34,6 +34,7 @@ def run_shape(cfg: RunConfig, world: int) -> RunShape:
                int(zero.get("stage3_max_reuse_distance", DEFAULT_LIVE)))
     return RunShape(cfg.deepspeed.precision, cfg.deepspeed.zero_stage, world, cfg.deepspeed.expert_parallel_size,
                     cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.activation_checkpointing,
+                    cfg.train.checkpointed_blocks,
                     **({"bucket_elements": int(bucket)} if bucket else {}),
                     **({"prefetch_elements": int(prefetch)} if prefetch else {}), live_elements=live)
 
@@ -55,9 +56,12 @@ def _billions(n: float) -> str:
 
 
 def describe_shape(shape: RunShape) -> str:
+    blocks = ", every second block" if shape.checkpointed_blocks == "alternate" else ""
+    mode = shape.activation_checkpointing
+    checkpointing = "off" if mode == "none" else mode + blocks
     return (f"{shape.precision}, ZeRO {shape.zero_stage}, expert-parallel {shape.expert_parallel_size}, "
             f"micro-batch {shape.micro_batch_size} x {shape.seq_len} tokens, activation checkpointing "
-            f"{'on' if shape.activation_checkpointing else 'off'}")
+            f"{checkpointing}")
 
 
 def table(plan: MemoryPlan, gpu_gib: float | None) -> list[str]:
@@ -69,11 +73,12 @@ def table(plan: MemoryPlan, gpu_gib: float | None) -> list[str]:
              f"run: {describe_shape(shape)}",
              f"{'term':<34}{'GiB per GPU':>12}{'share':>8}"]
     labels = {"weights": f"weights ({shape.precision})", "gradients": f"gradients ({shape.precision})",
-              "activations": "activations (checkpointed)" if shape.activation_checkpointing else "activations"}
+              "activations": "activations" if shape.activation_checkpointing == "none" else
+              f"activations ({shape.activation_checkpointing} ckpt)"}
     for name, value in plan.terms.items():
         lines.append(f"{labels.get(name, name):<34}{_gib(value):>12}{value / plan.total:>8.0%}")
-    other = "with" if not shape.activation_checkpointing else "without"
-    lines.append(f"  (activations {other} checkpointing: {_gib(plan.activations_other)} GiB; the peak counts "
+    by_mode = ", ".join(f"{mode} {_gib(v)}" for mode, v in plan.activations_by_checkpointing.items())
+    lines.append(f"  (activations by train.activation_checkpointing: {by_mode} GiB; the peak counts "
                  f"activations + logits or the step's buffers, whichever is larger: they are not alive together)")
     name, value = plan.largest
     if gpu_gib is None:
@@ -93,7 +98,7 @@ class Candidate:
     nodes: int
     zero_stage: int
     expert_parallel_size: int
-    activation_checkpointing: bool
+    activation_checkpointing: str  # none | selective | full
     micro_batch_size: int
 
     def overrides(self, cfg: RunConfig) -> list[str]:
@@ -106,7 +111,7 @@ class Candidate:
         if self.expert_parallel_size != cfg.deepspeed.expert_parallel_size:
             out.append(f"deepspeed.expert_parallel_size={self.expert_parallel_size}")
         if self.activation_checkpointing != cfg.train.activation_checkpointing:
-            out.append(f"train.activation_checkpointing={str(self.activation_checkpointing).lower()}")
+            out.append(f"train.activation_checkpointing={self.activation_checkpointing}")
         if self.micro_batch_size != cfg.train.micro_batch_size:
             accum = cfg.train.grad_accum * cfg.train.micro_batch_size // self.micro_batch_size
             out += [f"train.micro_batch_size={self.micro_batch_size}", f"train.grad_accum={accum}"]
@@ -132,7 +137,7 @@ def candidates(cfg: RunConfig, nodes: list[int], gpus_per_node: int) -> list[Can
         eps = [e for e in range(1, (n_experts or 1) + 1) if (n_experts or 1) % e == 0 and world % e == 0]
         for stage in range(4):
             for ep in eps if stage < 3 else [1]:
-                for ckpt in (False, True):
+                for ckpt in CHECKPOINTING:
                     out += [Candidate(n, stage, ep, ckpt, m) for m in micros]
     return out
 
@@ -142,7 +147,8 @@ def single_changes(cfg: RunConfig, gpus_per_node: int, gpu_gib: float) -> list[s
     model, lc, ds, tr = model_config(cfg), cfg.launch, cfg.deepspeed, cfg.train
     base = Candidate(lc.nodes, ds.zero_stage, ds.expert_parallel_size, tr.activation_checkpointing,
                      tr.micro_batch_size)
-    options = [dataclasses.replace(base, activation_checkpointing=True)]
+    more = CHECKPOINTING[CHECKPOINTING.index(tr.activation_checkpointing) + 1:]  # less memory, more recompute
+    options = [dataclasses.replace(base, activation_checkpointing=mode) for mode in more]
     options += [dataclasses.replace(base, zero_stage=s) for s in range(ds.zero_stage + 1, 4)
                 if s < 3 or ds.expert_parallel_size == 1]
     options += [c for c in candidates(cfg, [lc.nodes], gpus_per_node)
@@ -164,15 +170,17 @@ def single_changes(cfg: RunConfig, gpus_per_node: int, gpu_gib: float) -> list[s
 
 
 def smallest_layout(cfg: RunConfig, gpus_per_node: int, gpu_gib: float) -> tuple[Candidate | None, MemoryPlan]:
-    """The fewest nodes (powers of two up to MAX_NODES) on which some layout fits, preferring no checkpointing,
-    the larger micro-batch, the lower ZeRO stage, the smaller EP; else (None, the plan with the least memory)."""
+    """The fewest nodes (powers of two up to MAX_NODES) on which some layout fits, preferring the least
+    checkpointing (none, selective, full), the larger micro-batch, the lower ZeRO stage, the smaller EP; else
+    (None, the plan with the least memory)."""
     model, best = model_config(cfg), None
     n = 1
     while n <= MAX_NODES:
         plans = [(c, _plan(cfg, model, c, gpus_per_node)) for c in candidates(cfg, [n], gpus_per_node)]
         fitting = [(c, p) for c, p in plans if fits(p, gpu_gib)]
         if fitting:
-            return min(fitting, key=lambda cp: (cp[0].activation_checkpointing, -cp[0].micro_batch_size,
+            return min(fitting, key=lambda cp: (CHECKPOINTING.index(cp[0].activation_checkpointing),
+                                                -cp[0].micro_batch_size,
                                                 cp[0].zero_stage, cp[0].expert_parallel_size))
         least = min(plans, key=lambda cp: cp[1].total)
         best = least if best is None or least[1].total < best[1].total else best

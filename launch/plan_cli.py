@@ -39,10 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="per-GPU memory of a run by term for a cluster layout, and what would make it fit",
         description="Predict each GPU's memory for CONFIG on --nodes x --gpus-per-node GPUs before launching: "
         "weights, gradients, fp32 master weights and AdamW moments by ZeRO stage and expert-parallel split, "
-        "activations per micro-batch (with and without activation checkpointing), logits, buffers; the total "
-        "against the GPU and the largest term. When it does not fit: the one-key changes that would make it fit "
-        "and the smallest layout (nodes, ZeRO stage, expert-parallel size, checkpointing, micro-batch) that does. "
-        "Exit code 0: fits; 7: does not fit, or the layout cannot run (one line, as `ondol launch` refuses it).",
+        "activations per micro-batch (without, selective and full activation checkpointing), logits, "
+        "buffers; the total against the GPU and the largest term. When it does not fit: the one-key changes "
+        "that would make it fit and the smallest layout (nodes, ZeRO stage, expert-parallel size, "
+        "checkpointing, micro-batch) that does. Exit code 0: fits; 7: does not fit, or the layout cannot run "
+        "(one line, as `ondol launch` refuses it).",
     )
     p.add_argument("--nodes", type=int, default=0, help="nodes (default: launch.nodes)")
     p.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (default: launch.gpus_per_node)")

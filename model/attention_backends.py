@@ -80,7 +80,8 @@ class SDPABackend:
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # wrapped: one inductor_compiled_code op that selective checkpointing can keep (train/fast_paths.py)
+    return torch.compile(flex_attention, dynamic=False, options={"wrap_inductor_compiled_regions": True})
 
 
 class FlexBackend:

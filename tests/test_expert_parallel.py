@@ -36,6 +36,9 @@ CFG = {"vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_head
 # name: (world size, expert_parallel_size, ZeRO stage). Scenarios of one world share its processes. All clip
 # gradients to CLIP as the trainer does: at ZeRO 0 its optimizer (clip_grad_norm_), at ZeRO 1/2 DeepSpeed.
 SCENARIOS = {"ep2_z0": (2, 2, 0), "ep4_z1": (4, 4, 1), "ep2_w4_z2": (4, 2, 2)}
+# Scenarios trained under selective activation checkpointing, as the trainer applies it: the blocks'
+# all-to-alls are kept from the forward, the rest of each block is recomputed; the reference must still match.
+SELECTIVE = {"ep2_z0"}
 
 
 def global_batches() -> torch.Tensor:
@@ -138,6 +141,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
     from deepspeed.utils import safe_get_full_fp32_param
 
     from ondol.train import state_shards
+    from ondol.train.config import TrainConfig
     from ondol.train.engine import DistEnv, build_model, skip_shared_memory_op
     from ondol.train.expert_parallel import (
         checkpoint_load_fn,
@@ -147,6 +151,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
         optimizer_param_groups,
         save_expert_shards,
     )
+    from ondol.train.fast_paths import apply_compile_and_checkpointing
     from ondol.train.optim import param_groups
 
     skip_shared_memory_op()  # as ondol train does on CPU: no op build, no build lock
@@ -194,10 +199,13 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
         _, ep, zero = SCENARIOS[name]
         out_dir = Path(root) / name
 
-        def build(seed: int, ep: int = ep, zero: int = zero):  # the trainer's meta-device build
+        def build(seed: int, ep: int = ep, zero: int = zero, selective: bool = name in SELECTIVE):
+            """The trainer's meta-device build."""
             cfg = RunConfig(seed=seed, model=ModelConfig(**CFG),
                             deepspeed=DeepSpeedConfig(zero_stage=zero, expert_parallel_size=ep))
             model = build_model(cfg, env)
+            if selective:
+                apply_compile_and_checkpointing(model, TrainConfig(activation_checkpointing="selective"))
             groups, make = make_optimizer(model, CLIP if zero == 0 else 0.0, clip_grad_norm_)
             ds_config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1,
                          "zero_optimization": {"stage": zero}, "zero_allow_untested_optimizer": True,

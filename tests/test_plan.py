@@ -13,7 +13,7 @@ from ondol.configs import load_config
 from ondol.launch.cli import main
 from ondol.launch.plan import plan_for_config
 from ondol.model.flops import param_counts
-from ondol.train.memory import FP32, activation_bytes, logits_bytes
+from ondol.train.memory import FP32, RunShape, activation_bytes, logits_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,3 +119,36 @@ def test_activation_checkpointing_keeps_losses_gradients_and_expert_loads():
     assert torch.equal(loss, loss_c) and torch.equal(loads, loads_c)
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_c))
     assert saved_c < saved / 2
+
+
+def test_plan_of_selective_checkpointing_against_the_measured_peak():
+    """Selective checkpointing's backward transients in the plan (activations + logits) against the peak of
+    everything but parameters and gradients that torch's MemTracker sees through a forward and backward of the
+    tiny MoE model (grouped_mm, one MTP depth, fp32, 2 x 256 tokens of real text): within 12%. (Measured
+    so on this model: none -2%, selective +6%, selective with alternate blocks +11%; full is over-counted by
+    half, as the plan counts the logits' backward buffers alive during a block's recompute, when they are
+    freed.)"""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    from ondol.model.config import load_preset
+    from ondol.model.transformer import Transformer
+    from ondol.train.config import TrainConfig
+    from ondol.train.fast_paths import apply_compile_and_checkpointing
+
+    cfg = load_preset("tiny", vocab_size=512, mtp_layers=1, moe_dispatch="grouped_mm")
+    B, T = 2, 256
+    text = "\n".join(corpus_texts("ko_reviews", 200)).encode("utf-8")
+    ids = torch.tensor(list(text[: B * (T + 1)])).view(B, T + 1) % cfg.vocab_size
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    apply_compile_and_checkpointing(model, TrainConfig(activation_checkpointing="selective"))
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        out = model(ids[:, :-1], labels=ids[:, 1:])
+        (out.loss + out.mtp_loss).backward()
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    measured = peak.get(_MemRefType.ACT, 0) + peak.get(_MemRefType.TEMP, 0)
+    shape = RunShape("fp32", 0, 1, 1, B, T, activation_checkpointing="selective")
+    planned = activation_bytes(cfg, shape) + logits_bytes(cfg, shape)
+    assert abs(planned - measured) <= 0.12 * measured, (planned, measured)

@@ -649,7 +649,9 @@ def test_console_off_a_terminal_is_whole_timestamped_lines_with_header_and_timin
                               f"{flops / 1e6:.3g}M FLOPs per token (forward + backward)")
     assert body[2] == ("layout: world 1 = data-parallel 1 (expert-parallel groups of 1), ZeRO stage 0, fp32; batch "
                        "4 x 1 x 1 x 64 = 256 tokens per step (micro-batch x grad-accum x data-parallel x seq)")
-    assert re.fullmatch(r"MFU peak: [\d.e+-]+ TFLOP/s over 1 rank\(s\) \(measured fp32 matmul on cpu\)", body[3])
+    assert re.fullmatch(r"MFU: model FLOPs \(the per-token figure above; activation checkpointing's "
+                        r"recompute not counted\) over a peak of [\d.e+-]+ TFLOP/s x 1 rank\(s\) "
+                        r"\(measured fp32 matmul on cpu\)", body[3])
     assert body[4] == ("warning: optim.warmup_steps 5 >= train.steps 3: the learning rate ramps for the whole run "
                        "and never decays; lower optim.warmup_steps")
     threads = re.fullmatch(r"cpu threads: (\d+) per rank \(.+; train.cpu_threads sets it\)", body[5])

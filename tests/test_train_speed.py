@@ -8,17 +8,26 @@ build once per session.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import corpus_texts
 from golden import link_data, run_losses, tiny_config
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ondol.model.loss import chunked_linear_cross_entropy
 from ondol.train.config import TrainConfig
 from ondol.train.engine import fused_adamw
-from ondol.train.fast_paths import checkpointed_layers, loss_chunk_tokens
+from ondol.train.fast_paths import (
+    apply_compile_and_checkpointing,
+    checkpointed_layers,
+    loss_chunk_tokens,
+)
 from ondol.train.host_syncs import HostSyncCounter
 
+ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("train.steps=3", "train.eval_every=3", "train.eval_batches=1", "train.save_every=3")
 
 
@@ -41,8 +50,9 @@ COMPILED = ("train.compile=true", "train.activation_checkpointing=true", "train.
 
 @pytest.mark.parametrize("fast", [
     ("train.activation_checkpointing=true", "train.loss=chunked", "train.loss_chunk_tokens=48", "optim.adamw=fused"),
+    ("train.activation_checkpointing=selective", "train.checkpointed_blocks=alternate"),
     pytest.param(COMPILED, marks=pytest.mark.slow),  # minutes of compiling on 2 cores; the dense test below
-], ids=["checkpointed-chunked-fused", "compiled-alternate-chunked"])
+], ids=["checkpointed-chunked-fused", "selective-alternate", "compiled-alternate-chunked"])
 def test_fast_paths_give_the_eager_losses(assets, eager, tmp_path, fast):
     """Same data, same initial weights: only the order of floating-point sums may differ."""
     losses = run_losses(tmp_path, assets, *STEPS, *fast)
@@ -59,6 +69,113 @@ def test_compiled_checkpointed_dense_model_gives_the_eager_losses(assets, tmp_pa
     compiled = run_losses(tmp_path / "compiled", assets, *dense, *COMPILED)
     assert len(compiled) == len(eager) == 2
     assert compiled == pytest.approx(eager, rel=1e-5)
+
+
+# The CPU path's matmuls and attention kernel, named here independently of the policy's list
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm",
+           "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+class MatmulCounter(TorchDispatchMode):
+    """Counts the matmul and attention ops that run (aten ops below autograd, so recomputes are seen too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.name() in MATMULS
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dispatch", ["grouped_mm", "bmm_padded"])
+def test_selective_checkpointing_recomputes_no_matmul(dispatch):
+    """The tiny MoE model (dense and MoE blocks, an MTP depth) on real text: full and selective checkpointing
+    give the uncheckpointed loss, gradients and expert loads bit for bit; the backward under selective runs
+    exactly the uncheckpointed backward's matmuls (none recomputed), under full each block's forward matmuls
+    once more (attention's SDPA kernel counted with them)."""
+    from ondol.model.config import load_preset
+    from ondol.model.transformer import Transformer
+
+    cfg = load_preset("tiny", vocab_size=512, mtp_layers=1, moe_dispatch=dispatch)
+    text = "\n".join(corpus_texts("ko_reviews", 50)).encode("utf-8")
+    ids = torch.tensor(list(text[: 2 * 65])).view(2, 65) % cfg.vocab_size
+    runs = {}
+    for mode in ("none", "full", "selective"):
+        torch.manual_seed(0)
+        model = Transformer(cfg)
+        apply_compile_and_checkpointing(model, TrainConfig(activation_checkpointing=mode))
+        with MatmulCounter() as forward:
+            out = model(ids[:, :-1], labels=ids[:, 1:])
+        with MatmulCounter() as backward:
+            (out.loss + out.mtp_loss).backward()
+        loads = torch.stack([m.tokens_per_expert for m in model.moe_layers()])
+        grads = [p.grad for p in model.parameters()]
+        runs[mode] = (out.loss.detach(), grads, loads, forward.count, backward.count)
+    loss, grads, loads, forward_ops, backward_ops = runs["none"]
+    for mode in ("full", "selective"):
+        loss_c, grads_c, loads_c, forward_c, _ = runs[mode]
+        assert torch.equal(loss_c, loss) and torch.equal(loads_c, loads) and forward_c == forward_ops
+        assert all(torch.equal(a, b) for a, b in zip(grads_c, grads)), mode
+    assert runs["selective"][4] == backward_ops
+    # Full recomputes every forward matmul but those outside the blocks (the LM head twice, the MTP
+    # projection) and each block's last (its output feeds no backward: the checkpoint stops before it).
+    blocks = cfg.n_layers + cfg.mtp_layers
+    assert runs["full"][4] == backward_ops + forward_ops - 3 - blocks
+
+
+class CompiledRegionCounter(TorchDispatchMode):
+    """Counts the torch.compile'd regions that run (wrapped as inductor_compiled_code ops)."""
+
+    supports_higher_order_operators = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True  # else dynamo would not run compiled code under this mode
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.name() == "inductor_compiled_code"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.slow  # compiles (seconds on 2 shared cores); no faster test has a compiled region under SAC
+def test_selective_checkpointing_keeps_a_compiled_region_of_an_eager_block():
+    """FlexAttention runs on CUDA as a compiled kernel inside eager blocks, compiled as
+    model/attention_backends.py does (wrap_inductor_compiled_regions). Here a compiled stand-in on CPU: under
+    selective checkpointing the backward runs the region once (its own backward), under full twice (its
+    forward again); same gradients."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    from ondol.train.fast_paths import selective_policy
+
+    attention = torch.compile(lambda q, k: torch.softmax(q @ k.t(), -1) @ k,
+                              options={"wrap_inductor_compiled_regions": True})
+
+    def block(x, w):
+        h = torch.sin(x @ w)
+        return attention(h, h).cos()
+
+    selective = functools.partial(create_selective_checkpoint_contexts, selective_policy)
+    forwards = {"none": block, "full": functools.partial(checkpoint, block, use_reentrant=False),
+                "selective": functools.partial(checkpoint, block, use_reentrant=False, context_fn=selective)}
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(16, 8, generator=g), torch.randn(8, 8, generator=g)
+    runs = {}
+    for mode, forward in forwards.items():
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = forward(xg, wg).sum()
+        with CompiledRegionCounter() as backward:
+            grads = torch.autograd.grad(out, (xg, wg))
+        runs[mode] = (grads, backward.count)
+    for mode in ("full", "selective"):
+        assert all(torch.equal(a, b) for a, b in zip(runs[mode][0], runs["none"][0])), mode
+    assert (runs["none"][1], runs["selective"][1], runs["full"][1]) == (1, 1, 2)
 
 
 def test_a_training_step_makes_at_most_one_host_sync(assets, tmp_path):
@@ -125,3 +242,22 @@ def test_fast_path_selection():
         loss_chunk_tokens(TrainConfig(loss="chunked"), cuda, 3)
     with pytest.raises(ValueError, match="train.checkpointed_blocks must be all or alternate"):
         TrainConfig(checkpointed_blocks="some")
+
+
+def test_activation_checkpointing_values(capsys):
+    """true/false keep meaning full/none (old configs); a bad value is one line naming the key, exit code 2"""
+    from ondol.configs import load_config
+    from ondol.launch.cli import main
+
+    config = str(ROOT / "configs" / "tiny-ko.yaml")
+    for value, mode in (("true", "full"), ("false", "none"), ("none", "none"), ("full", "full"),
+                        ("selective", "selective")):
+        override = f"train.activation_checkpointing={value}"
+        assert load_config(config, [override]).train.activation_checkpointing == mode
+    assert load_config(config).train.activation_checkpointing == "none"
+    k_exaone = load_config(ROOT / "configs" / "k-exaone-236b.yaml")  # activation_checkpointing: true
+    assert k_exaone.train.activation_checkpointing == "full"
+    assert main(["plan", config, "train.activation_checkpointing=some"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train.activation_checkpointing must be none, full or selective" in err
+    assert "some" in err

@@ -61,7 +61,10 @@ class TrainConfig:
     steps: int = 200
     micro_batch_size: int = 8
     grad_accum: int = 1
-    activation_checkpointing: bool = False  # keep only each block's input; recompute the block in the backward
+    # none | full (keep each block's input, recompute the whole block in the backward) | selective (keep the
+    # outputs of matmuls, attention, grouped expert GEMMs and all-to-alls; recompute only the elementwise ops
+    # between them). true / false mean full / none
+    activation_checkpointing: str | bool = "none"
     eval_every: int = 50
     eval_batches: int = 8
     eval_bpb_tokens: int = 8192  # held-out tokens per source scored for bits per byte at each evaluation; 0: off
@@ -73,8 +76,8 @@ class TrainConfig:
     # Signals that make every rank finish its step, save a checkpoint and exit with code 75 (a second one: at once)
     stop_signals: list[str] = field(default_factory=lambda: ["TERM", "USR1", "INT"])
     compile: bool = False  # torch.compile each block and the loss; the first step (compiling) is not timed
-    # with activation_checkpointing: all (every block, MTP blocks too) | alternate (blocks 0, 2, 4, ...: half the
-    # recompute for about half the saved activations). A checkpointed block reruns its (compiled) forward
+    # with activation_checkpointing full or selective: all (every block, MTP blocks too) | alternate
+    # (blocks 0, 2, 4, ...: half the recompute for about half the saved activations)
     checkpointed_blocks: str = "all"
     # Loss without full logits: the LM head and cross-entropy run over loss_chunk_tokens tokens at a time.
     # auto: chunked on CUDA (a 153,600 vocabulary at 8 x 4096 tokens is 20 GB of fp32 logits), full on CPU
@@ -88,6 +91,11 @@ class TrainConfig:
     cpu_threads: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.activation_checkpointing, bool):
+            self.activation_checkpointing = "full" if self.activation_checkpointing else "none"
+        _need(self.activation_checkpointing in ("none", "full", "selective"),
+              "train.activation_checkpointing must be none, full or selective (true/false: full/none), "
+              f"not '{self.activation_checkpointing}'")
         _need(self.checkpointed_blocks in ("all", "alternate"), "train.checkpointed_blocks must be all or alternate, "
               f"not '{self.checkpointed_blocks}'")
         _need(self.loss in ("auto", "chunked", "full"), f"train.loss must be auto, chunked or full, "

@@ -101,11 +101,19 @@ class CommStats:
         return self.host_s + sum(start.elapsed_time(end) for start, end in self.cuda_events) / 1e3
 
 
+def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """all_to_all_single as a functional collective: its output is a new tensor made by one op, which
+    selective checkpointing keeps (train/fast_paths.py) instead of running the collective again in the
+    backward."""
+    collectives = torch.ops._c10d_functional
+    out = collectives.all_to_all_single(x.contiguous(), out_splits, in_splits, group.group_name)
+    return collectives.wait_tensor(out)
+
+
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, stats: CommStats
                 ) -> torch.Tensor:
-    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
     with stats.timed(x.device):
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        out = _exchange(x, out_splits, in_splits, group)
     return out
 
 
@@ -166,13 +174,15 @@ class ExpertParallelExperts(DeepSpeedMoE, GroupedExperts):
         """x [n, D]: this rank's token copies sorted by expert, counts [E] -> expert outputs in the same order."""
         ep, L = self.ep_size, self.n_local
         send_counts = counts.view(ep, L)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # recv[i, l]: rank i -> my expert l
+        recv_counts = _exchange(send_counts, [1] * ep, [1] * ep, self.group)  # [i, l]: rank i -> my expert l
         # The layer's one host sync: all_to_all_single takes its split sizes as Python ints. A fixed-size
         # exchange would need none, but a dropless one must then pad every split to the worst case (all of a
         # rank's copies to one rank: ep_size times the traffic), and a capacity limit drops tokens.
         in_splits, out_splits = torch.stack([send_counts.sum(1), recv_counts.sum(1)]).tolist()
-        stats = self.stats if self.training else CommStats()  # evaluation traffic is not training's
+        # evaluation traffic is not training's, nor is an activation-checkpoint recompute's (which only full
+        # checkpointing sends; selective keeps the forward's all-to-alls)
+        counted = self.training and torch._C._current_graph_task_id() == -1
+        stats = self.stats if counted else CommStats()
         stats.tokens_sent += sum(in_splits) - in_splits[self.ep_rank]
         stats.tokens_received += sum(out_splits) - out_splits[self.ep_rank]
 

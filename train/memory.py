@@ -26,8 +26,12 @@ W / EP: the expert-data-parallel size over which expert optimizer state is parti
   activations what autograd keeps from the forward for the backward, per token, counted from the model's code
               (model/transformer.py, model/moe.py: RMSNorm keeps fp32 copies, flash/flex attention its inputs,
               output and log-sum-exp, experts their gathered inputs, gate/up outputs and SwiGLU product, at
-              twice the mean load under EP: EP_EXPERT_LOAD), times micro_batch x seq_len; with activation
-              checkpointing, each block's input plus one block recomputed
+              twice the mean load under EP: EP_EXPERT_LOAD), times micro_batch x seq_len. Checkpointed
+              blocks (train.checkpointed_blocks: all, or every second one) keep instead, under full
+              checkpointing, their input; under selective checkpointing their input and the outputs of the
+              ops train/fast_paths.py's policy saves (projections, attention output and log-sum-exp, router
+              logits, expert GEMMs, all-to-alls); either way plus one checkpointed block's recompute in its
+              backward
   logits      the LM head's output (kept by the caller) and the loss's fp32 log-probabilities and two fp32
               gradients of the same size during its backward; once more per MTP depth
 The peak is what persists (weights, gradients, master weights, moments, buckets) plus the larger of the
@@ -98,7 +102,8 @@ class RunShape:
     expert_parallel_size: int
     micro_batch_size: int
     seq_len: int
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "none"  # none | full | selective
+    checkpointed_blocks: str = "all"  # all | alternate (blocks 0, 2, 4, ... and no MTP block)
     bucket_elements: int = DEFAULT_BUCKET
     prefetch_elements: int = DEFAULT_PREFETCH
     live_elements: int = DEFAULT_LIVE
@@ -147,14 +152,40 @@ def block_bytes_per_token(cfg: ModelConfig, s: int, expert_load: float = 1.0) ->
     return out
 
 
-def activation_bytes(cfg: ModelConfig, shape: RunShape, checkpointing: bool | None = None) -> int:
+def saved_bytes_per_token(cfg: ModelConfig, moe: bool, s: int, expert_load: float = 1.0,
+                          all_to_all: bool = False) -> int:
+    """Bytes per token that selective checkpointing keeps of one block: its input and the outputs of the saved
+    ops (train/fast_paths.py's SAVED_OPS), counted from the block's shapes."""
+    d, q, kv = cfg.d_model, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    attention = s * (q + 2 * kv) + s * q + FP32 * cfg.n_heads + s * d  # q/k/v, kernel output and lse, o_proj
+    if not moe:
+        return s * d + attention + s * (2 * cfg.ffn_hidden + d)  # gate, up, down
+    k, hidden = cfg.top_k, cfg.expert_hidden
+    experts = int(expert_load * k * s * (2 * hidden + d))  # grouped GEMMs on the experts' rank: gate_up, down
+    sent = int(expert_load * k * s * d) + k * s * d if all_to_all else 0  # rows received, rows sent back
+    shared = s * (2 * hidden * cfg.n_shared_experts + d) if cfg.n_shared_experts else 0
+    return s * d + attention + FP32 * cfg.n_experts + experts + sent + shared  # router logits in fp32
+
+
+def activation_bytes(cfg: ModelConfig, shape: RunShape, checkpointing: str | None = None) -> int:
+    """Bytes autograd keeps from the forward for the backward (see the module docstring)."""
     tokens = shape.micro_batch_size * shape.seq_len
-    per_block = block_bytes_per_token(cfg, shape.bytes, EP_EXPERT_LOAD if shape.expert_parallel_size > 1 else 1.0)
+    load, ep = (EP_EXPERT_LOAD if shape.expert_parallel_size > 1 else 1.0), shape.expert_parallel_size > 1
+    per_block = block_bytes_per_token(cfg, shape.bytes, load)
     head = _norm_bytes(shape.bytes) * cfg.d_model * (1 + cfg.mtp_layers)  # final norms
     checkpointing = shape.activation_checkpointing if checkpointing is None else checkpointing
-    if checkpointing:  # each block's input kept, the largest block recomputed during its backward
-        return tokens * (len(per_block) * shape.bytes * cfg.d_model + max(per_block) + head)
-    return tokens * (sum(per_block) + head)
+    if checkpointing == "none":
+        return tokens * (sum(per_block) + head)
+    step = 2 if shape.checkpointed_blocks == "alternate" else 1  # alternate: main blocks 0, 2, 4, ..., no MTP
+    recomputed = range(0, cfg.n_layers if step == 2 else len(per_block), step)
+    if checkpointing == "full":
+        kept = {i: shape.bytes * cfg.d_model for i in recomputed}
+    else:
+        kept = {i: saved_bytes_per_token(cfg, i < cfg.n_layers and cfg.is_moe_layer(i), shape.bytes, load, ep)
+                for i in recomputed}
+    # a checkpointed block's backward holds its recomputed activations besides what it kept (its input aside)
+    recompute = max(max(per_block[i] - kept[i] + shape.bytes * cfg.d_model, 0) for i in recomputed)
+    return tokens * (sum(kept.get(i, b) for i, b in enumerate(per_block)) + recompute + head)
 
 
 def logits_bytes(cfg: ModelConfig, shape: RunShape) -> int:
@@ -163,6 +194,7 @@ def logits_bytes(cfg: ModelConfig, shape: RunShape) -> int:
     return main + cfg.mtp_layers * tokens * cfg.vocab_size * FP32  # each depth's saved log-probabilities
 
 
+CHECKPOINTING = ("none", "selective", "full")  # train.activation_checkpointing, most memory first
 BACKWARD = ("activations", "logits")  # alive from the forward through the backward
 STEP = ("fp32 step gradients", "all-reduce bucket")  # alive after the backward has freed the above
 
@@ -172,7 +204,7 @@ class MemoryPlan:
     shape: RunShape
     params: ParamSplit
     terms: dict[str, int] = field(default_factory=dict)  # bytes per rank
-    activations_other: int = 0  # activations with checkpointing flipped, for the table
+    activations_by_checkpointing: dict[str, int] = field(default_factory=dict)  # none | full | selective
 
     @property
     def total(self) -> int:
@@ -213,5 +245,5 @@ def plan_memory(cfg: ModelConfig, shape: RunShape) -> MemoryPlan:
         terms["reduce buckets"] = bucket * (2 if stage == 3 else 1)  # works on an interleaved copy
     terms["activations"] = activation_bytes(cfg, shape)
     terms["logits"] = logits_bytes(cfg, shape)
-    other = activation_bytes(cfg, shape, not shape.activation_checkpointing)
-    return MemoryPlan(shape, params, terms, other)
+    by_checkpointing = {mode: activation_bytes(cfg, shape, mode) for mode in CHECKPOINTING}
+    return MemoryPlan(shape, params, terms, by_checkpointing)

@@ -191,8 +191,8 @@ def _clock(seconds: float) -> str:
 
 def run_header(cfg, world_size: int, flops_per_token: float, peak_flops: float, peak_source: str,
                start_step: int) -> list[str]:
-    """The lines that open a run's console output: sizes, cost per token, the parallel layout and the batch, and
-    a warning when warmup outlasts the run."""
+    """The lines that open a run's console output: sizes, cost per token, the parallel layout and the batch,
+    what MFU divides, and a warning when warmup outlasts the run."""
     from ondol.model.flops import param_counts
 
     m, tr, ds, optim = cfg.model, cfg.train, cfg.deepspeed, cfg.optim
@@ -209,7 +209,8 @@ def run_header(cfg, world_size: int, flops_per_token: float, peak_flops: float, 
          f"ZeRO stage {ds.zero_stage}, {ds.precision}; batch {tr.micro_batch_size} x {tr.grad_accum} x "
          f"{world_size} x {cfg.data.seq_len} = {tokens:,} tokens per step (micro-batch x grad-accum x "
          "data-parallel x seq)"),
-        f"MFU peak: {peak_flops / 1e12:.3g} TFLOP/s over {world_size} rank(s) ({peak_source})",
+        (f"MFU: model FLOPs (the per-token figure above; activation checkpointing's recompute not counted) "
+         f"over a peak of {peak_flops / 1e12:.3g} TFLOP/s x {world_size} rank(s) ({peak_source})"),
     ]
     if optim.warmup_steps >= tr.steps:
         lines.append(f"warning: optim.warmup_steps {optim.warmup_steps} >= train.steps {tr.steps}: the learning "
