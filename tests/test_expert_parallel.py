@@ -18,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ondol.configs import RunConfig
+from ondol.data.config import DataConfig
 from ondol.model.config import ModelConfig
 from ondol.model.transformer import Transformer
 from ondol.train.config import DeepSpeedConfig
@@ -33,6 +34,7 @@ CFG = {"vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_head
        "attn_pattern": "LG", "window": 16, "ffn_hidden": 64, "n_experts": 8, "top_k": 2,
        "n_shared_experts": 1, "expert_hidden": 32, "first_k_dense": 0, "bias_update_rate": 1e-2,
        "max_seq_len": 64, "attn_backend": "sdpa", "mtp_layers": 1}  # MTP on: its loss reaches the experts too
+DATA = DataConfig(seq_len=CFG["max_seq_len"])  # what a run config of these models must have
 # name: (world size, expert_parallel_size, ZeRO stage). Scenarios of one world share its processes. All clip
 # gradients to CLIP as the trainer does: at ZeRO 0 its optimizer (clip_grad_norm_), at ZeRO 1/2 DeepSpeed.
 SCENARIOS = {"ep2_z0": (2, 2, 0), "ep4_z1": (4, 4, 1), "ep2_w4_z2": (4, 2, 2)}
@@ -112,7 +114,7 @@ def zero3_build_growth(env) -> tuple[int, int]:
     torch.distributed.barrier()  # the process group's first collective sets up its connections
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM from here
     before = status_kib("VmRSS")
-    model = build_model(RunConfig(seed=0, model=ModelConfig(**BIG), deepspeed=DeepSpeedConfig(zero_stage=3)), env)
+    model = build_model(RunConfig(seed=0, model=ModelConfig(**BIG), data=DATA, deepspeed=DeepSpeedConfig(zero_stage=3)), env)
     return (status_kib("VmHWM") - before) * 1024, sum(p.ds_numel for p in model.parameters()) * 4
 
 
@@ -188,7 +190,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
         ref = dict(Transformer(ModelConfig(**CFG), seed=0).named_buffers())
         return [n for n, b in model.named_buffers() if b.dtype != ref[n].dtype or not torch.equal(b, ref[n])]
 
-    zero3 = RunConfig(seed=0, model=ModelConfig(**CFG), deepspeed=DeepSpeedConfig(zero_stage=3))
+    zero3 = RunConfig(seed=0, model=ModelConfig(**CFG), data=DATA, deepspeed=DeepSpeedConfig(zero_stage=3))
     z3_model = build_model(zero3, env)
     z3_bf16 = build_model(dataclasses.replace(zero3, deepspeed=DeepSpeedConfig(zero_stage=3, precision="bf16")), env)
     init_bad = {"z3": init_mismatches(z3_model) + group_mismatches(z3_model) + buffer_mismatches(z3_bf16)}
@@ -201,7 +203,7 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
 
         def build(seed: int, ep: int = ep, zero: int = zero, selective: bool = name in SELECTIVE):
             """The trainer's meta-device build."""
-            cfg = RunConfig(seed=seed, model=ModelConfig(**CFG),
+            cfg = RunConfig(seed=seed, model=ModelConfig(**CFG), data=DATA,
                             deepspeed=DeepSpeedConfig(zero_stage=zero, expert_parallel_size=ep))
             model = build_model(cfg, env)
             if selective:
