@@ -26,7 +26,6 @@ Exit codes:
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
 import signal
 import sys
@@ -101,10 +100,17 @@ def ignore_interrupts() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def _workers() -> list:
+    """The multiprocessing children of this process (none unless something here imported multiprocessing: this
+    module is imported by every command, which should not pay for it)."""
+    multiprocessing = sys.modules.get("multiprocessing")
+    return multiprocessing.active_children() if multiprocessing is not None else []
+
+
 def stop_children() -> None:
     """Terminate the worker processes this process started (multiprocessing's, pools' included) and wait for
     them; one still alive after CHILD_GRACE_S is killed."""
-    children = multiprocessing.active_children()
+    children = _workers()
     for child in children:
         child.terminate()
     deadline = time.monotonic() + CHILD_GRACE_S
@@ -133,7 +139,7 @@ class _StopSignals:
         if self.received is not None:
             print(f"received {name} after {self.received}: stopping at once; a run of the same command redoes "
                   "what was not finished", file=sys.stderr, flush=True)
-            for child in multiprocessing.active_children():
+            for child in _workers():
                 child.kill()
             os._exit(128 + signum)
         self.received = name

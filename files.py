@@ -161,24 +161,39 @@ def file_digests(paths: list[Path], algorithm: str) -> list[str]:
 @contextlib.contextmanager
 def exclusive_lock(path: str | os.PathLike, error: Callable[[str], Exception]) -> Iterator[None]:
     """Be the only writer of what the lock file `path` guards for the with-block (a run: RUN_DIR/.lock): an
-    exclusive flock on it (created, with this process's pid and host in it). If another process holds it,
-    `error(one line naming its pid and host)` is raised. The OS drops the lock when its holder exits or is killed
-    (kill -9 leaves none behind); on NFS, Linux turns flock into a POSIX lock that the server arbitrates between
-    hosts. The file itself stays: removing it would let two processes lock two different files of one name."""
+    exclusive POSIX record lock (fcntl) on it, the file created with this process's pid and host in it and
+    removed on release. If another process holds it, `error(one line naming its pid and host)` is raised.
+    A record lock belongs to the process alone: the OS drops it when the holder exits or is killed (kill -9
+    leaves none behind), and the workers it forks do not inherit it, so a worker that outlives a killed command
+    blocks no rerun; on NFS the server arbitrates it between hosts. A lock taken on a file that its holder had
+    just removed is taken again on the new file, so two processes never hold two files of one name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    try:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
+                raise
             holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "a process that is starting"
+            os.close(fd)
             raise error(f"{path} is held by {holder}, which is writing there: wait for it to finish or stop it, "
                         "or use another folder") from None
+        try:
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # its holder removed it between our open and our lock: lock the file now at `path`
+    try:
         me = f"pid {os.getpid()} on host {socket.gethostname()}\n".encode()
-        if os.pread(fd, 256, 0) != me:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, me, 0)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me, 0)
         yield
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # while still locked: a waiter that opened it finds it gone and opens anew
         os.close(fd)

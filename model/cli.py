@@ -7,9 +7,10 @@ import argparse
 
 def _export_hf(args: argparse.Namespace) -> int:
     from ondol.model.export import export_hf
+    from ondol.train.checkpoint import damage
 
     out = export_hf(args.run_dir, args.out, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
-                    verify=not args.no_verify, overwrite=args.overwrite)
+                    verify=not args.no_verify, overwrite=args.overwrite, checkpoint_damage=damage)
     print(f"exported {args.run_dir} -> {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 

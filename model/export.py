@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -156,14 +157,12 @@ def _locate(source: Path) -> tuple[Path, ModelConfig, Path]:
                             "RUN_DIR/checkpoints/step_N")
 
 
-def _verify_source(weights: Path) -> None:
+def _verify_source(weights: Path, checkpoint_damage: Callable[[Path], str | None] | None) -> None:
     """ModelError if the weights folder (a checkpoint, or one with SHA256SUMS) is not what was written."""
     if not (weights / CHECKPOINT_META).is_file():
         verify_checksums(weights)
         return
-    from ondol.train.checkpoint import damage
-
-    if problem := damage(weights):
+    if checkpoint_damage is not None and (problem := checkpoint_damage(weights)):
         raise ModelError(f"{weights}: {problem}: the checkpoint is damaged; export another one (or the final "
                          "weights), or pass --no-verify to export it as it is")
 
@@ -182,7 +181,8 @@ def _plan_shards(specs: list[tuple[str, torch.dtype, list[int]]], max_bytes: int
 
 
 def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", max_shard_gb: float = 5.0,
-              verify: bool = True, overwrite: bool = False) -> Path:
+              verify: bool = True, overwrite: bool = False,
+              checkpoint_damage: Callable[[Path], str | None] | None = None) -> Path:
     """Write a run's final weights (RUN_DIR or RUN_DIR/model) or one of its complete checkpoints
     (RUN_DIR/checkpoints/step_N), with the run's tokenizer, as a transformers model folder in `out_dir`.
 
@@ -190,7 +190,8 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", max_
     of at most max_shard_gb in `dtype` (fp32 or bf16): `model.safetensors`, or `model-0000K-of-0000N.safetensors`
     with `model.safetensors.index.json`. Peak memory is about twice the largest tensor, whatever the model size.
     SHA256SUMS lists every file written. Unless `verify` is off, the source's bytes are checked first against
-    the digests its checkpoint's meta.json or its SHA256SUMS recorded. A non-empty `out_dir` is refused unless
+    the digests its SHA256SUMS recorded or, for a checkpoint, by `checkpoint_damage` (the trainer's check of
+    its meta.json: train.checkpoint.damage, which `ondol export hf` passes). A non-empty `out_dir` is refused unless
     `overwrite` (its files are then replaced one by one, each whole).
     """
     source, out = Path(source), Path(out_dir)
@@ -201,7 +202,7 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", max_
         raise ModelError(f"{out} is not an empty folder: give a new folder, or add --overwrite to replace the "
                          "export in it")
     if verify:
-        _verify_source(weights)
+        _verify_source(weights, checkpoint_damage)
     check_exportable(cfg)
     if dtype not in EXPORT_DTYPES:
         raise ExportError(f"cannot export as {dtype!r}: choose one of {sorted(EXPORT_DTYPES)}")

@@ -39,6 +39,13 @@ def _fresh_rank_variables():
         os.environ.pop(name, None)
 
 
+@pytest.fixture(autouse=True)
+def keep_process_group(monkeypatch):
+    """`ondol train` shuts its process group down on exit; in this process it stays up for the next in-process
+    trainer (DeepSpeed keeps its groups for the process: after a new default group they would name a dead one)."""
+    monkeypatch.setattr("ondol.train.cli._close_process_group", lambda: None)
+
+
 def corpus_texts(name: str, n: int | None = None, skip: int = 0) -> list[str]:
     """The texts of documents skip..skip+n of a shared corpus file (e.g. 'ko_reviews'), in file order."""
     with gzip.open(CORPORA / f"{name}.jsonl.gz", "rt", encoding="utf-8") as f:

@@ -245,7 +245,7 @@ def test_clear_errors(tmp_path, tok):
     with pytest.raises(ValueError, match=r"data.cleaning.min_chars \(10\) must be >= 0 and <= data.cleaning.max_chars"):
         CleaningConfig(min_chars=10, max_chars=5)
     with pytest.raises(ValueError, match="format must be auto | jsonl"):
-        SourceConfig(name="x", path="y", format="csv")
+        SourceConfig(name="x", path="y", format="xml")
     with pytest.raises(ValueError, match="names must be unique"):
         prepare(DataConfig(sources=[corpus_source("ko_docs", 5), corpus_source("ko_docs", 5)]), tok,
                 tmp_path / "d", seed=0, progress=False)
