@@ -17,6 +17,7 @@ import torch
 from ondol.configs import RunConfig
 from ondol.train.deepspeed_log import build_output_to
 from ondol.train.optim import GuardedAdamW, param_groups
+from ondol.train.zero_step import move_zero_checks_to_device
 
 
 @dataclass
@@ -89,11 +90,17 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    if ds.precision == "bf16":
-        config["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    if ds.precision == "bf16":  # at ZeRO 1/2 train/zero_step.py's device-side flag replaces the overflow check
+        config["bf16"] = {"enabled": True, "check_grad_overflow": not checks_on_device(cfg)}
     if ds.zero_stage == 3:
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
     return _merge(config, ds.extra)
+
+
+def checks_on_device(cfg: RunConfig) -> bool:
+    """Whether the ZeRO 1/2 optimizer step takes its norm, clipping and non-finite check from
+    train/zero_step.py (deepspeed.zero_checks=device)."""
+    return cfg.deepspeed.zero_stage in (1, 2) and cfg.deepspeed.zero_checks == "device"
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -192,6 +199,8 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, env: DistEnv):
                              foreach=None if fused else True, fused=fused)
     engine, _, _, _ = deepspeed.initialize(model=model.to(env.device), optimizer=optimizer,
                                            config=deepspeed_config(cfg, env.world_size), dist_init_required=False)
+    if checks_on_device(cfg):
+        move_zero_checks_to_device(engine.optimizer, optimizer)
     if env.world_size == 1 and ds.zero_stage == 0:
         engine.enable_backward_allreduce = False  # one rank: nothing to average, skip flattening every gradient
     if ds.precision == "bf16":
