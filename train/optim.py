@@ -34,8 +34,8 @@ class GuardedAdamW(torch.optim.AdamW):
     With `owns_clipping` (fp32 without ZeRO, where DeepSpeed hands the module's gradients straight to this
     optimizer) it computes the global gradient norm itself (`clip_fn(params, max_norm)`, torch's by default;
     the expert-parallel one sums expert shards over their group), clips to `clip_norm` (0: no clipping) and skips the
-    whole update when the norm is not finite. ZeRO 3 and the bf16 ZeRO 0 optimizer check the norm themselves and
-    never call `step` on a non-finite one, which leaves `applied` False just the same. At ZeRO 1/2 the engine's
+    whole update when the norm is not finite. ZeRO 3 (and DeepSpeed's ZeRO 1/2 step in fp32) checks the norm itself
+    and never calls `step` on a non-finite one, which leaves `applied` False just the same. At ZeRO 1/2 the engine's
     optimizer sets `found_inf` (a 0-d tensor, 1.0: not finite; train/zero_step.py) before each `step`: the fused
     kernel then skips the update on the device and `applied` is a 0-d bool tensor, read by the trainer once per
     step; the foreach kernel has no such input, so there the flag is read here.

@@ -23,7 +23,7 @@ from ondol.configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, 
 from ondol.errors import TrainError
 from ondol.files import write_atomic
 from ondol.train import checkpoint, expert_parallel, state_shards
-from ondol.train.engine import build_engine, build_model, init_distributed
+from ondol.train.engine import build_engine, build_model, deepspeed_zero_stage, init_distributed
 from ondol.train.evaluation import InLoopBitsPerByte
 from ondol.train.fast_paths import apply_compile_and_checkpointing, loss_chunk_tokens
 from ondol.train.metrics import MetricsSink, detect_peak_tflops, memory_gib, plot_losses, read_metrics
@@ -59,7 +59,7 @@ class Trainer:
         manifest = read_manifest(data_dir(cfg))
         self.meta = {"model": config_dict(cfg.model), "tokenizer_fingerprint": tokenizer.fingerprint,
                      "data_hash": manifest["hash"], "seq_len": cfg.data.seq_len,
-                     "zero_stage": cfg.deepspeed.zero_stage, "world_size": self.env.world_size,
+                     "zero_stage": deepspeed_zero_stage(cfg.deepspeed), "world_size": self.env.world_size,
                      "expert_parallel_size": cfg.deepspeed.expert_parallel_size}
 
         _seed_everything(cfg.seed)
