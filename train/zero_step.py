@@ -1,10 +1,10 @@
 """DeepSpeed's ZeRO 1/2 optimizer step with its gradient norm, clipping and non-finite check on the device.
 
-DeepSpeedZeroOptimizer (DeepSpeed 0.19.8, runtime/zero/stage_1_and_2.py) launches one norm, one fp32 cast and,
-with `check_grad_overflow`, five inf/nan ops per gradient tensor (`get_grad_norm_direct`,
-`has_overflow_partitioned_grads_serial`), and waits for the GPU four times a step on one rank: the overflow
-flag (`has_overflow`, `.item()`), the norm's validity (`step`, `is_invalid_grad_norm`) and again per parameter
-group before clipping (`unscale_and_clip_grads`). No DeepSpeed setting turns these into device work: its
+DeepSpeedZeroOptimizer (DeepSpeed 0.19.8, runtime/zero/stage_1_and_2.py) launches a norm with an fp32 cast and,
+with `check_grad_overflow`, an inf/nan test per gradient tensor (`get_grad_norm_direct`,
+`has_overflow_partitioned_grads_serial`: ~15 kernels a tensor), and waits for the GPU four times a step on one
+rank: the overflow flag (`has_overflow`, `.item()`), the norm's validity (`step`, `is_invalid_grad_norm`) and
+again per parameter group before clipping (`unscale_and_clip_grads`). No DeepSpeed setting turns these into device work: its
 `compute_grad_norm=false` drops clipping too, and `check_grad_overflow=false` drops the skip of a non-finite
 step. So two methods of the engine's optimizer instance are replaced here, keeping DeepSpeed's partitioning,
 reductions and arithmetic:
