@@ -118,7 +118,8 @@ def test_bad_values_name_the_key(assets, tmp_path):
 
     for override, key in (("deepspeed.zero_stage=4", "deepspeed.zero_stage"), ("optim.schedule=linear",
                           "optim.schedule"), ("logging.wandb_mode=on", "logging.wandb_mode"),
-                          ("train.log_every=0", "train.log_every")):
+                          ("train.log_every=0", "train.log_every"), ("deepspeed.zero_checks=host",
+                          "deepspeed.zero_checks")):
         with pytest.raises((ConfigError, ValueError), match=key):
             tiny_config(tmp_path, assets, override)
 
