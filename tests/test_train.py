@@ -129,7 +129,8 @@ def test_bad_values_name_the_key(assets, tmp_path):
 
     for override, key in (("deepspeed.zero_stage=4", "deepspeed.zero_stage"), ("optim.schedule=linear",
                           "optim.schedule"), ("logging.wandb_mode=on", "logging.wandb_mode"),
-                          ("train.log_every=0", "train.log_every")):
+                          ("train.log_every=0", "train.log_every"), ("deepspeed.zero_checks=host",
+                          "deepspeed.zero_checks")):
         with pytest.raises((ConfigError, ValueError), match=key):
             tiny_config(tmp_path, assets, override)
 
@@ -251,13 +252,17 @@ def _poison(trainer, steps: set[int]) -> None:
     trainer.engine.module.lm_head.register_forward_hook(hook)
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_nonfinite_steps_are_skipped_and_counted(assets, tmp_path, stage):
+@pytest.mark.parametrize("overrides", [
+    ("deepspeed.zero_stage=0",), ("deepspeed.zero_stage=2",),
+    # the CUDA path: the fused kernel skips the update on the device (train/zero_step.py)
+    ("deepspeed.zero_stage=2", "deepspeed.precision=bf16", "optim.adamw=fused", "logging.peak_tflops=1",
+     "train.eval_bpb_tokens=0", "train.eval_batches=1"),
+], ids=["zero0", "zero2", "zero2-bf16-fused"])
+def test_nonfinite_steps_are_skipped_and_counted(assets, tmp_path, overrides):
     from ondol.train.trainer import Trainer
 
     link_data(tmp_path, assets)
-    trainer = Trainer(tiny_config(tmp_path, assets, "train.steps=6", "train.save_every=6",
-                                  f"deepspeed.zero_stage={stage}"))
+    trainer = Trainer(tiny_config(tmp_path, assets, "train.steps=6", "train.save_every=6", *overrides))
     _poison(trainer, {3, 4})
     seen = {}
     step = trainer.train_step

@@ -25,7 +25,7 @@ from ondol.train.fast_paths import (
     checkpointed_layers,
     loss_chunk_tokens,
 )
-from ondol.train.host_syncs import HostSyncCounter
+from ondol.train.host_syncs import AtenOpCounter, HostSyncCounter
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("train.steps=3", "train.eval_every=3", "train.eval_batches=1", "train.save_every=3")
@@ -194,6 +194,49 @@ def test_a_training_step_makes_at_most_one_host_sync(assets, tmp_path):
         trainer.train_step()
     assert trainer.optimizer.applied
     assert syncs.count <= 1, syncs.sites
+
+
+BF16_CUDA_DEFAULTS = ("deepspeed.precision=bf16", "optim.adamw=fused", "train.loss=chunked",
+                      "train.loss_chunk_tokens=128", "model.moe_dispatch=grouped_mm", "train.steps=2", "train.log_every=10",
+                      "logging.peak_tflops=1")  # no bf16 matmul probe for MFU: ~30 s on a shared CPU
+
+
+def _step_counts(trainer) -> tuple[int, int]:
+    """Host syncs in a training step after the first, and aten kernels (views not counted) in its optimizer step."""
+    trainer.train_step()
+    step, ops = trainer.engine.step, AtenOpCounter()
+
+    def counted_step():
+        with ops:
+            step()
+
+    trainer.engine.step = counted_step
+    with HostSyncCounter(torch.device("cpu")) as syncs:
+        trainer.train_step()
+    assert trainer.optimizer.applied
+    assert syncs.count <= 1, syncs.sites
+    return sum(1 for _ in trainer.engine.module.parameters()), sum(ops.kernels.values())
+
+
+def test_bf16_zero_0_1_2_steps_make_one_sync_and_launch_as_many_kernels_for_any_depth(assets, tmp_path):
+    """The CUDA defaults emulated on CPU in bf16 (fused AdamW, chunked loss, grouped_mm): at ZeRO 0, 1 and 2 one
+    host sync a step (whether the update was applied), and the optimizer step's kernel count does not grow with
+    the parameter tensors: 4 layers launch less than one kernel more per added tensor than 2 layers. DeepSpeed's
+    own ZeRO 1/2 step (deepspeed.zero_checks=deepspeed) launches ~15 more per tensor and syncs 4 times; its bf16
+    ZeRO 0 optimizer (FP16_UnfusedOptimizer, no longer used) ~20 and once per tensor."""
+    from ondol.train.trainer import Trainer
+
+    link_data(tmp_path, assets)
+    counts = {}
+    for stage, layers in ((0, 2), (1, 4), (2, 2)):
+        trainer = Trainer(tiny_config(tmp_path, assets, *BF16_CUDA_DEFAULTS, f"deepspeed.zero_stage={stage}",
+                                      f"model.n_layers={layers}"))
+        assert type(trainer.engine.optimizer).__name__ == "DeepSpeedZeroOptimizer"
+        counts[stage] = _step_counts(trainer)
+        trainer.engine.destroy()
+    (tensors_2, kernels_2), (tensors_4, kernels_4) = counts[2], counts[1]
+    assert tensors_4 - tensors_2 >= 20
+    assert abs(kernels_4 - kernels_2) < tensors_4 - tensors_2, counts
 
 
 def test_the_sync_counter_sees_what_would_stall_a_gpu():

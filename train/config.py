@@ -44,12 +44,17 @@ class DeepSpeedConfig:
     expert_parallel_size: int = 1
     timeout_minutes: int = 10
     extra: dict[str, Any] = field(default_factory=dict)  # merged into DeepSpeed's JSON config
+    # ZeRO 1/2: gradient norm, clipping and non-finite skip as device work (foreach, no host sync) or DeepSpeed's
+    # own (a norm per tensor, 4 host syncs a step); see train/zero_step.py
+    zero_checks: str = "device"  # device | deepspeed
 
     def __post_init__(self) -> None:
         _need(self.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage must be 0, 1, 2 or 3, not {self.zero_stage}")
         _need(self.precision in ("fp32", "bf16"), f"deepspeed.precision must be fp32 or bf16, not '{self.precision}'")
         _need(self.backend in ("auto", "gloo", "nccl"), f"deepspeed.backend must be auto, gloo or nccl, "
               f"not '{self.backend}'")
+        _need(self.zero_checks in ("device", "deepspeed"), f"deepspeed.zero_checks must be device or deepspeed, "
+              f"not '{self.zero_checks}'")
         _need(self.expert_parallel_size >= 1, "deepspeed.expert_parallel_size must be >= 1")
         _need(self.expert_parallel_size == 1 or self.zero_stage in (0, 1, 2),
               f"deepspeed.zero_stage={self.zero_stage} is not supported with deepspeed.expert_parallel_size="

@@ -17,6 +17,7 @@ import torch
 from ondol.configs import RunConfig
 from ondol.train.deepspeed_log import build_output_to
 from ondol.train.optim import GuardedAdamW, param_groups
+from ondol.train.zero_step import move_zero_checks_to_device
 
 
 @dataclass
@@ -89,22 +90,38 @@ def skip_shared_memory_op() -> None:
 def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     """DeepSpeed's JSON config from the typed one; `deepspeed.extra` is merged last (it wins)."""
     ds, tr = cfg.deepspeed, cfg.train
-    clip_in_deepspeed = not (ds.precision == "fp32" and ds.zero_stage == 0)  # else GuardedAdamW clips
+    stage = deepspeed_zero_stage(ds)
+    clip_in_deepspeed = stage != 0  # else GuardedAdamW clips
     config = {
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
         "gradient_accumulation_steps": tr.grad_accum,
         "train_batch_size": tr.micro_batch_size * tr.grad_accum * world_size,
         "gradient_clipping": cfg.optim.grad_clip if clip_in_deepspeed else 0.0,
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,  # GuardedAdamW is torch's AdamW plus a skip flag
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    if ds.precision == "bf16":
-        config["bf16"] = {"enabled": True, "check_grad_overflow": True}
-    if ds.zero_stage == 3:
+    if ds.precision == "bf16":  # at ZeRO 1/2 train/zero_step.py's device-side flag replaces the overflow check
+        config["bf16"] = {"enabled": True, "check_grad_overflow": not checks_on_device(cfg)}
+    if stage == 3:
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = False
     return _merge(config, ds.extra)
+
+
+def deepspeed_zero_stage(ds) -> int:
+    """The ZeRO stage DeepSpeed runs: deepspeed.zero_stage, except that bf16 at stage 0 runs stage 1. DeepSpeed
+    gives bf16 without ZeRO to FP16_UnfusedOptimizer (engine.py `_do_optimizer_sanity_check` -> DDP_BFLOAT16 ->
+    `_configure_fp16_optimizer`: an fp32 master copy, a norm and a host sync per parameter tensor); its stage 1
+    keeps the same fp32 master weights in one flat partition per group, which on one rank is the whole model,
+    and takes train/zero_step.py's step. On several ranks the optimizer state is sharded as well."""
+    return 1 if ds.zero_stage == 0 and ds.precision == "bf16" else ds.zero_stage
+
+
+def checks_on_device(cfg: RunConfig) -> bool:
+    """Whether the ZeRO 1/2 optimizer step takes its norm, clipping and non-finite check from
+    train/zero_step.py (deepspeed.zero_checks=device)."""
+    return deepspeed_zero_stage(cfg.deepspeed) in (1, 2) and cfg.deepspeed.zero_checks == "device"
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -196,14 +213,16 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, env: DistEnv):
     groups = param_groups(model, o.weight_decay)
     if expert_parallel.expert_parallel_layers(model):
         groups = expert_parallel.optimizer_param_groups(groups)
-    owns_clipping = ds.precision == "fp32" and ds.zero_stage == 0
+    owns_clipping = deepspeed_zero_stage(ds) == 0
     fused = fused_adamw(o.adamw, env.device)
     optimizer = GuardedAdamW(groups, owns_clipping=owns_clipping, clip_norm=o.grad_clip,
                              clip_fn=expert_parallel.clip_grad_norm_, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                              foreach=None if fused else True, fused=fused)
     engine, _, _, _ = deepspeed.initialize(model=model.to(env.device), optimizer=optimizer,
                                            config=deepspeed_config(cfg, env.world_size), dist_init_required=False)
-    if env.world_size == 1 and ds.zero_stage == 0:
+    if checks_on_device(cfg):
+        move_zero_checks_to_device(engine.optimizer, optimizer)
+    if env.world_size == 1 and deepspeed_zero_stage(ds) == 0:
         engine.enable_backward_allreduce = False  # one rank: nothing to average, skip flattening every gradient
     if ds.precision == "bf16":
         _keep_fp32_buffers(engine.module)

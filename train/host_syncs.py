@@ -1,4 +1,4 @@
-"""Count the host synchronisations a piece of training code makes, on CPU as on CUDA.
+"""Count the host synchronisations a piece of training code makes, on CPU as on CUDA, and the aten ops it runs.
 
 On CUDA every sync stalls the GPU's queue; on CPU nothing stalls, so there the calls that would sync on a GPU
 are counted instead: reading a tensor's value on the host (`item`, `tolist`, `bool`, `int`, `float`) and the
@@ -16,6 +16,7 @@ import warnings
 from typing import Self
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _TENSOR_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "unique", "repeat_interleave",
                    "masked_select")
@@ -67,3 +68,18 @@ class HostSyncCounter:
                 self.sites[f"{caller.f_code.co_filename}:{caller.f_lineno} {name}"] += 1
             return original(*args, **kwargs)
         return counted
+
+
+class AtenOpCounter(TorchDispatchMode):
+    """`with AtenOpCounter() as ops: ...`; then `ops.kernels` (caller-visible aten ops that compute: one kernel
+    launch or more each on a GPU) and `ops.views` (views and detaches: metadata only, no launch), each an
+    op name -> calls Counter. The host cost of an optimizer step grows with the kernels it launches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels: collections.Counter[str] = collections.Counter()
+        self.views: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        (self.views if func.is_view else self.kernels)[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))

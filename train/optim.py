@@ -34,8 +34,11 @@ class GuardedAdamW(torch.optim.AdamW):
     With `owns_clipping` (fp32 without ZeRO, where DeepSpeed hands the module's gradients straight to this
     optimizer) it computes the global gradient norm itself (`clip_fn(params, max_norm)`, torch's by default;
     the expert-parallel one sums expert shards over their group), clips to `clip_norm` (0: no clipping) and skips the
-    whole update when the norm is not finite. ZeRO stages and the bf16 optimizer check the norm themselves and
-    never call `step` on a non-finite one, which leaves `applied` False just the same.
+    whole update when the norm is not finite. ZeRO 3 (and DeepSpeed's ZeRO 1/2 step in fp32) checks the norm itself
+    and never calls `step` on a non-finite one, which leaves `applied` False just the same. At ZeRO 1/2 the engine's
+    optimizer sets `found_inf` (a 0-d tensor, 1.0: not finite; train/zero_step.py) before each `step`: the fused
+    kernel then skips the update on the device and `applied` is a 0-d bool tensor, read by the trainer once per
+    step; the foreach kernel has no such input, so there the flag is read here.
     """
 
     def __init__(self, params, *, owns_clipping: bool, clip_norm: float, clip_fn=None, **kwargs) -> None:
@@ -43,6 +46,7 @@ class GuardedAdamW(torch.optim.AdamW):
         self.owns_clipping, self.clip_norm = owns_clipping, clip_norm
         self.clip_fn = clip_fn or (lambda ps, max_norm: torch.nn.utils.clip_grad_norm_(ps, max_norm, foreach=True))
         self.applied = False
+        self.found_inf: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -53,6 +57,10 @@ class GuardedAdamW(torch.optim.AdamW):
             self._global_grad_norm = norm  # read by the DeepSpeed engine (get_global_grad_norm)
             if not torch.isfinite(norm):
                 return None
+        if self.found_inf is not None and not self.defaults["fused"]:
+            if self.found_inf:
+                return None
+            self.found_inf = None
         loss = super().step(closure)
-        self.applied = True
+        self.applied = True if self.found_inf is None else self.found_inf == 0
         return loss

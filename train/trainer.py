@@ -24,7 +24,7 @@ from ondol.configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, 
 from ondol.errors import ConfigError, DataError, TrainError
 from ondol.files import LOCK, exclusive_lock, move_aside, write_atomic
 from ondol.train import checkpoint, expert_parallel, state_shards
-from ondol.train.engine import build_engine, build_model, cpu_threads, init_distributed
+from ondol.train.engine import build_engine, build_model, cpu_threads, deepspeed_zero_stage, init_distributed
 from ondol.train.evaluation import InLoopBitsPerByte
 from ondol.train.fast_paths import apply_compile_and_checkpointing, loss_chunk_tokens
 from ondol.train.metrics import MetricsSink, detect_peak_tflops, memory_gib, plot_losses, read_metrics
@@ -77,7 +77,7 @@ class Trainer:
         # what decides whether a checkpoint can continue this run (checkpoint.check_compatible)
         self.meta = {"model": config_dict(cfg.model), "tokenizer_fingerprint": tokenizer.fingerprint,
                      "data_hash": manifest["hash"], "seq_len": cfg.data.seq_len, "weights": self.loader.weights,
-                     "zero_stage": cfg.deepspeed.zero_stage, "world_size": self.env.world_size,
+                     "zero_stage": deepspeed_zero_stage(cfg.deepspeed), "world_size": self.env.world_size,
                      "expert_parallel_size": cfg.deepspeed.expert_parallel_size,
                      "seed": cfg.seed, "precision": cfg.deepspeed.precision}
         self.tokens_per_step = tr.micro_batch_size * tr.grad_accum * env.world_size * cfg.data.seq_len
