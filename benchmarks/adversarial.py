@@ -288,7 +288,9 @@ def launch_injection(b: Bench) -> None:
         if done.code == 0:
             ok, what = not effect and "ondol.sbatch" in done.out, effect or "exit 0, printed script ran nothing planted"
         else:
-            ok = done.code in (2, 7) and done.one_line(done.code, re.escape(key)) and not effect
+            # the key, and why: a message cut at a newline in the value names the key and nothing else
+            why = r".*(control character|not a valid YAML value|not a host name)"
+            ok = done.code in (2, 7) and done.one_line(done.code, re.escape(key) + why) and not effect
             what = done.shown() + (f"; {effect}" if effect else "")
         b.add(f"inject: {case}", done_to, "exit 2/7, one line naming the key, or a script that runs nothing planted",
               what, ok)
