@@ -147,18 +147,18 @@ class _StopSignals:
 
 
 @contextlib.contextmanager
-def _stop_signals() -> Iterator[None]:
+def _stop_signals() -> Iterator[_StopSignals | None]:
     """_StopSignals handles STOP_SIGNALS inside the block (from the main thread only: elsewhere Python cannot
     install handlers), and the previous handlers come back after it. An ignored SIGINT (a command started in
     the background by a shell) stays ignored."""
-    previous = {}
+    previous, handler = {}, None
     if threading.current_thread() is threading.main_thread():
         handler = _StopSignals()
         for sig in STOP_SIGNALS:
             if signal.getsignal(sig) != signal.SIG_IGN:
                 previous[sig] = signal.signal(sig, handler)
     try:
-        yield
+        yield handler
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
@@ -188,8 +188,8 @@ def reported(call: Callable[[], int | None], prog: str, debug: bool) -> int:
     if debug:
         os.environ["ONDOL_DEBUG"] = "1"
     try:
-        with _stop_signals():  # still handled while the error is reported: a second signal stops at once
-            return _run(call, prog, debug)
+        with _stop_signals() as signals:  # still handled while the error is reported: a second one stops at once
+            return _run(call, prog, debug, signals)
     finally:
         if saved is None:
             os.environ.pop("ONDOL_DEBUG", None)
@@ -197,24 +197,21 @@ def reported(call: Callable[[], int | None], prog: str, debug: bool) -> int:
             os.environ["ONDOL_DEBUG"] = saved
 
 
-def _run(call: Callable[[], int | None], prog: str, debug: bool) -> int:
+def _run(call: Callable[[], int | None], prog: str, debug: bool, signals: _StopSignals | None) -> int:
     try:
         return int(call() or 0)
     except (KeyboardInterrupt, Terminated) as e:
-        stop_children()
-        if debug:
-            traceback.print_exc()
-        how, code = (("interrupted (Ctrl-C)", INTERRUPTED_EXIT) if isinstance(e, KeyboardInterrupt)
-                     else ("stopped by SIGTERM", TERMINATED_EXIT))
-        print(f"{prog}: {how}; finished work is kept, run the same command to continue",
-              file=sys.stderr, flush=True)
-        return code
+        return _stopped(prog, debug, isinstance(e, KeyboardInterrupt))
     except OndolError as e:
+        if signals is not None and signals.received is not None:
+            return _stopped(prog, debug, signals.received == "SIGINT")
         if debug:
             traceback.print_exc()
         print(f"{prog}: {e.kind}: {_first_line(e)}", file=sys.stderr, flush=True)
         return e.exit_code
     except Exception as e:  # noqa: BLE001 - every other failure is still one line unless --debug
+        if signals is not None and signals.received is not None:  # the signal's exception, which a library
+            return _stopped(prog, debug, signals.received == "SIGINT")  # turned into its own (safetensors)
         if debug:
             traceback.print_exc()
             return 1
@@ -222,6 +219,16 @@ def _run(call: Callable[[], int | None], prog: str, debug: bool) -> int:
         print(f"{prog}: {what}: {_first_line(e)} (run with --debug or ONDOL_DEBUG=1 for the traceback)",
               file=sys.stderr, flush=True)
         return 1
+
+
+def _stopped(prog: str, debug: bool, interrupted: bool) -> int:
+    """A command stopped by SIGINT (Ctrl-C) or SIGTERM: its workers stopped, one line, 130 or 143."""
+    stop_children()
+    if debug:
+        traceback.print_exc()
+    how, code = ("interrupted (Ctrl-C)", INTERRUPTED_EXIT) if interrupted else ("stopped by SIGTERM", TERMINATED_EXIT)
+    print(f"{prog}: {how}; finished work is kept, run the same command to continue", file=sys.stderr, flush=True)
+    return code
 
 
 _exit_code: list[int] = []  # the code exit_process was last given; read by _leave_after_training at exit

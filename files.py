@@ -17,9 +17,9 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -61,12 +61,12 @@ def _umask() -> int:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside `path` to write to; on a clean exit it is fsynced and renamed to `path`,
     on an exception removed. The file gets the permissions of a plain `open(path, "w")` (0666 less the umask:
-    0644 under the usual 022), not mkstemp's private 0600."""
+    0644 under the usual 022), not the private 0600 the temporary file is created with."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
+    # named before it is created, so that a signal handled just after the creation still finds it to remove
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(6)}.tmp")
     try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         yield tmp
         os.chmod(tmp, 0o666 & ~_umask())
         fsync_file(tmp)

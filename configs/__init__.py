@@ -141,6 +141,9 @@ def _apply_override(schema: DictConfig, item: str) -> DictConfig:
         value = OmegaConf.from_dotlist([f"value={raw}"])["value"]  # YAML typing: 4 -> int, [1,2] -> list
     except OmegaConfBaseException as e:
         raise ConfigError(f"{origin}: {str(e).splitlines()[0]}") from None
+    except yaml.YAMLError as e:  # a value YAML cannot scan, such as one starting with ` or @
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{origin}: not a valid YAML value ({what}); quote it, e.g. {key}='\"{raw}\"'") from None
     for list_key, index in re.findall(r"([\w.]+?)(?:\[|\.)(\d+)(?=\]|\.|$)", key):
         entries = OmegaConf.select(schema, list_key)
         if isinstance(entries, ListConfig) and int(index) >= len(entries):

@@ -16,6 +16,7 @@ from pathlib import Path
 from ondol.configs import RunConfig, data_dir, tokenizer_dir
 from ondol.errors import LaunchError
 from ondol.launch.config import HOSTNAME, read_env_file
+from ondol.launch.script_values import script_value
 
 # Variables that decide how ranks find each other and which network they use.
 NETWORK_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "GLOO_", "TORCH_DISTRIBUTED_", "UCX_", "FI_", "MASTER_ADDR",
@@ -298,6 +299,9 @@ def check_env_file(cfg: RunConfig) -> list[str]:
     """launch.env_file exists, is private and well-formed; its variable names (never values) are reported."""
     if not cfg.launch.env_file:
         return []
+    # a control character in the path is refused with the path shown escaped: printed as it is, a newline would
+    # cut the one-line error before it says what is wrong
+    script_value("launch.env_file", cfg.launch.env_file)
     try:
         names = sorted(read_env_file(cfg.launch.env_file))
     except ValueError as e:

@@ -47,6 +47,9 @@ def test_resolved_yaml_round_trips(tmp_path):
         ("optim.lrr=1e-3", "unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
         ("model.n_layers=four", "wrong type for key 'model.n_layers'"),
         ("train.steps", "write overrides as key=value"),
+        ("launch.slurm.partition=`gpu`", ("override 'launch.slurm.partition=`gpu`': not a valid YAML value (found "
+                                          "character that cannot start any token); quote it, e.g. "
+                                          "launch.slurm.partition='\"`gpu`\"'")),
     ],
 )
 def test_bad_override_names_the_key(override, message):

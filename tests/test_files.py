@@ -35,11 +35,29 @@ def test_write_atomic_replaces_whole_files_and_keeps_the_mode(tmp_path):
     write_atomic(target, "첫")  # text is written as UTF-8
     write_atomic(target, b"{}\n")
     assert target.read_bytes() == b"{}\n"
-    assert target.stat().st_mode & 0o777 == 0o644  # mkstemp's 0600 does not leak into the result
+    assert target.stat().st_mode & 0o777 == 0o644  # the temporary file's 0600 does not leak into the result
     with pytest.raises(RuntimeError), atomic_path(target) as tmp:
         tmp.write_bytes(b"half")
         raise RuntimeError("writer failed")
     assert target.read_bytes() == b"{}\n" and sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+
+def test_a_signal_just_after_the_temporary_file_appears_leaves_none(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM, raised the same way) handled right after the temporary file is created, before anything
+    is written to it: the file is removed, as for a signal at any later moment."""
+    real_open = os.open
+
+    def open_then_interrupted(file, flags, *args, **kwargs):
+        fd = real_open(file, flags, *args, **kwargs)
+        if Path(file).parent == tmp_path and flags & os.O_CREAT:
+            os.close(fd)
+            raise KeyboardInterrupt
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_interrupted)
+    with pytest.raises(KeyboardInterrupt), atomic_path(tmp_path / "model.safetensors"):
+        pass
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])

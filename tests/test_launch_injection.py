@@ -274,3 +274,16 @@ def test_derived_paths_are_checked_and_quoted(sandbox, monkeypatch):
             monkeypatch.setattr(sys, "prefix", str(folder))
         with pytest.raises(UnsafeValueError, match=f"^{what} "):
             slurm.plan_slurm(load_config(TINY, ["run_dir=/tmp/r", *VARIANTS["slurm"]]), layout, DEFAULT_MODULE)
+
+
+def test_a_control_character_in_env_file_is_refused_whole_by_the_preflight(tmp_path):
+    """The pre-flight reads launch.env_file before any script is written: a newline in its path is refused
+    there with the value shown escaped, not cut into a first line that says nothing of what is wrong."""
+    from ondol.launch.preflight import check_env_file
+
+    cfg = load_config(TINY, [f"run_dir={tmp_path}"])
+    cfg.launch.env_file = f"{tmp_path}/x\ntouch {tmp_path}/env"
+    with pytest.raises(UnsafeValueError) as raised:
+        check_env_file(cfg)
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith("launch.env_file '") and "control character '\\n'" in message

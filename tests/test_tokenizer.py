@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import json
 import unicodedata
@@ -303,6 +304,18 @@ def test_morpheme_aware_and_jamo_split_pieces_never_cross_cuts(korean_tok):
         }
         jamo_edges = {i for m in JAMO_RUN.finditer(text) for i in m.span() if 0 < i < len(text)}
         assert morpheme_starts | jamo_edges <= token_boundaries(korean_tok, text), text
+
+
+def test_a_full_disk_while_writing_tokenizer_json_is_an_os_error(tok, tmp_path):
+    """tokenizers' own save() reports ENOSPC as a plain Exception, which the tokenizer's space check cannot
+    name; the files are written by Python, so a full disk (here /dev/full) is an OSError with its errno."""
+    from ondol.tokenizer.hf_export import write_hf_files
+
+    meta = json.loads((tok.directory / "meta.json").read_text(encoding="utf-8"))
+    (tmp_path / "tokenizer.json").symlink_to("/dev/full")
+    with pytest.raises(OSError) as raised:
+        write_hf_files((tok.directory / "tokenizer.model").read_bytes(), meta, tmp_path)
+    assert raised.value.errno == errno.ENOSPC
 
 
 def test_jamo_split_hf_export_gives_identical_ids(tmp_path):

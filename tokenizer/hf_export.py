@@ -20,7 +20,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
-from ondol.files import atomic_path, write_atomic
+from ondol.files import write_atomic
 from ondol.tokenizer.korean import JAMO_RUN
 
 NORMAL, UNKNOWN, CONTROL, BYTE = (
@@ -78,12 +78,18 @@ def _merges(pieces: list[tuple[str, float, int]], vocab: dict[str, int]) -> list
     return [(a, b) for *_, a, b in ranked]
 
 
+def tokenizer_json(tok: HFTokenizer) -> str:
+    """The text of tokenizer.json, as tokenizers' save() writes it. Written by Python rather than by save(),
+    whose Rust writer reports a full disk as a plain Exception: Python's OSError (ENOSPC) is what the space checks
+    turn into one line naming the folder."""
+    return tok.to_str(pretty=True)
+
+
 def write_hf_files(model_proto: bytes, meta: dict, out_dir: Path) -> None:
     """tokenizer.json plus the tokenizer_config.json that lets transformers' AutoTokenizer load the folder: the
     tokenizer alone, giving Ondol's `encode` ids (no bos/eos added, no model context known yet)."""
-    build_hf_tokenizer(model_proto, meta["normalization"], meta["jamo_split"]).save(
-        str(out_dir / "tokenizer.json")
-    )
+    tok = build_hf_tokenizer(model_proto, meta["normalization"], meta["jamo_split"])
+    (out_dir / "tokenizer.json").write_text(tokenizer_json(tok), encoding="utf-8")
     (out_dir / "tokenizer_config.json").write_text(
         json.dumps(_tokenizer_config(meta, 1_000_000_000), indent=2), encoding="utf-8"
     )
@@ -121,8 +127,7 @@ def write_model_tokenizer(model_proto: bytes, meta: dict, out_dir: Path, add_bos
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta["special_tokens"][bos])]
         )
-    with atomic_path(out_dir / "tokenizer.json") as tmp:
-        tok.save(str(tmp))
+    write_atomic(out_dir / "tokenizer.json", tokenizer_json(tok))
     config = {**_tokenizer_config(meta, model_max_length), "add_bos_token": add_bos, "add_eos_token": False}
     missing = [role for role in CHAT_ROLES if role not in meta["special_tokens"]]
     note = None

@@ -203,10 +203,13 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, meta: dict, rank
         if rank == 0:
             record = {**meta, "step": step, "files": files, DIGEST: digests}
             write_atomic(folder / META, json.dumps(record, indent=2) + "\n")
-    except OSError as e:  # a full disk or quota: the partial folder goes, the previous checkpoints stay
+    except (OSError, RuntimeError) as e:  # a full disk or quota: the partial folder goes, the previous stay
+        if isinstance(e, RuntimeError) and "PytorchStreamWriter" not in str(e) and "inline_container" not in str(e):
+            raise  # torch.save reports a short write as a RuntimeError from its zip writer; any other is a bug
         if rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
-        raise CheckpointNotSaved(f"could not save checkpoint {folder}: {e.strerror or e}; the previous checkpoints "
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "a file could not be written whole"
+        raise CheckpointNotSaved(f"could not save checkpoint {folder}: {reason}; the previous checkpoints "
                                  f"are kept: free space under {ckpt_dir} (or lower train.keep_last) and run the "
                                  "same command again to resume") from e
     if rank == 0:
