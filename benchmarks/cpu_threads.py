@@ -1,6 +1,6 @@
-"""ms per training step of configs/tiny-ko.yaml at 1 and 2 intra-op threads (`train.cpu_threads`), on an idle
-machine and beside one other CPU-bound process (a single-threaded matmul loop, as another user's job would be):
-what `train.cpu_threads=0` (auto) should pick, and what a new user's `ondol run` costs on a shared box.
+"""ms per training step of configs/tiny-ko.yaml at 1 and 2 intra-op threads and at auto (`train.cpu_threads`
+0: one thread per core that no other process keeps busy at start), on an idle machine and beside one other
+CPU-bound process (a single-threaded matmul loop, as another user's job would be).
 
   .venv/bin/python benchmarks/cpu_threads.py                  # tokenizer + data built once into --work
   .venv/bin/python benchmarks/cpu_threads.py --steps 60 --rounds 3
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             for busy in (False, True):
                 competitor = subprocess.Popen([sys.executable, "-c", COMPETITOR]) if busy else None
                 try:
-                    for threads in (1, 2):
+                    for threads in (1, 2, 0):
                         key = ("beside one CPU-bound process" if busy else "idle", threads)
                         cells.setdefault(key, []).append(step_ms(work, f"t{threads}", threads, args.steps))
                 finally:
@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
                         competitor.kill()
                         competitor.wait()
     table = Table(title=f"tiny-ko ms/step (median over {args.rounds} runs of {args.steps} steps)")
-    for col in ("machine", "1 thread", "2 threads", "2 / 1"):
+    for col in ("machine", "1 thread", "2 threads", "auto", "2 / 1"):
         table.add_column(col, justify="left" if col == "machine" else "right")
     for machine in ("idle", "beside one CPU-bound process"):
-        one, two = (statistics.median(cells[(machine, t)]) for t in (1, 2))
-        table.add_row(machine, f"{one:,.0f}", f"{two:,.0f}", f"{two / one:.2f}")
+        one, two, auto = (statistics.median(cells[(machine, t)]) for t in (1, 2, 0))
+        table.add_row(machine, f"{one:,.0f}", f"{two:,.0f}", f"{auto:,.0f}", f"{two / one:.2f}")
     console.print(table)
     return 0
 

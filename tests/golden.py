@@ -59,6 +59,7 @@ def tiny_config(run_dir: Path, assets: Path, *overrides: str) -> RunConfig:
         "data.seq_len=64",
         "data.num_proc=1", "model.moe_dispatch=loop", "train.steps=50", "train.micro_batch_size=4", "train.log_every=1",
         "train.eval_every=25", "train.eval_batches=2", "train.save_every=25", "optim.warmup_steps=10",
+        "train.cpu_threads=2",  # not auto, which follows the load: tests compare runs bit for bit
         "logging.progress=false", "logging.wandb_mode=disabled", *overrides])
     corpora = Path(cfg.corpora_dir)
     cfg.data.sources = [SourceConfig(name=n, path=str(corpora / f"{n}.jsonl.gz"), max_docs=k, weight=w)
@@ -102,9 +103,9 @@ def assets_identity(assets: Path) -> dict:
     return {"tokenizer_fingerprint": meta["fingerprint"], "data_hash": read_manifest(assets / "data")["hash"]}
 
 
-def golden_losses(run_dir: Path, assets: Path) -> list[float]:
+def golden_losses(run_dir: Path, assets: Path, *overrides: str) -> list[float]:
     """The golden run's losses on this machine."""
-    return run_losses(run_dir, assets, *STABLE_OPTIM)
+    return run_losses(run_dir, assets, *STABLE_OPTIM, *overrides)
 
 
 def compare(losses: list[float], golden: list[float], rel_tol: float) -> list[str]:
@@ -140,9 +141,9 @@ def measure_drift(work: Path) -> tuple[list[list[float]], list[str]]:
         for threads in (1, 2):
             name = f"{capability}-{threads}t"
             out = work / f"{name}.json"
-            env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OMP_NUM_THREADS": str(threads)}
-            subprocess.run([sys.executable, __file__, "--work-dir", str(work), "--losses-to", str(out)],
-                           env=env, check=True, stdout=subprocess.DEVNULL)
+            env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+            subprocess.run([sys.executable, __file__, "--work-dir", str(work), "--losses-to", str(out),
+                            "--threads", str(threads)], env=env, check=True, stdout=subprocess.DEVNULL)
             runs.append(json.loads(out.read_text(encoding="utf-8")))
             names.append(name)
             print(f"{name}: {len(runs[-1])} losses", file=sys.stderr)
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the stored losses; widen their tolerance by this machine's spread")
     parser.add_argument("--work-dir", help="where to build the tokenizer, data and runs (default: a temp dir)")
     parser.add_argument("--losses-to", help=argparse.SUPPRESS)  # one run's losses as JSON (measure_drift's runs)
+    parser.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)  # that run's train.cpu_threads
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         identity = assets_identity(assets)
         if args.losses_to:
             run = work / f"run-{Path(args.losses_to).stem}"
-            Path(args.losses_to).write_text(json.dumps(golden_losses(run, assets)), encoding="utf-8")
+            losses = golden_losses(run, assets, f"train.cpu_threads={args.threads}")
+            Path(args.losses_to).write_text(json.dumps(losses), encoding="utf-8")
             return 0
         if args.regenerate or args.measure_drift:
             return record(work, identity, regenerate=args.regenerate)

@@ -617,16 +617,36 @@ def test_a_second_signal_exits_at_once_and_a_relayed_one_does_not(tmp_path):
         "at once)"), "received SIGUSR1 again: exiting now without saving"]
 
 
-def test_cpu_threads_come_from_the_config_or_the_launcher_never_from_the_load(monkeypatch):
+def test_cpu_threads_come_from_the_config_the_launcher_or_the_free_cores(monkeypatch):
     from ondol.train.config import TrainConfig
     from ondol.train.engine import cpu_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr("ondol.train.engine.busy_cores", lambda: 0.0)
+    assert cpu_threads(0) == (cores, f"auto: {cores} of {cores} cores free at start")
+    monkeypatch.setattr("ondol.train.engine.busy_cores", lambda: cores + 3.0)  # more jobs than cores
     assert cpu_threads(0)[0] == 1 and cpu_threads(3) == (3, "train.cpu_threads")
+    assert cpu_threads(0, resumed=2) == (2, "auto: the resumed checkpoint's")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # ondol launch's share of the node's cores per rank
     assert cpu_threads(0) == (2, "auto: OMP_NUM_THREADS") and cpu_threads(1)[0] == 1
     with pytest.raises(ValueError, match="train.cpu_threads must be >= 0"):
         TrainConfig(cpu_threads=-1)
+
+
+def test_auto_cpu_threads_are_kept_in_the_checkpoint_and_a_resume_uses_them_again(assets, tmp_path, monkeypatch):
+    """A run that started beside another job (one free core) resumes on a free machine with its one thread: the
+    thread count orders fp32 sums, so a resume repeats the saved run's."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr("ondol.train.engine.busy_cores", lambda: cores - 1.0)
+    auto = ("train.cpu_threads=0", "train.save_every=2", "train.eval_every=10")
+    run_losses(tmp_path, assets, "train.steps=2", *auto)
+    assert checkpoint.read_meta(tmp_path / "checkpoints" / "step_00000002")["cpu_threads"] == 1
+    monkeypatch.setattr("ondol.train.engine.busy_cores", lambda: 0.0)
+    run_losses(tmp_path, assets, "train.steps=4", *auto)
+    assert torch.get_num_threads() == 1
+    assert checkpoint.read_meta(tmp_path / "checkpoints" / "step_00000004")["cpu_threads"] == 1
 
 
 # ---- console and metrics rows -------------------------------------------------------------------------------

@@ -89,10 +89,10 @@ class TrainConfig:
     loss: str = "auto"  # auto | chunked | full
     loss_chunk_tokens: int = 8192
     # Intra-op threads of each CPU rank; 0 = auto: OMP_NUM_THREADS when set (ondol launch sets it per rank), else
-    # 1. A second thread gains little at Ondol's CPU model sizes and, when another process wants the same cores,
-    # makes every step wait on a descheduled thread (10x slower per step on a busy 2-core machine:
-    # benchmarks/cpu_threads.py). Fixed for the run, never taken from the load: the same config gives the same
-    # losses bit for bit (the thread count sets the order of fp32 sums).
+    # the cores no other process keeps busy at start (at least 1): on a machine shared with another job, one
+    # thread per free core, as threads beyond them wait on the other job at every op (benchmarks/cpu_threads.py).
+    # The count orders fp32 sums, so it is logged and kept in checkpoints, and a resume uses it again; set it to
+    # repeat a run's losses bit for bit on another day.
     cpu_threads: int = 0
 
     def __post_init__(self) -> None:

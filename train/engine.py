@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -57,8 +58,6 @@ def init_distributed(cfg: RunConfig) -> DistEnv:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(cpu_threads(cfg.train.cpu_threads)[0])
     if not dist.is_initialized():  # DeepSpeed's op-probe output goes to RUN_DIR/logs, not the console
         with build_output_to(Path(cfg.run_dir) / "logs" / f"deepspeed-rank{os.environ['RANK']}.log"):
             if not cuda:
@@ -67,13 +66,34 @@ def init_distributed(cfg: RunConfig) -> DistEnv:
     return DistEnv(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
 
 
-def cpu_threads(setting: int) -> tuple[int, str]:
-    """The intra-op threads of a CPU rank for train.cpu_threads, and where the number comes from."""
+def cpu_threads(setting: int, resumed: int | None = None) -> tuple[int, str]:
+    """The intra-op threads of a CPU rank for train.cpu_threads, and where the number comes from. Auto: the
+    launcher's OMP_NUM_THREADS, else the count the resumed checkpoint's run used (a resume repeats its sums
+    exactly), else the cores of this process's affinity mask that no other process keeps busy, at least one."""
     if setting:
         return setting, "train.cpu_threads"
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"]), "auto: OMP_NUM_THREADS"
-    return 1, "auto: one per rank, so that a busy machine does not stall every step"
+    if resumed:
+        return resumed, "auto: the resumed checkpoint's"
+    cores = len(os.sched_getaffinity(0))
+    free = max(1, min(cores, round(cores - busy_cores())))
+    return free, f"auto: {free} of {cores} cores free at start"
+
+
+def busy_cores(window_s: float = 0.3) -> float:
+    """How many cores the machine's other processes keep busy, measured over `window_s` while this one waits
+    (/proc/stat; 0 where it cannot be read)."""
+    def jiffies() -> tuple[int, int]:  # (busy, total) over all CPUs
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        return sum(fields) - fields[3] - fields[4], sum(fields)  # idle and iowait are not busy
+    try:
+        busy0, total0 = jiffies()
+        time.sleep(window_s)
+        busy1, total1 = jiffies()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return (busy1 - busy0) / max(1, total1 - total0) * (os.cpu_count() or 1)
 
 
 def skip_shared_memory_op() -> None:

@@ -48,6 +48,10 @@ class Trainer:
         from ondol.tokenizer.tokenizer import Tokenizer
 
         self.env = init_distributed(cfg)
+        self.threads = (torch.get_num_threads(), "")  # (count, where from): set for CPU ranks
+        if self.env.device.type == "cpu":
+            self.threads = cpu_threads(cfg.train.cpu_threads)
+            torch.set_num_threads(self.threads[0])
         tokenizer = Tokenizer.load(tokenizer_dir(cfg))
         if cfg.model.vocab_size == 0:
             cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size))
@@ -79,7 +83,7 @@ class Trainer:
                      "data_hash": manifest["hash"], "seq_len": cfg.data.seq_len, "weights": self.loader.weights,
                      "zero_stage": deepspeed_zero_stage(cfg.deepspeed), "world_size": self.env.world_size,
                      "expert_parallel_size": cfg.deepspeed.expert_parallel_size,
-                     "seed": cfg.seed, "precision": cfg.deepspeed.precision}
+                     "seed": cfg.seed, "precision": cfg.deepspeed.precision, "cpu_threads": self.threads[0]}
         self.tokens_per_step = tr.micro_batch_size * tr.grad_accum * env.world_size * cfg.data.seq_len
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         peak, self.peak_source = detect_peak_tflops(env.device, cfg.logging.peak_tflops, cfg.deepspeed.precision)
@@ -150,6 +154,10 @@ class Trainer:
         self.tokens_seen = int(state.get("tokens_seen", self.step * self.tokens_per_step))
         self.loader.load_state_dict(state["loader"])
         self.nonfinite = dict(state["nonfinite"])
+        if self.env.device.type == "cpu":  # auto repeats the saved run's count: the same fp32 sums
+            self.threads = cpu_threads(self.cfg.train.cpu_threads, checkpoint.read_meta(folder).get("cpu_threads"))
+            torch.set_num_threads(self.threads[0])
+            self.meta["cpu_threads"] = self.threads[0]
         if self.env.is_main:  # the other ranks start their share of the interval from zero
             self.interval["sums"].copy_(state["interval_sums"])
         self.interval["loads"].copy_(state["interval_loads"])
@@ -196,8 +204,8 @@ class Trainer:
                 sink.header(cfg, self.env.world_size, self.flops_per_token, self.peak_flops, self.peak_source,
                             self.step)
                 if self.env.device.type == "cpu":
-                    threads, source = cpu_threads(cfg.train.cpu_threads)
-                    sink.log(f"cpu threads: {threads} per rank ({source}; train.cpu_threads sets it)")
+                    sink.log(f"cpu threads: {self.threads[0]} per rank ({self.threads[1]}; train.cpu_threads "
+                             "sets it)")
             try:
                 self._loop(sink, stop)
             finally:
