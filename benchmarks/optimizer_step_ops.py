@@ -53,21 +53,12 @@ def step_counts(run: Path, assets: Path, overrides: tuple[str, ...]) -> dict:
     """Parameter tensors, host syncs in one training step, kernels and views in its optimizer step."""
     from golden import link_data, tiny_config
 
-    from ondol.train.host_syncs import AtenOpCounter, HostSyncCounter
+    from ondol.train.host_syncs import count_training_step
     from ondol.train.trainer import Trainer
 
     link_data(run, assets)
     trainer = Trainer(tiny_config(run, assets, "train.steps=3", "train.log_every=10", *overrides))
-    trainer.train_step()
-    step, ops = trainer.engine.step, AtenOpCounter()
-
-    def counted_step():
-        with ops:
-            step()
-
-    trainer.engine.step = counted_step
-    with HostSyncCounter(trainer.env.device) as syncs:
-        trainer.train_step()
+    syncs, ops = count_training_step(trainer)
     assert bool(trainer.optimizer.applied), "the counted step was skipped as non-finite"
     counts = {"tensors": sum(1 for _ in trainer.engine.module.parameters()), "syncs": syncs.count,
               "kernels": sum(ops.kernels.values()), "views": sum(ops.views.values()),

@@ -25,7 +25,7 @@ from ondol.train.fast_paths import (
     checkpointed_layers,
     loss_chunk_tokens,
 )
-from ondol.train.host_syncs import AtenOpCounter, HostSyncCounter
+from ondol.train.host_syncs import HostSyncCounter, count_training_step
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("train.steps=3", "train.eval_every=3", "train.eval_batches=1", "train.save_every=3")
@@ -203,16 +203,7 @@ BF16_CUDA_DEFAULTS = ("deepspeed.precision=bf16", "optim.adamw=fused", "train.lo
 
 def _step_counts(trainer) -> tuple[int, int]:
     """Host syncs in a training step after the first, and aten kernels (views not counted) in its optimizer step."""
-    trainer.train_step()
-    step, ops = trainer.engine.step, AtenOpCounter()
-
-    def counted_step():
-        with ops:
-            step()
-
-    trainer.engine.step = counted_step
-    with HostSyncCounter(torch.device("cpu")) as syncs:
-        trainer.train_step()
+    syncs, ops = count_training_step(trainer)
     assert trainer.optimizer.applied
     assert syncs.count <= 1, syncs.sites
     return sum(1 for _ in trainer.engine.module.parameters()), sum(ops.kernels.values())

@@ -83,3 +83,22 @@ class AtenOpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         (self.views if func.is_view else self.kernels)[str(func.overloadpacket)] += 1
         return func(*args, **(kwargs or {}))
+
+
+def count_training_step(trainer) -> tuple[HostSyncCounter, AtenOpCounter]:
+    """A Trainer's next training step, counted: its host syncs and the aten ops of its optimizer step. A first
+    step runs uncounted before it (it creates the optimizer's state)."""
+    trainer.train_step()
+    step, ops = trainer.engine.step, AtenOpCounter()
+
+    def counted_step():
+        with ops:
+            step()
+
+    trainer.engine.step = counted_step
+    try:
+        with HostSyncCounter(trainer.env.device) as syncs:
+            trainer.train_step()
+    finally:
+        trainer.engine.step = step
+    return syncs, ops
