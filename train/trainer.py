@@ -140,7 +140,8 @@ class Trainer:
             raise checkpoint.IncompatibleCheckpoint(f"train.resume={mode}: {problem}: the checkpoint is damaged; "
                                                     f"point train.resume at another one under {self.ckpt_dir}")
         checkpoint.check_compatible(folder, self.meta)
-        saved_step, steps = int(checkpoint.read_meta(folder)["step"]), self.cfg.train.steps
+        saved = checkpoint.read_meta(folder)
+        saved_step, steps = int(saved["step"]), self.cfg.train.steps
         if saved_step > steps or (saved_step == steps and not finished_ok):
             where = "past" if saved_step > steps else "already at"
             raise NothingToTrain(f"{folder} is at step {saved_step}, {where} train.steps={steps}: nothing to train. "
@@ -154,8 +155,8 @@ class Trainer:
         self.tokens_seen = int(state.get("tokens_seen", self.step * self.tokens_per_step))
         self.loader.load_state_dict(state["loader"])
         self.nonfinite = dict(state["nonfinite"])
-        if self.env.device.type == "cpu":  # auto repeats the saved run's count: the same fp32 sums
-            self.threads = cpu_threads(self.cfg.train.cpu_threads, checkpoint.read_meta(folder).get("cpu_threads"))
+        if self.env.device.type == "cpu" and saved.get("cpu_threads"):  # auto repeats the saved run's count
+            self.threads = cpu_threads(self.cfg.train.cpu_threads, saved["cpu_threads"])  # (the same fp32 sums)
             torch.set_num_threads(self.threads[0])
             self.meta["cpu_threads"] = self.threads[0]
         if self.env.is_main:  # the other ranks start their share of the interval from zero
