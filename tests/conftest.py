@@ -53,6 +53,14 @@ def corpus_texts(name: str, n: int | None = None, skip: int = 0) -> list[str]:
         return [json.loads(line)["text"] for line in lines]
 
 
+def chat_conversations(n: int, turns: int = 1, skip: int = 0) -> list[list[dict]]:
+    """n conversations of `turns` consecutive real ko_chat question/answer pairs each (pairs skip.. in file
+    order), chained into one multi-turn conversation when turns > 1."""
+    with gzip.open(CORPORA / "ko_chat.jsonl.gz", "rt", encoding="utf-8") as f:
+        pairs = [json.loads(line)["messages"] for line in itertools.islice(f, skip, skip + n * turns)]
+    return [[m for pair in pairs[i:i + turns] for m in pair] for i in range(0, n * turns, turns)]
+
+
 @pytest.fixture(scope="session")
 def corpora() -> Path:
     if not CORPORA.is_dir():

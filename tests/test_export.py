@@ -15,10 +15,11 @@ from ondol.model.config import load_preset
 from ondol.model.generate import generate
 from ondol.model.io import save_pretrained
 from ondol.model.transformer import Transformer
+from ondol.tokenizer.chat import chat_template, encode_conversations
 from ondol.tokenizer.config import TokenizerConfig
 from ondol.tokenizer.tokenizer import Tokenizer
 from ondol.tokenizer.train import train_tokenizer
-from tests.conftest import CORPORA, corpus_texts
+from tests.conftest import CORPORA, chat_conversations, corpus_texts
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +135,6 @@ def test_inexpressible_options_are_refused(tmp_path, tokenizer_dir, capsys, over
 
 def test_exported_tokenizer_adds_bos_and_carries_context_special_tokens_and_chat_template(tmp_path, tokenizer_dir,
                                                                                        capsys):
-    from ondol.tokenizer.hf_export import CHAT_TEMPLATE
-
     run, model = make_run(tmp_path, tokenizer_dir)
     out = tmp_path / "hf"
     assert cli_export(run, out) == 0
@@ -149,11 +148,33 @@ def test_exported_tokenizer_adds_bos_and_carries_context_special_tokens_and_chat
     assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token, hf_tok.unk_token) == (
         "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>")
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
-    assert hf_tok.chat_template == CHAT_TEMPLATE
+    assert hf_tok.chat_template == chat_template(bos=True)
     chat = hf_tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       return_dict=True)
     assert chat["input_ids"] == [tok.bos_id, tok.token_to_id("<|user|>"), *tok.encode(prompt),
                                  tok.token_to_id("<|end|>"), tok.token_to_id("<|assistant|>")]
+
+
+def test_exported_chat_template_gives_ondols_ids_and_loss_mask_for_multi_turn_conversations(tmp_path,
+                                                                                           tokenizer_dir):
+    """transformers' apply_chat_template on the exported tokenizer against Ondol's encode_conversations (what
+    `ondol data prepare` writes): the same ids, and its assistant-token mask is Ondol's loss mask. Real ko_chat
+    pairs chained into 4-turn conversations, one opened by a real Korean sentence as the system message."""
+    run, _ = make_run(tmp_path, tokenizer_dir)
+    assert cli_export(run, tmp_path / "hf") == 0
+    tok, hf_tok = Tokenizer.load(tokenizer_dir), AutoTokenizer.from_pretrained(tmp_path / "hf")
+    conversations = chat_conversations(6, turns=4, skip=300)
+    conversations[0].insert(0, {"role": "system", "content": corpus_texts("ko_mixed", 1, skip=40)[0]})
+    for conv in conversations:
+        pairs = [(m["role"], m["content"]) for m in conv]
+        ids, mask = encode_conversations(tok, [pairs], bos=True)[0]
+        prompt, _ = encode_conversations(tok, [pairs[:-1]], bos=True, generation_prompt=True)[0]
+        hf = hf_tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        assert hf["input_ids"] == ids
+        assert hf["assistant_masks"] == mask
+        assert sum(mask) == sum(len(tok.encode(m["content"])) + 1 for m in conv if m["role"] == "assistant")
+        assert hf_tok.apply_chat_template(conv[:-1], add_generation_prompt=True, return_dict=True)["input_ids"] \
+            == prompt
 
 
 def test_export_without_role_tokens_says_there_is_no_chat_template(tmp_path, tokenizer_dir, capsys):

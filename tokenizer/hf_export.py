@@ -21,6 +21,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from ondol.files import write_atomic
+from ondol.tokenizer.chat import chat_template, missing_chat_tokens
 from ondol.tokenizer.korean import JAMO_RUN
 
 NORMAL, UNKNOWN, CONTROL, BYTE = (
@@ -105,13 +106,6 @@ def _tokenizer_config(meta: dict, model_max_length: int) -> dict:
 
 
 SPECIAL_KEYS = ("unk_token", "bos_token", "eos_token", "pad_token")
-CHAT_ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-# Each turn is the role's token, the text, then <|end|>; bos opens the conversation (as it opens every training
-# document) and add_generation_prompt leaves the assistant's token open for the reply.
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 def write_model_tokenizer(model_proto: bytes, meta: dict, out_dir: Path, add_bos: bool,
@@ -119,8 +113,8 @@ def write_model_tokenizer(model_proto: bytes, meta: dict, out_dir: Path, add_bos
     """The tokenizer files of an exported model. `tokenizer(text)` gives the ids the model was trained on: bos
     first (a TemplateProcessing post-processor) exactly when training documents started with it (data.bos),
     never eos (a prompt continues, it does not end). model_max_length is the model's context; bos, eos, pad and
-    unk are named. The chat template uses the tokenizer's role tokens (tokenizer.special_tokens) when it has all
-    of CHAT_ROLES; otherwise there is none and the returned note says why."""
+    unk are named. The chat template is Ondol's (tokenizer/chat.py) when the tokenizer has its role tokens
+    (tokenizer.special_tokens); otherwise there is none and the returned note says why."""
     tok = build_hf_tokenizer(model_proto, meta["normalization"], meta["jamo_split"])
     bos = meta["bos_token"]
     if add_bos:
@@ -129,13 +123,13 @@ def write_model_tokenizer(model_proto: bytes, meta: dict, out_dir: Path, add_bos
         )
     write_atomic(out_dir / "tokenizer.json", tokenizer_json(tok))
     config = {**_tokenizer_config(meta, model_max_length), "add_bos_token": add_bos, "add_eos_token": False}
-    missing = [role for role in CHAT_ROLES if role not in meta["special_tokens"]]
+    missing = missing_chat_tokens(meta["special_tokens"])
     note = None
     if missing:
         note = (f"no chat template: the tokenizer lacks the role token(s) {', '.join(missing)} "
                 "(tokenizer.special_tokens) that Ondol's template is written with")
     else:
-        config["chat_template"] = CHAT_TEMPLATE
+        config["chat_template"] = chat_template(add_bos)
     write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     write_atomic(out_dir / "special_tokens_map.json",
                  json.dumps({k: meta[k] for k in SPECIAL_KEYS}, indent=2, ensure_ascii=False) + "\n")
