@@ -58,26 +58,54 @@ class Cleaner:
 
         The content hash identifies the document for deduplication, and its first 8 bytes pick the split:
         a document keeps its split whatever happens to the other documents."""
-        cfg = self.cfg
+        text, changes = self._normalized(text)
+        self._count(source, changes)
+        split = self._split(text, text, source)
+        return None if split is None else (text, split)
+
+    def clean_conversation(self, messages: list[tuple[str, str]], source: str
+                           ) -> tuple[list[tuple[str, str]], str] | None:
+        """(cleaned (role, content) messages, split), or None after counting why the conversation was dropped:
+        each content is cleaned as a text; the filters judge the contents one a line, and roles with contents
+        are what deduplication and the split hash."""
+        cleaned, changes = [], set()
+        for role, content in messages:
+            content, changed = self._normalized(content)
+            cleaned.append((role, content))
+            changes |= changed
+        self._count(source, changes)
+        split = self._split("\n".join(c for _, c in cleaned), repr(cleaned), source)
+        return None if split is None else (cleaned, split)
+
+    def _normalized(self, text: str) -> tuple[str, set[str]]:
+        """The text after control-character removal and normalization, and the steps that changed it."""
+        changes = set()
+        # before NFC: a removed character may sit between two that compose
+        if self.cfg.remove_control and _CONTROL.search(text):
+            text = _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
+            changes.add("control_chars_removed")
+        if self.cfg.normalize == "nfc" and not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
+            changes.add("normalized")
+        return text, changes
+
+    def _count(self, source: str, changes: set[str]) -> None:
         if source not in self.modified:
             self.modified[source], self.dropped[source] = Counter(), Counter()
-        modified = self.modified[source]
-        # before NFC: a removed character may sit between two that compose
-        if cfg.remove_control and _CONTROL.search(text):
-            text = _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
-            modified["control_chars_removed"] += 1
-        if cfg.normalize == "nfc" and not unicodedata.is_normalized("NFC", text):
-            text = unicodedata.normalize("NFC", text)
-            modified["normalized"] += 1
+        self.modified[source].update(changes)
+
+    def _split(self, text: str, identity: str, source: str) -> str | None:
+        """'train' or 'val' for a text that passes the filters and is not a duplicate (by its identity); None
+        after counting the reason it is dropped."""
         reason = self._rejected(text, source)
-        digest = b"" if reason else hashlib.blake2b(text.encode(), digest_size=16, key=self.hash_key).digest()
-        if not reason and cfg.dedup:
+        digest = b"" if reason else hashlib.blake2b(identity.encode(), digest_size=16, key=self.hash_key).digest()
+        if not reason and self.cfg.dedup:
             reason = "duplicate" if digest in self.seen else ""
             self.seen.add(digest)
         if reason:
             self.dropped[source][reason] += 1
             return None
-        return text, "val" if int.from_bytes(digest[:8], "little") < self.val_below else "train"
+        return "val" if int.from_bytes(digest[:8], "little") < self.val_below else "train"
 
     def _rejected(self, text: str, source: str) -> str:
         """The name of the first filter the text fails, or ''."""

@@ -9,7 +9,10 @@ class SourceConfig:
 
     name: str = "???"
     path: str = "???"  # file, glob, folder, or a Hugging Face dataset name/path when format == "hf"
-    format: str = "auto"  # auto | jsonl | csv | tsv | text | parquet | hf (auto: by file suffix)
+    # auto | jsonl | csv | tsv | text | parquet | hf | chat (auto: by file suffix; a JSON Lines file whose first
+    # record has a `messages` list and no text_field is chat). chat: JSON Lines of `messages`, lists of
+    # {role: system | user | assistant, content}, trained with the loss on the assistant's tokens only (data/chat.py)
+    format: str = "auto"
     text_field: str = "text"  # the JSON field, or the CSV/TSV/Parquet column, holding the text
     text_unit: str = "line"  # plain text only: one document per line | paragraph (blank-line separated) | document (file)
     weight: float = 1.0  # mixture weight (tokenizer sampling and training data share)
@@ -18,9 +21,9 @@ class SourceConfig:
     hf_config: str | None = None
 
     def __post_init__(self) -> None:
-        if self.format not in ("auto", "jsonl", "csv", "tsv", "text", "parquet", "hf"):
+        if self.format not in ("auto", "jsonl", "csv", "tsv", "text", "parquet", "hf", "chat"):
             raise ValueError(f"data source '{self.name}': format must be auto | jsonl | csv | tsv | text | parquet "
-                             f"| hf, not '{self.format}'")
+                             f"| hf | chat, not '{self.format}'")
         if self.text_unit not in ("line", "paragraph", "document"):
             raise ValueError(f"data source '{self.name}': text_unit must be line | paragraph | document, "
                              f"not '{self.text_unit}'")

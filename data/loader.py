@@ -8,6 +8,11 @@ resume on another data-parallel size. g maps to a sequence in closed form (no re
      the weights to within 1/PATTERN_LEN over every whole pattern;
   2. within a source: the i-th draw is sequence perm_epoch[i mod n] (a seeded permutation per epoch; identity
      for validation, which has one fixed order), where sequence j of a shard is tokens [j*T, j*T + T + 1).
+A chat source (shards with a loss mask, data/chat.py) has other sequences: whole conversations packed in order,
+as many as fit in T + 1 tokens, the rest of the row padded; a conversation longer than T + 1 tokens is dropped
+(the manifest counts them for data.seq_len; the loader logs its own count). Its labels are -100 (no loss) except
+on the assistant's tokens, and the padding is a document of its own, so document masking keeps conversations
+and padding from attending to each other.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from ondol.data.shards import Shard, read_manifest, split_shards
 
 PATTERN_LEN = 10_000
+IGNORE = -100  # the label of a position the loss leaves out (model/loss.py's ignore_index)
 log = logging.getLogger("ondol.data")
 
 
@@ -83,11 +89,73 @@ class _SourceSequences:
         k = int(np.searchsorted(self.offsets, j, side="right")) - 1
         return self.shards[k], int(j - self.offsets[k]) * self.seq_len
 
+    def row(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Sequence j: (its seq_len + 1 tokens, 1 where a document starts at each of the first seq_len positions,
+        None: every label is trained on)."""
+        shard, start = self.locate(j)
+        T = self.seq_len
+        boundaries = np.zeros(T, dtype=np.int64)
+        lo = np.searchsorted(shard.starts, start, side="right")
+        hi = np.searchsorted(shard.starts, start + T, side="left")
+        boundaries[shard.starts[lo:hi] - start] = 1
+        return shard.window(start, T + 1), boundaries, None
+
+
+@dataclass
+class _Conversations:
+    """The rows of a chat source: consecutive whole conversations of one shard, as many as fit in seq_len + 1
+    tokens (next fit, in shard order), then padding."""
+
+    name: str
+    shards: list[Shard]
+    seq_len: int
+    pad_id: int
+
+    def __post_init__(self) -> None:
+        rows, self.too_long, fits = [], 0, self.seq_len + 1  # rows: (shard, first token, end token)
+        for k, shard in enumerate(self.shards):
+            first = end = 0
+            for start, stop in zip(shard.starts[:-1].tolist(), shard.starts[1:].tolist()):
+                if stop - start > fits:  # dropped; it ends the row, as what follows does not continue it
+                    self.too_long += 1
+                    if end > first:
+                        rows.append((k, first, end))
+                    first = end = stop
+                elif stop - first > fits:  # does not fit the row: it starts the next
+                    rows.append((k, first, end))
+                    first, end = start, stop
+                else:
+                    end = stop
+            if end > first:
+                rows.append((k, first, end))
+        self.rows = np.array(rows, dtype=np.int64).reshape(-1, 3)
+        self.count = len(self.rows)
+
+    def row(self, j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row j: (seq_len + 1 tokens, document starts over the first seq_len positions, 1 where the label of
+        each of the seq_len positions is trained on)."""
+        k, first, end = (int(x) for x in self.rows[j])
+        shard, T, n = self.shards[k], self.seq_len, end - first
+        tokens = np.full(T + 1, self.pad_id, dtype=np.int64)
+        tokens[:n] = shard.window(first, n)
+        trained = np.zeros(T + 1, dtype=np.uint8)
+        trained[:n] = shard.mask[first:end]
+        boundaries = np.zeros(T + 2, dtype=np.int64)  # [n]: where padding starts, past the row when there is none
+        starts = shard.starts[np.searchsorted(shard.starts, first):np.searchsorted(shard.starts, end)]
+        boundaries[starts - first] = 1
+        boundaries[n] = 1  # the padding is a document of its own
+        return tokens, boundaries[:T], trained[1:]
+
 
 def _mixed_sources(data_dir, split: str, seq_len: int, shards: dict[str, list[Shard]],
-                   weights: dict[str, float]) -> list[_SourceSequences]:
+                   weights: dict[str, float], pad_id: int) -> list[_SourceSequences | _Conversations]:
     """The sources with a positive weight; a validation split may lack a small one (logged), training not."""
-    sources = [_SourceSequences(name, shards[name], seq_len) for name in shards if weights.get(name, 0) > 0]
+    sources = [_Conversations(name, shards[name], seq_len, pad_id) if any(s.mask is not None for s in shards[name])
+               else _SourceSequences(name, shards[name], seq_len) for name in shards if weights.get(name, 0) > 0]
+    for source in sources:
+        if getattr(source, "too_long", 0):
+            log.warning("%s: %s %s: %d conversations longer than seq_len + 1 = %d tokens are left out",
+                        data_dir, split, source.name, source.too_long, seq_len + 1)
     if not sources:
         raise ValueError(f"{data_dir}: every source has weight 0")
     empty = [s.name for s in sources if s.count == 0]
@@ -119,7 +187,7 @@ class TokenLoader:
         unknown = sorted(set(weights) - set(shards))
         if unknown:
             raise ValueError(f"weights name unknown sources {unknown}; {data_dir} has {sorted(shards)}")
-        self.sources = _mixed_sources(data_dir, split, seq_len, shards, weights)
+        self.sources = _mixed_sources(data_dir, split, seq_len, shards, weights, manifest["tokenizer"]["eos_id"])
         self.weights = {s.name: float(weights[s.name]) for s in self.sources}
         self.pattern, self.slots, self.slot_rank = mixture_pattern(list(self.weights.values()))
         if not self.slots.all():
@@ -141,8 +209,8 @@ class TokenLoader:
             self._permutations[key] = rng.permutation(self.sources[s].count)
         return self._permutations[key]
 
-    def sequence(self, g: int) -> tuple[int, Shard, int]:
-        """(source index, shard, first token) of global sequence g."""
+    def sequence(self, g: int) -> tuple[int, int]:
+        """(source index, the source's sequence) of global sequence g."""
         slot = g % PATTERN_LEN
         s = int(self.pattern[slot])
         draw = (g // PATTERN_LEN) * int(self.slots[s]) + int(self.slot_rank[slot])
@@ -150,8 +218,7 @@ class TokenLoader:
         epoch, j = divmod(draw, source.count)
         if self.split == "train":
             j = int(self._permutation(s, epoch)[j])
-        shard, start = source.locate(j)
-        return s, shard, start
+        return s, j
 
     def __iter__(self) -> TokenLoader:
         return self
@@ -159,20 +226,19 @@ class TokenLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         B, T = self.batch_size, self.seq_len
         tokens = np.empty((B, T + 1), dtype=np.int64)
-        boundaries = np.zeros((B, T), dtype=np.int64)
+        boundaries = np.zeros((B, T), dtype=np.int64)  # 1: a document starts at this position
+        labels = np.empty((B, T), dtype=np.int64)
         first = self.position + self.rank * B
         sources = []
         for b in range(B):
-            s, shard, start = self.sequence(first + b)
-            tokens[b] = shard.window(start, T + 1)
-            lo = np.searchsorted(shard.starts, start, side="right")
-            hi = np.searchsorted(shard.starts, start + T, side="left")
-            boundaries[b, shard.starts[lo:hi] - start] = 1  # a document starts at this position
+            s, j = self.sequence(first + b)
+            tokens[b], boundaries[b], trained = self.sources[s].row(j)
+            labels[b] = tokens[b, 1:] if trained is None else np.where(trained == 1, tokens[b, 1:], IGNORE)
             sources.append(self.sources[s].name)
         self.position += self.world_size * B
         self.last_sources = sources
         return {"input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :T])),
-                "labels": torch.from_numpy(np.ascontiguousarray(tokens[:, 1:])),
+                "labels": torch.from_numpy(labels),
                 "doc_ids": torch.from_numpy(np.cumsum(boundaries, axis=1))}
 
     def state_dict(self) -> dict:

@@ -25,12 +25,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ondol.data.chat import chat_ids
 from ondol.data.clean import Cleaner, check_normalization
 from ondol.data.config import DataConfig
 from ondol.data.packing import (
     FORMAT,
     build_manifest,
     deliver_documents,
+    encode_chats,
     encode_documents,
     source_files,
     tokenizer_record,
@@ -45,7 +47,7 @@ from ondol.data.shards import (
     token_dtype,
     write_json,
 )
-from ondol.data.sources import BadInputLog, iter_documents, source_identity
+from ondol.data.sources import BadInputLog, is_chat, iter_documents, source_identity
 from ondol.errors import DataError, ignore_interrupts
 from ondol.files import exclusive_lock, move_aside, read_json
 
@@ -56,8 +58,9 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _worker_tokenizer = None  # set before forking the pool; each worker inherits it
 
 
-def _encode_chunk(texts: list[str], dtype: str, bos: bool) -> tuple[np.ndarray, np.ndarray]:
-    return encode_documents(_worker_tokenizer, texts, dtype, bos)
+def _encode_chunk(items: list, dtype: str, bos: bool, chat: bool) -> tuple:
+    """(tokens, lengths) of texts, or (tokens, lengths, loss mask) of conversations."""
+    return (encode_chats if chat else encode_documents)(_worker_tokenizer, items, dtype, bos)
 
 
 class _OrderedEncoder:
@@ -76,11 +79,11 @@ class _OrderedEncoder:
         self.window = 2 * num_proc
         self.pending: deque = deque()
 
-    def submit(self, texts: list[str], routes: list) -> None:
+    def submit(self, items: list, routes: list, chat: bool) -> None:
         if self.pool is None:
-            self.deliver(routes, *_encode_chunk(texts, *self.args))
+            self.deliver(routes, *_encode_chunk(items, *self.args, chat))
             return
-        self.pending.append((routes, self.pool.submit(_encode_chunk, texts, *self.args)))
+        self.pending.append((routes, self.pool.submit(_encode_chunk, items, *self.args, chat)))
         while len(self.pending) > self.window:
             self._deliver_oldest()
 
@@ -199,6 +202,11 @@ def prepare(cfg: DataConfig, tokenizer, out_dir: str | os.PathLike, seed: int, p
     if cfg.executor == "single" and (cfg.near_dedup.enabled or cfg.pii != "off"):
         raise ValueError("data.near_dedup and data.pii run on DataTrove: set data.executor=local "
                          "(data.tasks=1 is fine) or slurm")
+    chat = {s.name for s in cfg.sources if is_chat(s)}
+    if chat and cfg.executor != "single":
+        raise ValueError(f"chat sources ({', '.join(sorted(chat))}) are prepared by data.executor=single only")
+    if chat:
+        chat_ids(tokenizer)  # the tokenizer has the role tokens
     # Only when on, so that preparations from before these settings keep their identity.
     identity |= {"near_dedup": asdict(cfg.near_dedup)} if cfg.near_dedup.enabled else {}
     identity |= {"pii": cfg.pii} if cfg.pii != "off" else {}
@@ -222,18 +230,19 @@ def _prepare_into(cfg: DataConfig, tokenizer, out_dir: Path, seed: int, progress
 
     started = time.perf_counter()
     dtype = token_dtype(tokenizer.vocab_size)
-    writers = {(split, s.name): ShardWriter(out_dir / split / s.name, dtype, cfg.shard_tokens)
+    chat = {s.name: is_chat(s) for s in cfg.sources}
+    writers = {(split, s.name): ShardWriter(out_dir / split / s.name, dtype, cfg.shard_tokens, chat[s.name])
                for split in SPLITS for s in cfg.sources}
 
-    def deliver(routes: list, flat: np.ndarray, lengths: np.ndarray) -> None:
-        deliver_documents(writers, routes, flat, lengths)
+    def deliver(routes: list, *encoded: np.ndarray) -> None:
+        deliver_documents(writers, routes, *encoded)
 
     cleaner = Cleaner(cfg.cleaning, seed, cfg.val_fraction)
     encoder = _OrderedEncoder(tokenizer, cfg.num_proc, dtype, cfg.bos, deliver)
     stats = []
     try:
         for source in cfg.sources:
-            stats.append(_prepare_source(source, cfg, cleaner, encoder, writers, progress))
+            stats.append(_prepare_source(source, cfg, cleaner, encoder, writers, progress, chat[source.name]))
         encoder.close()
     except BaseException:
         encoder.terminate()
@@ -253,13 +262,14 @@ def _prepare_into(cfg: DataConfig, tokenizer, out_dir: Path, seed: int, progress
 
 
 def _prepare_source(source, cfg: DataConfig, cleaner: Cleaner, encoder: _OrderedEncoder,
-                    writers: dict, progress: bool) -> dict:
-    """Read, clean and split one source, queueing for tokenization what finished shards do not hold yet."""
+                    writers: dict, progress: bool, chat: bool) -> dict:
+    """Read, clean and split one source (texts, or a chat source's conversations), queueing for tokenization
+    what finished shards do not hold yet."""
     bad = BadInputLog(strict=cfg.strict)
     kept, chars = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
     keys = {split: (split, source.name) for split in SPLITS}
     skip = {split: writers[keys[split]].skip_docs for split in SPLITS}
-    texts: list[str] = []
+    items: list = []  # texts, or conversations
     routes: list[tuple[str, str]] = []
     bar = tqdm(desc=f"data: {source.name}", unit=" docs", unit_scale=True, total=source.max_docs,
                disable=None if progress else True,  # None: no bar off a terminal
@@ -269,22 +279,24 @@ def _prepare_source(source, cfg: DataConfig, cleaner: Cleaner, encoder: _Ordered
         read += 1
         if read % 1024 == 0:
             bar.update(1024)
-        cleaned = cleaner.clean(doc.text, source.name)
+        cleaned = (cleaner.clean_conversation(doc.messages, source.name) if chat
+                   else cleaner.clean(doc.text, source.name))
         if cleaned is None:
             continue
-        text, split = cleaned
+        item, split = cleaned
+        size = sum(len(content) for _, content in item) if chat else len(item)
         kept[split] += 1
-        chars[split] += len(text)
+        chars[split] += size
         if kept[split] <= skip[split]:
             continue  # already in a finished shard from an earlier, interrupted run
-        texts.append(text)
+        items.append(item)
         routes.append(keys[split])
-        chunk_chars += len(text)
-        if len(texts) >= CHUNK_DOCS or chunk_chars >= CHUNK_CHARS:
-            encoder.submit(texts, routes)
-            texts, routes, chunk_chars = [], [], 0
-    if texts:
-        encoder.submit(texts, routes)
+        chunk_chars += size
+        if len(items) >= CHUNK_DOCS or chunk_chars >= CHUNK_CHARS:
+            encoder.submit(items, routes, chat)
+            items, routes, chunk_chars = [], [], 0
+    if items:
+        encoder.submit(items, routes, chat)
     bar.update(read % 1024)
     bar.close()
     return {"name": source.name, "path": source.path, "weight": source.weight, "read": read,

@@ -5,6 +5,8 @@ DATA_DIR/prepare.json         the identity hash of a preparation, written first:
 DATA_DIR/{split}/{source}/NNNNN.bin   packed tokens (uint16, or uint32 for vocabularies over 65,536): each
                                       document as [bos] text tokens eos (bos when the manifest says "bos")
 DATA_DIR/{split}/{source}/NNNNN.idx   int64 document start offsets into the .bin, then its length
+DATA_DIR/{split}/{source}/NNNNN.mask  chat sources only: one uint8 a token, 1 where the loss is taken (the
+                                      assistant's tokens, data/chat.py), 0 elsewhere
 DATA_DIR/{split}/{source}/NNNNN.json  the shard record; written last, so it marks a complete shard
 
 Every file is written by temp + fsync + rename (ondol.files), so a kill at any moment leaves whole files only.
@@ -62,9 +64,10 @@ def check_tokenizer(data_dir: str | os.PathLike, manifest: dict, tokenizer) -> N
 def shard_intact(data_dir: str | os.PathLike, record: dict, dtype: str) -> bool:
     """Whether a recorded shard's token and index files are there with the sizes its record gives."""
     stem = Path(data_dir) / record["path"]
-    tokens, index = stem.with_suffix(".bin"), stem.with_suffix(".idx")
+    tokens, index, mask = stem.with_suffix(".bin"), stem.with_suffix(".idx"), stem.with_suffix(".mask")
     return (tokens.is_file() and tokens.stat().st_size == record["tokens"] * np.dtype(dtype).itemsize
-            and index.is_file() and index.stat().st_size == 8 * (record["docs"] + 1))
+            and index.is_file() and index.stat().st_size == 8 * (record["docs"] + 1)
+            and (not record.get("mask") or (mask.is_file() and mask.stat().st_size == record["tokens"])))
 
 
 class ShardWriter:
@@ -72,11 +75,12 @@ class ShardWriter:
 
     On creation it adopts the intact shards an earlier, interrupted run left (a contiguous run of records
     from 00000 whose files are whole) and deletes anything else; `skip_docs` then says how many leading
-    documents they hold, so the caller neither re-tokenizes nor re-writes them.
+    documents they hold, so the caller neither re-tokenizes nor re-writes them. A `masked` stream (a chat source)
+    also writes each token's loss mask, and its records count the tokens the loss is taken on.
     """
 
-    def __init__(self, directory: Path, dtype: np.dtype, shard_tokens: int):
-        self.dir, self.dtype, self.shard_tokens = directory, dtype, shard_tokens
+    def __init__(self, directory: Path, dtype: np.dtype, shard_tokens: int, masked: bool = False):
+        self.dir, self.dtype, self.shard_tokens, self.masked = directory, dtype, shard_tokens, masked
         self.dir.mkdir(parents=True, exist_ok=True)
         self.records: list[dict] = []
         while (record_path := self.dir / f"{len(self.records):05d}.json").is_file():
@@ -84,23 +88,30 @@ class ShardWriter:
             if not shard_intact(self.dir.parent.parent, record, dtype.name):
                 break
             self.records.append(record)
-        keep = {f"{i:05d}{ext}" for i in range(len(self.records)) for ext in (".bin", ".idx", ".json")}
+        keep = {f"{i:05d}{ext}" for i in range(len(self.records)) for ext in (".bin", ".idx", ".json", ".mask")}
         for stale in self.dir.iterdir():  # incomplete shards, and temporaries of a killed writer
             if stale.name not in keep:
                 stale.unlink()
         self.skip_docs = sum(r["docs"] for r in self.records)
         self._parts: list[np.ndarray] = []
+        self._masks: list[np.ndarray] = []
         self._lengths: list[np.ndarray] = []
         self._tokens = 0
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append whole documents (packed tokens, each ending in eos, and their lengths); a shard is written
-        as soon as its documents reach shard_tokens."""
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Append whole documents (packed tokens, each ending in eos, and their lengths; a masked stream's loss
+        mask beside the tokens); a shard is written as soon as its documents reach shard_tokens."""
+        if self.masked != (mask is not None):
+            raise ValueError(f"{self.dir}: a {'chat' if self.masked else 'text'} stream takes documents "
+                             f"{'with' if self.masked else 'without'} a loss mask")
         while len(lengths):
             ends = np.cumsum(lengths)
             take = min(len(lengths), int(np.searchsorted(ends, self.shard_tokens - self._tokens)) + 1)
             size = int(ends[take - 1])
             self._parts.append(tokens[:size])
+            if mask is not None:
+                self._masks.append(mask[:size])
+                mask = mask[size:]
             self._lengths.append(lengths[:take])
             self._tokens += size
             tokens, lengths = tokens[size:], lengths[take:]
@@ -112,16 +123,20 @@ class ShardWriter:
             return
         stem = f"{len(self.records):05d}"
         starts = np.concatenate([[0], np.cumsum(np.concatenate(self._lengths))])
-        need = int(starts[-1]) * self.dtype.itemsize + starts.nbytes
+        need = int(starts[-1]) * (self.dtype.itemsize + self.masked) + starts.nbytes
         with space_checked(self.dir, DataError, f"shard {stem}", need):
             write_atomic(self.dir / f"{stem}.bin",
                          np.concatenate(self._parts).astype(self.dtype, copy=False).tobytes())
             write_atomic(self.dir / f"{stem}.idx", starts.tobytes())
             record = {"path": str(Path(self.dir.parent.name) / self.dir.name / stem), "tokens": int(starts[-1]),
                       "docs": len(starts) - 1}
+            if self.masked:
+                mask = np.concatenate(self._masks).astype(np.uint8, copy=False)
+                write_atomic(self.dir / f"{stem}.mask", mask.tobytes())
+                record |= {"mask": True, "loss_tokens": int(mask.sum())}
             write_json(self.dir / f"{stem}.json", record)
         self.records.append(record)
-        self._parts, self._lengths, self._tokens = [], [], 0
+        self._parts, self._masks, self._lengths, self._tokens = [], [], [], 0
 
 
 @dataclass
@@ -132,6 +147,7 @@ class Shard:
     path: Path  # the .bin file of `tokens`
     vocab_size: int = 0  # every id must lie below it (checked on the first window); 0: not checked
     checked: bool = False
+    mask: np.ndarray | None = None  # chat sources: read-only memmap of each token's loss mask (1: trained on)
 
     @property
     def docs(self) -> int:
@@ -163,7 +179,10 @@ def open_shard(data_dir: str | os.PathLike, record: dict, dtype: str, bos: bool,
                          f"the manifest says; re-run `ondol data prepare CONFIG` to rebuild it")
     starts = np.fromfile(stem.with_suffix(".idx"), dtype=np.int64)
     tokens = np.memmap(bin_path, dtype=dtype_, mode="r") if record["tokens"] else np.zeros(0, dtype_)
-    return Shard(tokens, starts, bos, bin_path, vocab_size)
+    mask = None
+    if record.get("mask"):
+        mask = np.memmap(stem.with_suffix(".mask"), dtype=np.uint8, mode="r") if record["tokens"] else np.zeros(0, np.uint8)
+    return Shard(tokens, starts, bos, bin_path, vocab_size, mask=mask)
 
 
 def split_shards(data_dir: str | os.PathLike, split: str, manifest: dict | None = None) -> dict[str, list[Shard]]:

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ondol.data.chat import MESSAGES, check_messages
 from ondol.data.config import SourceConfig
 from ondol.errors import DataError
 
@@ -55,6 +56,8 @@ class Document:
     source: str  # the SourceConfig name
     file: str  # file path (or "hf:NAME[split]")
     line: int  # 1-based line in the file (row for Parquet and Hugging Face datasets)
+    messages: list[tuple[str, str]] | None = None  # a chat source's conversation as (role, content); text: the
+    # contents one a line (what a tokenizer trains on)
 
     @property
     def where(self) -> str:
@@ -368,6 +371,37 @@ def _read_jsonl(path: str, source: SourceConfig, bad: BadInputLog, first_line: i
                 _count_not_text(value, key, f"{path}:{number}", bad)
 
 
+def is_chat(source: SourceConfig) -> bool:
+    """Whether a source is read as conversations: format chat, or auto with a first JSON Lines file whose first
+    object has a `messages` list and no text_field."""
+    if source.format != "auto":
+        return source.format == "chat"
+    first = resolve_files(source)[0]
+    if detect_format(first) != "jsonl":
+        return False
+    for _, line in itertools.islice(_decoded_lines(first, BadInputLog()), 100):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            return isinstance(record.get(MESSAGES), list) and source.text_field not in record
+    return False
+
+
+def _read_chat(path: str, source: SourceConfig, bad: BadInputLog, first_line: int) -> Iterator[Document]:
+    """JSON Lines of conversations (data/chat.py): a line without a list of {role, content} messages, with an
+    unknown role or a content that is not a string is counted (or with strict, raised) by file and line."""
+    for first, block in _line_blocks(path, bad, first_line):
+        for number, value in _parsed_lines(block, first, path, MESSAGES, bad):
+            reason, detail = check_messages(value)
+            if reason:
+                bad.add(reason, f"{path}:{number}", detail)
+                continue
+            messages = [(m["role"], m["content"]) for m in value]
+            yield Document("\n".join(content for _, content in messages), source.name, path, number, messages)
+
+
 def _read_text(path: str, source: SourceConfig, bad: BadInputLog, first_line: int) -> Iterator[Document]:
     """Plain text: one document per line, per blank-line-separated paragraph, or per file (text_unit)."""
     unit = source.text_unit
@@ -504,8 +538,11 @@ def _hf_column(source: SourceConfig) -> Iterator[object]:
         yield row.get(source.text_field)
 
 
-def _file_documents(path: str, source: SourceConfig, bad: BadInputLog, first_line: int) -> Iterator[Document]:
+def _file_documents(path: str, source: SourceConfig, bad: BadInputLog, first_line: int, chat: bool
+                    ) -> Iterator[Document]:
     kind = source.format if source.format != "auto" else detect_format(path)
+    if chat:
+        return _read_chat(path, source, bad, first_line)
     if kind == "jsonl":
         return _read_jsonl(path, source, bad, first_line)
     if kind in TABLE_DIALECTS:
@@ -540,8 +577,9 @@ def iter_documents(source: SourceConfig, strict: bool = False, bad: BadInputLog 
         streams: Iterator[Iterator[Document]] = iter(
             [_read_rows(rows, f"hf:{source.path}[{source.hf_split}]", source, bad, start[1])])
     else:
-        files = resolve_files(source)[start[0]:]
-        streams = (_file_documents(path, source, bad, start[1] if i == 0 else 1) for i, path in enumerate(files))
+        files, chat = resolve_files(source)[start[0]:], is_chat(source)
+        streams = (_file_documents(path, source, bad, start[1] if i == 0 else 1, chat)
+                   for i, path in enumerate(files))
     count = 0
     for stream in streams:
         for doc in stream:

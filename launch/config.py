@@ -107,7 +107,10 @@ class LaunchConfig:
 
 @dataclass
 class GenerateConfig:
-    prompt: str | None = None  # None: the first words of the first validation document
+    prompt: str | None = None  # None: the first words of the first validation document (chat: its user message)
+    # answer the prompt as a user's message through the chat template (data/chat.py), stopping at the end of
+    # the assistant's turn: a model fine-tuned on chat data (train.init_from)
+    chat: bool = False
     prompt_words: int = 3
     max_new_tokens: int = 40
     min_new_tokens: int = 8  # eos is not chosen before this many tokens

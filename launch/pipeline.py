@@ -42,8 +42,25 @@ def prompt_from_validation(cfg: RunConfig, tokenizer) -> str:
     return " ".join(text.split()[: cfg.generate.prompt_words])
 
 
+def chat_prompt_from_validation(cfg: RunConfig, tokenizer) -> str:
+    """The user's first message in the first held-out conversation (generate.chat)."""
+    from ondol.data.chat import END_OF_TURN, chat_ids
+    from ondol.data.shards import split_shards
+
+    ids = chat_ids(tokenizer)
+    for shards in split_shards(data_dir(cfg), "val").values():
+        for shard in (s for s in shards if s.mask is not None and s.docs):
+            doc = shard.document(0).tolist()
+            start = doc.index(ids["user"]) + 1
+            return tokenizer.decode(doc[start:doc.index(ids[END_OF_TURN], start)])
+    raise ConfigError(f"{data_dir(cfg)} holds no held-out conversation to take a chat prompt from: give --prompt "
+                      "or generate.prompt")
+
+
 def continue_prompt(cfg: RunConfig, prompt: str | None = None) -> tuple[str, str]:
-    """Greedy (or sampled, per `generate`) continuation of `prompt` by the run's final model."""
+    """Greedy (or sampled, per `generate`) continuation of `prompt` by the run's final model; with
+    generate.chat, the assistant's answer to it as a user's message, up to the end of its turn."""
+    from ondol.data.chat import END_OF_TURN, chat_ids, encode_conversations
     from ondol.model.generate import generate
     from ondol.model.io import load_pretrained
     from ondol.train.evaluation import load_tokenizer
@@ -53,14 +70,22 @@ def continue_prompt(cfg: RunConfig, prompt: str | None = None) -> tuple[str, str
     if cfg.generate.speculative and (cfg.generate.temperature > 0 or not model.cfg.mtp_layers):
         raise ConfigError(f"generate.speculative=true needs generate.temperature=0 and a model trained with "
                           f"model.mtp_layers >= 1 ({model_dir(cfg)} has {model.cfg.mtp_layers})")
-    prompt = prompt if prompt is not None else (cfg.generate.prompt or prompt_from_validation(cfg, tokenizer))
+    chat = cfg.generate.chat
+    if prompt is None:
+        prompt = cfg.generate.prompt or (chat_prompt_from_validation if chat else prompt_from_validation)(cfg,
+                                                                                                       tokenizer)
+    if chat:  # a tokenizer without the chat tokens is refused (exit 4)
+        (prompt_ids, _), = encode_conversations(tokenizer, [[("user", prompt)]], cfg.data.bos, generation_prompt=True)
+        stop = chat_ids(tokenizer)[END_OF_TURN]
+    else:  # as training documents began
+        prompt_ids, stop = [tokenizer.bos_id] * cfg.data.bos + tokenizer.encode(prompt), tokenizer.eos_id
     ids = generate(
         model,
-        [tokenizer.bos_id] * cfg.data.bos + tokenizer.encode(prompt),  # as training documents began
+        prompt_ids,
         max_new_tokens=cfg.generate.max_new_tokens,
         temperature=cfg.generate.temperature,
         top_k=cfg.generate.top_k,
-        eos_id=tokenizer.eos_id,
+        eos_id=stop,
         min_new_tokens=cfg.generate.min_new_tokens,
         speculative=cfg.generate.speculative,
         compile=cfg.generate.compile,
@@ -129,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    cfg = load_run_config(args.run_dir, args.overrides)
+    cfg = load_run_config(args.run_dir, [*args.overrides, *["generate.chat=true"] * args.chat])
     prompt, continuation = continue_prompt(cfg, args.prompt)
     print(continuation_lines(prompt, continuation))
     if not continuation.strip():  # blanks, or nothing before eos, would look like no output at all
@@ -153,5 +178,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `ondol run` or `ondol train` "
                    "(every file is read from it), or the run's config YAML")
     g.add_argument("--prompt", help="text to continue (default: generate.prompt, else a held-out document's start)")
+    g.add_argument("--chat", action="store_true", help="answer the prompt as a user's message through the chat "
+                   "template, stopping at the end of the turn (generate.chat=true; a chat fine-tuned run)")
     g.add_argument("overrides", nargs="*", help="overrides such as generate.max_new_tokens=80")
     g.set_defaults(func=_generate)

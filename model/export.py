@@ -211,6 +211,7 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", max_
     if not (tok_dir / "meta.json").is_file():
         raise ModelError(f"{tok_dir}: no tokenizer (meta.json) in the run directory; train one with "
                                 "`ondol tokenizer` or copy the run's tokenizer folder there")
+    from ondol.data.chat import END_OF_TURN
     from ondol.tokenizer.hf_export import write_model_tokenizer
     from ondol.tokenizer.tokenizer import Tokenizer
 
@@ -233,7 +234,10 @@ def export_hf(source: str | Path, out_dir: str | Path, dtype: str = "fp32", max_
                                  cfg.max_seq_len)
     if note:
         print(f"export: {note}")
-    write_atomic(out / "generation_config.json", json.dumps(special, indent=2) + "\n")
+    # generation also stops at the end of an assistant's turn (data/chat.py), when the tokenizer has chat tokens
+    end_of_turn = tok.special_tokens.get(END_OF_TURN)
+    stops = {"eos_token_id": [tok.eos_id, end_of_turn]} if end_of_turn is not None else {}
+    write_atomic(out / "generation_config.json", json.dumps(special | stops, indent=2) + "\n")
     conf = {**hf_config(cfg, special), "torch_dtype": "bfloat16" if dtype == "bf16" else "float32"}
     write_atomic(out / "config.json", json.dumps(conf, indent=2) + "\n")
     write_checksums(out, [p.name for p in out.iterdir() if p.is_file() and p.name != CHECKSUMS])

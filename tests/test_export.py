@@ -9,13 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ondol.data.chat import chat_template, encode_conversations
 from ondol.data.config import SourceConfig
 from ondol.launch.cli import main
 from ondol.model.config import load_preset
 from ondol.model.generate import generate
 from ondol.model.io import save_pretrained
 from ondol.model.transformer import Transformer
-from ondol.tokenizer.chat import chat_template, encode_conversations
 from ondol.tokenizer.config import TokenizerConfig
 from ondol.tokenizer.tokenizer import Tokenizer
 from ondol.tokenizer.train import train_tokenizer

@@ -20,8 +20,8 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
+from ondol.data.chat import chat_template, missing_chat_tokens
 from ondol.files import write_atomic
-from ondol.tokenizer.chat import chat_template, missing_chat_tokens
 from ondol.tokenizer.korean import JAMO_RUN
 
 NORMAL, UNKNOWN, CONTROL, BYTE = (

@@ -260,7 +260,7 @@ def describe_layout(folder: Path) -> str:
     return ", ".join(f"{k} {saved.get(k)}" for k in LAYOUT_KEYS)
 
 
-def _model_changes(saved: dict, model: dict) -> list[str]:
+def model_changes(saved: dict, model: dict) -> list[str]:
     """'model.KEY: old -> new' for each model key outside RESUMABLE_MODEL_KEYS that differs (a key the checkpoint
     predates counts as its default, the behaviour it was trained with)."""
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
@@ -282,7 +282,7 @@ def check_compatible(folder: Path, meta: dict) -> None:
     """Refuse a checkpoint whose model, tokenizer, data, sequence length or mixture differs from this run's, or
     whose layout (world size, expert-parallel size, ZeRO stage) differs where no reshard can bridge it."""
     saved = read_meta(folder)
-    changed = _model_changes(saved["model"], meta["model"])
+    changed = model_changes(saved["model"], meta["model"])
     for key, what in (("tokenizer_fingerprint", "tokenizer fingerprint"), ("data_hash", "prepared data hash"),
                       ("seq_len", "data.seq_len")):
         if saved.get(key) != meta.get(key):

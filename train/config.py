@@ -76,6 +76,9 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 2
     resume: str = "auto"  # auto | never (earlier checkpoints are moved aside, not deleted) | a checkpoint folder
+    # Start from another run's trained weights (its RUN_DIR, or a model folder) instead of a fresh initialisation,
+    # with this run's own optimizer and schedule: supervised fine-tuning (train/init_from.py). None: fresh
+    init_from: str | None = None
     max_nonfinite: int = 5  # stop after this many non-finite steps in a row
     log_every: int = 10
     # Signals that make every rank finish its step, save a checkpoint and exit with code 75 (a second one: at once)

@@ -161,25 +161,28 @@ def adam_step_state(p: torch.Tensor, steps: int, fused: bool, capturable: bool) 
 
 
 @torch.no_grad()
-def load(engine, optimizer, folder: Path, adam_steps: int) -> None:
+def load(engine, optimizer, folder: Path, adam_steps: int | None) -> None:
     """Set this rank's weights, fp32 master partitions and Adam state (moments, and `adam_steps` applied updates)
-    from shards written at any world size, expert-parallel size and ZeRO stage. No collective, except at ZeRO 3:
-    one broadcast per parameter, whose module partition is re-split from the whole value."""
+    from shards written at any world size, expert-parallel size and ZeRO stage; with adam_steps None the weights
+    only, the optimizer left as new (train.init_from). No collective, except at ZeRO 3: one broadcast per
+    parameter, whose module partition is re-split from the whole value."""
     from deepspeed import zero
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     module = engine.module
     weights = tensor_index(folder)
-    moments = tensor_index(folder, OPTIM_INDEX, OPTIM_SINGLE)
+    with_optimizer = adam_steps is not None
+    moments = tensor_index(folder, OPTIM_INDEX, OPTIM_SINGLE) if with_optimizer else {}
     partitioned = engine.optimizer is not optimizer  # ZeRO 1-3 or bf16: DeepSpeed's fp32 partitions
     # Adam state as after `adam_steps` updates, moments set below; ZeRO 3 keeps it on its flat fp32 partitions
     zero3_flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
     fused, capturable = bool(optimizer.defaults.get("fused")), bool(optimizer.defaults.get("capturable"))
-    for p in zero3_flat or [p for group in optimizer.param_groups for p in group["params"]]:
-        optimizer.state[p] = {"step": adam_step_state(p, adam_steps, fused, capturable),
-                              "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-    if partitioned:
-        _link_moments(engine)
+    if with_optimizer:
+        for p in zero3_flat or [p for group in optimizer.param_groups for p in group["params"]]:
+            optimizer.state[p] = {"step": adam_step_state(p, adam_steps, fused, capturable),
+                                  "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        if partitioned:
+            _link_moments(engine)
     slices = _expert_slices(module)
     for name, t, is_param in _tensors(module):
         rows = (slices[name][0], slices[name][0] + slices[name][1]) if name in slices else None
@@ -189,6 +192,8 @@ def load(engine, optimizer, folder: Path, adam_steps: int) -> None:
         if not is_param:
             continue
         safe_set_full_fp32_param(t, value)
+        if not with_optimizer:
+            continue
         for key in ADAM_KEYS:
             moment = read_tensor(folder, moments[f"{name}.{key}"], f"{name}.{key}", rows)
             if partitioned:

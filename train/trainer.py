@@ -169,6 +169,13 @@ class Trainer:
                 print(f"already trained to train.steps={steps}: nothing to train, the final weights are written "
                       "again (set train.steps higher to continue)", flush=True)
 
+    def _initialise(self) -> str:
+        """train.init_from's weights in place of the fresh initialisation (a new run, not a resume)."""
+        from ondol.train.init_from import load_initial_weights
+
+        return load_initial_weights(self.engine, self.optimizer, self.cfg.train.init_from, self.meta,
+                                    tokenizer_dir(self.cfg))
+
     def _record_config(self) -> None:
         """RUN_DIR/config.yaml: the config of the latest attempt that started training (what `ondol eval` and
         `ondol generate` read, so it always matches the checkpoints); each attempt's is kept in RUN_DIR/configs."""
@@ -196,6 +203,7 @@ class Trainer:
         with lock, StopRequest(tr.stop_signals, stop_file(self.run_dir), self.env.device,
                                self.env.world_size) as stop:
             self._resume(finished_ok)
+            initialised = self._initialise() if self.step == 0 and tr.init_from else None
             sink = None
             if self.env.is_main:
                 if self.step < tr.steps:
@@ -207,6 +215,8 @@ class Trainer:
                 if self.env.device.type == "cpu":
                     sink.log(f"cpu threads: {self.threads[0]} per rank ({self.threads[1]}; train.cpu_threads "
                              "sets it)")
+                if initialised:
+                    sink.log(initialised)
             try:
                 self._loop(sink, stop)
             finally:

@@ -17,6 +17,9 @@ without them has no chat format, and `chat_ids` says which are missing.
 
 from __future__ import annotations
 
+from ondol.errors import TokenizerError
+
+MESSAGES = "messages"  # the JSON Lines field of a chat source
 ROLES = ("system", "user", "assistant")
 END_OF_TURN = "<|end|>"
 
@@ -58,7 +61,7 @@ def chat_ids(tokenizer) -> dict[str, int]:
     """Role name (and END_OF_TURN) -> control id; a ValueError naming the missing tokens when there are some."""
     special = tokenizer.special_tokens
     if missing := missing_chat_tokens(special):
-        raise ValueError(f"the tokenizer has no chat tokens {', '.join(missing)}: train it with the default "
+        raise TokenizerError(f"the tokenizer has no chat tokens {', '.join(missing)}: train it with the default "
                          "tokenizer.special_tokens (they hold Ondol's chat roles)")
     return {**{r: special[role_token(r)] for r in ROLES}, END_OF_TURN: special[END_OF_TURN]}
 
@@ -67,11 +70,11 @@ def check_messages(value: object) -> tuple[str, str]:
     """('', '') for a conversation Ondol can train on, else (bad-input reason, what is wrong): a list of
     {role, content} objects, roles among ROLES, contents strings, at least one assistant message."""
     if value is None:
-        return "missing_messages", "no field 'messages' (a chat line holds a list of {role, content})"
+        return "missing_messages", f"no field '{MESSAGES}' (a chat line holds a list of {{role, content}})"
     if not isinstance(value, list) or not value:
-        return "bad_messages", f"'messages' is {type(value).__name__ if value != [] else 'an empty list'}, " \
-                               "not a list of {role, content} objects"
-    for i, message in enumerate(value):
+        what = "an empty list" if value == [] else f"a JSON {type(value).__name__}"
+        return "bad_messages", f"'{MESSAGES}' is {what}, not a list of {{role, content}} objects"
+    for i, message in enumerate(value, 1):
         if not isinstance(message, dict):
             return "bad_messages", f"message {i} is {type(message).__name__}, not a {{role, content}} object"
         role = message.get("role")
