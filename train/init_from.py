@@ -6,7 +6,8 @@ used only when this run starts (step 0, no checkpoint of its own); a resume cont
 checkpoints. Refused in one line (exit 6): a model whose config differs from this run's `model.*` (keys that may
 change on resume aside), weights whose bytes do not match their SHA256SUMS, and weights trained with another
 tokenizer than this run's (the ids would mean other pieces), read from the run's data/manifest.json, else its
-latest checkpoint.
+latest checkpoint. The run keeps a copy of its tokenizer in RUN_DIR/tokenizer (when tokenizer.path is elsewhere),
+so that `ondol export hf`, `ondol eval` and `ondol generate` read everything from the run's own folder.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from pathlib import Path
 from ondol.configs import config_dict
 from ondol.data.shards import MANIFEST
 from ondol.errors import ConfigError
-from ondol.files import read_json
+from ondol.files import read_json, write_atomic
 from ondol.model.io import CONFIG, load_config, verify_checksums
+from ondol.tokenizer.tokenizer import META_FILE
 from ondol.train import checkpoint, state_shards
 
 
@@ -59,3 +61,16 @@ def load_initial_weights(engine, optimizer, init_from: str, meta: dict, tokenize
                      f"{tokenizer_dir} is {meta['tokenizer_fingerprint']}: set tokenizer.path={run / 'tokenizer'}")
     state_shards.load(engine, optimizer, folder, adam_steps=None)
     return f"initialised from {folder} (weights only: the optimizer and learning-rate schedule are this run's)"
+
+
+def keep_tokenizer(tokenizer_dir: Path, run_dir: Path) -> None:
+    """Copy the tokenizer's files into RUN_DIR/tokenizer when it is not there (meta.json last: Tokenizer.load
+    needs it, so an interrupted copy is redone)."""
+    kept = run_dir / "tokenizer"
+    if (kept / META_FILE).is_file() or kept.resolve() == tokenizer_dir.resolve():
+        return
+    kept.mkdir(parents=True, exist_ok=True)
+    files = sorted((p for p in tokenizer_dir.iterdir() if p.is_file() and not p.is_symlink()),
+                   key=lambda p: p.name == META_FILE)
+    for path in files:
+        write_atomic(kept / path.name, path.read_bytes())

@@ -74,6 +74,10 @@ class Trainer:
         self.moe_layer_ids = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
         tr, env = cfg.train, self.env
         weights = _mixture_weights(cfg, manifest)
+        chat = [e["name"] for e in manifest["sources"] if "chat" in e and (weights or manifest["weights"])[e["name"]]]
+        if chat and not cfg.model.document_masking:
+            raise ConfigError(f"chat sources {chat} are packed whole conversations that must not attend to each "
+                              "other: set model.document_masking=true")
         self.loader = TokenLoader(data_dir(cfg), "train", cfg.data.seq_len, tr.micro_batch_size, env.rank,
                                   env.world_size, seed=cfg.seed, weights=weights)
         self.val_loader = TokenLoader(data_dir(cfg), "val", cfg.data.seq_len, tr.micro_batch_size, env.rank,
@@ -171,8 +175,10 @@ class Trainer:
 
     def _initialise(self) -> str:
         """train.init_from's weights in place of the fresh initialisation (a new run, not a resume)."""
-        from ondol.train.init_from import load_initial_weights
+        from ondol.train.init_from import keep_tokenizer, load_initial_weights
 
+        if self.env.is_main:
+            keep_tokenizer(tokenizer_dir(self.cfg), self.run_dir)
         return load_initial_weights(self.engine, self.optimizer, self.cfg.train.init_from, self.meta,
                                     tokenizer_dir(self.cfg))
 
