@@ -78,6 +78,12 @@ def _prepare(args: argparse.Namespace) -> int:
         if "personal_data" in s:  # data.pii on: what was masked or dropped
             found = ", ".join(f"{n:,} {kind}" for kind, n in sorted(s["personal_data"].items())) or "none"
             console.print(f"  {s['name']}: personal data ({manifest['config']['pii']}): {found}", highlight=False)
+        if "chat" in s:  # a chat source: what the loss is taken on, and what training at data.seq_len drops
+            for split, c in s["chat"].items():
+                console.print(f"  {s['name']} ({split}): {c['conversations']:,} conversations, "
+                              f"{c['assistant_tokens']:,} assistant tokens (the loss), {c['masked_tokens']:,} "
+                              f"masked tokens, {c['too_long']:,} longer than data.seq_len + 1 = {c['seq_len'] + 1} "
+                              "tokens (dropped when training)", highlight=False)
         for examples in s["bad_input_examples"].values():
             for line in examples:
                 console.print(f"  skipped {line}", highlight=False, markup=False)
