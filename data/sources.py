@@ -379,14 +379,8 @@ def is_chat(source: SourceConfig) -> bool:
     first = resolve_files(source)[0]
     if detect_format(first) != "jsonl":
         return False
-    for _, line in itertools.islice(_decoded_lines(first, BadInputLog()), 100):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            return isinstance(record.get(MESSAGES), list) and source.text_field not in record
-    return False
+    record = next(_first_objects(first), {})
+    return isinstance(record.get(MESSAGES), list) and source.text_field not in record
 
 
 def _read_chat(path: str, source: SourceConfig, bad: BadInputLog, first_line: int) -> Iterator[Document]:
@@ -469,16 +463,22 @@ def _read_table(path: str, source: SourceConfig, bad: BadInputLog, first_line: i
                           f"format of data source '{source.name}'") from None
 
 
-def _fields_seen(path: str) -> list[str]:
-    """The keys of the first JSON objects of a JSON Lines file (for an error naming what text_field could be)."""
-    seen: dict[str, None] = {}
-    for _, line in itertools.islice(_decoded_lines(path, BadInputLog()), 100):
+def _first_objects(path: str, lines: int = 100) -> Iterator[dict]:
+    """The JSON objects among the first lines of a JSON Lines file."""
+    for _, line in itertools.islice(_decoded_lines(path, BadInputLog()), lines):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict):
-            seen.update(dict.fromkeys(record))
+            yield record
+
+
+def _fields_seen(path: str) -> list[str]:
+    """The keys of the first JSON objects of a JSON Lines file (for an error naming what text_field could be)."""
+    seen: dict[str, None] = {}
+    for record in _first_objects(path):
+        seen.update(dict.fromkeys(record))
     return list(seen)
 
 

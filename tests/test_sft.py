@@ -25,7 +25,7 @@ from ondol.model.config import load_preset
 from ondol.model.transformer import Transformer
 from ondol.tokenizer.tokenizer import Tokenizer
 from ondol.train.metrics import read_metrics
-from tests.conftest import CORPORA, chat_conversations
+from tests.conftest import CORPORA, chat_conversations, corpus_texts
 
 
 def chat_config(run: Path, eval_run: Path, *overrides: str, source: SourceConfig | None = None):
@@ -122,15 +122,21 @@ def test_manifest_counts_and_loader_rows_of_whole_conversations(tmp_path, eval_r
 
 
 def test_packed_sft_loss_is_the_mean_over_assistant_tokens_of_each_conversation_alone(tmp_path, eval_run):
-    """The training loss of packed rows (full and chunked loss) against a hand computation: each conversation run
+    """The training loss of packed rows of multi-turn conversations (full and chunked loss) against a hand
+    computation: each conversation run
     through the model by itself, -log p summed over its assistant tokens (found from the role tokens), divided
     by their number. Equal only if labels are masked to assistant tokens, padding is left out and document
     masking keeps packed conversations apart. Tolerance: fp32 rounding (RoPE angles at other absolute positions,
     other summation orders), about 1e-6 relative; 1e-5 leaves room."""
     tok = Tokenizer.load(eval_run / "tokenizer")
     roles = chat_ids(tok)
-    seq_len = 64
-    cfg = chat_config(tmp_path / "run", eval_run, f"data.seq_len={seq_len}")
+    seq_len = 128
+    conversations = chat_conversations(120, turns=2)  # real pairs chained into two-turn conversations
+    conversations[0].insert(0, {"role": "system", "content": corpus_texts("ko_mixed", 1, skip=40)[0]})
+    path = tmp_path / "multi_turn.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in conversations))
+    cfg = chat_config(tmp_path / "run", eval_run, f"data.seq_len={seq_len}", "data.val_fraction=0",
+                      source=SourceConfig(name="chat", path=str(path), format="chat"))
     prepared(cfg, eval_run)
     loader = TokenLoader(tmp_path / "run" / "data", "train", seq_len, micro_batch_size=4, seed=3)
     batch = next(loader)
@@ -150,6 +156,7 @@ def test_packed_sft_loss_is_the_mean_over_assistant_tokens_of_each_conversation_
                 picked = [logp[i, t] for i, (t, on) in enumerate(zip(conv[1:], targets)) if on]
                 total, count, conversations = total - float(sum(picked)), count + len(picked), conversations + 1
     assert conversations > 4  # rows hold several conversations each
+    assert sum(row.count(roles["assistant"]) for row in batch["input_ids"].tolist()) > conversations  # multi-turn
     assert full.item() == pytest.approx(total / count, rel=1e-5)
     assert chunked.item() == pytest.approx(total / count, rel=1e-5)
 
