@@ -251,19 +251,22 @@ class Transformer(nn.Module):
         metrics["moe/aux_loss"] = aux_loss.detach()
         mtp_loss = aux_loss.new_zeros(())
         if self.mtp and labels is not None:
-            mtp_loss = self.mtp_loss(x, labels, rope, masks, backend, metrics)
+            mtp_loss = self.mtp_loss(x, input_ids, labels, rope, masks, backend, metrics)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, mtp_loss=mtp_loss, metrics=metrics,
                            hidden=x)
 
-    def mtp_loss(self, hidden, labels, rope, masks, backend, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+    def mtp_loss(self, hidden, input_ids, labels, rope, masks, backend, metrics: dict[str, torch.Tensor]
+                 ) -> torch.Tensor:
         """model.mtp_loss_weight x the mean over depths of each depth's cross-entropy. Depth k at position t
-        sees token t+k (labels[t + k - 1]) and predicts token t+k+1 (labels[t + k]); positions whose tokens lie
-        past the row, or are ignored (-100), are ignored. Logs mtp/loss (mean) and mtp/acc (depth 1)."""
+        sees token t+k (input_ids[t + k], or the last label) and predicts token t+k+1 (labels[t + k]); positions
+        whose target lies past the row or is ignored (-100: a masked label, as in supervised fine-tuning, hides
+        only its own target) are ignored. Logs mtp/loss (mean) and mtp/acc (depth 1)."""
         V, losses = self.cfg.vocab_size, []
+        tokens = torch.cat([input_ids, labels[:, -1:].clamp_min(0)], dim=1)  # the row's tokens 0..T
         for k, depth in enumerate(self.mtp, start=1):
-            seen = shift_left(labels, k - 1, -100)
-            targets = shift_left(labels, k, -100).masked_fill(seen == -100, -100)
-            hidden = depth(hidden, self.embed_tokens(seen.clamp_min(0)), rope, masks, backend)
+            seen = shift_left(tokens, k, 0)[:, :-1]
+            targets = shift_left(labels, k, -100)
+            hidden = depth(hidden, self.embed_tokens(seen), rope, masks, backend)
             logits = self.lm_head(depth.norm(hidden))
             losses.append(F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1), ignore_index=-100))
             if k == 1:

@@ -166,6 +166,24 @@ def test_mtp_loss_is_causal_and_matches_cross_entropy_of_its_logits(trained, tok
     assert not torch.allclose(seen[3][:, j - 1], mtp_logits[:, j - 1])
 
 
+def test_mtp_with_masked_labels_scores_only_their_targets_from_the_real_tokens(trained, tok):
+    """Supervised fine-tuning masks labels (-100) outside the assistant's tokens: the MTP depth still sees the real
+    tokens (its logits are those of the unmasked row) and its loss is the cross-entropy over the targets left."""
+    model = trained["model"]
+    rows = korean_rows(tok, 50, 3000, 32)[:2]
+    ids, labels = rows[:, :-1], rows[:, 1:]
+    masked = labels.masked_fill(torch.arange(labels.shape[1]) % 3 == 0, -100)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        model(ids, labels=labels)
+        out = model(ids, labels=masked)
+    hook.remove()
+    torch.testing.assert_close(seen[3], seen[1])  # depth 1's logits do not depend on which labels are masked
+    ref = F.cross_entropy(seen[1][:, :-1].reshape(-1, tok.vocab_size), masked[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.mtp_loss, model.cfg.mtp_loss_weight * ref)
+
+
 def test_mtp_gradients_reach_shared_head_embedding_and_trunk(trained, tok):
     model = Transformer(trained["model"].cfg)
     rows = korean_rows(tok, 50, 3000, 32)[:2]
