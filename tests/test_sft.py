@@ -123,9 +123,8 @@ def test_manifest_counts_and_loader_rows_of_whole_conversations(tmp_path, eval_r
 
 def test_packed_sft_loss_is_the_mean_over_assistant_tokens_of_each_conversation_alone(tmp_path, eval_run):
     """The training loss of packed rows of multi-turn conversations (full and chunked loss) against a hand
-    computation: each conversation run
-    through the model by itself, -log p summed over its assistant tokens (found from the role tokens), divided
-    by their number. Equal only if labels are masked to assistant tokens, padding is left out and document
+    computation: each conversation run through the model by itself, -log p summed over its assistant tokens
+    (found from the role tokens), divided by their number. Equal only if labels are masked to assistant tokens, padding is left out and document
     masking keeps packed conversations apart. Tolerance: fp32 rounding (RoPE angles at other absolute positions,
     other summation orders), about 1e-6 relative; 1e-5 leaves room."""
     tok = Tokenizer.load(eval_run / "tokenizer")
