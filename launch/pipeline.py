@@ -43,16 +43,17 @@ def prompt_from_validation(cfg: RunConfig, tokenizer) -> str:
 
 
 def chat_prompt_from_validation(cfg: RunConfig, tokenizer) -> str:
-    """The user's first message in the first held-out conversation (generate.chat)."""
+    """The first user message of the held-out conversations (generate.chat)."""
     from ondol.data.chat import END_OF_TURN, chat_ids
     from ondol.data.shards import split_shards
 
     ids = chat_ids(tokenizer)
     for shards in split_shards(data_dir(cfg), "val").values():
-        for shard in (s for s in shards if s.mask is not None and s.docs):
-            doc = shard.document(0).tolist()
-            start = doc.index(ids["user"]) + 1
-            return tokenizer.decode(doc[start:doc.index(ids[END_OF_TURN], start)])
+        for shard in (s for s in shards if s.mask is not None):
+            for doc in (shard.document(i).tolist() for i in range(shard.docs)):
+                if ids["user"] in doc:
+                    start = doc.index(ids["user"]) + 1
+                    return tokenizer.decode(doc[start:doc.index(ids[END_OF_TURN], start)])
     raise ConfigError(f"{data_dir(cfg)} holds no held-out conversation to take a chat prompt from: give --prompt "
                       "or generate.prompt")
 
