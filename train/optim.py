@@ -202,7 +202,9 @@ class GuardedMuon(GuardedAdamW):
     def __init__(self, params, *, momentum: float, ns_steps: int, **kwargs) -> None:
         super().__init__(params, **kwargs)
         self.momentum, self.ns_steps = momentum, ns_steps
-        self.partitions: dict[int, dict] = {}  # group index -> its ZeRO 1/2 layout
+        # id of a Muon group's flat fp32 partition -> its ZeRO 1/2 layout (DeepSpeed steps one group at a time,
+        # handing the optimizer a one-group list, so the partition, not a group index, identifies the group)
+        self.partitions: dict[int, dict] = {}
 
     def use_zero_partitions(self, zero_optimizer) -> None:
         """Record, for each Muon group of DeepSpeedZeroOptimizer `zero_optimizer` (ZeRO 1/2), where its
@@ -214,15 +216,14 @@ class GuardedMuon(GuardedAdamW):
             world = dist.get_world_size(group=pg)
             size = zero_optimizer.bit16_groups_flat[i].numel() // world
             params = zero_optimizer.round_robin_bit16_groups[i]
-            self.partitions[i] = {"group": pg, "world": world, "size": size,
-                                  "start": dist.get_rank(group=pg) * size,
-                                  "matrices": [(off, tuple(p.shape)) for p, off in
-                                               zip(params, zero_optimizer.round_robin_bit16_offsets[i])]}
+            self.partitions[id(zero_optimizer.single_partition_of_fp32_groups[i])] = {
+                "group": pg, "world": world, "size": size, "start": dist.get_rank(group=pg) * size,
+                "matrices": [(off, tuple(p.shape)) for p, off in zip(params, zero_optimizer.round_robin_bit16_offsets[i])]}
 
     def _update(self, closure):
-        for i, group in enumerate(self.param_groups):
+        for group in self.param_groups:
             if group["muon"]:
-                self._muon_step(group, self.partitions.get(i))
+                self._muon_step(group, self.partitions.get(id(group["params"][0])))
         return super()._update(closure)
 
     def _muon_step(self, group: dict, layout: dict | None) -> None:
