@@ -171,3 +171,24 @@ def test_plan_counts_one_fp32_state_for_muons_matrices_and_two_for_the_rest():
     z2 = plan_memory(cfg, RunShape("fp32", 2, 4, 2, 1, 64, optimizer="muon")).terms
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert z2["Muon gathered momentum (fp32)"] == 4 * (total - adamw - experts + experts // 2)
+
+
+def test_logged_update_rms_is_the_parameter_change_over_the_learning_rate():
+    from ondol.train.optim import GuardedMuon
+
+    gen = torch.Generator().manual_seed(0)
+    matrix, gain = torch.nn.Parameter(torch.randn(64, 32, generator=gen)), torch.nn.Parameter(torch.randn(32))
+    lr, wd = 0.01, 0.1
+    opt = GuardedMuon([{"params": [matrix], "muon": True, "kind": "muon", "weight_decay": wd},
+                       {"params": [gain], "muon": False, "kind": "no_decay", "weight_decay": wd}],
+                      owns_clipping=True, clip_norm=0, momentum=0.95, ns_steps=5, lr=lr, foreach=True)
+    for _ in range(3):
+        for p in (matrix, gain):
+            p.grad = torch.randn(p.shape, generator=gen)
+        before = [p.detach().clone() for p in (matrix, gain)]
+        opt.track_updates = True
+        opt.step()
+        logged = opt.update_rms()
+        for kind, old, p in zip(("muon", "no_decay"), before, (matrix, gain)):  # p' = p (1 - lr wd) - lr u
+            change = (old * (1 - lr * wd) - p.detach()) / lr
+            assert logged[f"update_rms/{kind}"] == pytest.approx(float(change.square().mean().sqrt()), rel=1e-4)

@@ -20,6 +20,7 @@ RMS (about 0.2), so AdamW's learning rate and weight decay transfer; weight deca
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
@@ -153,17 +154,23 @@ class GuardedAdamW(torch.optim.AdamW):
     def _update(self, closure):
         """torch's AdamW step over the groups Muon does not update (all of them here)."""
         groups = self.param_groups
-        adam = [g for g in groups if not g.get("muon")]
-        before = [[p.detach().clone() for p in g["params"]] for g in adam] if self.track_updates else []
-        self.param_groups = adam
+        self.param_groups = [g for g in groups if not g.get("muon")]
         try:
             loss = super().step(closure)
+            if self.track_updates:
+                for group in self.param_groups:
+                    self._record(group, [self._adamw_update(p, group) for p in group["params"] if p in self.state])
         finally:
             self.param_groups = groups
-        for group, olds in zip(adam, before):  # the update as AdamW applied it: p' = p (1 - lr wd) - lr u
-            shrink = 1 - group["lr"] * group["weight_decay"]
-            self._record(group, [(old * shrink - p) / group["lr"] for old, p in zip(olds, group["params"])])
         return loss
+
+    def _adamw_update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """The update AdamW just applied to p, before the learning rate and weight decay: m_hat / (sqrt(v_hat) +
+        eps), from its state (one tensor at a time; the step count stays where torch keeps it, no sync)."""
+        state, (beta1, beta2) = self.state[p], group["betas"]
+        step = torch.as_tensor(state["step"], dtype=torch.float32, device=p.device)
+        denom = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
+        return state["exp_avg"] / (1 - beta1 ** step) / denom
 
     def _record(self, group: dict, updates: list[torch.Tensor]) -> None:
         """Add the squares and count of a group's updates (lr not included) to its kind's sums, on the device."""
@@ -205,6 +212,14 @@ class GuardedMuon(GuardedAdamW):
         # id of a Muon group's flat fp32 partition -> its ZeRO 1/2 layout (DeepSpeed steps one group at a time,
         # handing the optimizer a one-group list, so the partition, not a group index, identifies the group)
         self.partitions: dict[int, dict] = {}
+
+    def __setstate__(self, state: dict) -> None:
+        """torch's Adam reads a `step` from every parameter's state when a state dict is loaded; Muon's state
+        holds only its momentum, so the AdamW entries alone go through it."""
+        everything = state["state"]
+        super().__setstate__({**state, "state": defaultdict(dict, {p: s for p, s in everything.items()
+                                                                   if "momentum_buffer" not in s})})
+        self.state = everything
 
     def use_zero_partitions(self, zero_optimizer) -> None:
         """Record, for each Muon group of DeepSpeedZeroOptimizer `zero_optimizer` (ZeRO 1/2), where its

@@ -254,7 +254,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.applied = False
-        # the update RMS per kind of parameter is measured at log steps only (a copy of AdamW's parameters)
+        # the update RMS per kind of parameter is measured at log steps only
         self.optimizer.track_updates = (self.step + 1) % self.cfg.train.log_every == 0 or \
             self.step + 1 == self.cfg.train.steps
         accum = self.cfg.train.grad_accum
