@@ -137,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--lrs", default="3e-3,6e-3", help="comma-separated peak learning rates, for both")
     parser.add_argument("--seeds", default="1,2")
-    parser.add_argument("--short", type=float, default=0.75, help="Muon's shorter run, as a share of --steps")
+    parser.add_argument("--short", type=float, default=0.75,
+                        help="Muon's shorter run, as a share of --steps (0: none)")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.eval_bpb_tokens=4096")
     args = parser.parse_args(argv)
     lrs = [float(x) for x in args.lrs.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -150,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         def run(name: str, steps: int, *overrides: str) -> list[dict]:
             return train(base, work / args.preset / name, [
                 *PRESETS[args.preset], f"train.steps={steps}", f"train.eval_every={args.eval_every}",
-                f"train.save_every={steps}", "train.log_every=10", "optim.schedule=wsd",
-                f"optim.warmup_steps={max(1, steps // 10)}", *overrides])
+                f"train.save_every={steps}", "train.log_every=10", "train.eval_batches=1", "optim.schedule=wsd",
+                f"optim.warmup_steps={max(1, steps // 10)}", *args.overrides, *overrides])
 
         results: dict[tuple[str, float], dict] = {}
         for name in ("adamw", "muon"):
@@ -165,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         target = results["adamw", best["adamw"]]["curve"][-1][1]["all"]
         short_steps = round(args.short * args.steps)
         short = mean_curve([curve(run(f"muon-short-{best['muon']:g}-s{seed}", short_steps, "optim.name=muon",
-                                      f"optim.lr={best['muon']}", f"seed={seed}")) for seed in seeds])
+                                      f"optim.lr={best['muon']}", f"seed={seed}")) for seed in seeds]) \
+            if short_steps else None
         load_after = os.getloadavg()[0]
         muon_ms = results["muon", best["muon"]]["ms"]
         ns_share = newton_schulz_share(PRESETS[args.preset], muon_ms)
@@ -181,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     for (name, lr), r in results.items():
         mark = " *" if best[name] == lr else ""
         table.add_row(name + mark, f"{lr:g}", *(f"{r['curve'][-1][1][s]:.4f}" for s in sources), f"{r['ms']:.0f}")
-    table.add_row(f"muon, {short_steps} steps", f"{best['muon']:g}", *(f"{short[-1][1][s]:.4f}" for s in sources), "")
+    if short:
+        table.add_row(f"muon, {short_steps} steps", f"{best['muon']:g}", *(f"{short[-1][1][s]:.4f}" for s in sources),
+                      "")
     console.print(table)
     muon_curve = results["muon", best["muon"]]["curve"]
     crossing = first_crossing(muon_curve, target)
@@ -193,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     console.print(equal)
     reach = "never within the run" if crossing is None else \
         f"step {crossing:.0f} ({crossing / args.steps:.0%} of AdamW's tokens)"
-    console.print(f"AdamW's best final bits per byte {target:.4f}; Muon's full-length curve reaches it at {reach}; "
-                  f"Muon trained for {args.short:.0%} of the tokens ends at {short[-1][1]['all']:.4f} "
-                  f"({'reaches' if short[-1][1]['all'] <= target else 'misses'} it)")
+    console.print(f"AdamW's best final bits per byte {target:.4f}; Muon's full-length curve reaches it at {reach}" +
+                  (f"; Muon trained for {args.short:.0%} of the tokens ends at {short[-1][1]['all']:.4f} "
+                   f"({'reaches' if short[-1][1]['all'] <= target else 'misses'} it)" if short else ""))
     console.print(f"Newton-Schulz: {ns_share:.1%} of a Muon step ({muon_ms:.0f} ms/step, CPU fp32); "
                   f"load average {load_before:.1f} before, {load_after:.1f} after, on {os.cpu_count()} cores")
     k = load_config(K_EXAONE)
