@@ -154,7 +154,10 @@ def test_two_ranks_expert_parallel_equal_one_rank_and_resume_resharded(assets, t
 
 
 @pytest.mark.parametrize("overrides,key", [(["optim.name=sgd"], "optim.name"),
-                                           (["optim.name=muon", "deepspeed.zero_stage=3"], "deepspeed.zero_stage")])
+                                           (["optim.name=muon", "deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
+                                           (["optim.name=muon", "deepspeed.zero_stage=2",
+                                             "deepspeed.extra={zero_optimization: {offload_optimizer: {device: cpu}}}"],
+                                            "offload_optimizer")])
 def test_bad_settings_exit_2_naming_the_key(overrides, key):
     code, err = ondol("plan", TINY, *overrides)
     assert code == 2 and key in one_line(err, "ondol: config error: "), err

@@ -203,7 +203,8 @@ class GuardedMuon(GuardedAdamW):
     state, sharded as Adam's moments are), and each step all-gathers the group's blended momentum over its
     data-parallel group (for experts, the expert-data-parallel group: every rank holds its experts whole) and
     orthogonalises only the matrices that overlap this rank's partition. The all-gather moves as much as ZeRO's
-    parameter all-gather; the orthogonalisation is repeated on at most the two ranks that share a split matrix.
+    parameter all-gather, and the step holds the whole group's momentum for it (`ondol plan` counts it); a matrix
+    split between ranks is orthogonalised on each of them.
     """
 
     def __init__(self, params, *, momentum: float, ns_steps: int, **kwargs) -> None:
@@ -261,14 +262,13 @@ class GuardedMuon(GuardedAdamW):
             updates = [self._partition_update(blends[0], layout)]
         if self.track_updates:
             self._record(group, updates)
-        shrink = 1 - group["lr"] * group["weight_decay"]
+        lr = group["lr"]
+        shrink = 1 - lr * group["weight_decay"]
         for p, u in zip(params, updates):
-            if keep is not None:
-                u = torch.where(keep, u, 0.0)
-                shrink_t = torch.where(keep, shrink, 1.0)
-                p.mul_(shrink_t).add_(u, alpha=-group["lr"])
-            else:
-                p.mul_(shrink).add_(u, alpha=-group["lr"])
+            if keep is None:
+                p.mul_(shrink).add_(u, alpha=-lr)
+            else:  # a step skipped on the device applies neither the decay nor the update
+                p.mul_(torch.where(keep, shrink, 1.0)).add_(torch.where(keep, u, 0.0), alpha=-lr)
 
     def _partition_update(self, blend: torch.Tensor, layout: dict) -> torch.Tensor:
         """This rank's partition of the group's update, from its partition of the blended momentum."""
