@@ -12,8 +12,8 @@ direct check is Muon trained for --short of the steps with its own WSD decay, ag
 length. Wall times are medians of the logged ms/step; the machine's load average is printed beside them.
 
   .venv/bin/python benchmarks/muon_vs_adamw.py --work /tmp/muon-bench              # tiny-ko, 2 lrs x 2 seeds
-  .venv/bin/python benchmarks/muon_vs_adamw.py --work /tmp/muon-bench --preset moe-90m --steps 2000 \\
-      --lrs 1e-3,2e-3,4e-3 --seeds 1,2,3                                           # the ~90M-parameter MoE
+  .venv/bin/python benchmarks/muon_vs_adamw.py --work /tmp/muon-bench --preset moe-80m --steps 2000 \\
+      --lrs 1e-3,2e-3,4e-3 --seeds 1,2,3                                           # the 83M-parameter MoE
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny-ko.yaml"
 K_EXAONE = ROOT / "configs" / "k-exaone-236b.yaml"
-# model overrides of configs/tiny-ko.yaml; moe-90m: 8 layers, d_model 512, 16 experts top-2 + 1 shared (~90M)
+# model overrides of configs/tiny-ko.yaml; moe-80m: 8 layers, d_model 512, 16 experts top-2 + 1 shared (83.1M)
 PRESETS = {
     "tiny-ko": [],
-    "moe-90m": ["model.d_model=512", "model.n_layers=8", "model.attn_pattern=LLLG", "model.n_heads=8",
+    "moe-80m": ["model.d_model=512", "model.n_layers=8", "model.attn_pattern=LLLG", "model.n_heads=8",
                 "model.n_kv_heads=4", "model.head_dim=64", "model.ffn_hidden=1536", "model.n_experts=16",
                 "model.expert_hidden=384", "model.window=128"],
 }
