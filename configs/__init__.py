@@ -52,6 +52,12 @@ class RunConfig:
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) is above model.max_seq_len "
                              f"({self.model.max_seq_len}): lower data.seq_len or raise model.max_seq_len")
+        if self.optim.name == "muon" and self.deepspeed.zero_stage == 3:  # train/optim.py's layouts
+            raise ValueError("optim.name=muon supports deepspeed.zero_stage 0, 1 or 2, not 3: set "
+                             "deepspeed.zero_stage=2 (optimizer state and gradients sharded) or optim.name=adamw")
+        if self.optim.name == "muon" and (self.deepspeed.extra.get("zero_optimization") or {}).get("offload_optimizer"):
+            raise ValueError("optim.name=muon does not support deepspeed.extra.zero_optimization.offload_optimizer "
+                             "(its step gathers momentum on the device): remove it or use optim.name=adamw")
 
 
 def _valid_keys(node: Any, prefix: str = "") -> list[str]:

@@ -36,7 +36,8 @@ def run_shape(cfg: RunConfig, world: int) -> RunShape:
                     cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.activation_checkpointing,
                     cfg.train.checkpointed_blocks,
                     **({"bucket_elements": int(bucket)} if bucket else {}),
-                    **({"prefetch_elements": int(prefetch)} if prefetch else {}), live_elements=live)
+                    **({"prefetch_elements": int(prefetch)} if prefetch else {}), live_elements=live,
+                    optimizer=cfg.optim.name)
 
 
 def plan_for_config(cfg: RunConfig, nodes: int, gpus_per_node: int) -> MemoryPlan:

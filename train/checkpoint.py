@@ -292,6 +292,8 @@ def check_compatible(folder: Path, meta: dict) -> None:
     for key, what in RUN_KEYS:  # checkpoints from before they were recorded are not checked
         if key in saved and saved[key] != meta.get(key):
             changed.append(f"{what}: {saved[key]!r} -> {meta.get(key)!r}")
+    if saved.get("optimizer", "adamw") != meta.get("optimizer", "adamw"):  # its state is another optimizer's
+        changed.append(f"optim.name: {saved.get('optimizer', 'adamw')!r} -> {meta.get('optimizer', 'adamw')!r}")
     reshardable = (folder / CLIENT_STATE).is_file()  # any stage from the per-rank shards (state_shards)
     for key in ("zero_stage", "expert_parallel_size"):  # both decide how optimizer state is laid out
         if saved.get(key, 1 if key == "expert_parallel_size" else None) != meta.get(key) and not reshardable:

@@ -11,6 +11,9 @@ def _need(ok: bool, msg: str) -> None:
 
 @dataclass
 class OptimConfig:
+    # adamw | muon (Muon on the blocks' matrices, each routed expert's separately, AdamW on embeddings, LM head,
+    # router, norms and biases; the same lr and weight_decay: train/optim.py). Muon needs ZeRO 0, 1 or 2
+    name: str = "adamw"
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
@@ -22,8 +25,13 @@ class OptimConfig:
     decay_fraction: float = 0.2  # wsd: share of steps spent decaying
     grad_clip: float = 1.0
     adamw: str = "auto"  # auto (fused on CUDA, foreach elsewhere) | fused (one kernel for all tensors) | foreach
+    muon_momentum: float = 0.95  # Muon's momentum (Nesterov)
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update
 
     def __post_init__(self) -> None:
+        _need(self.name in ("adamw", "muon"), f"optim.name must be adamw or muon, not '{self.name}'")
+        _need(0.0 <= self.muon_momentum < 1.0, "optim.muon_momentum must lie in [0, 1)")
+        _need(self.muon_ns_steps >= 1, "optim.muon_ns_steps must be >= 1")
         _need(self.adamw in ("auto", "fused", "foreach"), f"optim.adamw must be auto, fused or foreach, "
               f"not '{self.adamw}'")
         _need(self.schedule in ("cosine", "wsd", "constant"), "optim.schedule must be cosine, wsd or constant, "

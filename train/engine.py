@@ -17,7 +17,7 @@ import torch
 
 from ondol.configs import RunConfig
 from ondol.train.deepspeed_log import build_output_to
-from ondol.train.optim import GuardedAdamW, param_groups
+from ondol.train.optim import GuardedAdamW, GuardedMuon, param_groups
 from ondol.train.zero_step import move_zero_checks_to_device
 
 
@@ -224,22 +224,36 @@ def _materialize(model: torch.nn.Module, device: torch.device) -> None:
 
 def build_engine(model: torch.nn.Module, cfg: RunConfig, env: DistEnv):
     """(engine, optimizer): the model (from `build_model`) wrapped by DeepSpeed with GuardedAdamW over
-    decay/no-decay groups."""
+    decay/no-decay groups, or with optim.name=muon GuardedMuon (Muon's matrices, then those groups).
+
+    Muon is train/optim.py's rather than DeepSpeed 0.19.8's MuonWithAuxAdam: DeepSpeed's ZeRO 1/2 orthogonalises
+    while it partitions gradients, before the gradient norm, so clipping and the non-finite skip (zero_step.py)
+    would act on the orthogonalised update and a skipped step would still move the momentum; its bf16 path
+    takes dense 2-D matrices only; its shape scaling, sqrt(max(1, A / B)), needs its own learning rate where
+    Moonlight's lets AdamW's transfer; and its momentum lives outside the optimizer state that checkpoints and
+    train/state_shards.py reshard."""
     import deepspeed
 
     from ondol.train import expert_parallel
 
     o, ds = cfg.optim, cfg.deepspeed
-    groups = param_groups(model, o.weight_decay)
+    muon = o.name == "muon"
+    groups = param_groups(model, o.weight_decay, muon=muon)
     if expert_parallel.expert_parallel_layers(model):
         groups = expert_parallel.optimizer_param_groups(groups)
+        for group in groups:
+            group["kind"] += "/experts" if group.get("moe") else ""
     owns_clipping = deepspeed_zero_stage(ds) == 0
     fused = fused_adamw(o.adamw, env.device)
-    optimizer = GuardedAdamW(groups, owns_clipping=owns_clipping, clip_norm=o.grad_clip,
-                             clip_fn=expert_parallel.clip_grad_norm_, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             foreach=None if fused else True, fused=fused)
+    kwargs = {"owns_clipping": owns_clipping, "clip_norm": o.grad_clip, "clip_fn": expert_parallel.clip_grad_norm_,
+              "lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "foreach": None if fused else True,
+              "fused": fused}
+    optimizer = (GuardedMuon(groups, momentum=o.muon_momentum, ns_steps=o.muon_ns_steps, **kwargs) if muon
+                 else GuardedAdamW(groups, **kwargs))
     engine, _, _, _ = deepspeed.initialize(model=model.to(env.device), optimizer=optimizer,
                                            config=deepspeed_config(cfg, env.world_size), dist_init_required=False)
+    if muon and engine.optimizer is not optimizer:  # ZeRO 1/2: DeepSpeed's flat partitions
+        optimizer.use_zero_partitions(engine.optimizer)
     if checks_on_device(cfg):
         move_zero_checks_to_device(engine.optimizer, optimizer)
     if env.world_size == 1 and deepspeed_zero_stage(ds) == 0:

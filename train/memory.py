@@ -15,11 +15,14 @@ W / EP: the expert-data-parallel size over which expert optimizer state is parti
               one holds at least its largest module (K-EXAONE: one layer's experts) and a prefetch
   gradients   s (P + X) at ZeRO 0; ZeRO 1-3 reduce each gradient through a bucket as the backward produces it
               and keep only their partition, s (P / W + X / (W / EP)) (DeepSpeed's contiguous_gradients default)
-  optimizer   fp32 AdamW moments, 8 bytes a parameter; fp32 master weights (4) unless ZeRO 0 in fp32, where
+  optimizer   fp32 AdamW moments, 8 bytes a parameter; with optim.name=muon 4 bytes (one fp32 momentum) for the
+              matrices Muon updates (every expert parameter; train/optim.py's muon_matrices) and 8 for the rest
+              (embeddings, LM head, routers, norms); fp32 master weights (4) unless ZeRO 0 in fp32, where
               torch's AdamW updates the module's own weights; at ZeRO 0 nothing is partitioned (DeepSpeed's
               bf16 optimizer keeps a full fp32 copy), from ZeRO 1 on partitioned as gradients are
   step grads  the fp32 gradients the optimizer step reads, flattened (ZeRO >= 1, or bf16): 4 bytes a parameter of
-              the optimizer's share
+              the optimizer's share; with Muon at ZeRO 1/2 also the fp32 momentum of its matrices gathered whole
+              from the partitions of each group spread over more than one rank (GuardedMuon)
   buckets     gradient reduction buckets (DeepSpeed's reduce_bucket_size, and ZeRO 0's fixed all-reduce size:
               5e8 elements), at most the gradients they hold: during the backward from ZeRO 1 on, after it
               at ZeRO 0 (none on one rank); ZeRO 3's reduce-scatter adds an interleaved copy of its bucket
@@ -66,6 +69,7 @@ class ParamSplit:
     dense: int
     experts: int
     largest_module: int  # parameters of the module with the most directly owned parameters (ZeRO 3 gathers it)
+    dense_adamw: int = 0  # dense parameters AdamW keeps under optim.name=muon (embeddings, LM head, routers, norms)
 
     @property
     def total(self) -> int:
@@ -83,13 +87,15 @@ def _param_split(key: tuple) -> ParamSplit:
 
     from ondol.model.moe import GroupedExperts
     from ondol.model.transformer import Transformer
+    from ondol.train.optim import muon_matrices
 
     with torch.device("meta"):
         model = Transformer(ModelConfig(**dict(key)))
     experts = sum(p.numel() for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return ParamSplit(dense=total - experts, experts=experts, largest_module=largest)
+    adamw = total - sum(p.numel() for p in muon_matrices(model))  # experts are all Muon's
+    return ParamSplit(dense=total - experts, experts=experts, largest_module=largest, dense_adamw=adamw)
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,7 @@ class RunShape:
     bucket_elements: int = DEFAULT_BUCKET
     prefetch_elements: int = DEFAULT_PREFETCH
     live_elements: int = DEFAULT_LIVE
+    optimizer: str = "adamw"  # optim.name: adamw | muon
 
     @property
     def bytes(self) -> int:
@@ -196,7 +203,7 @@ def logits_bytes(cfg: ModelConfig, shape: RunShape) -> int:
 
 CHECKPOINTING = ("none", "selective", "full")  # train.activation_checkpointing, most memory first
 BACKWARD = ("activations", "logits")  # alive from the forward through the backward
-STEP = ("fp32 step gradients", "all-reduce bucket")  # alive after the backward has freed the above
+STEP = ("fp32 step gradients", "Muon gathered momentum (fp32)", "all-reduce bucket")  # after the backward
 
 
 @dataclass
@@ -236,7 +243,15 @@ def plan_memory(cfg: ModelConfig, shape: RunShape) -> MemoryPlan:
     terms["gradients"] = int(s * (local if stage == 0 else share))
     master = 0 if (stage == 0 and s == FP32) else FP32
     terms["fp32 master weights"] = int(master * share)
-    terms["AdamW moments (fp32)"] = int(ADAM_BYTES * share)
+    if shape.optimizer == "muon":
+        adamw_share = params.dense_adamw if stage == 0 else params.dense_adamw / W
+        terms["AdamW moments (fp32)"] = int(ADAM_BYTES * adamw_share)
+        terms["Muon momentum (fp32)"] = int(FP32 * (share - adamw_share))
+        if stage in (1, 2):  # a group's matrices gathered whole where its partitions span several ranks
+            gathered = (params.dense - params.dense_adamw) * (W > 1) + params.experts // ep * (W // ep > 1)
+            terms["Muon gathered momentum (fp32)"] = FP32 * gathered
+    else:
+        terms["AdamW moments (fp32)"] = int(ADAM_BYTES * share)
     terms["fp32 step gradients"] = int(FP32 * share) if master else 0
     bucket = s * min(shape.bucket_elements, local)
     if stage == 0:  # ZeRO 0 all-reduces flattened buckets after the backward

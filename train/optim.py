@@ -1,4 +1,5 @@
-"""AdamW with decay / no-decay parameter groups and an update that is skipped when gradients are not finite.
+"""The optimizers: AdamW (optim.name=adamw) or Muon for hidden matrices with AdamW for the rest (optim.name=muon),
+over parameter groups, with an update that is skipped when gradients are not finite.
 
 Weight decay applies to the matrices that do matmuls (attention and MLP projections, stacked expert weights,
 the LM head). It does not apply to norm gains, biases, attention sinks or the input embedding: shrinking a gain
@@ -6,26 +7,108 @@ or a bias toward 0 is not regularisation but a change of the function's scale (M
 parameters undecayed), and OLMo 2 found that decaying the embedding table shrinks rare-token rows that are
 seldom updated, hurting stability, so it turned embedding decay off. torchtitan decays everything; we follow
 OLMo. A tied LM head shares the embedding tensor and so is not decayed either.
+
+Muon (Keller Jordan 2024; Moonlight, Liu et al. 2025) updates a hidden matrix by its momentum orthogonalised with
+a Newton-Schulz iteration: U V^T of the momentum's SVD, approximately. It applies to every matrix inside the
+blocks (attention and MLP projections, shared experts, and each routed expert's matrices separately: a stacked
+[E, A, B] expert tensor is E matrices, orthogonalised as one batched matmul). The input embedding, the LM head and
+the router stay on AdamW (their rows are per token or per expert, not a linear map between hidden spaces), as
+do norm gains and biases. The update is scaled by Moonlight's 0.2 sqrt(max(A, B)), which gives it AdamW's update
+RMS (about 0.2), so AdamW's learning rate and weight decay transfer; weight decay is decoupled, as in AdamW.
 """
 
 from __future__ import annotations
 
+import math
+from collections import defaultdict
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
+# Keller Jordan's quintic coefficients: the steepest slope at 0 for which 5 steps leave every singular value of a
+# normalised matrix in about [0.7, 1.2] (not exactly 1: the direction matters, not the exact spectrum)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+MUON_RMS = 0.2  # Moonlight's update RMS match to AdamW
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: matmul weights (decayed) and everything else (not decayed), in module order. A ZeRO-3
-    parameter built under zero.Init holds an empty 1-D partition; its true shape is `ds_shape`."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
+
+def muon_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters Muon updates, in module order: every parameter of two or more dimensions except the input
+    embedding, the LM head (tied or not) and the routers' weights."""
+    from ondol.model.moe import Router
+
+    others = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, Router))}
+    others |= {id(model.lm_head.weight)} if hasattr(model, "lm_head") else set()
+    seen, out = set(), []
     for p in model.parameters():
-        if not p.requires_grad or id(p) in seen:
+        if p.requires_grad and p.ndim >= 2 and id(p) not in others and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def param_groups(model: nn.Module, weight_decay: float, muon: bool = False) -> list[dict]:
+    """AdamW groups: matmul weights (decayed) and everything else (not decayed), in module order; with `muon`,
+    Muon's matrices (decayed) first, in their own group. A ZeRO-3 parameter built under zero.Init holds an empty
+    1-D partition; its true shape is `ds_shape`. Every group carries `muon` (whether Muon updates it) and `kind`
+    (what the update-RMS log calls it)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    matrices = muon_matrices(model) if muon else []
+    taken = {id(p) for p in matrices}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in taken:
             continue
-        seen.add(id(p))
+        taken.add(id(p))
         (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 and id(p) not in embeddings else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    for p in matrices:  # read by train/state_shards.py: its optimizer state is Muon's
+        p.muon = True
+    groups = [{"params": matrices, "weight_decay": weight_decay, "name": "muon", "muon": True},
+              {"params": decay, "weight_decay": weight_decay, "name": "decay", "muon": False},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay", "muon": False}]
+    return [{**g, "kind": g["name"]} for g in groups if g["params"]]
+
+
+def state_keys(p: torch.Tensor) -> tuple[str, ...]:
+    """The optimizer state tensors of parameter p: Muon's one momentum, or AdamW's two moments."""
+    return ("momentum_buffer",) if getattr(p, "muon", False) else ("exp_avg", "exp_avg_sq")
+
+
+def orthogonalise(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The Newton-Schulz quintic iteration on the last two dimensions of g ([..., A, B]: a batch of matrices),
+    approximately U V^T of each matrix's SVD U S V^T. bf16 on a GPU (the matmuls' fast path; the iteration is
+    insensitive to their rounding), fp32 on a CPU (bf16 matmuls run ~7x slower there without bf16 units)."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the smaller Gram matrix
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+def muon_scale(shape: torch.Size | tuple[int, ...]) -> float:
+    """Moonlight's update scale for a matrix of `shape` (the last two dimensions)."""
+    return MUON_RMS * math.sqrt(max(shape[-2], shape[-1]))
+
+
+def muon_updates(momenta: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
+    """Scaled orthogonalised updates of whole matrices or stacks of them ([A, B] or [E, A, B]); matrices of the
+    same shape go through the iteration together as one batch."""
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, m in enumerate(momenta):
+        by_shape.setdefault(tuple(m.shape[-2:]), []).append(i)
+    out: list[torch.Tensor] = [torch.empty(0)] * len(momenta)
+    for shape, idx in by_shape.items():
+        batch = torch.cat([momenta[i].reshape(-1, *shape) for i in idx])
+        done = orthogonalise(batch, steps).mul_(muon_scale(shape)).split(
+            [momenta[i].numel() // (shape[0] * shape[1]) for i in idx])
+        for i, u in zip(idx, done):
+            out[i] = u.reshape(momenta[i].shape)
+    return out
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -47,6 +130,9 @@ class GuardedAdamW(torch.optim.AdamW):
         self.clip_fn = clip_fn or (lambda ps, max_norm: torch.nn.utils.clip_grad_norm_(ps, max_norm, foreach=True))
         self.applied = False
         self.found_inf: torch.Tensor | None = None
+        # set by the trainer for a log step: `update_rms` then reports the step's update RMS per group kind
+        self.track_updates = False
+        self._update_sums: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -61,6 +147,141 @@ class GuardedAdamW(torch.optim.AdamW):
             if self.found_inf:
                 return None
             self.found_inf = None
-        loss = super().step(closure)
+        loss = self._update(closure)
         self.applied = True if self.found_inf is None else self.found_inf == 0
         return loss
+
+    def _update(self, closure):
+        """torch's AdamW step over the groups Muon does not update (all of them here)."""
+        groups = self.param_groups
+        self.param_groups = [g for g in groups if not g.get("muon")]
+        try:
+            loss = super().step(closure)
+            if self.track_updates:
+                for group in self.param_groups:
+                    self._record(group, [self._adamw_update(p, group) for p in group["params"] if p in self.state])
+        finally:
+            self.param_groups = groups
+        return loss
+
+    def _adamw_update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """The update AdamW just applied to p, before the learning rate and weight decay: m_hat / (sqrt(v_hat) +
+        eps), from its state (one tensor at a time; the step count stays where torch keeps it, no sync)."""
+        state, (beta1, beta2) = self.state[p], group["betas"]
+        step = torch.as_tensor(state["step"], dtype=torch.float32, device=p.device)
+        denom = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
+        return state["exp_avg"] / (1 - beta1 ** step) / denom
+
+    def _record(self, group: dict, updates: list[torch.Tensor]) -> None:
+        """Add the squares and count of a group's updates (lr not included) to its kind's sums, on the device."""
+        if not updates:
+            return
+        sq = torch.stack([u.float().square().sum() for u in updates]).sum()
+        if self.found_inf is not None:  # a step skipped on the device applied nothing
+            sq = torch.where(self.found_inf == 0, sq, 0.0)
+        sums = torch.stack([sq, sq.new_tensor(float(sum(u.numel() for u in updates)))])
+        kind = group.get("kind", "all")
+        self._update_sums[kind] = self._update_sums[kind] + sums if kind in self._update_sums else sums
+
+    def update_rms(self) -> dict[str, float]:
+        """update_rms/KIND: the RMS of the updates (before the learning rate) of this rank's share of each kind of
+        parameter in the tracked steps since the last call (one host sync); then forgets them."""
+        out = {f"update_rms/{kind}": math.sqrt(sq / n) if n else float("nan")
+               for kind, (sq, n) in ((k, v.tolist()) for k, v in self._update_sums.items())}
+        self._update_sums = {}
+        return out
+
+
+class GuardedMuon(GuardedAdamW):
+    """Muon on the groups marked `muon` (param_groups), torch's AdamW on the others, with GuardedAdamW's checks
+    and skip.
+
+    The momentum is Keller Jordan's: m = beta m + (1 - beta) g, and the Nesterov blend (1 - beta) g + beta m is
+    orthogonalised. Without ZeRO a group holds the module's own matrices. At ZeRO 1/2 DeepSpeed hands each group
+    to the optimizer as one flat fp32 partition of the group's concatenated parameters, so a matrix may be split
+    between ranks: `use_zero_partitions` records the layout, the elementwise momentum stays partitioned (one
+    state, sharded as Adam's moments are), and each step all-gathers the group's blended momentum over its
+    data-parallel group (for experts, the expert-data-parallel group: every rank holds its experts whole) and
+    orthogonalises only the matrices that overlap this rank's partition. The all-gather moves as much as ZeRO's
+    parameter all-gather, and the step holds the whole group's momentum for it (`ondol plan` counts it); a matrix
+    split between ranks is orthogonalised on each of them.
+    """
+
+    def __init__(self, params, *, momentum: float, ns_steps: int, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.momentum, self.ns_steps = momentum, ns_steps
+        # id of a Muon group's flat fp32 partition -> its ZeRO 1/2 layout (DeepSpeed steps one group at a time,
+        # handing the optimizer a one-group list, so the partition, not a group index, identifies the group)
+        self.partitions: dict[int, dict] = {}
+
+    def __setstate__(self, state: dict) -> None:
+        """torch's Adam reads a `step` from every parameter's state when a state dict is loaded; Muon's state
+        holds only its momentum, so the AdamW entries alone go through it."""
+        everything = state["state"]
+        super().__setstate__({**state, "state": defaultdict(dict, {p: s for p, s in everything.items()
+                                                                   if "momentum_buffer" not in s})})
+        self.state = everything
+
+    def use_zero_partitions(self, zero_optimizer) -> None:
+        """Record, for each Muon group of DeepSpeedZeroOptimizer `zero_optimizer` (ZeRO 1/2), where its
+        parameters lie in the flat buffer the partitions are cut from."""
+        for i, group in enumerate(self.param_groups):
+            if not group["muon"]:
+                continue
+            pg = zero_optimizer.real_dp_process_group[i]
+            world = dist.get_world_size(group=pg)
+            size = zero_optimizer.bit16_groups_flat[i].numel() // world
+            params = zero_optimizer.round_robin_bit16_groups[i]
+            self.partitions[id(zero_optimizer.single_partition_of_fp32_groups[i])] = {
+                "group": pg, "world": world, "size": size, "start": dist.get_rank(group=pg) * size,
+                "matrices": [(off, tuple(p.shape)) for p, off in zip(params, zero_optimizer.round_robin_bit16_offsets[i])]}
+
+    def _update(self, closure):
+        for group in self.param_groups:
+            if group["muon"]:
+                self._muon_step(group, self.partitions.get(id(group["params"][0])))
+        return super()._update(closure)
+
+    def _muon_step(self, group: dict, layout: dict | None) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        keep = None if self.found_inf is None else self.found_inf == 0  # a step skipped on the device
+        blends = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            buf = state["momentum_buffer"]
+            new = buf.lerp(p.grad, 1 - self.momentum)
+            buf.copy_(new if keep is None else torch.where(keep, new, buf))
+            blends.append(p.grad.lerp(new, self.momentum))
+        if layout is None:
+            updates = muon_updates(blends, self.ns_steps)
+        else:
+            updates = [self._partition_update(blends[0], layout)]
+        if self.track_updates:
+            self._record(group, updates)
+        lr = group["lr"]
+        shrink = 1 - lr * group["weight_decay"]
+        for p, u in zip(params, updates):
+            if keep is None:
+                p.mul_(shrink).add_(u, alpha=-lr)
+            else:  # a step skipped on the device applies neither the decay nor the update
+                p.mul_(torch.where(keep, shrink, 1.0)).add_(torch.where(keep, u, 0.0), alpha=-lr)
+
+    def _partition_update(self, blend: torch.Tensor, layout: dict) -> torch.Tensor:
+        """This rank's partition of the group's update, from its partition of the blended momentum."""
+        if layout["world"] > 1:
+            full = blend.new_empty(layout["size"] * layout["world"])
+            dist.all_gather(list(full.chunk(layout["world"])), blend, group=layout["group"])
+        else:
+            full = blend
+        start, end = layout["start"], layout["start"] + layout["size"]
+        mine = [(off, shape) for off, shape in layout["matrices"] if off < end and off + math.prod(shape) > start]
+        updates = muon_updates([full[off:off + math.prod(shape)].view(shape) for off, shape in mine], self.ns_steps)
+        out = torch.zeros_like(blend)
+        for (off, shape), u in zip(mine, updates):
+            lo, hi = max(off, start), min(off + math.prod(shape), end)
+            out[lo - start:hi - start] = u.reshape(-1)[lo - off:hi - off]
+        return out

@@ -8,11 +8,11 @@ parameters, persistent buffers) by one rank, assigned greedily by size so the fi
 values are the fp32 master weights and optimizer moments, gathered one parameter at a time from the ZeRO
 partitions (a collective of that parameter's data-parallel group): no rank holds more than its own share plus
 one parameter. The layout on disk is model/io.py's (`model.index.json` + `model-RRRRR-of-WWWWW.safetensors`, or
-one `model.safetensors` for a single rank); the Adam moments go to `optim.*` files of the same layout, under the
-keys NAME.exp_avg and NAME.exp_avg_sq.
+one `model.safetensors` for a single rank); the optimizer state goes to `optim.*` files of the same layout, under
+the keys NAME.exp_avg and NAME.exp_avg_sq (AdamW's moments) or NAME.momentum_buffer (Muon's one state).
 
 Resharding (`load`) reads each rank's own rows of every tensor, sets the module's weights, DeepSpeed's fp32
-partitions (`safe_set_full_fp32_param`) and Adam moments (`safe_set_full_optimizer_state`), and the Adam step
+partitions (`safe_set_full_fp32_param`) and optimizer state (`safe_set_full_optimizer_state`), and the Adam step
 count. It is our own rather than DeepSpeed's universal checkpoint because the experts are not in DeepSpeed's
 files (see train/expert_parallel.py) and because these shards are needed anyway for the final weights.
 """
@@ -29,9 +29,9 @@ from torch import nn
 from ondol.files import atomic_path
 from ondol.model.io import INDEX, WEIGHTS, TensorInfo, read_tensor, shard_name, tensor_index, write_index
 from ondol.train.expert_parallel import expert_parallel_layers
+from ondol.train.optim import state_keys
 
 OPTIM_INDEX, OPTIM_SINGLE = "optim.index.json", "optim.safetensors"
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def _tensors(module: nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
@@ -101,7 +101,7 @@ def save(engine, optimizer, folder: Path, rank: int, world: int, with_optimizer:
         value = _value(t, is_param, optimizer, None)
         if keep:
             mine[name] = value.detach().contiguous().cpu()
-        for key in ADAM_KEYS if with_optimizer and is_param else ():
+        for key in state_keys(t) if with_optimizer and is_param else ():
             value = _value(t, is_param, optimizer, key)
             if keep:
                 moments[f"{name}.{key}"] = value.detach().contiguous().cpu()
@@ -117,10 +117,10 @@ def save(engine, optimizer, folder: Path, rank: int, world: int, with_optimizer:
     if rank == 0 and not single:
         write_index(folder, _index(entries, slices, owner, world, "model"))
         if with_optimizer:
-            params = [e for e in entries if e[2]]
+            params = {name: t for name, t, is_param in entries if is_param}
             write_index(folder, {f"{name}.{key}": info for name, info in
-                                 _index(params, slices, owner, world, "optim").items() for key in ADAM_KEYS},
-                        OPTIM_INDEX)
+                                 _index([e for e in entries if e[2]], slices, owner, world, "optim").items()
+                                 for key in state_keys(params[name])}, OPTIM_INDEX)
 
 
 def _index(entries, slices: dict, owner: dict[str, int], world: int, prefix: str) -> dict[str, TensorInfo]:
@@ -162,10 +162,10 @@ def adam_step_state(p: torch.Tensor, steps: int, fused: bool, capturable: bool) 
 
 @torch.no_grad()
 def load(engine, optimizer, folder: Path, adam_steps: int | None) -> None:
-    """Set this rank's weights, fp32 master partitions and Adam state (moments, and `adam_steps` applied updates)
-    from shards written at any world size, expert-parallel size and ZeRO stage; with adam_steps None the weights
-    only, the optimizer left as new (train.init_from). No collective, except at ZeRO 3: one broadcast per
-    parameter, whose module partition is re-split from the whole value."""
+    """Set this rank's weights, fp32 master partitions and optimizer state (Adam's moments and `adam_steps`
+    applied updates, or Muon's momentum) from shards written at any world size, expert-parallel size and ZeRO
+    stage; with adam_steps None the weights only, the optimizer left as new (train.init_from). No collective,
+    except at ZeRO 3: one broadcast per parameter, whose module partition is re-split from the whole value."""
     from deepspeed import zero
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -175,12 +175,15 @@ def load(engine, optimizer, folder: Path, adam_steps: int | None) -> None:
     moments = tensor_index(folder, OPTIM_INDEX, OPTIM_SINGLE) if with_optimizer else {}
     partitioned = engine.optimizer is not optimizer  # ZeRO 1-3 or bf16: DeepSpeed's fp32 partitions
     # Adam state as after `adam_steps` updates, moments set below; ZeRO 3 keeps it on its flat fp32 partitions
+    # (Muon, at ZeRO 0-2 only, has just its momentum)
     zero3_flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
     fused, capturable = bool(optimizer.defaults.get("fused")), bool(optimizer.defaults.get("capturable"))
     if with_optimizer:
-        for p in zero3_flat or [p for group in optimizer.param_groups for p in group["params"]]:
-            optimizer.state[p] = {"step": adam_step_state(p, adam_steps, fused, capturable),
-                                  "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        for muon, p in ([(False, p) for p in zero3_flat or []] or
+                        [(group.get("muon", False), p) for group in optimizer.param_groups for p in group["params"]]):
+            optimizer.state[p] = ({"momentum_buffer": torch.zeros_like(p)} if muon else
+                                  {"step": adam_step_state(p, adam_steps, fused, capturable),
+                                   "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)})
         if partitioned:
             _link_moments(engine)
     slices = _expert_slices(module)
@@ -194,7 +197,7 @@ def load(engine, optimizer, folder: Path, adam_steps: int | None) -> None:
         safe_set_full_fp32_param(t, value)
         if not with_optimizer:
             continue
-        for key in ADAM_KEYS:
+        for key in state_keys(t):
             moment = read_tensor(folder, moments[f"{name}.{key}"], f"{name}.{key}", rows)
             if partitioned:
                 safe_set_full_optimizer_state(t, moment, key)

@@ -87,7 +87,8 @@ class Trainer:
                      "data_hash": manifest["hash"], "seq_len": cfg.data.seq_len, "weights": self.loader.weights,
                      "zero_stage": deepspeed_zero_stage(cfg.deepspeed), "world_size": self.env.world_size,
                      "expert_parallel_size": cfg.deepspeed.expert_parallel_size,
-                     "seed": cfg.seed, "precision": cfg.deepspeed.precision, "cpu_threads": self.threads[0]}
+                     "seed": cfg.seed, "precision": cfg.deepspeed.precision, "cpu_threads": self.threads[0],
+                     "optimizer": cfg.optim.name}
         self.tokens_per_step = tr.micro_batch_size * tr.grad_accum * env.world_size * cfg.data.seq_len
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         peak, self.peak_source = detect_peak_tflops(env.device, cfg.logging.peak_tflops, cfg.deepspeed.precision)
@@ -269,6 +270,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.applied = False
+        # the update RMS per kind of parameter is measured at log steps only
+        self.optimizer.track_updates = (self.step + 1) % self.cfg.train.log_every == 0 or \
+            self.step + 1 == self.cfg.train.steps
         accum = self.cfg.train.grad_accum
         step_sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)
         for _ in range(accum):
@@ -355,6 +359,7 @@ class Trainer:
             record["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
         record.update({k: float(v) for k, v in self.last_metrics.items()})
         record.update(_load_stats(self.interval["loads"], self.moe_layer_ids))
+        record.update(self.optimizer.update_rms())
         record.update(memory_gib(self.env.device))
         record.update(expert_parallel.expert_parallel_metrics(self.engine.module, elapsed, steps))
         self._reset_interval()

@@ -1,0 +1,202 @@
+"""Muon (optim.name=muon): the Newton-Schulz iteration against the SVD's polar factor, per-expert orthogonalisation
+against a loop over experts, which parameters Muon takes, the logged update RMS against the parameter change,
+`ondol plan`'s optimizer state, ZeRO 2 against ZeRO 0, kill -9 and resume bit for bit, two ranks with expert
+parallelism against one (slow), and the bad settings refused with the key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import corpus_texts
+from golden import STABLE_OPTIM, build_assets, run_losses
+from safetensors.torch import load_file
+from test_exit_codes import TINY, ondol, one_line
+from test_train_procs import _launch, _losses
+
+from ondol.model.config import load_preset
+from ondol.model.transformer import Transformer
+from ondol.train import checkpoint
+from ondol.train.optim import muon_matrices, muon_updates, orthogonalise, param_groups
+
+MUON_RUN = ("train.steps=8", "optim.name=muon", *STABLE_OPTIM, "train.save_every=4", "train.eval_every=8")
+# What 5 steps of Keller Jordan's quintic guarantee for a direction whose singular value, after the iteration's
+# normalisation by the Frobenius norm, is at least SMALLEST: a singular value in about [0.7, 1.2] (the
+# coefficients trade exact convergence for speed), with the singular vectors kept (every step is an odd
+# polynomial of X, so it maps U S V^T to U p(S) V^T exactly, up to fp32 rounding)
+SMALLEST, LOW, HIGH = 0.02, 0.68, 1.22
+
+
+def _in_svd_basis(g: torch.Tensor, steps: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """U^T O V for the iteration's output O and the SVD U S V^T of g (float64), and S / ||S||."""
+    u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    o = orthogonalise(g, steps).double()
+    return u.mT @ o @ vh.mT, s / s.norm()
+
+
+def _check_polar(g: torch.Tensor) -> None:
+    d, s = _in_svd_basis(g)
+    diag = d.diagonal()
+    off = d - torch.diag_embed(diag)
+    assert float(off.norm() / diag.norm()) < 1e-4  # the polar factor's singular vectors (fp32 rounding)
+    reached = diag[s >= SMALLEST]
+    assert len(reached) > 0 and float(reached.min()) > LOW and float(diag.max()) < HIGH, diag
+    # against U V^T itself, on the directions the iteration reaches: within the [0.7, 1.2] band
+    u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    keep = s >= SMALLEST
+    polar = u[:, keep] @ vh[keep]
+    o = orthogonalise(g).double()
+    projected = u[:, keep] @ (u[:, keep].mT @ o @ vh[keep].mT) @ vh[keep]
+    assert float((projected - polar).norm() / polar.norm()) < 1 - LOW
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (96, 96)])
+def test_newton_schulz_gives_the_polar_factor_of_random_matrices(shape):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    _check_polar(g)
+
+
+def test_newton_schulz_gives_the_polar_factor_of_real_weight_gradients():
+    """Gradients of a tiny model on real Korean text (UTF-8 bytes as tokens): low-rank and far from random."""
+    model = Transformer(load_preset("tiny", vocab_size=256, moe_dispatch="loop"), seed=0)
+    text = "\n".join(corpus_texts("ko_reviews", 40)).encode("utf-8")[:4 * 129]
+    ids = torch.tensor(list(text)).view(4, 129)
+    out = model(ids[:, :-1], labels=ids[:, 1:])
+    out.loss.backward()
+    for name in ("layers.0.self_attn.q_proj.weight", "layers.0.mlp.down_proj.weight",
+                 "layers.1.self_attn.k_proj.weight"):
+        _check_polar(dict(model.named_parameters())[name].grad)
+    experts = model.layers[1].mlp.experts.gate_up_proj.grad
+    busy = max(range(len(experts)), key=lambda e: float(experts[e].norm()))
+    _check_polar(experts[busy])
+
+
+def test_each_expert_is_orthogonalised_on_its_own_as_a_loop_would():
+    gen = torch.Generator().manual_seed(1)
+    stacked = torch.randn(8, 256, 128, generator=gen) * torch.logspace(-3, 0, 8).view(8, 1, 1)
+    dense = torch.randn(256, 128, generator=gen)
+    batched = muon_updates([stacked, dense], steps=5)
+    looped = torch.stack([muon_updates([e], steps=5)[0] for e in stacked])
+    torch.testing.assert_close(batched[0], looped, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(batched[1], muon_updates([dense], steps=5)[0], rtol=1e-5, atol=1e-6)
+    # Moonlight's scale: RMS 0.2 sqrt(max(A, B)) / sqrt(A B) x the singular values (~1) of each expert alone
+    rms = looped.square().mean(dim=(1, 2)).sqrt()
+    assert torch.all((rms > 0.2 * 0.7) & (rms < 0.2 * 1.2)), rms
+
+
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest():
+    model = Transformer(load_preset("tiny", vocab_size=256, mtp_layers=1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["name"]: {names[id(p)] for p in g["params"]} for g in param_groups(model, 0.1, muon=True)}
+    assert groups["muon"] == {names[id(p)] for p in muon_matrices(model)}
+    assert {"layers.0.self_attn.q_proj.weight", "layers.0.mlp.gate_proj.weight", "layers.1.mlp.experts.gate_up_proj",
+            "layers.1.mlp.experts.down_proj", "layers.1.mlp.shared_experts.down_proj.weight"} <= groups["muon"]
+    assert any(n.startswith("mtp.") for n in groups["muon"])
+    assert groups["decay"] == {"lm_head.weight"} | {n for n in names.values() if n.endswith("mlp.gate.weight")}
+    assert "embed_tokens.weight" in groups["no_decay"]
+    assert all(model.get_parameter(n).ndim == 1 for n in groups["no_decay"] - {"embed_tokens.weight"})
+    assert sum(map(len, groups.values())) == len(names)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> Path:
+    return build_assets(tmp_path_factory.getbasetemp() / "train_assets")
+
+
+@pytest.fixture(scope="module")
+def muon_runs(assets, tmp_path_factory) -> dict:
+    """8 Muon steps at ZeRO 0 and at ZeRO 2 (one rank), checkpoints at steps 4 and 8."""
+    runs = {stage: tmp_path_factory.mktemp(f"muon_zero{stage}") for stage in (0, 2)}
+    return {stage: {"run": run, "losses": run_losses(run, assets, *MUON_RUN, f"deepspeed.zero_stage={stage}")}
+            for stage, run in runs.items()}
+
+
+def test_zero2_equals_zero0_and_update_rms_is_logged(muon_runs):
+    from ondol.train.metrics import read_metrics
+
+    zero0, zero2 = muon_runs[0], muon_runs[2]
+    assert zero2["losses"] == pytest.approx(zero0["losses"], rel=1e-5)
+    ref = load_file(zero0["run"] / "model" / "model.safetensors")
+    got = load_file(zero2["run"] / "model" / "model.safetensors")
+    for k in ref:
+        assert float((got[k] - ref[k]).norm() / ref[k].norm()) < 1e-5, k
+    last = [r for r in read_metrics(zero2["run"] / "metrics.jsonl") if "loss" in r][-1]
+    # Muon's orthogonalised update at Moonlight's scale: RMS 0.2 x singular values in [0.7, 1.2]
+    assert 0.2 * 0.6 < last["update_rms/muon"] < 0.2 * 1.2
+    assert {"update_rms/decay", "update_rms/no_decay"} <= last.keys()
+
+
+def test_kill_9_and_resume_at_zero2_is_bit_exact(assets, muon_runs, tmp_path):
+    """ZeRO 2: the momentum comes back into DeepSpeed's flat partitions from its own checkpoint files."""
+    run = tmp_path / "run"
+    assert _launch(tmp_path, run, assets, "step:6", *MUON_RUN, "deepspeed.zero_stage=2") == -9
+    assert checkpoint.latest_checkpoint(run / "checkpoints").name == "step_00000004"
+    assert _launch(tmp_path, run, assets, "none", *MUON_RUN, "deepspeed.zero_stage=2") == 0
+    assert _losses(run) == muon_runs[2]["losses"]
+    ref = load_file(muon_runs[2]["run"] / "model" / "model.safetensors")
+    got = load_file(run / "model" / "model.safetensors")
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+@pytest.mark.slow  # ~35 s idle: torchrun; the one-rank ZeRO 2 tests above take the same partition path
+def test_two_ranks_expert_parallel_equal_one_rank_and_resume_resharded(assets, tmp_path):
+    """2 ranks x micro-batch 2, EP 2 at ZeRO 2 (Muon's momentum all-gathered over each group's ranks) against
+    1 rank x 4; killed after step 6, resumed on 1 rank at ZeRO 1 from the resharded momentum shards."""
+    steps = ("train.steps=8", "optim.name=muon", *STABLE_OPTIM, "train.save_every=4", "train.eval_every=8")
+    reference = run_losses(tmp_path / "ref", assets, *steps)
+    run = tmp_path / "run"
+    assert _launch(tmp_path, run, assets, "step:6", *steps, "train.micro_batch_size=2",
+                   "deepspeed.expert_parallel_size=2", "deepspeed.zero_stage=2", ranks=2) != 0
+    assert _losses(run) == pytest.approx(reference[:5], rel=1e-5)
+    assert _launch(tmp_path, run, assets, "none", *steps, "deepspeed.zero_stage=1") == 0
+    assert _losses(run) == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.parametrize("overrides,key", [(["optim.name=sgd"], "optim.name"),
+                                           (["optim.name=muon", "deepspeed.zero_stage=3"], "deepspeed.zero_stage"),
+                                           (["optim.name=muon", "deepspeed.zero_stage=2",
+                                             "deepspeed.extra={zero_optimization: {offload_optimizer: {device: cpu}}}"],
+                                            "offload_optimizer")])
+def test_bad_settings_exit_2_naming_the_key(overrides, key):
+    code, err = ondol("plan", TINY, *overrides)
+    assert code == 2 and key in one_line(err, "ondol: config error: "), err
+
+
+def test_plan_counts_one_fp32_state_for_muons_matrices_and_two_for_the_rest():
+    from ondol.train.memory import RunShape, plan_memory
+
+    cfg = load_preset("tiny", vocab_size=256)
+    model = Transformer(cfg)
+    adamw = sum(p.numel() for n, p in model.named_parameters()
+                if p.ndim == 1 or n in ("embed_tokens.weight", "lm_head.weight") or n.endswith("mlp.gate.weight"))
+    total = sum(p.numel() for p in model.parameters())
+    muon = plan_memory(cfg, RunShape("fp32", 0, 1, 1, 1, 64, optimizer="muon")).terms
+    plain = plan_memory(cfg, RunShape("fp32", 0, 1, 1, 1, 64)).terms
+    assert muon["AdamW moments (fp32)"] == 8 * adamw and muon["Muon momentum (fp32)"] == 4 * (total - adamw)
+    assert plain["AdamW moments (fp32)"] == 8 * total and "Muon momentum (fp32)" not in plain
+    # ZeRO 2 on 4 ranks, EP 2: state sharded; the dense matrices gathered whole, experts too (2 ranks per group)
+    z2 = plan_memory(cfg, RunShape("fp32", 2, 4, 2, 1, 64, optimizer="muon")).terms
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert z2["Muon gathered momentum (fp32)"] == 4 * (total - adamw - experts + experts // 2)
+
+
+def test_logged_update_rms_is_the_parameter_change_over_the_learning_rate():
+    from ondol.train.optim import GuardedMuon
+
+    gen = torch.Generator().manual_seed(0)
+    matrix, gain = torch.nn.Parameter(torch.randn(64, 32, generator=gen)), torch.nn.Parameter(torch.randn(32))
+    lr, wd = 0.01, 0.1
+    opt = GuardedMuon([{"params": [matrix], "muon": True, "kind": "muon", "weight_decay": wd},
+                       {"params": [gain], "muon": False, "kind": "no_decay", "weight_decay": wd}],
+                      owns_clipping=True, clip_norm=0, momentum=0.95, ns_steps=5, lr=lr, foreach=True)
+    for _ in range(3):
+        for p in (matrix, gain):
+            p.grad = torch.randn(p.shape, generator=gen)
+        before = [p.detach().clone() for p in (matrix, gain)]
+        opt.track_updates = True
+        opt.step()
+        logged = opt.update_rms()
+        for kind, old, p in zip(("muon", "no_decay"), before, (matrix, gain)):  # p' = p (1 - lr wd) - lr u
+            change = (old * (1 - lr * wd) - p.detach()) / lr
+            assert logged[f"update_rms/{kind}"] == pytest.approx(float(change.square().mean().sqrt()), rel=1e-4)
