@@ -27,7 +27,7 @@ from ondol.errors import ConfigError
 from ondol.launch.config import GenerateConfig, LaunchConfig
 from ondol.model.config import ModelConfig
 from ondol.tokenizer.config import TokenizerConfig
-from ondol.train.config import DeepSpeedConfig, LoggingConfig, OptimConfig, TrainConfig
+from ondol.train.config import DeepSpeedConfig, LoggingConfig, OptimConfig, TrainConfig, check_sequence_parallel
 
 CONFIG_DIR = Path(__file__).resolve().parent
 REPO_DIR = CONFIG_DIR.parent  # the clone; the default corpora_dir (../shared/corpora) is relative to it
@@ -52,6 +52,7 @@ class RunConfig:
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) is above model.max_seq_len "
                              f"({self.model.max_seq_len}): lower data.seq_len or raise model.max_seq_len")
+        check_sequence_parallel(self.deepspeed.sequence_parallel_size, self.model, self.data.seq_len)
 
 
 def _valid_keys(node: Any, prefix: str = "") -> list[str]:

@@ -212,13 +212,21 @@ class Transformer(nn.Module):
         return StaticKVCache(self._windows(self.cfg.layer_kinds), self.cfg.max_seq_len,
                              (1, self.cfg.n_kv_heads, self.cfg.head_dim), dtype, self.inv_freq.device)
 
+    def token_positions(self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device) -> torch.Tensor:
+        """RoPE positions [B or 1, T] of a row: within each packed document under model.doc_positions (with
+        doc_ids), else 0..T-1."""
+        if self.cfg.doc_positions and doc_ids is not None:
+            return document_positions(doc_ids)
+        return torch.arange(seq_len, device=device)[None]
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, cache: KVCache | StaticKVCache | None = None, loss_chunk: int = 0,
-                compile_loss: bool = False) -> ModelOutput:
+                compile_loss: bool = False, positions: torch.Tensor | None = None) -> ModelOutput:
         """Logits and losses for input_ids [B, T]. With `cache` (KVCache or StaticKVCache), input_ids continue the
         positions the cache holds (generation: no labels, no document ids) and the cache is extended by them. With labels and
         `loss_chunk` > 0 the loss runs over that many tokens at a time and logits is None (model/loss.py);
-        `compile_loss` compiles the loss (train.compile)."""
+        `compile_loss` compiles the loss (train.compile). `positions` [B or 1, T] overrides `token_positions`:
+        a sequence-parallel shard passes its slice of the whole row's."""
         cfg = self.cfg
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
@@ -229,10 +237,8 @@ class Transformer(nn.Module):
         else:
             masks = {kind: backend.prepare(MaskSpec(T, cfg.window if kind == "L" else None, docs), x.device)
                      for kind in set(cfg.layer_kinds + cfg.mtp_kinds)}
-            if cfg.doc_positions and doc_ids is not None:
-                positions = document_positions(doc_ids)
-            else:
-                positions = torch.arange(T, device=x.device)[None]
+            if positions is None:
+                positions = self.token_positions(doc_ids, T, x.device)
         rope = rope_cos_sin(positions, self.inv_freq, x.dtype)
 
         aux_loss = x.new_zeros((), dtype=torch.float32)
