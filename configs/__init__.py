@@ -27,7 +27,13 @@ from ondol.errors import ConfigError
 from ondol.launch.config import GenerateConfig, LaunchConfig
 from ondol.model.config import ModelConfig
 from ondol.tokenizer.config import TokenizerConfig
-from ondol.train.config import DeepSpeedConfig, LoggingConfig, OptimConfig, TrainConfig, check_sequence_parallel
+from ondol.train.config import (
+    DeepSpeedConfig,
+    LoggingConfig,
+    OptimConfig,
+    TrainConfig,
+    check_sequence_parallel,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent
 REPO_DIR = CONFIG_DIR.parent  # the clone; the default corpora_dir (../shared/corpora) is relative to it

@@ -120,10 +120,7 @@ def apply_sequence_parallel(model: nn.Module, sp_size: int) -> SequenceParallel 
     if world % sp_size:
         raise ConfigError(f"deepspeed.sequence_parallel_size={sp_size} must divide the world size {world} (ranks "
                           "form whole sequence-parallel groups): launch a multiple of it, or change the size")
-    from deepspeed.runtime.sequence_parallel import parallel_state_sp
-
-    parallel_state_sp.initialize_sequence_parallel(sp_size)
-    group = parallel_state_sp.get_sequence_parallel_group()
+    group = sequence_parallel_group(sp_size)
     sp = SequenceParallel(model, sp_size, group)
     plain, wrapped = model.backend, {}
     repeat = kv_repeat(model.cfg.n_kv_heads, sp_size)
@@ -138,6 +135,19 @@ def apply_sequence_parallel(model: nn.Module, sp_size: int) -> SequenceParallel 
 
     model.backend = backend
     return sp
+
+
+def sequence_parallel_group(sp_size: int):
+    """This rank's group of sp_size consecutive ranks, made by DeepSpeed's sequence-parallel state on first use
+    (one size per process)."""
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp as state
+
+    if state._SEQUENCE_PARALLEL_GROUP is None:
+        state.initialize_sequence_parallel(sp_size)
+    group = state.get_sequence_parallel_group()
+    if dist.get_world_size(group) != sp_size:
+        raise RuntimeError(f"this process already has sequence-parallel groups of {dist.get_world_size(group)}")
+    return group
 
 
 def data_parallel(rank: int, world_size: int, sp_size: int) -> tuple[int, int]:
