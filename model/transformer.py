@@ -27,6 +27,7 @@ class ModelOutput:
     loss: torch.Tensor | None
     aux_loss: torch.Tensor  # weighted sum of MoE balance and z losses (0-dim)
     mtp_loss: torch.Tensor  # model.mtp_loss_weight x mean MTP loss over depths (0-dim; 0 without MTP)
+    mtp_depth_losses: torch.Tensor | None = None  # each depth's mean cross-entropy [mtp_layers] (with labels)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached
     hidden: torch.Tensor | None = None  # last layer's output before the final norm [B, T, D] (feeds MTP)
 
@@ -120,6 +121,16 @@ CACHED_MASKS = {"L": None, "G": None}  # cached attention builds its mask from t
 def shift_left(x: torch.Tensor, n: int, fill: int) -> torch.Tensor:
     """x [B, T] moved n positions to the left along T, the last n filled with `fill`."""
     return torch.cat([x[:, n:], x.new_full((x.shape[0], min(n, x.shape[1])), fill)], dim=1)
+
+
+def mtp_targets(labels: torch.Tensor, next_labels: torch.Tensor | None, k: int) -> tuple[torch.Tensor, ...]:
+    """(seen, targets) [B, T] of MTP depth k: at position t the token t+k (labels[t + k - 1]) and the one it
+    predicts (labels[t + k]), -100 where either lies past the row (continued by `next_labels` [B, m], the
+    labels after it, when given) or is ignored."""
+    T = labels.shape[1]
+    row = labels if next_labels is None else torch.cat([labels, next_labels], dim=1)
+    seen = shift_left(row, k - 1, -100)[:, :T]
+    return seen, shift_left(row, k, -100)[:, :T].masked_fill(seen == -100, -100)
 
 
 class Transformer(nn.Module):
@@ -221,12 +232,14 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, cache: KVCache | StaticKVCache | None = None, loss_chunk: int = 0,
-                compile_loss: bool = False, positions: torch.Tensor | None = None) -> ModelOutput:
+                compile_loss: bool = False, positions: torch.Tensor | None = None,
+                next_labels: torch.Tensor | None = None) -> ModelOutput:
         """Logits and losses for input_ids [B, T]. With `cache` (KVCache or StaticKVCache), input_ids continue the
         positions the cache holds (generation: no labels, no document ids) and the cache is extended by them. With labels and
         `loss_chunk` > 0 the loss runs over that many tokens at a time and logits is None (model/loss.py);
         `compile_loss` compiles the loss (train.compile). `positions` [B or 1, T] overrides `token_positions`:
-        a sequence-parallel shard passes its slice of the whole row's."""
+        a sequence-parallel shard passes its slice of the whole row's, and as `next_labels` [B, mtp_layers] the
+        labels that follow it (MTP targets past the shard)."""
         cfg = self.cfg
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
@@ -255,20 +268,21 @@ class Transformer(nn.Module):
         metrics = {f"moe/{k}": torch.stack([s[k] for s in moe_stats]).mean() for k in (moe_stats[0] if moe_stats
                                                                                           else {})}
         metrics["moe/aux_loss"] = aux_loss.detach()
-        mtp_loss = aux_loss.new_zeros(())
+        mtp_loss, depth_losses = aux_loss.new_zeros(()), None
         if self.mtp and labels is not None:
-            mtp_loss = self.mtp_loss(x, labels, rope, masks, backend, metrics)
+            depth_losses = self.mtp_losses(x, labels, next_labels, rope, masks, backend, metrics)
+            mtp_loss = self.cfg.mtp_loss_weight * depth_losses.mean()
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, mtp_loss=mtp_loss, metrics=metrics,
-                           hidden=x)
+                           hidden=x, mtp_depth_losses=depth_losses)
 
-    def mtp_loss(self, hidden, labels, rope, masks, backend, metrics: dict[str, torch.Tensor]) -> torch.Tensor:
-        """model.mtp_loss_weight x the mean over depths of each depth's cross-entropy. Depth k at position t
-        sees token t+k (labels[t + k - 1]) and predicts token t+k+1 (labels[t + k]); positions whose tokens lie
-        past the row, or are ignored (-100), are ignored. Logs mtp/loss (mean) and mtp/acc (depth 1)."""
+    def mtp_losses(self, hidden, labels, next_labels, rope, masks, backend, metrics: dict[str, torch.Tensor]
+                   ) -> torch.Tensor:
+        """Each depth's mean cross-entropy [mtp_layers]. Depth k at position t sees token t+k (labels[t + k - 1])
+        and predicts token t+k+1 (labels[t + k]); positions whose tokens lie past the row (and `next_labels`),
+        or are ignored (-100), are ignored (`mtp_targets`). Logs mtp/loss (mean) and mtp/acc (depth 1)."""
         V, losses = self.cfg.vocab_size, []
         for k, depth in enumerate(self.mtp, start=1):
-            seen = shift_left(labels, k - 1, -100)
-            targets = shift_left(labels, k, -100).masked_fill(seen == -100, -100)
+            seen, targets = mtp_targets(labels, next_labels, k)
             hidden = depth(hidden, self.embed_tokens(seen.clamp_min(0)), rope, masks, backend)
             logits = self.lm_head(depth.norm(hidden))
             losses.append(F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1), ignore_index=-100))
@@ -276,9 +290,9 @@ class Transformer(nn.Module):
                 valid = targets != -100
                 hits = (logits.detach().argmax(-1) == targets) & valid
                 metrics["mtp/acc"] = hits.sum() / valid.sum().clamp_min(1)
-        mean = torch.stack(losses).mean()
-        metrics["mtp/loss"] = mean.detach()
-        return self.cfg.mtp_loss_weight * mean
+        losses = torch.stack(losses)
+        metrics["mtp/loss"] = losses.mean().detach()
+        return losses
 
     @torch.no_grad()
     def mtp_draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -39,10 +39,12 @@ def _free_port() -> int:
 
 # (name, model overrides, backward): sliding windows of 16 in rows of 64, document masking (on by default),
 # within-document RoPE positions that continue across shards, sinks sliced per rank, one KV head replicated
-# to the group, selective activation checkpointing around the all-to-alls; flex (no CPU backward) forward only.
+# to the group, selective activation checkpointing around the all-to-alls, two MTP depths whose targets cross
+# the shard boundary; flex (no CPU backward) forward only.
 CASES = [
     ("sdpa_sinks_doc_positions", {"attn_sinks": True, "doc_positions": True}, "none"),
-    ("one_kv_head_replicated_selective", {"n_kv_heads": 1, "rope_on_global": True}, "selective"),
+    ("one_kv_head_replicated_selective_mtp", {"n_kv_heads": 1, "rope_on_global": True, "mtp_layers": 2},
+     "selective"),
     ("flex_forward", {"attn_backend": "flex", "doc_positions": True}, None),
 ]
 
@@ -77,23 +79,25 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
         with torch.set_grad_enabled(recompute is not None):
             whole = model(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"])
             if recompute is not None:
-                (whole.loss + whole.aux_loss).backward()
+                (whole.loss + whole.aux_loss + whole.mtp_loss).backward()
                 reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
                 model.zero_grad()
             with sp.sharded():
                 part = model(shard["input_ids"], labels=shard["labels"], doc_ids=shard["doc_ids"],
-                             positions=shard["positions"])
-            loss = sp.loss(part.loss, shard["labels"])
+                             positions=shard["positions"], next_labels=shard.get("next_labels"))
+            loss, mtp_loss = sp.losses(part, shard)
         n = 64 // world
         mine = slice(sp.rank * n, (sp.rank + 1) * n)
         gap = (part.logits - whole.logits[:, mine]).abs().max() / whole.logits.abs().max()
         dist.all_reduce(gap, op=dist.ReduceOp.MAX)  # the worst rank's
         row = {"logits": float(gap)}
-        summed = loss.detach().clone()
+        summed = torch.stack([loss, mtp_loss]).detach()
         dist.all_reduce(summed)
-        row["loss"] = abs(float(summed) / world - float(whole.loss)) / float(whole.loss)
+        row["loss"] = abs(float(summed[0]) / world - float(whole.loss)) / float(whole.loss)
+        if cfg.mtp_layers:
+            row["mtp_loss"] = abs(float(summed[1]) / world - float(whole.mtp_loss)) / float(whole.mtp_loss)
         if recompute is not None:
-            (loss + part.aux_loss).backward()
+            (loss + part.aux_loss + mtp_loss).backward()
             worst = 0.0
             for pname, p in model.named_parameters():
                 grad = p.grad.clone()
@@ -117,7 +121,7 @@ def test_shards_give_the_whole_rows_loss_logits_and_gradients(assets, tmp_path):
     report = json.loads(out.read_text())
     for name, _, recompute in CASES:
         row = report[name]
-        assert row["logits"] < 1e-5 and row["loss"] < 1e-6, (name, row)
+        assert row["logits"] < 1e-5 and row["loss"] < 1e-6 and row.get("mtp_loss", 0) < 1e-6, (name, row)
         if recompute is not None:
             assert row["grad"] < 1e-5, (name, row)
 
@@ -189,7 +193,6 @@ def test_resume_on_another_sequence_parallel_size(assets, tmp_path):
     (["deepspeed.sequence_parallel_size=4", "model.n_kv_heads=3", "model.n_heads=12"],
      "the largest allowed size up to 4 is 3"),
     (["deepspeed.sequence_parallel_size=2", "data.seq_len=63"], "data.seq_len=63 must be divisible"),
-    (["deepspeed.sequence_parallel_size=2", "model.mtp_layers=1"], "model.mtp_layers=1 is not supported"),
     (["deepspeed.sequence_parallel_size=2", "model.aux_loss_coef=0.01"], "model.aux_loss_coef=0.01 is not"),
     (["deepspeed.sequence_parallel_size=0"], "deepspeed.sequence_parallel_size must be >= 1"),
 ])

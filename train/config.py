@@ -79,8 +79,6 @@ def check_sequence_parallel(sp_size: int, model, seq_len: int) -> None:
                          f"replicated up to N): the largest allowed size up to {sp_size} is {allowed}")
     _need(seq_len % sp_size == 0, f"data.seq_len={seq_len} must be divisible by {key} (each rank holds "
           "seq_len / N tokens of every row)")
-    _need(not model.mtp_layers, f"model.mtp_layers={model.mtp_layers} is not supported with {key} (an MTP depth's "
-          "shifted labels cross shard boundaries): set model.mtp_layers=0 or deepspeed.sequence_parallel_size=1")
     _need(not model.aux_loss_coef, f"model.aux_loss_coef={model.aux_loss_coef} is not supported with {key} (the "
           "sequence-wise balance loss would see a shard, not the sequence): balance with model.bias_update_rate "
           "instead, or set deepspeed.sequence_parallel_size=1")

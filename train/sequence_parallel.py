@@ -30,6 +30,7 @@ from torch import nn
 from ondol.errors import ConfigError
 from ondol.model.attention_backends import MaskSpec
 from ondol.model.loss import IGNORE
+from ondol.model.transformer import mtp_targets
 
 
 def kv_repeat(n_kv_heads: int, sp_size: int) -> int:
@@ -92,22 +93,36 @@ class SequenceParallel:
             self.active = False
 
     def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This rank's contiguous 1/N of every row: input_ids, labels, doc_ids and the RoPE positions of the
-        whole row (so within-document positions continue across shards)."""
-        ids, docs = batch["input_ids"], batch["doc_ids"]
+        """This rank's contiguous 1/N of every row: input_ids, labels, doc_ids, the RoPE positions of the whole
+        row (so within-document positions continue across shards) and, with MTP, next_labels: the
+        model.mtp_layers labels after the shard (-100 past the row)."""
+        ids, docs, labels = batch["input_ids"], batch["doc_ids"], batch["labels"]
         T = ids.shape[1]
         positions = self.model.token_positions(docs, T, ids.device)
         n = T // self.size
-        part = slice(self.rank * n, (self.rank + 1) * n)
-        return {"input_ids": ids[:, part], "labels": batch["labels"][:, part], "doc_ids": docs[:, part],
-                "positions": positions[:, part]}
+        start, end = self.rank * n, (self.rank + 1) * n
+        out = {"input_ids": ids[:, start:end], "labels": labels[:, start:end], "doc_ids": docs[:, start:end],
+               "positions": positions[:, start:end]}
+        m = self.model.cfg.mtp_layers
+        if m:
+            after = labels[:, end:end + m]
+            out["next_labels"] = torch.cat([after, after.new_full((after.shape[0], m - after.shape[1]), IGNORE)], 1)
+        return out
 
-    def loss(self, local_mean: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        """N x this shard's share of the whole row's mean loss: local_mean x N x local valid / group valid."""
-        valid = (local_labels != IGNORE).sum()
+    def losses(self, out, shard: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """N x this shard's share of the rows' mean LM loss (local mean x N x local valid / group valid) and of
+        the MTP loss (the same share per depth, then model.mtp_loss_weight x their mean; 0 without MTP)."""
+        labels, cfg = shard["labels"], self.model.cfg
+        targets = [labels] + [mtp_targets(labels, shard["next_labels"], k)[1] for k in range(1, cfg.mtp_layers + 1)]
+        valid = torch.stack([(t != IGNORE).sum() for t in targets])
         total = valid.clone()
         dist.all_reduce(total, group=self.group)
-        return local_mean * (self.size * valid / total).to(local_mean.dtype)
+        share = self.size * valid / total
+        loss = out.loss * share[0].to(out.loss.dtype)
+        if out.mtp_depth_losses is None:
+            return loss, out.mtp_loss
+        depths = out.mtp_depth_losses * share[1:].to(out.mtp_depth_losses.dtype)
+        return loss, cfg.mtp_loss_weight * depths.mean()
 
 
 def apply_sequence_parallel(model: nn.Module, sp_size: int) -> SequenceParallel | None:

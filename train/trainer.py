@@ -261,8 +261,8 @@ class Trainer:
         accum = self.cfg.train.grad_accum
         step_sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)
         for _ in range(accum):
-            out, loss = self._forward(next(self.loader))
-            self.engine.backward(loss + out.aux_loss + out.mtp_loss)  # mtp_loss: 0 without MTP
+            out, loss, mtp_loss = self._forward(next(self.loader))
+            self.engine.backward(loss + out.aux_loss + mtp_loss)  # mtp_loss: 0 without MTP
             self.engine.step()
             step_sums[0] += loss.detach()
             step_sums[1] += out.aux_loss.detach()
@@ -290,18 +290,19 @@ class Trainer:
                 f"checkpoint is kept in {self.ckpt_dir}; lower optim.lr or check the data, then resume")
 
     def _forward(self, batch: dict[str, torch.Tensor]):
-        """(model output, loss) of one micro-batch on this rank: the LM loss, or under sequence parallelism the
-        forward on this rank's shard and its share of the rows' mean loss (train/sequence_parallel.py)."""
+        """(model output, LM loss, MTP loss) of one micro-batch on this rank; under sequence parallelism the
+        forward on this rank's shard and its shares of the rows' mean losses (train/sequence_parallel.py)."""
         batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
         if self.sp is None:
             out = self.engine(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"],
                               **self.loss_kwargs)
-            return out, out.loss
+            return out, out.loss, out.mtp_loss
         shard = self.sp.shard(batch)
         with self.sp.sharded():
             out = self.engine(shard["input_ids"], labels=shard["labels"], doc_ids=shard["doc_ids"],
-                              positions=shard["positions"], **self.loss_kwargs)
-        return out, self.sp.loss(out.loss, shard["labels"])
+                              positions=shard["positions"], next_labels=shard.get("next_labels"),
+                              **self.loss_kwargs)
+        return out, *self.sp.losses(out, shard)
 
     def _update_router_biases(self) -> None:
         if not self.moe_layers:
