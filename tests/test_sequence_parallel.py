@@ -211,3 +211,25 @@ def test_world_size_not_a_multiple_refused():
         model = Transformer(dataclasses.replace(load_preset("tiny"), vocab_size=64))
     with pytest.raises(ConfigError, match=r"sequence_parallel_size=2 must divide the world size 1"):
         apply_sequence_parallel(model, 2)
+
+
+# ----- ondol plan ---------------------------------------------------------------------------------------------
+
+def test_plan_divides_activations_and_logits_and_proposes_a_size(capsys):
+    """At SP=N a rank holds seq_len / N tokens: activations and logits of a row of T tokens at SP=N are those of
+    T / N tokens at SP=1, plus the all-to-all buffers; K-EXAONE at 32,768 tokens on 32 x 8 GPUs fits with a
+    sequence-parallel size the search names, and the table names the size."""
+    from ondol.launch.cli import main
+    from ondol.launch.plan import plan_for_config
+
+    config = ROOT / "configs" / "k-exaone-236b.yaml"
+    long = plan_for_config(load_config(config, ["data.seq_len=32768", "deepspeed.sequence_parallel_size=8"]), 32, 8)
+    short = plan_for_config(load_config(config, ["data.seq_len=4096"]), 32, 8)
+    assert long.terms["activations"] == short.terms["activations"]
+    assert long.terms["logits"] == short.terms["logits"]
+    assert 0 < long.terms["all-to-all buffers"] < long.terms["activations"]
+    assert "all-to-all buffers" not in short.terms
+    assert main(["plan", str(config), "data.seq_len=32768", "--nodes", "32", "--gpus-per-node", "8"]) == 7
+    out = capsys.readouterr().out
+    assert "sequence-parallel 1, micro-batch 1 x 32768 tokens" in out and "DOES NOT FIT" in out
+    assert "fits with any one of: deepspeed.sequence_parallel_size=" in out

@@ -64,6 +64,20 @@ class DeepSpeedConfig:
               f"{self.expert_parallel_size}: use ZeRO stage 0, 1 or 2")
 
 
+def kv_repeat(n_kv_heads: int, sp_size: int) -> int:
+    """How many times each KV head is repeated so that every rank of a sequence-parallel group holds a whole one
+    (check_sequence_parallel allows sizes that divide n_kv_heads or are multiples of it)."""
+    return 1 if n_kv_heads % sp_size == 0 else sp_size // n_kv_heads
+
+
+def sequence_parallel_ok(sp_size: int, model, seq_len: int) -> bool:
+    try:
+        check_sequence_parallel(sp_size, model, seq_len)
+    except ValueError:
+        return False
+    return True
+
+
 def check_sequence_parallel(sp_size: int, model, seq_len: int) -> None:
     """Refuse what deepspeed.sequence_parallel_size cannot run with this model (a ModelConfig) and seq_len, in
     one line naming the key to change (the world size is checked when the ranks exist)."""

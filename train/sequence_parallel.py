@@ -31,11 +31,7 @@ from ondol.errors import ConfigError
 from ondol.model.attention_backends import MaskSpec
 from ondol.model.loss import IGNORE
 from ondol.model.transformer import mtp_targets
-
-
-def kv_repeat(n_kv_heads: int, sp_size: int) -> int:
-    """How many times each KV head is repeated so that every rank of the group holds a whole one."""
-    return 1 if n_kv_heads % sp_size == 0 else sp_size // n_kv_heads
+from ondol.train.config import kv_repeat
 
 
 class UlyssesBackend:
