@@ -16,7 +16,15 @@ from torch import nn
 from ondol.model.attention_backends import MaskSpec, SDPABackend, select_backend
 from ondol.model.config import ModelConfig
 from ondol.model.kv_cache import KVCache, LayerCache, StaticKVCache
-from ondol.model.layers import RMSNorm, SwiGLU, apply_rope, document_positions, rope_cos_sin, rope_inv_freq
+from ondol.model.layers import (
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    document_positions,
+    rope_cos_sin,
+    rope_inv_freq,
+    yarn_inv_freq,
+)
 from ondol.model.loss import lm_loss
 from ondol.model.moe import GroupedExperts, MoE
 
@@ -147,7 +155,8 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPDepth(cfg, kind) for kind in cfg.mtp_kinds)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+        inv_freq, self.rope_scale = self.rope_frequencies()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._backends: dict = {}
         self.reset_parameters(seed)
 
@@ -167,7 +176,7 @@ class Transformer(nn.Module):
     def reset_buffers(self) -> None:
         """The rotary frequencies (in fp32, cast to the buffer's dtype) and the MoE biases and load counts (0)."""
         if not self.inv_freq.is_meta:  # buffers too: materialising a meta build leaves them uninitialised
-            self.inv_freq.copy_(rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta))
+            self.inv_freq.copy_(self.rope_frequencies()[0])
         for moe in self.moe_layers():
             if not moe.expert_bias.is_meta:
                 moe.expert_bias.zero_()
@@ -193,6 +202,13 @@ class Transformer(nn.Module):
                 piece.normal_(0.0, std, generator=_generator(seed, f"{name}[{e}]", p.device))
         else:
             p.normal_(0.0, std, generator=_generator(seed, name, p.device))
+
+    def rope_frequencies(self) -> tuple[torch.Tensor, float]:
+        """(inverse frequencies in fp32, cos/sin scale) of the RoPE layers under model.rope_scaling."""
+        cfg = self.cfg
+        if cfg.rope_scaling == "yarn":
+            return yarn_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_factor, cfg.rope_original_max_seq_len)
+        return rope_inv_freq(cfg.head_dim, cfg.rope_theta), 1.0
 
     def moe_layers(self) -> list[MoE]:
         return [block.mlp for block in self.layers if isinstance(block.mlp, MoE)]
@@ -252,7 +268,7 @@ class Transformer(nn.Module):
                      for kind in set(cfg.layer_kinds + cfg.mtp_kinds)}
             if positions is None:
                 positions = self.token_positions(doc_ids, T, x.device)
-        rope = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        rope = rope_cos_sin(positions, self.inv_freq, x.dtype, self.rope_scale)
 
         aux_loss = x.new_zeros((), dtype=torch.float32)
         moe_stats: list[dict[str, torch.Tensor]] = []
@@ -299,7 +315,7 @@ class Transformer(nn.Module):
         """Depth-1 MTP logits [B, V] at the last of T positions that continue `cache` (the MTP blocks' cache):
         `hidden` [B, T, D] is the main model's output there and `next_ids` [B, T] the token after each."""
         positions = torch.arange(cache.length, cache.length + hidden.shape[1], device=hidden.device)[None]
-        rope = rope_cos_sin(positions, self.inv_freq, hidden.dtype)
+        rope = rope_cos_sin(positions, self.inv_freq, hidden.dtype, self.rope_scale)
         depth = self.mtp[0]
         h = depth(hidden, self.embed_tokens(next_ids), rope, CACHED_MASKS, SDPA, cache.layers[0])
         cache.length += hidden.shape[1]
