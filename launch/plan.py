@@ -195,19 +195,20 @@ def single_changes(cfg: RunConfig, gpus_per_node: int, gpu_gib: float) -> list[s
 
 
 def smallest_layout(cfg: RunConfig, gpus_per_node: int, gpu_gib: float) -> tuple[Candidate | None, MemoryPlan]:
-    """The fewest nodes (powers of two up to MAX_NODES) on which some layout fits, preferring the least
-    checkpointing (none, selective, full), the larger micro-batch, the lower ZeRO stage, the smaller EP, the
-    smaller sequence-parallel size; else (None, the plan with the least memory)."""
+    """The fewest nodes (powers of two up to MAX_NODES) on which some layout fits, preferring the smallest
+    sequence-parallel size (its all-to-alls cost more than recomputing), then the least checkpointing (none,
+    selective, full), the larger micro-batch, the lower ZeRO stage, the smaller EP; else (None, the plan with
+    the least memory)."""
     model, best = model_config(cfg), None
     n = 1
     while n <= MAX_NODES:
         plans = [(c, _plan(cfg, model, c, gpus_per_node)) for c in candidates(cfg, [n], gpus_per_node)]
         fitting = [(c, p) for c, p in plans if fits(p, gpu_gib)]
         if fitting:
-            return min(fitting, key=lambda cp: (CHECKPOINTING.index(cp[0].activation_checkpointing),
-                                                -cp[0].micro_batch_size,
-                                                cp[0].zero_stage, cp[0].expert_parallel_size,
-                                                cp[0].sequence_parallel_size))
+            return min(fitting, key=lambda cp: (cp[0].sequence_parallel_size,
+                                                CHECKPOINTING.index(cp[0].activation_checkpointing),
+                                                -cp[0].micro_batch_size, cp[0].zero_stage,
+                                                cp[0].expert_parallel_size))
         least = min(plans, key=lambda cp: cp[1].total)
         best = least if best is None or least[1].total < best[1].total else best
         n *= 2
