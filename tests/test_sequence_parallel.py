@@ -233,3 +233,15 @@ def test_plan_divides_activations_and_logits_and_proposes_a_size(capsys):
     out = capsys.readouterr().out
     assert "sequence-parallel 1, micro-batch 1 x 32768 tokens" in out and "DOES NOT FIT" in out
     assert "fits with any one of: deepspeed.sequence_parallel_size=" in out
+
+
+def test_launch_preflight_checks_the_world_and_the_data_parallel_batch():
+    """`ondol launch` refuses a world size the sequence-parallel size does not divide before starting anything,
+    and counts the global batch over world / N data-parallel ranks."""
+    from ondol.launch.preflight import Layout, PreflightError, check_global_batch, check_parallel_layout
+
+    cfg = load_config(ROOT / "configs" / "tiny-ko.yaml", ["deepspeed.sequence_parallel_size=2"])
+    with pytest.raises(PreflightError, match=r"world size 3 .* not divisible by deepspeed.sequence_parallel_size=2"):
+        check_parallel_layout(cfg, Layout(1, 3, cpu=True))
+    assert check_parallel_layout(cfg, Layout(1, 4, cpu=True))[0].endswith("sequence-parallel size 2")
+    assert "x data-parallel size (2) = 16 sequences" in check_global_batch(cfg, Layout(1, 4, cpu=True))[0]
