@@ -27,7 +27,13 @@ from ondol.errors import ConfigError
 from ondol.launch.config import GenerateConfig, LaunchConfig
 from ondol.model.config import ModelConfig
 from ondol.tokenizer.config import TokenizerConfig
-from ondol.train.config import DeepSpeedConfig, LoggingConfig, OptimConfig, TrainConfig
+from ondol.train.config import (
+    DeepSpeedConfig,
+    LoggingConfig,
+    OptimConfig,
+    TrainConfig,
+    check_sequence_parallel,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent
 REPO_DIR = CONFIG_DIR.parent  # the clone; the default corpora_dir (../shared/corpora) is relative to it
@@ -58,6 +64,7 @@ class RunConfig:
         if self.optim.name == "muon" and (self.deepspeed.extra.get("zero_optimization") or {}).get("offload_optimizer"):
             raise ValueError("optim.name=muon does not support deepspeed.extra.zero_optimization.offload_optimizer "
                              "(its step gathers momentum on the device): remove it or use optim.name=adamw")
+        check_sequence_parallel(self.deepspeed.sequence_parallel_size, self.model, self.data.seq_len)
 
 
 def _valid_keys(node: Any, prefix: str = "") -> list[str]:

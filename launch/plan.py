@@ -2,8 +2,8 @@
 `ondol plan` (launch/plan_cli.py) and the memory check of `ondol launch`'s pre-flight.
 
 The memory model is train/memory.py; this module lays it out for a cluster: the table, and a search over nodes,
-ZeRO stage, expert-parallel size, activation checkpointing and micro-batch for the smallest layout that fits
-when the configured one does not.
+ZeRO stage, expert-parallel size, sequence-parallel size, activation checkpointing and micro-batch for the
+smallest layout that fits when the configured one does not.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import dataclasses
 
 from ondol.configs import RunConfig
 from ondol.model.config import ModelConfig
+from ondol.train.config import sequence_parallel_ok
 from ondol.train.memory import CHECKPOINTING, DEFAULT_LIVE, GIB, MemoryPlan, RunShape, plan_memory
 
 # Not in the model: the CUDA context, NCCL's buffers and the caching allocator's fragmentation.
@@ -32,9 +33,14 @@ def run_shape(cfg: RunConfig, world: int) -> RunShape:
     prefetch = zero.get("stage3_prefetch_bucket_size")
     live = min(int(zero.get("stage3_max_live_parameters", DEFAULT_LIVE)),
                int(zero.get("stage3_max_reuse_distance", DEFAULT_LIVE)))
+    import torch
+
+    from ondol.train.fast_paths import loss_chunk_tokens
+
+    chunk = loss_chunk_tokens(cfg.train, torch.device("cuda"), cfg.deepspeed.zero_stage)  # a GPU cluster's
     return RunShape(cfg.deepspeed.precision, cfg.deepspeed.zero_stage, world, cfg.deepspeed.expert_parallel_size,
                     cfg.train.micro_batch_size, cfg.data.seq_len, cfg.train.activation_checkpointing,
-                    cfg.train.checkpointed_blocks,
+                    cfg.train.checkpointed_blocks, cfg.deepspeed.sequence_parallel_size, chunk,
                     **({"bucket_elements": int(bucket)} if bucket else {}),
                     **({"prefetch_elements": int(prefetch)} if prefetch else {}), live_elements=live,
                     optimizer=cfg.optim.name)
@@ -61,7 +67,7 @@ def describe_shape(shape: RunShape) -> str:
     mode = shape.activation_checkpointing
     checkpointing = "off" if mode == "none" else mode + blocks
     return (f"{shape.precision}, ZeRO {shape.zero_stage}, expert-parallel {shape.expert_parallel_size}, "
-            f"micro-batch {shape.micro_batch_size} x {shape.seq_len} tokens, activation checkpointing "
+            f"sequence-parallel {shape.sequence_parallel_size}, micro-batch {shape.micro_batch_size} x {shape.seq_len} tokens, activation checkpointing "
             f"{checkpointing}")
 
 
@@ -101,9 +107,11 @@ class Candidate:
     expert_parallel_size: int
     activation_checkpointing: str  # none | selective | full
     micro_batch_size: int
+    sequence_parallel_size: int = 1
 
     def overrides(self, cfg: RunConfig) -> list[str]:
-        """The config keys that differ from cfg (grad_accum raised to keep the global batch)."""
+        """The config keys that differ from cfg (grad_accum raised to keep the global batch: a smaller
+        micro-batch, or a larger sequence-parallel size, which leaves fewer data-parallel ranks)."""
         out = []
         if self.nodes != cfg.launch.nodes:
             out.append(f"launch.nodes={self.nodes}")
@@ -111,11 +119,17 @@ class Candidate:
             out.append(f"deepspeed.zero_stage={self.zero_stage}")
         if self.expert_parallel_size != cfg.deepspeed.expert_parallel_size:
             out.append(f"deepspeed.expert_parallel_size={self.expert_parallel_size}")
+        sp = cfg.deepspeed.sequence_parallel_size
+        if self.sequence_parallel_size != sp:
+            out.append(f"deepspeed.sequence_parallel_size={self.sequence_parallel_size}")
         if self.activation_checkpointing != cfg.train.activation_checkpointing:
             out.append(f"train.activation_checkpointing={self.activation_checkpointing}")
         if self.micro_batch_size != cfg.train.micro_batch_size:
-            accum = cfg.train.grad_accum * cfg.train.micro_batch_size // self.micro_batch_size
-            out += [f"train.micro_batch_size={self.micro_batch_size}", f"train.grad_accum={accum}"]
+            out.append(f"train.micro_batch_size={self.micro_batch_size}")
+        accum = max(1, cfg.train.grad_accum * cfg.train.micro_batch_size * self.sequence_parallel_size
+                    // (self.micro_batch_size * sp))
+        if accum != cfg.train.grad_accum:
+            out.append(f"train.grad_accum={accum}")
         return out
 
 
@@ -123,13 +137,14 @@ def _plan(cfg: RunConfig, model: ModelConfig, c: Candidate, gpus_per_node: int) 
     shape = dataclasses.replace(run_shape(cfg, c.nodes * gpus_per_node), zero_stage=c.zero_stage,
                                 expert_parallel_size=c.expert_parallel_size,
                                 activation_checkpointing=c.activation_checkpointing,
-                                micro_batch_size=c.micro_batch_size)
+                                micro_batch_size=c.micro_batch_size, sequence_parallel_size=c.sequence_parallel_size)
     return plan_memory(model, shape)
 
 
 def candidates(cfg: RunConfig, nodes: list[int], gpus_per_node: int) -> list[Candidate]:
     """Every layout DeepSpeed can run on these node counts: EP divides the experts and the world size, ZeRO 3
-    only at EP 1 (train/expert_parallel.py), micro-batches that divide the configured one."""
+    only at EP 1 (train/expert_parallel.py), sequence-parallel sizes the model, seq_len and world size allow,
+    micro-batches that divide the configured one."""
     n_experts, micro = cfg.model.n_experts, cfg.train.micro_batch_size
     micros = [m for m in range(micro, 0, -1) if micro % m == 0]
     out = []
@@ -138,16 +153,24 @@ def candidates(cfg: RunConfig, nodes: list[int], gpus_per_node: int) -> list[Can
         eps = [e for e in range(1, (n_experts or 1) + 1) if (n_experts or 1) % e == 0 and world % e == 0]
         for stage in range(4):
             for ep in eps if stage < 3 else [1]:
-                for ckpt in CHECKPOINTING:
-                    out += [Candidate(n, stage, ep, ckpt, m) for m in micros]
+                for sp in sequence_parallel_sizes(cfg, world):
+                    for ckpt in CHECKPOINTING:
+                        out += [Candidate(n, stage, ep, ckpt, m, sp) for m in micros]
     return out
+
+
+def sequence_parallel_sizes(cfg: RunConfig, world: int) -> list[int]:
+    """The sequence-parallel sizes that divide the world size and that train/config.py allows for this model
+    and seq_len (at most model.n_heads)."""
+    return [n for n in range(1, min(world, cfg.model.n_heads) + 1)
+            if world % n == 0 and sequence_parallel_ok(n, model_config(cfg), cfg.data.seq_len)]
 
 
 def single_changes(cfg: RunConfig, gpus_per_node: int, gpu_gib: float) -> list[str]:
     """One-key changes of the configured layout that make it fit, cheapest first."""
     model, lc, ds, tr = model_config(cfg), cfg.launch, cfg.deepspeed, cfg.train
     base = Candidate(lc.nodes, ds.zero_stage, ds.expert_parallel_size, tr.activation_checkpointing,
-                     tr.micro_batch_size)
+                     tr.micro_batch_size, ds.sequence_parallel_size)
     more = CHECKPOINTING[CHECKPOINTING.index(tr.activation_checkpointing) + 1:]  # less memory, more recompute
     options = [dataclasses.replace(base, activation_checkpointing=mode) for mode in more]
     options += [dataclasses.replace(base, zero_stage=s) for s in range(ds.zero_stage + 1, 4)
@@ -157,6 +180,8 @@ def single_changes(cfg: RunConfig, gpus_per_node: int, gpu_gib: float) -> list[s
                 and dataclasses.replace(c, expert_parallel_size=base.expert_parallel_size) == base]
     options += [dataclasses.replace(base, micro_batch_size=m) for m in range(tr.micro_batch_size - 1, 0, -1)
                 if tr.micro_batch_size % m == 0]
+    options += [dataclasses.replace(base, sequence_parallel_size=n)
+                for n in sequence_parallel_sizes(cfg, lc.nodes * gpus_per_node) if n > ds.sequence_parallel_size]
     n = lc.nodes * 2
     while n <= MAX_NODES:
         options.append(dataclasses.replace(base, nodes=n))
@@ -171,18 +196,20 @@ def single_changes(cfg: RunConfig, gpus_per_node: int, gpu_gib: float) -> list[s
 
 
 def smallest_layout(cfg: RunConfig, gpus_per_node: int, gpu_gib: float) -> tuple[Candidate | None, MemoryPlan]:
-    """The fewest nodes (powers of two up to MAX_NODES) on which some layout fits, preferring the least
-    checkpointing (none, selective, full), the larger micro-batch, the lower ZeRO stage, the smaller EP; else
-    (None, the plan with the least memory)."""
+    """The fewest nodes (powers of two up to MAX_NODES) on which some layout fits, preferring the smallest
+    sequence-parallel size (its all-to-alls cost more than recomputing), then the least checkpointing (none,
+    selective, full), the larger micro-batch, the lower ZeRO stage, the smaller EP; else (None, the plan with
+    the least memory)."""
     model, best = model_config(cfg), None
     n = 1
     while n <= MAX_NODES:
         plans = [(c, _plan(cfg, model, c, gpus_per_node)) for c in candidates(cfg, [n], gpus_per_node)]
         fitting = [(c, p) for c, p in plans if fits(p, gpu_gib)]
         if fitting:
-            return min(fitting, key=lambda cp: (CHECKPOINTING.index(cp[0].activation_checkpointing),
-                                                -cp[0].micro_batch_size,
-                                                cp[0].zero_stage, cp[0].expert_parallel_size))
+            return min(fitting, key=lambda cp: (cp[0].sequence_parallel_size,
+                                                CHECKPOINTING.index(cp[0].activation_checkpointing),
+                                                -cp[0].micro_batch_size, cp[0].zero_stage,
+                                                cp[0].expert_parallel_size))
         least = min(plans, key=lambda cp: cp[1].total)
         best = least if best is None or least[1].total < best[1].total else best
         n *= 2

@@ -117,9 +117,13 @@ def _zero_option(cfg: RunConfig, key: str) -> int:
 
 
 def check_parallel_layout(cfg: RunConfig, layout: Layout) -> list[str]:
-    """World size versus expert parallelism and ZeRO's sharding groups (MiCS shards, hpZ partitions)."""
-    world, ep = layout.world_size, cfg.deepspeed.expert_parallel_size
+    """World size versus expert and sequence parallelism and ZeRO's sharding groups (MiCS shards, hpZ
+    partitions)."""
+    world, ep, sp = layout.world_size, cfg.deepspeed.expert_parallel_size, cfg.deepspeed.sequence_parallel_size
     where = f"{layout.nodes} node(s) x {layout.gpus_per_node} per node"
+    if world % sp:
+        raise PreflightError(f"world size {world} ({where}) is not divisible by deepspeed.sequence_parallel_size="
+                             f"{sp}: change launch.gpus_per_node/launch.nodes or the sequence-parallel size")
     if world % ep:
         raise PreflightError(f"world size {world} ({where}) is not divisible by deepspeed.expert_parallel_size={ep}: "
                              "change launch.gpus_per_node/launch.nodes or the expert-parallel size")
@@ -139,13 +143,14 @@ def check_parallel_layout(cfg: RunConfig, layout: Layout) -> list[str]:
                              f"per node ({layout.gpus_per_node}) and the world size ({world})")
     kind = "gloo workers (CPU)" if layout.cpu else "GPUs"
     line = (f"layout: {world} ranks = {layout.nodes} node(s) x {layout.gpus_per_node} {kind}; "
-            f"ZeRO stage {cfg.deepspeed.zero_stage}, expert-parallel size {ep}")
+            f"ZeRO stage {cfg.deepspeed.zero_stage}, expert-parallel size {ep}, sequence-parallel size {sp}")
     return [line]
 
 
 def check_global_batch(cfg: RunConfig, layout: Layout) -> list[str]:
-    """micro-batch x grad accumulation x data-parallel size must equal launch.global_batch_size when it is set."""
-    tr, world = cfg.train, layout.world_size
+    """micro-batch x grad accumulation x data-parallel size (world / sequence-parallel size) must equal
+    launch.global_batch_size when it is set."""
+    tr, world = cfg.train, layout.world_size // cfg.deepspeed.sequence_parallel_size
     actual = tr.micro_batch_size * tr.grad_accum * world
     line = (f"global batch: train.micro_batch_size ({tr.micro_batch_size}) x train.grad_accum ({tr.grad_accum}) "
             f"x data-parallel size ({world}) = {actual} sequences")

@@ -23,6 +23,11 @@ class ModelConfig:
     window: int = 128  # keys a local query sees, itself included (transformers' sliding_window convention)
     rope_theta: float = 10_000.0
     rope_on_global: bool = False  # K-EXAONE: global layers use no positional encoding (NoPE)
+    # RoPE frequencies for a context past the one trained: none | yarn (transformers' rope_parameters with
+    # rope_type yarn, factor and original_max_position_embeddings; its defaults beta_fast 32, beta_slow 1)
+    rope_scaling: str = "none"
+    rope_factor: float = 1.0  # yarn: how many times the original context
+    rope_original_max_seq_len: int = 0  # yarn: the context the RoPE layers were trained at
     qk_norm: bool = True
     attn_sinks: bool = False
     attn_backend: str = "auto"  # auto | sdpa | flex | flash
@@ -62,6 +67,13 @@ class ModelConfig:
         need(bool(self.attn_pattern) and set(self.attn_pattern) <= {"L", "G"},
              f"model.attn_pattern must be a string of L and G, got '{self.attn_pattern}'")
         need(self.attn_backend in ATTN_BACKENDS, f"model.attn_backend must be one of {ATTN_BACKENDS}")
+        need(self.rope_scaling in ("none", "yarn"), f"model.rope_scaling must be none or yarn, not "
+             f"'{self.rope_scaling}'")
+        if self.rope_scaling == "yarn":
+            need(self.rope_factor > 1, f"model.rope_factor must be > 1 with model.rope_scaling=yarn, not "
+                 f"{self.rope_factor}")
+            need(self.rope_original_max_seq_len > 0, "model.rope_original_max_seq_len must be set (> 0) with "
+                 "model.rope_scaling=yarn: the context the model was trained at")
         need(not (self.attn_sinks and self.attn_backend == "flash"),
              "model.attn_sinks=true does not train correctly with model.attn_backend=flash (flash-attn returns "
              "the log-sum-exp without its gradient, so the q/k gradients would be wrong): use attn_backend auto")

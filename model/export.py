@@ -85,7 +85,9 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int]) -> dict:
         "initializer_range": cfg.init_std,
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": ({"rope_type": "default", "rope_theta": cfg.rope_theta} if cfg.rope_scaling == "none" else
+                            {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_factor,
+                             "original_max_position_embeddings": cfg.rope_original_max_seq_len}),
         "attention_dropout": 0.0,
         # No sliding layer and RoPE everywhere: transformers' "no window" mode. Otherwise a window is set and
         # global layers are NoPE, which is exactly Ondol's rope_on_global=false.

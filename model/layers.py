@@ -6,6 +6,8 @@ and casts back before the weight; RoPE rotates the two halves of each head (rota
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,11 +29,32 @@ def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """cos and sin of shape [B, 1, T, head_dim] for integer positions [B, T] (or [1, T])."""
+def yarn_inv_freq(head_dim: int, theta: float, factor: float, original: int, beta_fast: float = 32.0,
+                  beta_slow: float = 1.0) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023): (inverse frequencies, cos/sin scale), as transformers' `_compute_yarn_parameters`
+    computes them (truncated correction range, attention factor 0.1 ln(factor) + 1). Dimensions that rotate
+    more than beta_fast times over the original context keep their frequency, those under beta_slow times are
+    divided by `factor`, a linear ramp in between."""
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = max(math.floor(correction_dim(beta_fast)), 0), min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+    extrapolation = rope_inv_freq(head_dim, theta)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+    keep = 1 - ramp  # 1: the original frequency (extrapolation), 0: divided by factor (interpolation)
+    inv_freq = extrapolation / factor * (1 - keep) + extrapolation * keep
+    return inv_freq, 0.1 * math.log(factor) + 1.0
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype,
+                 scale: float = 1.0) -> tuple[torch.Tensor, ...]:
+    """cos and sin of shape [B, 1, T, head_dim] for integer positions [B, T] (or [1, T]), times `scale`
+    (YaRN's attention factor; 1 otherwise)."""
     freqs = positions[..., None].float() * inv_freq.to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    if scale == 1.0:
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,15 @@ from torch import nn
 from ondol.model.attention_backends import MaskSpec, SDPABackend, select_backend
 from ondol.model.config import ModelConfig
 from ondol.model.kv_cache import KVCache, LayerCache, StaticKVCache
-from ondol.model.layers import RMSNorm, SwiGLU, apply_rope, document_positions, rope_cos_sin, rope_inv_freq
+from ondol.model.layers import (
+    RMSNorm,
+    SwiGLU,
+    apply_rope,
+    document_positions,
+    rope_cos_sin,
+    rope_inv_freq,
+    yarn_inv_freq,
+)
 from ondol.model.loss import lm_loss
 from ondol.model.moe import GroupedExperts, MoE
 
@@ -27,6 +35,7 @@ class ModelOutput:
     loss: torch.Tensor | None
     aux_loss: torch.Tensor  # weighted sum of MoE balance and z losses (0-dim)
     mtp_loss: torch.Tensor  # model.mtp_loss_weight x mean MTP loss over depths (0-dim; 0 without MTP)
+    mtp_depth_losses: torch.Tensor | None = None  # each depth's mean cross-entropy [mtp_layers] (with labels)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached
     hidden: torch.Tensor | None = None  # last layer's output before the final norm [B, T, D] (feeds MTP)
 
@@ -122,6 +131,20 @@ def shift_left(x: torch.Tensor, n: int, fill: int) -> torch.Tensor:
     return torch.cat([x[:, n:], x.new_full((x.shape[0], min(n, x.shape[1])), fill)], dim=1)
 
 
+def mtp_targets(input_ids: torch.Tensor, labels: torch.Tensor, next_ids: torch.Tensor | None,
+                next_labels: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seen, targets) [B, T] of MTP depth k: at position t the token t+k (a row's tokens are its input_ids and
+    then its last label) and the label it predicts (labels[t + k]; -100 past the row). A sequence-parallel shard
+    is continued by `next_ids` and `next_labels` [B, m], the tokens and labels after it. Seen tokens come from
+    the inputs, not the labels, so a masked label (-100, as in supervised fine-tuning) hides only its own target."""
+    T = labels.shape[1]
+    if next_labels is None:
+        tokens, row = torch.cat([input_ids, labels[:, -1:].clamp_min(0)], dim=1), labels
+    else:
+        tokens, row = torch.cat([input_ids, next_ids], dim=1), torch.cat([labels, next_labels], dim=1)
+    return shift_left(tokens, k, 0)[:, :T], shift_left(row, k, -100)[:, :T]
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, seed: int | None = None) -> None:
         super().__init__()
@@ -136,7 +159,8 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPDepth(cfg, kind) for kind in cfg.mtp_kinds)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+        inv_freq, self.rope_scale = self.rope_frequencies()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._backends: dict = {}
         self.reset_parameters(seed)
 
@@ -156,7 +180,7 @@ class Transformer(nn.Module):
     def reset_buffers(self) -> None:
         """The rotary frequencies (in fp32, cast to the buffer's dtype) and the MoE biases and load counts (0)."""
         if not self.inv_freq.is_meta:  # buffers too: materialising a meta build leaves them uninitialised
-            self.inv_freq.copy_(rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta))
+            self.inv_freq.copy_(self.rope_frequencies()[0])
         for moe in self.moe_layers():
             if not moe.expert_bias.is_meta:
                 moe.expert_bias.zero_()
@@ -182,6 +206,13 @@ class Transformer(nn.Module):
                 piece.normal_(0.0, std, generator=_generator(seed, f"{name}[{e}]", p.device))
         else:
             p.normal_(0.0, std, generator=_generator(seed, name, p.device))
+
+    def rope_frequencies(self) -> tuple[torch.Tensor, float]:
+        """(inverse frequencies in fp32, cos/sin scale) of the RoPE layers under model.rope_scaling."""
+        cfg = self.cfg
+        if cfg.rope_scaling == "yarn":
+            return yarn_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_factor, cfg.rope_original_max_seq_len)
+        return rope_inv_freq(cfg.head_dim, cfg.rope_theta), 1.0
 
     def moe_layers(self) -> list[MoE]:
         return [block.mlp for block in self.layers if isinstance(block.mlp, MoE)]
@@ -212,13 +243,23 @@ class Transformer(nn.Module):
         return StaticKVCache(self._windows(self.cfg.layer_kinds), self.cfg.max_seq_len,
                              (1, self.cfg.n_kv_heads, self.cfg.head_dim), dtype, self.inv_freq.device)
 
+    def token_positions(self, doc_ids: torch.Tensor | None, seq_len: int, device: torch.device) -> torch.Tensor:
+        """RoPE positions [B or 1, T] of a row: within each packed document under model.doc_positions (with
+        doc_ids), else 0..T-1."""
+        if self.cfg.doc_positions and doc_ids is not None:
+            return document_positions(doc_ids)
+        return torch.arange(seq_len, device=device)[None]
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 doc_ids: torch.Tensor | None = None, cache: KVCache | StaticKVCache | None = None, loss_chunk: int = 0,
-                compile_loss: bool = False) -> ModelOutput:
+                compile_loss: bool = False, positions: torch.Tensor | None = None,
+                next_ids: torch.Tensor | None = None, next_labels: torch.Tensor | None = None) -> ModelOutput:
         """Logits and losses for input_ids [B, T]. With `cache` (KVCache or StaticKVCache), input_ids continue the
         positions the cache holds (generation: no labels, no document ids) and the cache is extended by them. With labels and
         `loss_chunk` > 0 the loss runs over that many tokens at a time and logits is None (model/loss.py);
-        `compile_loss` compiles the loss (train.compile)."""
+        `compile_loss` compiles the loss (train.compile). `positions` [B or 1, T] overrides `token_positions`:
+        a sequence-parallel shard passes its slice of the whole row's, and as `next_ids` and `next_labels`
+        [B, mtp_layers] the tokens and labels that follow it (MTP inputs and targets past the shard)."""
         cfg = self.cfg
         T = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
@@ -229,11 +270,9 @@ class Transformer(nn.Module):
         else:
             masks = {kind: backend.prepare(MaskSpec(T, cfg.window if kind == "L" else None, docs), x.device)
                      for kind in set(cfg.layer_kinds + cfg.mtp_kinds)}
-            if cfg.doc_positions and doc_ids is not None:
-                positions = document_positions(doc_ids)
-            else:
-                positions = torch.arange(T, device=x.device)[None]
-        rope = rope_cos_sin(positions, self.inv_freq, x.dtype)
+            if positions is None:
+                positions = self.token_positions(doc_ids, T, x.device)
+        rope = rope_cos_sin(positions, self.inv_freq, x.dtype, self.rope_scale)
 
         aux_loss = x.new_zeros((), dtype=torch.float32)
         moe_stats: list[dict[str, torch.Tensor]] = []
@@ -249,23 +288,22 @@ class Transformer(nn.Module):
         metrics = {f"moe/{k}": torch.stack([s[k] for s in moe_stats]).mean() for k in (moe_stats[0] if moe_stats
                                                                                           else {})}
         metrics["moe/aux_loss"] = aux_loss.detach()
-        mtp_loss = aux_loss.new_zeros(())
+        mtp_loss, depth_losses = aux_loss.new_zeros(()), None
         if self.mtp and labels is not None:
-            mtp_loss = self.mtp_loss(x, input_ids, labels, rope, masks, backend, metrics)
+            depth_losses = self.mtp_losses(x, input_ids, labels, next_ids, next_labels, rope, masks, backend,
+                                           metrics)
+            mtp_loss = self.cfg.mtp_loss_weight * depth_losses.mean()
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, mtp_loss=mtp_loss, metrics=metrics,
-                           hidden=x)
+                           hidden=x, mtp_depth_losses=depth_losses)
 
-    def mtp_loss(self, hidden, input_ids, labels, rope, masks, backend, metrics: dict[str, torch.Tensor]
-                 ) -> torch.Tensor:
-        """model.mtp_loss_weight x the mean over depths of each depth's cross-entropy. Depth k at position t
-        sees token t+k (input_ids[t + k], or the last label) and predicts token t+k+1 (labels[t + k]); positions
-        whose target lies past the row or is ignored (-100: a masked label, as in supervised fine-tuning, hides
-        only its own target) are ignored. Logs mtp/loss (mean) and mtp/acc (depth 1)."""
+    def mtp_losses(self, hidden, input_ids, labels, next_ids, next_labels, rope, masks, backend,
+                   metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each depth's mean cross-entropy [mtp_layers]: depth k at position t sees token t+k and predicts token
+        t+k+1 (labels[t + k]); targets past the row or ignored (-100) are ignored (`mtp_targets`). Logs mtp/loss
+        (mean) and mtp/acc (depth 1)."""
         V, losses = self.cfg.vocab_size, []
-        tokens = torch.cat([input_ids, labels[:, -1:].clamp_min(0)], dim=1)  # the row's tokens 0..T
         for k, depth in enumerate(self.mtp, start=1):
-            seen = shift_left(tokens, k, 0)[:, :-1]
-            targets = shift_left(labels, k, -100)
+            seen, targets = mtp_targets(input_ids, labels, next_ids, next_labels, k)
             hidden = depth(hidden, self.embed_tokens(seen), rope, masks, backend)
             logits = self.lm_head(depth.norm(hidden))
             losses.append(F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1), ignore_index=-100))
@@ -273,16 +311,16 @@ class Transformer(nn.Module):
                 valid = targets != -100
                 hits = (logits.detach().argmax(-1) == targets) & valid
                 metrics["mtp/acc"] = hits.sum() / valid.sum().clamp_min(1)
-        mean = torch.stack(losses).mean()
-        metrics["mtp/loss"] = mean.detach()
-        return self.cfg.mtp_loss_weight * mean
+        losses = torch.stack(losses)
+        metrics["mtp/loss"] = losses.mean().detach()
+        return losses
 
     @torch.no_grad()
     def mtp_draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Depth-1 MTP logits [B, V] at the last of T positions that continue `cache` (the MTP blocks' cache):
         `hidden` [B, T, D] is the main model's output there and `next_ids` [B, T] the token after each."""
         positions = torch.arange(cache.length, cache.length + hidden.shape[1], device=hidden.device)[None]
-        rope = rope_cos_sin(positions, self.inv_freq, hidden.dtype)
+        rope = rope_cos_sin(positions, self.inv_freq, hidden.dtype, self.rope_scale)
         depth = self.mtp[0]
         h = depth(hidden, self.embed_tokens(next_ids), rope, CACHED_MASKS, SDPA, cache.layers[0])
         cache.length += hidden.shape[1]

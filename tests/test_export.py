@@ -69,6 +69,11 @@ VARIANTS = {
     "all_global_nope": ({"attn_pattern": "G", "routed_scaling": 2.5, "norm_topk": False}, "ExaoneMoeForCausalLM"),
     "all_global_rope_post_norm": ({"attn_pattern": "G", "rope_on_global": True, "n_experts": 0, "norm_placement": "post"},
                                   "Exaone4ForCausalLM"),
+    "yarn_all_global_rope_post_norm": ({"attn_pattern": "G", "rope_on_global": True, "n_experts": 0,
+                                        "norm_placement": "post", "rope_scaling": "yarn", "rope_factor": 4.0,
+                                        "rope_original_max_seq_len": 256}, "Exaone4ForCausalLM"),
+    "yarn_moe_sliding_rope": ({"rope_scaling": "yarn", "rope_factor": 8.0, "rope_original_max_seq_len": 128},
+                              "ExaoneMoeForCausalLM"),
 }
 
 

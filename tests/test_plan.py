@@ -81,8 +81,12 @@ def test_plan_cli_verdicts(capsys):
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "fits with any one of: launch.nodes=16" in out
     assert "smallest layout that fits: 16 node(s) x 8 = 128 GPUs" in out
+    # 24 GiB fits at 128 nodes with sequence parallelism (a share of each row per rank); 16 GiB does not:
+    # ZeRO 3 still gathers one layer's experts
     assert main(["plan", config, "--nodes", "8", "--gpus-per-node", "8", "--gpu-memory-gib", "24"]) == 7
-    assert "no DeepSpeed layout fits 24 GiB GPUs without tensor parallelism" in capsys.readouterr().out
+    assert "deepspeed.sequence_parallel_size=" in capsys.readouterr().out
+    assert main(["plan", config, "--nodes", "8", "--gpus-per-node", "8", "--gpu-memory-gib", "16"]) == 7
+    assert "no DeepSpeed layout fits 16 GiB GPUs without tensor parallelism" in capsys.readouterr().out
     assert main(["plan", config, "--nodes", "3", "--gpus-per-node", "8"]) == 7
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "not divisible by deepspeed.expert_parallel_size=64" in err

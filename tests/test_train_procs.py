@@ -66,7 +66,7 @@ def _launch(tmp: Path, run: Path, assets: Path, kill: str, *overrides: str, rank
     config.write_text(to_yaml(tiny_config(run, assets)), encoding="utf-8")
     driver.write_text(DRIVER, encoding="utf-8")
     env = without_rank_variables(os.environ)  # set by this process's own in-process runs
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])  # + a checkout's
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))  # ours first
     args = [str(driver), kill, str(config), *overrides]
     if ranks > 1:
         env["OMP_NUM_THREADS"] = "1"

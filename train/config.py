@@ -50,6 +50,8 @@ class DeepSpeedConfig:
     precision: str = "fp32"  # fp32 | bf16
     backend: str = "auto"  # auto | gloo | nccl
     expert_parallel_size: int = 1
+    # DeepSpeed-Ulysses: each row's tokens split over this many consecutive ranks (train/sequence_parallel.py)
+    sequence_parallel_size: int = 1
     timeout_minutes: int = 10
     extra: dict[str, Any] = field(default_factory=dict)  # merged into DeepSpeed's JSON config
     # ZeRO 1/2: gradient norm, clipping and non-finite skip as device work (foreach, no host sync) or DeepSpeed's
@@ -64,9 +66,44 @@ class DeepSpeedConfig:
         _need(self.zero_checks in ("device", "deepspeed"), f"deepspeed.zero_checks must be device or deepspeed, "
               f"not '{self.zero_checks}'")
         _need(self.expert_parallel_size >= 1, "deepspeed.expert_parallel_size must be >= 1")
+        _need(self.sequence_parallel_size >= 1, "deepspeed.sequence_parallel_size must be >= 1")
         _need(self.expert_parallel_size == 1 or self.zero_stage in (0, 1, 2),
               f"deepspeed.zero_stage={self.zero_stage} is not supported with deepspeed.expert_parallel_size="
               f"{self.expert_parallel_size}: use ZeRO stage 0, 1 or 2")
+
+
+def kv_repeat(n_kv_heads: int, sp_size: int) -> int:
+    """How many times each KV head is repeated so that every rank of a sequence-parallel group holds a whole one
+    (check_sequence_parallel allows sizes that divide n_kv_heads or are multiples of it)."""
+    return 1 if n_kv_heads % sp_size == 0 else sp_size // n_kv_heads
+
+
+def sequence_parallel_ok(sp_size: int, model, seq_len: int) -> bool:
+    try:
+        check_sequence_parallel(sp_size, model, seq_len)
+    except ValueError:
+        return False
+    return True
+
+
+def check_sequence_parallel(sp_size: int, model, seq_len: int) -> None:
+    """Refuse what deepspeed.sequence_parallel_size cannot run with this model (a ModelConfig) and seq_len, in
+    one line naming the key to change (the world size is checked when the ranks exist)."""
+    if sp_size == 1:
+        return
+    key = f"deepspeed.sequence_parallel_size={sp_size}"
+    _need(model.n_heads % sp_size == 0, f"{key} must divide model.n_heads={model.n_heads} (each rank attends "
+          "with n_heads / N query heads)")
+    kv = model.n_kv_heads
+    if kv % sp_size and sp_size % kv:
+        allowed = max(n for n in range(1, sp_size + 1) if model.n_heads % n == 0 and (kv % n == 0 or n % kv == 0))
+        raise ValueError(f"{key} must divide model.n_kv_heads={kv} or be a multiple of it (KV heads are "
+                         f"replicated up to N): the largest allowed size up to {sp_size} is {allowed}")
+    _need(seq_len % sp_size == 0, f"data.seq_len={seq_len} must be divisible by {key} (each rank holds "
+          "seq_len / N tokens of every row)")
+    _need(not model.aux_loss_coef, f"model.aux_loss_coef={model.aux_loss_coef} is not supported with {key} (the "
+          "sequence-wise balance loss would see a shard, not the sequence): balance with model.bias_update_rate "
+          "instead, or set deepspeed.sequence_parallel_size=1")
 
 
 @dataclass

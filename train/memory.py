@@ -36,7 +36,16 @@ W / EP: the expert-data-parallel size over which expert optimizer state is parti
               logits, expert GEMMs, all-to-alls); either way plus one checkpointed block's recompute in its
               backward
   logits      the LM head's output (kept by the caller) and the loss's fp32 log-probabilities and two fp32
-              gradients of the same size during its backward; once more per MTP depth
+              gradients of the same size during its backward; with the chunked loss (train.loss, on CUDA by
+              default; model/loss.py) only one chunk's fp32 logits, softmax and gradient and its cast, plus the
+              hidden states' gradient and the head's fp32 weight gradient and its cast; MTP depths keep their
+              fp32 log-probabilities
+  all-to-all  sequence parallelism (deepspeed.sequence_parallel_size N, train/sequence_parallel.py) divides the
+              tokens of activations and logits by N: a rank holds seq_len / N tokens of each row, and its
+              attention kernel whole rows for n_heads / N heads (the same bytes). It adds one layer's
+              exchange at a time: DeepSpeed's all-to-all makes a contiguous send copy, a receive buffer and a
+              contiguous result of q, k and v (and of the output on the way back), and, where KV heads are
+              replicated up to N, the kernel keeps the copies in every attention layer
 The peak is what persists (weights, gradients, master weights, moments, buckets) plus the larger of the
 backward's transients (activations and logits) and the step's (its fp32 gradients): they are never alive together.
 Not counted: the CUDA context and allocator fragmentation (launch/plan.py's RESERVE_GIB covers them), NCCL buffers,
@@ -49,6 +58,7 @@ import functools
 from dataclasses import dataclass, field
 
 from ondol.model.config import ModelConfig
+from ondol.train.config import kv_repeat
 
 GIB = 2**30
 ADAM_BYTES = 8  # two fp32 moments a parameter
@@ -110,6 +120,8 @@ class RunShape:
     seq_len: int
     activation_checkpointing: str = "none"  # none | full | selective
     checkpointed_blocks: str = "all"  # all | alternate (blocks 0, 2, 4, ... and no MTP block)
+    sequence_parallel_size: int = 1
+    loss_chunk_tokens: int = 0  # the chunked loss's tokens per chunk; 0: full logits
     bucket_elements: int = DEFAULT_BUCKET
     prefetch_elements: int = DEFAULT_PREFETCH
     live_elements: int = DEFAULT_LIVE
@@ -118,6 +130,11 @@ class RunShape:
     @property
     def bytes(self) -> int:
         return 2 if self.precision == "bf16" else 4
+
+    @property
+    def local_tokens(self) -> int:
+        """Tokens of a micro-batch on one rank: its shard of each row under sequence parallelism."""
+        return self.micro_batch_size * self.seq_len // self.sequence_parallel_size
 
 
 def _norm_bytes(s: int, weighted_kept: bool = True) -> int:
@@ -176,7 +193,7 @@ def saved_bytes_per_token(cfg: ModelConfig, moe: bool, s: int, expert_load: floa
 
 def activation_bytes(cfg: ModelConfig, shape: RunShape, checkpointing: str | None = None) -> int:
     """Bytes autograd keeps from the forward for the backward (see the module docstring)."""
-    tokens = shape.micro_batch_size * shape.seq_len
+    tokens = shape.local_tokens
     load, ep = (EP_EXPERT_LOAD if shape.expert_parallel_size > 1 else 1.0), shape.expert_parallel_size > 1
     per_block = block_bytes_per_token(cfg, shape.bytes, load)
     head = _norm_bytes(shape.bytes) * cfg.d_model * (1 + cfg.mtp_layers)  # final norms
@@ -196,13 +213,28 @@ def activation_bytes(cfg: ModelConfig, shape: RunShape, checkpointing: str | Non
 
 
 def logits_bytes(cfg: ModelConfig, shape: RunShape) -> int:
-    tokens = shape.micro_batch_size * shape.seq_len
-    main = tokens * cfg.vocab_size * (shape.bytes + 3 * FP32)
+    tokens, V, s = shape.local_tokens, cfg.vocab_size, shape.bytes
+    if shape.loss_chunk_tokens:
+        chunk = min(shape.loss_chunk_tokens, tokens)
+        main = chunk * V * (3 * FP32 + s) + tokens * cfg.d_model * s + V * cfg.d_model * (FP32 + s)
+    else:
+        main = tokens * V * (s + 3 * FP32)
     return main + cfg.mtp_layers * tokens * cfg.vocab_size * FP32  # each depth's saved log-probabilities
 
 
+def all_to_all_bytes(cfg: ModelConfig, shape: RunShape) -> int:
+    """Sequence parallelism's exchange buffers of one layer (send copy, receive buffer, result of q, k, v) and
+    the replicated KV heads every attention layer's kernel keeps (see the module docstring)."""
+    sp, s = shape.sequence_parallel_size, shape.bytes
+    repeat = kv_repeat(cfg.n_kv_heads, sp)
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    exchange = 3 * s * (q + 2 * kv * repeat)
+    kept = (cfg.n_layers + cfg.mtp_layers) * 2 * s * kv * (repeat - 1)
+    return shape.local_tokens * (exchange + kept)
+
+
 CHECKPOINTING = ("none", "selective", "full")  # train.activation_checkpointing, most memory first
-BACKWARD = ("activations", "logits")  # alive from the forward through the backward
+BACKWARD = ("activations", "logits", "all-to-all buffers")  # alive from the forward through the backward
 STEP = ("fp32 step gradients", "Muon gathered momentum (fp32)", "all-reduce bucket")  # after the backward
 
 
@@ -260,5 +292,7 @@ def plan_memory(cfg: ModelConfig, shape: RunShape) -> MemoryPlan:
         terms["reduce buckets"] = bucket * (2 if stage == 3 else 1)  # works on an interleaved copy
     terms["activations"] = activation_bytes(cfg, shape)
     terms["logits"] = logits_bytes(cfg, shape)
+    if shape.sequence_parallel_size > 1:
+        terms["all-to-all buffers"] = all_to_all_bytes(cfg, shape)
     by_checkpointing = {mode: activation_bytes(cfg, shape, mode) for mode in CHECKPOINTING}
     return MemoryPlan(shape, params, terms, by_checkpointing)

@@ -199,16 +199,19 @@ def run_header(cfg, world_size: int, flops_per_token: float, peak_flops: float, 
     counts = param_counts(m)
     experts = (f", {m.n_experts} experts top-{m.top_k} + {m.n_shared_experts} shared"
                if m.n_experts and any(m.is_moe_layer(i) for i in range(m.n_layers)) else "")
-    tokens = tr.micro_batch_size * tr.grad_accum * world_size * cfg.data.seq_len
+    sp = ds.sequence_parallel_size
+    dp = world_size // sp
+    tokens = tr.micro_batch_size * tr.grad_accum * dp * cfg.data.seq_len
     ep = ds.expert_parallel_size
+    groups = f"expert-parallel groups of {ep}" + (f", sequence-parallel groups of {sp}" if sp > 1 else "")
     lines = [
         f"run {cfg.run_dir}: steps {start_step} -> {tr.steps}, seed {cfg.seed}",
         (f"model: {_si(counts['total'])} parameters, {_si(counts['active'])} active per token ({m.n_layers} "
          f"layers, d_model {m.d_model}{experts}), {_si(flops_per_token)} FLOPs per token (forward + backward)"),
-        (f"layout: world {world_size} = data-parallel {world_size} (expert-parallel groups of {ep}), "
-         f"ZeRO stage {ds.zero_stage}, {ds.precision}; batch {tr.micro_batch_size} x {tr.grad_accum} x "
-         f"{world_size} x {cfg.data.seq_len} = {tokens:,} tokens per step (micro-batch x grad-accum x "
-         "data-parallel x seq)"),
+        (f"layout: world {world_size} = data-parallel {dp}{f' x sequence-parallel {sp}' if sp > 1 else ''} "
+         f"({groups}), ZeRO stage {ds.zero_stage}, {ds.precision}; batch {tr.micro_batch_size} x {tr.grad_accum} "
+         f"x {dp} x {cfg.data.seq_len} = {tokens:,} tokens per step (micro-batch x grad-accum x data-parallel x "
+         "seq)"),
         (f"MFU: model FLOPs (the per-token figure above; activation checkpointing's recompute not counted) "
          f"over a peak of {peak_flops / 1e12:.3g} TFLOP/s x {world_size} rank(s) ({peak_source})"),
     ]

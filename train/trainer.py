@@ -30,6 +30,7 @@ from ondol.train.fast_paths import apply_compile_and_checkpointing, loss_chunk_t
 from ondol.train.metrics import MetricsSink, detect_peak_tflops, memory_gib, plot_losses, read_metrics
 from ondol.train.preemption import Preempted, StopRequest, stop_file
 from ondol.train.schedule import lr_at
+from ondol.train.sequence_parallel import apply_sequence_parallel, data_parallel
 
 
 class NonFiniteError(TrainError):
@@ -66,6 +67,7 @@ class Trainer:
 
         _seed_everything(cfg.seed)
         self.model = build_model(cfg, self.env)  # only this rank's share materialised; the same for every layout
+        self.sp = apply_sequence_parallel(self.model, cfg.deepspeed.sequence_parallel_size)  # None: size 1
         apply_compile_and_checkpointing(self.model, cfg.train)
         self.loss_kwargs = {"loss_chunk": loss_chunk_tokens(cfg.train, self.env.device, cfg.deepspeed.zero_stage),
                             "compile_loss": cfg.train.compile}
@@ -78,18 +80,21 @@ class Trainer:
         if chat and not cfg.model.document_masking:
             raise ConfigError(f"chat sources {chat} are packed whole conversations that must not attend to each "
                               "other: set model.document_masking=true")
-        self.loader = TokenLoader(data_dir(cfg), "train", cfg.data.seq_len, tr.micro_batch_size, env.rank,
-                                  env.world_size, seed=cfg.seed, weights=weights)
-        self.val_loader = TokenLoader(data_dir(cfg), "val", cfg.data.seq_len, tr.micro_batch_size, env.rank,
-                                      env.world_size, seed=cfg.seed, weights=weights)
+        # the ranks of a sequence-parallel group load the same rows and each keeps its shard of them
+        dp_rank, dp_size = data_parallel(env.rank, env.world_size, cfg.deepspeed.sequence_parallel_size)
+        self.loader = TokenLoader(data_dir(cfg), "train", cfg.data.seq_len, tr.micro_batch_size, dp_rank, dp_size,
+                                  seed=cfg.seed, weights=weights)
+        self.val_loader = TokenLoader(data_dir(cfg), "val", cfg.data.seq_len, tr.micro_batch_size, dp_rank,
+                                      dp_size, seed=cfg.seed, weights=weights)
         # what decides whether a checkpoint can continue this run (checkpoint.check_compatible)
         self.meta = {"model": config_dict(cfg.model), "tokenizer_fingerprint": tokenizer.fingerprint,
                      "data_hash": manifest["hash"], "seq_len": cfg.data.seq_len, "weights": self.loader.weights,
                      "zero_stage": deepspeed_zero_stage(cfg.deepspeed), "world_size": self.env.world_size,
                      "expert_parallel_size": cfg.deepspeed.expert_parallel_size,
+                     "sequence_parallel_size": cfg.deepspeed.sequence_parallel_size,
                      "seed": cfg.seed, "precision": cfg.deepspeed.precision, "cpu_threads": self.threads[0],
                      "optimizer": cfg.optim.name}
-        self.tokens_per_step = tr.micro_batch_size * tr.grad_accum * env.world_size * cfg.data.seq_len
+        self.tokens_per_step = tr.micro_batch_size * tr.grad_accum * dp_size * cfg.data.seq_len
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         peak, self.peak_source = detect_peak_tflops(env.device, cfg.logging.peak_tflops, cfg.deepspeed.precision)
         self.peak_flops = self._sum_over_ranks(peak * 1e12)  # CPU ranks measured together: their shared cores
@@ -276,12 +281,10 @@ class Trainer:
         accum = self.cfg.train.grad_accum
         step_sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)
         for _ in range(accum):
-            batch = {k: v.to(self.env.device, non_blocking=True) for k, v in next(self.loader).items()}
-            out = self.engine(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"],
-                              **self.loss_kwargs)
-            self.engine.backward(out.loss + out.aux_loss + out.mtp_loss)  # mtp_loss: 0 without MTP
+            out, loss, mtp_loss = self._forward(next(self.loader))
+            self.engine.backward(loss + out.aux_loss + mtp_loss)  # mtp_loss: 0 without MTP
             self.engine.step()
-            step_sums[0] += out.loss.detach()
+            step_sums[0] += loss.detach()
             step_sums[1] += out.aux_loss.detach()
         self.last_lr, self.last_metrics = lr, out.metrics
         self.step += 1
@@ -306,6 +309,21 @@ class Trainer:
                 f"non-finite loss or gradients (train.max_nonfinite={self.cfg.train.max_nonfinite}). The last good "
                 f"checkpoint is kept in {self.ckpt_dir}; lower optim.lr or check the data, then resume")
 
+    def _forward(self, batch: dict[str, torch.Tensor]):
+        """(model output, LM loss, MTP loss) of one micro-batch on this rank; under sequence parallelism the
+        forward on this rank's shard and its shares of the rows' mean losses (train/sequence_parallel.py)."""
+        batch = {k: v.to(self.env.device, non_blocking=True) for k, v in batch.items()}
+        if self.sp is None:
+            out = self.engine(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"],
+                              **self.loss_kwargs)
+            return out, out.loss, out.mtp_loss
+        shard = self.sp.shard(batch)
+        with self.sp.sharded():
+            out = self.engine(shard["input_ids"], labels=shard["labels"], doc_ids=shard["doc_ids"],
+                              positions=shard["positions"], next_ids=shard.get("next_ids"),
+                              next_labels=shard.get("next_labels"), **self.loss_kwargs)
+        return out, *self.sp.losses(out, shard)
+
     def _update_router_biases(self) -> None:
         if not self.moe_layers:
             return
@@ -325,9 +343,7 @@ class Trainer:
         self.engine.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.env.device)
         for _ in range(self.cfg.train.eval_batches):
-            batch = {k: v.to(self.env.device) for k, v in next(self.val_loader).items()}
-            total += self.engine(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"],
-                                 **self.loss_kwargs).loss
+            total += self._forward(next(self.val_loader))[1]
         self.engine.train()
         return self._sum_over_ranks(float(total)) / (self.cfg.train.eval_batches * self.env.world_size)
 
