@@ -52,6 +52,14 @@ class RunConfig:
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) is above model.max_seq_len "
                              f"({self.model.max_seq_len}): lower data.seq_len or raise model.max_seq_len")
+        names = {s.name for s in self.data.sources}
+        for i, phase in enumerate(self.train.phases):
+            if phase.seq_len > self.model.max_seq_len:
+                raise ValueError(f"train.phases[{i}].seq_len ({phase.seq_len}) is above model.max_seq_len "
+                                 f"({self.model.max_seq_len}): lower it or raise model.max_seq_len")
+            if unknown := sorted(set(phase.weights) - names) if names else []:
+                raise ValueError(f"train.phases[{i}].weights names unknown sources {unknown} (data.sources: "
+                                 f"{sorted(names)})")
 
 
 def _valid_keys(node: Any, prefix: str = "") -> list[str]:
