@@ -42,14 +42,14 @@ def prompt_from_validation(cfg: RunConfig, tokenizer) -> str:
     return " ".join(text.split()[: cfg.generate.prompt_words])
 
 
-def continue_prompt(cfg: RunConfig, prompt: str | None = None) -> tuple[str, str]:
-    """Greedy (or sampled, per `generate`) continuation of `prompt` by the run's final model."""
+def continue_prompt(cfg: RunConfig, prompt: str | None = None, checkpoint: str | None = None) -> tuple[str, str]:
+    """Greedy (or sampled, per `generate`) continuation of `prompt` by the run's final model, or by `checkpoint`
+    (step_N, a checkpoint folder or a model folder: train.evaluation.load_model)."""
     from ondol.model.generate import generate
-    from ondol.model.io import load_pretrained
-    from ondol.train.evaluation import load_tokenizer
+    from ondol.train.evaluation import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
-    model = load_pretrained(model_dir(cfg)).eval()
+    model = load_model(cfg.run_dir, checkpoint).eval()
     if cfg.generate.speculative and (cfg.generate.temperature > 0 or not model.cfg.mtp_layers):
         raise ConfigError(f"generate.speculative=true needs generate.temperature=0 and a model trained with "
                           f"model.mtp_layers >= 1 ({model_dir(cfg)} has {model.cfg.mtp_layers})")
@@ -130,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.run_dir, args.overrides)
-    prompt, continuation = continue_prompt(cfg, args.prompt)
+    prompt, continuation = continue_prompt(cfg, args.prompt, args.checkpoint)
     print(continuation_lines(prompt, continuation))
     if not continuation.strip():  # blanks, or nothing before eos, would look like no output at all
         print(f"(the continuation is only whitespace: {continuation!r})", file=sys.stderr)
@@ -153,5 +153,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `ondol run` or `ondol train` "
                    "(every file is read from it), or the run's config YAML")
     g.add_argument("--prompt", help="text to continue (default: generate.prompt, else a held-out document's start)")
+    g.add_argument("--checkpoint", help="step_N, a checkpoint folder, or a model folder (such as one `ondol "
+                   "average` wrote) instead of the run's final weights")
     g.add_argument("overrides", nargs="*", help="overrides such as generate.max_new_tokens=80")
     g.set_defaults(func=_generate)

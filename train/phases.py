@@ -47,6 +47,11 @@ def resolve(cfg, base_weights: dict[str, float]) -> list[Phase]:
     return plan
 
 
+def final_seq_len(cfg) -> int:
+    """The sequence length the run trains at last (its model's context: what evaluation scores with)."""
+    return next((p.seq_len for p in reversed(cfg.train.phases) if p.seq_len), cfg.data.seq_len)
+
+
 def _positive(weights: dict[str, float]) -> dict[str, float]:
     return {name: float(w) for name, w in weights.items() if w > 0}
 
