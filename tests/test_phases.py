@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from golden import STABLE_OPTIM, build_assets, link_data, run_losses, tiny_config
+from golden import STABLE_OPTIM, build_assets, run_losses, tiny_config
 
 from ondol.configs import load_config
 from ondol.errors import ConfigError
@@ -175,8 +175,8 @@ def test_a_longer_data_seq_len_needs_allow_seq_len_change_and_keeps_the_optimize
     trainer = Trainer(tiny_config(run, assets, *QUICK, *longer, "train.allow_seq_len_change=true"))
     trainer._resume(finished_ok=False)
     assert trainer.accepted == ["model.max_seq_len: 1024 -> 2048", "data.seq_len: 64 -> 128",
-                                "phases from step 2: run: steps 2-4, seq_len 128, lr run, mix ko_reviews 60.0%, "
-                                "ko_docs 40.0%"]
+                                ("phases from step 2: run: steps 2-4, seq_len 128, lr run, mix ko_reviews 60.0%, "
+                                 "ko_docs 40.0%")]
     assert trainer.loader.seq_len == 128 and trainer.loader.segments[0].phase.seq_len == 64  # the past as it ran
     folder = run / "checkpoints" / "step_00000002"
     index = tensor_index(folder, OPTIM_INDEX, OPTIM_SINGLE)

@@ -20,7 +20,15 @@ import torch
 from ondol.errors import ConfigError, ModelError
 from ondol.files import write_atomic
 from ondol.model.config import ModelConfig
-from ondol.model.io import CHECKSUMS, CONFIG, WEIGHTS, read_tensor, tensor_index, write_checksums, write_safetensors
+from ondol.model.io import (
+    CHECKSUMS,
+    CONFIG,
+    WEIGHTS,
+    read_tensor,
+    tensor_index,
+    write_checksums,
+    write_safetensors,
+)
 from ondol.train import checkpoint, state_shards
 
 RECORD = "average.json"  # which checkpoints, at which steps, with their weight files' digests

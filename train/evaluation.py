@@ -241,7 +241,6 @@ def evaluate_run(run_dir, checkpoint: str | None = None, data_files: list[str] |
     from tqdm import tqdm
 
     from ondol.configs import data_dir, load_run_config
-
     from ondol.train.phases import final_seq_len
 
     cfg = load_run_config(run_dir)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import itertools
 import json
 import resource
 import sys
@@ -258,7 +259,7 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str) -> Path:
         for key in shares:  # a source out of a phase's mixture has share 0 there
             ax.step([r["step"] for r in logged], [r.get(key, 0.0) for r in logged], where="pre", lw=1.2,
                     label=key.removeprefix("share/"))  # the value at s covers (s-1, s]
-        for before, after in zip(logged, logged[1:]):
+        for before, after in itertools.pairwise(logged):
             if after["phase"] != before["phase"]:
                 ax.axvline(before["step"], color="grey", ls="--", lw=0.8)
                 ax.annotate(f" phase {after['phase']}", (before["step"], 1.02), fontsize=8)

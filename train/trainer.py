@@ -94,6 +94,9 @@ class Trainer:
         self.peak_flops = self._sum_over_ranks(peak * 1e12)  # CPU ranks measured together: their shared cores
         self.bits_per_byte = (InLoopBitsPerByte(data_dir(cfg), tokenizer, tr.eval_bpb_tokens, cfg.data.seq_len,
                                                 manifest["bos"]) if tr.eval_bpb_tokens else None)
+        # every phase's validation mixture at its length, built now so a phase that cannot be read fails at start
+        self.val_loaders = [TokenLoader(data_dir(cfg), "val", p.seq_len, tr.micro_batch_size, env.rank, env.world_size,
+                                        seed=cfg.seed, weights=p.weights) for p in self.plan]
         self.phase = -1
         self._enter_phase(0)
         self.accepted: list[str] = []  # deliberate changes a resume made (checkpoint.check_compatible)
@@ -120,14 +123,12 @@ class Trainer:
     def _enter_phase(self, index: int) -> None:
         """Set what follows the phase (train/phases.py): the validation mixture and length, tokens and FLOPs
         per step, the context of bits per byte. The training loader switches by itself, at its global index."""
-        from ondol.data.loader import TokenLoader
         from ondol.model.flops import train_flops_per_token
 
         if index == self.phase:
             return
-        self.phase, phase, tr = index, self.plan[index], self.cfg.train
-        self.val_loader = TokenLoader(data_dir(self.cfg), "val", phase.seq_len, tr.micro_batch_size, self.env.rank,
-                                      self.env.world_size, seed=self.cfg.seed, weights=phase.weights)
+        self.phase, phase = index, self.plan[index]
+        self.val_loader = self.val_loaders[index]
         self.tokens_per_step = self.sequences_per_step * phase.seq_len
         self.flops_per_token = train_flops_per_token(self.cfg.model, phase.seq_len)
         if self.bits_per_byte is not None:
