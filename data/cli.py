@@ -52,7 +52,8 @@ def _source_table(manifest: dict, cfg) -> Table:
                   caption=f"expected share: weight / sum of weights, as training mixes sequences; epochs: passes "
                   f"over a source's train tokens in train.steps={tr.steps:,} steps of {tr.micro_batch_size} x "
                   f"{tr.grad_accum} x {ranks} sequences (micro batch x grad_accum x ranks) of {cfg.data.seq_len} "
-                  "tokens")
+                  "tokens" + ("; train.phases gives each phase its own mixture: the phase plan below is what "
+                              "training draws" if tr.phases else ""))
     for column in ("source", "read", "bad input", "dropped", "train docs", "val docs", "train tokens",
                    "val tokens", "weight", "expected share", "epochs"):
         table.add_column(column, justify="left" if column == "source" else "right")
