@@ -82,13 +82,11 @@ def _phase_table(manifest: dict, cfg) -> Table:
         table.add_column(column, justify="left" if column in ("phase", "lr", "source") else "right")
     for i, p in enumerate(resolve(cfg, manifest["weights"] | {s.name: s.weight for s in cfg.data.sources})):
         mix = planned_mix(manifest, p.weights, p.seq_len, p.steps * per_step)
-        lr = p.lr_schedule + (f" from {p.lr:g}" if p.lr else "") + (f", warmup {p.warmup_steps}"
-                                                                   if p.warmup_steps else "")
+        first = [f"{i + 1} {p.name}", f"{p.start:,}-{p.end:,}", str(p.seq_len), p.lr_text]
         for j, name in enumerate(n for n in mix if n in p.weights):
             share, epochs = mix[name]
-            table.add_row(f"{i + 1} {p.name}" if j == 0 else "", f"{p.start:,}-{p.end:,}" if j == 0 else "",
-                          str(p.seq_len) if j == 0 else "", lr if j == 0 else "", name, f"{p.weights[name]:g}",
-                          f"{share:.1%}", f"{epochs:.2f}")
+            table.add_row(*(first if j == 0 else [""] * 4), name, f"{p.weights[name]:g}", f"{share:.1%}",
+                          f"{epochs:.2f}")
     return table
 
 

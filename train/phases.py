@@ -30,6 +30,12 @@ class Phase:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def lr_text(self) -> str:
+        """'linear', 'cosine from 0.0004, warmup 4': the rate segment as logs and tables show it."""
+        return (self.lr_schedule + (f" from {self.lr:g}" if self.lr else "")
+                + (f", warmup {self.warmup_steps}" if self.warmup_steps else ""))
+
 
 def resolve(cfg, base_weights: dict[str, float]) -> list[Phase]:
     """The plan of RunConfig `cfg`; `base_weights`: the mixture of the first phase unless it gives its own
@@ -119,5 +125,4 @@ def describe(p: Phase) -> str:
     """'NAME: steps A-B, seq_len T, lr SCHEDULE, mix a 60%, b 40%'."""
     total = sum(p.weights.values())
     mix = ", ".join(f"{n} {w / total:.1%}" for n, w in p.weights.items())
-    lr = p.lr_schedule + (f" from {p.lr:g}" if p.lr else "") + (f" warmup {p.warmup_steps}" if p.warmup_steps else "")
-    return f"{p.name}: steps {p.start}-{p.end}, seq_len {p.seq_len}, lr {lr}, mix {mix}"
+    return f"{p.name}: steps {p.start}-{p.end}, seq_len {p.seq_len}, lr {p.lr_text}, mix {mix}"

@@ -143,10 +143,8 @@ class Trainer:
         for i, p in enumerate(self.plan):
             mix = planned_mix(self.manifest, p.weights, p.seq_len, p.steps * self.sequences_per_step)
             shares = ", ".join(f"{n} {share:.1%} ({epochs:.2f} epochs)" for n, (share, epochs) in mix.items() if share)
-            lr = p.lr_schedule + (f" from {p.lr:g}" if p.lr else "") + (f", warmup {p.warmup_steps}"
-                                                                       if p.warmup_steps else "")
             lines.append(f"phase {i + 1}/{len(self.plan)} {p.name}: steps {p.start} -> {p.end}, seq_len "
-                         f"{p.seq_len}, lr {lr}; {shares}")
+                         f"{p.seq_len}, lr {p.lr_text}; {shares}")
         return lines
 
     # ---- state -------------------------------------------------------------------------------------------
