@@ -6,8 +6,8 @@ finds the run's tokenizer beside it).
 Each checkpoint is checked against the sizes and digests its meta.json recorded before anything is read; the
 weights come from its per-rank state shards (train/state_shards.py), one tensor at a time from every
 checkpoint, summed in float64 and divided once, so memory stays at K copies of the largest tensor and the
-result does not depend on the order of the checkpoints. A weight-averaged model often scores like a model at
-the end of a learning-rate decay (SWA, LAWA): a cheap anneal at constant rate, or a little better after one.
+result does not depend on the order of the checkpoints. Averaging checkpoints taken at a constant rate stands in
+for a decay (SWA, LAWA); after a decay to the floor the last checkpoint scored better here (README figures).
 """
 
 from __future__ import annotations
