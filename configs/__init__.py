@@ -65,6 +65,17 @@ class RunConfig:
             raise ValueError("optim.name=muon does not support deepspeed.extra.zero_optimization.offload_optimizer "
                              "(its step gathers momentum on the device): remove it or use optim.name=adamw")
         check_sequence_parallel(self.deepspeed.sequence_parallel_size, self.model, self.data.seq_len)
+        names = {s.name for s in self.data.sources}
+        for i, phase in enumerate(self.train.phases):
+            if phase.seq_len > self.model.max_seq_len:
+                raise ValueError(f"train.phases[{i}].seq_len ({phase.seq_len}) is above model.max_seq_len "
+                                 f"({self.model.max_seq_len}): lower it or raise model.max_seq_len")
+            if phase.seq_len % (sp := self.deepspeed.sequence_parallel_size):
+                raise ValueError(f"train.phases[{i}].seq_len ({phase.seq_len}) must be divisible by "
+                                 f"deepspeed.sequence_parallel_size={sp} (each rank holds seq_len / N tokens)")
+            if unknown := sorted(set(phase.weights) - names) if names else []:
+                raise ValueError(f"train.phases[{i}].weights names unknown sources {unknown} (data.sources: "
+                                 f"{sorted(names)})")
 
 
 def _valid_keys(node: Any, prefix: str = "") -> list[str]:

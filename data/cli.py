@@ -52,7 +52,8 @@ def _source_table(manifest: dict, cfg) -> Table:
                   caption=f"expected share: weight / sum of weights, as training mixes sequences; epochs: passes "
                   f"over a source's train tokens in train.steps={tr.steps:,} steps of {tr.micro_batch_size} x "
                   f"{tr.grad_accum} x {ranks} sequences (micro batch x grad_accum x ranks) of {cfg.data.seq_len} "
-                  "tokens")
+                  "tokens" + ("; train.phases gives each phase its own mixture: the phase plan below is what "
+                              "training draws" if tr.phases else ""))
     for column in ("source", "read", "bad input", "dropped", "train docs", "val docs", "train tokens",
                    "val tokens", "weight", "expected share", "epochs"):
         table.add_column(column, justify="left" if column == "source" else "right")
@@ -67,6 +68,28 @@ def _source_table(manifest: dict, cfg) -> Table:
     return table
 
 
+def _phase_table(manifest: dict, cfg) -> Table:
+    """train.phases as training will run them: per phase and source its weight, expected share of the phase's
+    sequences and the epochs over the source's train sequences the phase draws."""
+    from ondol.data.loader import planned_mix
+    from ondol.train.phases import resolve
+
+    tr, launch = cfg.train, cfg.launch
+    per_step = tr.micro_batch_size * tr.grad_accum * launch.nodes * launch.gpus_per_node
+    table = Table(title="phase plan (train.phases)", caption="share: of the phase's sequences; epochs: passes "
+                  "over the source's train tokens within the phase")
+    for column in ("phase", "steps", "seq_len", "lr", "source", "weight", "expected share", "epochs"):
+        table.add_column(column, justify="left" if column in ("phase", "lr", "source") else "right")
+    for i, p in enumerate(resolve(cfg, manifest["weights"] | {s.name: s.weight for s in cfg.data.sources})):
+        mix = planned_mix(manifest, p.weights, p.seq_len, p.steps * per_step)
+        first = [f"{i + 1} {p.name}", f"{p.start:,}-{p.end:,}", str(p.seq_len), p.lr_text]
+        for j, name in enumerate(n for n in mix if n in p.weights):
+            share, epochs = mix[name]
+            table.add_row(*(first if j == 0 else [""] * 4), name, f"{p.weights[name]:g}", f"{share:.1%}",
+                          f"{epochs:.2f}")
+    return table
+
+
 @_reported
 def _prepare(args: argparse.Namespace) -> int:
     from ondol.data.preparation import prepare
@@ -74,6 +97,8 @@ def _prepare(args: argparse.Namespace) -> int:
     cfg, tokenizer, out_dir = _load(args)
     manifest = prepare(cfg.data, tokenizer, out_dir, cfg.seed, progress=not args.no_progress)
     console.print(_source_table(manifest, cfg))
+    if cfg.train.phases:
+        console.print(_phase_table(manifest, cfg))
     for s in manifest["sources"]:
         if "personal_data" in s:  # data.pii on: what was masked or dropped
             found = ", ".join(f"{n:,} {kind}" for kind, n in sorted(s["personal_data"].items())) or "none"
@@ -112,6 +137,8 @@ def _inspect(args: argparse.Namespace) -> int:
     cfg, tokenizer, out_dir = _load(args)
     manifest = read_manifest(out_dir)
     console.print(_source_table(manifest, cfg))
+    if cfg.train.phases:
+        console.print(_phase_table(manifest, cfg))
     shards = split_shards(out_dir, args.split, manifest)
     for name, source_shards in shards.items():
         if not source_shards:

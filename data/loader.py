@@ -13,14 +13,25 @@ as many as fit in T + 1 tokens, the rest of the row padded; a conversation longe
 (the manifest counts them for data.seq_len; the loader logs its own count). Its labels are -100 (no loss) except
 on the assistant's tokens, and the padding is a document of its own, so document masking keeps conversations
 and padding from attending to each other.
+Phases (train.phases): the global order is cut into segments, each from its first global index on with its own
+mixture and sequence length T (a segment starts at a step, so at a micro-batch boundary of every rank). Step 1
+restarts its pattern at each segment's start; step 2 continues across segments: a source's draws in a segment
+are numbered after its draws in every earlier segment, so the i-th draw of a source counts all of them. Across a
+change of T the count carries the source's tokens over: a source that ended a segment at draw index D of
+length-T windows continues at draw ceil(D * T / T') of length-T' windows, so epochs stay passes over its tokens
+(its windows, and their permutation per epoch, are those of T'; a chat source's rows are counted the same
+way). Segments are still closed form: the state is
+the position and the segments' starts, mixtures and lengths.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import zlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -147,11 +158,10 @@ class _Conversations:
         return tokens, boundaries[:T], trained[1:]
 
 
-def _mixed_sources(data_dir, split: str, seq_len: int, shards: dict[str, list[Shard]],
-                   weights: dict[str, float], pad_id: int) -> list[_SourceSequences | _Conversations]:
+def _mixed_sources(data_dir, split: str, seq_len: int, names: list[str], weights: dict[str, float],
+                   rows: Callable[[str], _SourceSequences | _Conversations]) -> list[_SourceSequences | _Conversations]:
     """The sources with a positive weight; a validation split may lack a small one (logged), training not."""
-    sources = [_Conversations(name, shards[name], seq_len, pad_id) if any(s.mask is not None for s in shards[name])
-               else _SourceSequences(name, shards[name], seq_len) for name in shards if weights.get(name, 0) > 0]
+    sources = [rows(name) for name in names if weights.get(name, 0) > 0]
     for source in sources:
         if getattr(source, "too_long", 0):
             log.warning("%s: %s %s: %d conversations longer than seq_len + 1 = %d tokens are left out",
@@ -168,73 +178,162 @@ def _mixed_sources(data_dir, split: str, seq_len: int, shards: dict[str, list[Sh
     return [s for s in sources if s.count > 0]
 
 
+@dataclass(frozen=True)
+class MixPhase:
+    """A segment of the global order: from global sequence `start` on, `weights` mixed at `seq_len`."""
+
+    start: int
+    weights: dict[str, float] = field(hash=False)
+    seq_len: int
+
+    def to_dict(self) -> dict:
+        return {"start": self.start, "weights": self.weights, "seq_len": self.seq_len}
+
+
+@dataclass(eq=False)
+class _Segment:
+    """A MixPhase as drawn: its sources (indices into TokenLoader.sources at its seq_len), pattern, and where
+    each source's draws start (draw index at this segment's length)."""
+
+    phase: MixPhase
+    sources: list[_SourceSequences | _Conversations]
+    pattern: np.ndarray
+    slots: np.ndarray
+    slot_rank: np.ndarray
+    first_draw: dict[str, int]
+
+    def drawn(self, s: int, n: int) -> int:
+        """How many of the segment's first n sequences source s (an index into self.sources) gave."""
+        return (n // PATTERN_LEN) * int(self.slots[s]) + int(np.count_nonzero(self.pattern[:n % PATTERN_LEN] == s))
+
+
 class TokenLoader:
     """Batches of dict(input_ids, labels, doc_ids), each LongTensor[micro_batch_size, seq_len].
 
     doc_ids numbers the documents within each row from 0, for document-masked attention. `weights` maps
     source names to mixture weights (default: the weights in the manifest); a weight of 0 leaves a source out.
+    `phases` (the first starting at 0) replaces `weights` and `seq_len` with segments of the global order;
+    `seq_len` is then the current segment's length.
     """
 
     def __init__(self, data_dir: str | os.PathLike, split: str, seq_len: int, micro_batch_size: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, weights: dict[str, float] | None = None):
+                 rank: int = 0, world_size: int = 1, seed: int = 0, weights: dict[str, float] | None = None,
+                 phases: list[MixPhase] | None = None):
         if seq_len < 1 or micro_batch_size < 1:
             raise ValueError(f"seq_len ({seq_len}) and micro_batch_size ({micro_batch_size}) must be >= 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} must lie in [0, world_size={world_size})")
+        self.data_dir = data_dir
         manifest = read_manifest(data_dir)
-        shards = split_shards(data_dir, split, manifest)
-        weights = dict(manifest["weights"] if weights is None else weights)
-        unknown = sorted(set(weights) - set(shards))
-        if unknown:
-            raise ValueError(f"weights name unknown sources {unknown}; {data_dir} has {sorted(shards)}")
-        self.sources = _mixed_sources(data_dir, split, seq_len, shards, weights, manifest["tokenizer"]["eos_id"])
-        self.weights = {s.name: float(weights[s.name]) for s in self.sources}
-        self.pattern, self.slots, self.slot_rank = mixture_pattern(list(self.weights.values()))
-        if not self.slots.all():
-            raise ValueError(f"weights {self.weights}: each share must be at least 1/{PATTERN_LEN}")
-        self.split, self.seq_len, self.batch_size = split, seq_len, micro_batch_size
+        self.shards = split_shards(data_dir, split, manifest)
+        self.split, self.batch_size = split, micro_batch_size
+        self.pad_id = manifest["tokenizer"]["eos_id"]  # fills the rest of a chat row
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.data_hash = manifest["hash"]
         self.position = 0  # global sequences consumed by all ranks together
         self.last_sources: list[str] = []  # the source of each row of the last batch
-        self._permutations: dict[tuple[int, int], np.ndarray] = {}
+        self._permutations: dict[tuple[str, int, int], np.ndarray] = {}
+        self._windows: dict[tuple[str, int], _SourceSequences | _Conversations] = {}
+        self.set_phases(phases or [MixPhase(0, dict(manifest["weights"] if weights is None else weights), seq_len)])
 
-    def _permutation(self, s: int, epoch: int) -> np.ndarray:
-        key = (s, epoch)
+    def set_phases(self, phases: list[MixPhase]) -> None:
+        """Segment the global order (a segment whose mixture and length equal its predecessor's continues it)."""
+        if not phases or phases[0].start != 0 or any(b.start < a.start for a, b in itertools.pairwise(phases)):
+            raise ValueError(f"phases must start at global sequence 0, in order: {[p.start for p in phases]}")
+        merged = [phases[0]]
+        for p in phases[1:]:
+            if p.start == merged[-1].start:
+                merged[-1] = p
+            elif (p.weights, p.seq_len) != (merged[-1].weights, merged[-1].seq_len):
+                merged.append(p)
+        self.segments: list[_Segment] = []
+        for p in merged:
+            self.segments.append(self._segment(p, self.segments[-1] if self.segments else None))
+        first = self.segments[0]  # what a loader without phases has: its sources and their weights
+        self.sources, self.weights = first.sources, {s.name: float(first.phase.weights[s.name]) for s in first.sources}
+        self.seq_len = self._segment_at(self.position).phase.seq_len
+
+    def _source(self, name: str, seq_len: int) -> _SourceSequences | _Conversations:
+        key = (name, seq_len)
+        if key not in self._windows:
+            shards = self.shards[name]
+            chat = any(s.mask is not None for s in shards)
+            self._windows[key] = (_Conversations(name, shards, seq_len, self.pad_id) if chat
+                                  else _SourceSequences(name, shards, seq_len))
+        return self._windows[key]
+
+    def _segment(self, phase: MixPhase, before: _Segment | None) -> _Segment:
+        if phase.seq_len < 1:
+            raise ValueError(f"seq_len ({phase.seq_len}) must be >= 1")
+        unknown = sorted(set(phase.weights) - set(self.shards))
+        if unknown:
+            raise ValueError(f"weights name unknown sources {unknown}; {self.data_dir} has {sorted(self.shards)}")
+        sources = _mixed_sources(self.data_dir, self.split, phase.seq_len, list(self.shards), phase.weights,
+                                 lambda name: self._source(name, phase.seq_len))
+        weights = [float(phase.weights[s.name]) for s in sources]
+        pattern, slots, slot_rank = mixture_pattern(weights)
+        if not slots.all():
+            raise ValueError(f"weights {dict(zip([s.name for s in sources], weights))}: each share must be at "
+                             f"least 1/{PATTERN_LEN}")
+        first_draw = {}  # a source not drawn from before starts at draw 0
+        if before is not None:  # draws continue: the tokens a source gave so far, in windows of this length
+            ended = dict(before.first_draw)
+            for s, source in enumerate(before.sources):
+                ended[source.name] = ended.get(source.name, 0) + before.drawn(s, phase.start - before.phase.start)
+            first_draw = {name: -(-d * before.phase.seq_len // phase.seq_len) for name, d in ended.items()}
+        return _Segment(phase, sources, pattern, slots, slot_rank, first_draw)
+
+    def _segment_at(self, g: int) -> _Segment:
+        return next(seg for seg in reversed(self.segments) if seg.phase.start <= g)
+
+    def _permutation(self, source: _SourceSequences, epoch: int) -> np.ndarray:
+        key = (source.name, source.seq_len, epoch)
         if key not in self._permutations:
-            for old in [k for k in self._permutations if k[0] == s and k[1] < epoch - 1]:
+            for old in [k for k in self._permutations if k[:2] == key[:2] and k[2] < epoch - 1]:
                 del self._permutations[old]
-            name_key = zlib.crc32(self.sources[s].name.encode())
+            name_key = zlib.crc32(source.name.encode())
             rng = np.random.default_rng([self.seed, name_key, epoch])
-            self._permutations[key] = rng.permutation(self.sources[s].count)
+            self._permutations[key] = rng.permutation(source.count)
         return self._permutations[key]
 
-    def sequence(self, g: int) -> tuple[int, int]:
-        """(source index, the source's sequence) of global sequence g."""
-        slot = g % PATTERN_LEN
-        s = int(self.pattern[slot])
-        draw = (g // PATTERN_LEN) * int(self.slots[s]) + int(self.slot_rank[slot])
-        source = self.sources[s]
+    def sequence(self, g: int) -> tuple[_SourceSequences | _Conversations, int]:
+        """(source, the source's row) of global sequence g."""
+        seg = self._segment_at(g)
+        i = g - seg.phase.start
+        slot = i % PATTERN_LEN
+        s = int(seg.pattern[slot])
+        source = seg.sources[s]
+        draw = seg.first_draw.get(source.name, 0) + (i // PATTERN_LEN) * int(seg.slots[s]) + int(seg.slot_rank[slot])
         epoch, j = divmod(draw, source.count)
         if self.split == "train":
-            j = int(self._permutation(s, epoch)[j])
-        return s, j
+            j = int(self._permutation(source, epoch)[j])
+        return source, j
+
+    def realised_shares(self) -> tuple[int, dict[str, float]]:
+        """(index of the current segment, each source's share of the sequences drawn in it so far); every
+        sequence of a segment has its seq_len tokens, so these are token shares too."""
+        g = max(self.position - 1, 0)
+        index = max(i for i, seg in enumerate(self.segments) if seg.phase.start <= g)
+        seg = self.segments[index]
+        n = self.position - seg.phase.start
+        return index, {src.name: seg.drawn(s, n) / max(n, 1) for s, src in enumerate(seg.sources)}
 
     def __iter__(self) -> TokenLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        B, T = self.batch_size, self.seq_len
+        B = self.batch_size
+        first = self.position + self.rank * B
+        T = self.seq_len = self._segment_at(self.position).phase.seq_len
         tokens = np.empty((B, T + 1), dtype=np.int64)
         boundaries = np.zeros((B, T), dtype=np.int64)  # 1: a document starts at this position
         labels = np.empty((B, T), dtype=np.int64)
-        first = self.position + self.rank * B
         sources = []
         for b in range(B):
-            s, j = self.sequence(first + b)
-            tokens[b], boundaries[b], trained = self.sources[s].row(j)
+            source, j = self.sequence(first + b)
+            tokens[b], boundaries[b], trained = source.row(j)
             labels[b] = tokens[b, 1:] if trained is None else np.where(trained == 1, tokens[b, 1:], IGNORE)
-            sources.append(self.sources[s].name)
+            sources.append(source.name)
         self.position += self.world_size * B
         self.last_sources = sources
         return {"input_ids": torch.from_numpy(np.ascontiguousarray(tokens[:, :T])),
@@ -242,13 +341,35 @@ class TokenLoader:
                 "doc_ids": torch.from_numpy(np.cumsum(boundaries, axis=1))}
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "split": self.split, "seq_len": self.seq_len, "seed": self.seed,
-                "data_hash": self.data_hash, "weights": self.weights}
+        first = self.segments[0].phase
+        return {"position": self.position, "split": self.split, "seed": self.seed, "data_hash": self.data_hash,
+                "seq_len": first.seq_len, "weights": self.weights,
+                "phases": [seg.phase.to_dict() for seg in self.segments]}
+
+    @staticmethod
+    def saved_phases(state: dict) -> list[MixPhase]:
+        """The segments a state was saved with (states from before phases: one, of its weights and seq_len)."""
+        return [MixPhase(**p) for p in state.get("phases", [{"start": 0, "weights": state["weights"],
+                                                              "seq_len": state["seq_len"]}])]
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue exactly where `state` was taken (the world size and micro batch size may differ)."""
-        for key in ("split", "seq_len", "seed", "data_hash", "weights"):
-            if state.get(key) != getattr(self, key):
+        """Continue exactly where `state` was taken (the world size and micro batch size may differ, and so may
+        the segments that start at or after its position: the ones not yet drawn from)."""
+        for key in ("split", "seed", "data_hash", "seq_len", "weights"):
+            if state.get(key) != getattr(self, key if key != "seq_len" else "_first_seq_len"):
+                mine = getattr(self, key if key != "seq_len" else "_first_seq_len")
                 raise ValueError(f"loader state was saved with {key}={state.get(key)!r} but this loader has "
-                                 f"{key}={getattr(self, key)!r}: resuming would not continue the same sequence order")
-        self.position = int(state["position"])
+                                 f"{key}={mine!r}: resuming would not continue the same sequence order")
+        position = int(state["position"])
+        drawn = [p for p in self.saved_phases(state) if p.start < position]
+        mine = [seg.phase for seg in self.segments if seg.phase.start < position]
+        if drawn != mine:
+            raise ValueError(f"loader state was saved with phases {[p.to_dict() for p in drawn]} before position "
+                             f"{position}, this loader has {[p.to_dict() for p in mine]}: resuming would not "
+                             "continue the same sequence order")
+        self.position = position
+        self.seq_len = self._segment_at(position).phase.seq_len
+
+    @property
+    def _first_seq_len(self) -> int:
+        return self.segments[0].phase.seq_len

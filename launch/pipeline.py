@@ -58,16 +58,16 @@ def chat_prompt_from_validation(cfg: RunConfig, tokenizer) -> str:
                       "or generate.prompt")
 
 
-def continue_prompt(cfg: RunConfig, prompt: str | None = None) -> tuple[str, str]:
-    """Greedy (or sampled, per `generate`) continuation of `prompt` by the run's final model; with
-    generate.chat, the assistant's answer to it as a user's message, up to the end of its turn."""
+def continue_prompt(cfg: RunConfig, prompt: str | None = None, checkpoint: str | None = None) -> tuple[str, str]:
+    """Greedy (or sampled, per `generate`) continuation of `prompt` by the run's final model, or by `checkpoint`
+    (step_N, a checkpoint folder or a model folder: train.evaluation.load_model); with generate.chat, the
+    assistant's answer to it as a user's message, up to the end of its turn."""
     from ondol.data.chat import END_OF_TURN, chat_ids, encode_conversations
     from ondol.model.generate import generate
-    from ondol.model.io import load_pretrained
-    from ondol.train.evaluation import load_tokenizer
+    from ondol.train.evaluation import load_model, load_tokenizer
 
     tokenizer = load_tokenizer(cfg)
-    model = load_pretrained(model_dir(cfg)).eval()
+    model = load_model(cfg.run_dir, checkpoint).eval()
     if cfg.generate.speculative and (cfg.generate.temperature > 0 or not model.cfg.mtp_layers):
         raise ConfigError(f"generate.speculative=true needs generate.temperature=0 and a model trained with "
                           f"model.mtp_layers >= 1 ({model_dir(cfg)} has {model.cfg.mtp_layers})")
@@ -156,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.run_dir, [*args.overrides, *["generate.chat=true"] * args.chat])
-    prompt, continuation = continue_prompt(cfg, args.prompt)
+    prompt, continuation = continue_prompt(cfg, args.prompt, args.checkpoint)
     print(continuation_lines(prompt, continuation))
     if not continuation.strip():  # blanks, or nothing before eos, would look like no output at all
         print(f"(the continuation is only whitespace: {continuation!r})", file=sys.stderr)
@@ -181,5 +181,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt", help="text to continue (default: generate.prompt, else a held-out document's start)")
     g.add_argument("--chat", action="store_true", help="answer the prompt as a user's message through the chat "
                    "template, stopping at the end of the turn (generate.chat=true; a chat fine-tuned run)")
+    g.add_argument("--checkpoint", help="step_N, a checkpoint folder, or a model folder (such as one `ondol "
+                   "average` wrote) instead of the run's final weights")
     g.add_argument("overrides", nargs="*", help="overrides such as generate.max_new_tokens=80")
     g.set_defaults(func=_generate)

@@ -176,3 +176,82 @@ def test_loader_errors_are_clear(prepared, tmp_path):
         loader.load_state_dict({**loader.state_dict(), "seq_len": 128})
     with pytest.raises(ValueError, match="rank 2 must lie in"):
         TokenLoader(data_dir, "train", SEQ, 2, rank=2, world_size=2)
+
+
+# ---- phases: the mixture and sequence length switch at a global index ---------------------------------------
+def _rows(loader, n):
+    """The next n global sequences of a one-rank loader: (source, input_ids + last label) each."""
+    out = []
+    while len(out) < n:
+        batch = next(loader)
+        out += [(name, torch.cat([batch["input_ids"][b], batch["labels"][b, -1:]]))
+                for b, name in enumerate(loader.last_sources)]
+    return out
+
+
+def test_the_mixture_switches_at_the_exact_index_to_the_declared_shares(prepared):
+    """Phase 1 mixes ko_reviews 1 : ko_docs 3, phase 2 (from global sequence 400 = step 50 of 8 sequences) brings
+    en_docs in and drops ko_docs. The smooth round robin repeats every 4 (then 2) sequences, so every block of
+    them holds exactly the declared shares; each row's source is checked against the text it came from."""
+    from ondol.data.loader import MixPhase
+
+    data_dir, _ = prepared
+    k = 400
+    loader = TokenLoader(data_dir, "train", SEQ, 8, seed=6, phases=[
+        MixPhase(0, {"ko_reviews": 1, "ko_docs": 3}, SEQ), MixPhase(k, {"ko_reviews": 1, "en_docs": 1}, SEQ)])
+    rows = _rows(loader, 2 * k)
+    source_streams = streams(data_dir, "train")
+    for name, row in rows[k - 16:k + 16]:  # the labels around the switch are where the text comes from
+        assert origin(row, source_streams) == {name}
+    for start in range(0, k, 4):
+        block = [name for name, _ in rows[start:start + 4]]
+        assert sorted(block) == ["ko_docs", "ko_docs", "ko_docs", "ko_reviews"], start
+    for start in range(k, 2 * k, 2):
+        assert sorted(name for name, _ in rows[start:start + 2]) == ["en_docs", "ko_reviews"], start
+    assert loader.realised_shares() == (1, {"ko_reviews": 0.5, "en_docs": 0.5})
+
+
+def test_a_sources_draws_continue_across_phases_and_across_a_seq_len_change(prepared):
+    """ko_reviews' rows of a phased run are those a ko_reviews-only loader draws, in order: its draws in phase 2
+    follow its draws in phase 1; at twice the length they continue at the same place of its tokens, draw
+    ceil(D * 64 / 128) of the 128-token windows."""
+    from ondol.data.loader import MixPhase
+
+    data_dir, _ = prepared
+    phases = [MixPhase(0, {"ko_reviews": 1, "ko_docs": 1}, SEQ), MixPhase(96, {"ko_reviews": 3, "en_docs": 1}, SEQ),
+              MixPhase(192, {"ko_reviews": 1}, 2 * SEQ)]
+    rows = _rows(TokenLoader(data_dir, "train", SEQ, 8, seed=7, phases=phases), 256)
+    alone = _rows(TokenLoader(data_dir, "train", SEQ, 8, seed=7, weights={"ko_reviews": 1}), 256)
+    short = [row for name, row in rows[:192] if name == "ko_reviews"]
+    assert len(short) == 48 + 72
+    assert all(torch.equal(a, b) for a, (_, b) in zip(short, alone))
+    long_alone = _rows(TokenLoader(data_dir, "train", 2 * SEQ, 8, seed=7, weights={"ko_reviews": 1}), 128)
+    first = -(-len(short) * SEQ // (2 * SEQ))  # 60
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(rows[192:], long_alone[first:first + 64]))
+    assert rows[192][1].shape == (2 * SEQ + 1,) and rows[191][1].shape == (SEQ + 1,)
+
+
+def test_a_phased_loader_resumes_exactly_at_and_around_a_switch_and_may_change_only_the_future(prepared):
+    from ondol.data.loader import MixPhase
+
+    data_dir, _ = prepared
+    phases = [MixPhase(0, {"ko_reviews": 0.2, "ko_docs": 0.8}, SEQ), MixPhase(80, {"en_docs": 1, "ko_docs": 1}, 32)]
+    make = partial(TokenLoader, data_dir, "train", SEQ, 8, seed=8, phases=phases)
+    reference = batches(make(), 20)
+    for stop in (9, 10, 11):  # the switch is at batch 10
+        first = make()
+        batches(first, stop)
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = make()
+        resumed.load_state_dict(state)
+        for want, got in zip(reference[stop:], batches(resumed, 20 - stop)):
+            assert all(torch.equal(want[key], got[key]) for key in want)
+    first = make()
+    batches(first, 10)
+    state = first.state_dict()
+    later = TokenLoader(data_dir, "train", SEQ, 8, seed=8, phases=[phases[0], MixPhase(120, {"en_docs": 1}, 32)])
+    later.load_state_dict(state)  # the second phase had not begun: it may move and change
+    assert later.seq_len == SEQ and next(later)["input_ids"].shape == (8, SEQ)
+    batches(first, 1)
+    with pytest.raises(ValueError, match="saved with phases .* before position 88"):
+        later.load_state_dict(first.state_dict())

@@ -116,7 +116,7 @@ def test_whitespace_only_continuation_is_shown(tiny_run, capsys, monkeypatch):
     from ondol.launch import pipeline
     from ondol.launch.cli import main
 
-    monkeypatch.setattr(pipeline, "continue_prompt", lambda cfg, prompt: (prompt, " \n"))
+    monkeypatch.setattr(pipeline, "continue_prompt", lambda cfg, prompt, checkpoint: (prompt, " \n"))
     assert main(["generate", str(tiny_run[0]), "--prompt", "영화"]) == 0
     out = capsys.readouterr()
     assert out.out == "prompt:       영화\ncontinuation:  \n\n" and out.err == "(the continuation is only whitespace: ' \\n')\n"

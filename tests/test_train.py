@@ -327,7 +327,7 @@ def test_resume_refuses_any_change_of_the_models_function_and_lists_each(zero0):
     meta = checkpoint.read_meta(folder)
     model = {**meta["model"], "window": 32, "rope_theta": 500000.0, "max_seq_len": 512, "attn_pattern": "LG"}
     with pytest.raises(checkpoint.IncompatibleCheckpoint) as info:
-        checkpoint.check_compatible(folder, {**meta, "model": model, "seq_len": 32})
+        checkpoint.check_compatible(folder, {**meta, "model": model, "phases": [{**meta["phases"][0], "seq_len": 32}]})
     assert str(info.value).startswith(
         f"cannot resume from {folder}: model.attn_pattern: 'LLLG' -> 'LG'; model.window: 64 -> 32; "
         "model.rope_theta: 10000.0 -> 500000.0; model.max_seq_len: 1024 -> 512; data.seq_len: 64 -> 32. ")
@@ -342,7 +342,7 @@ def test_resume_from_before_a_model_key_or_the_weights_were_recorded_takes_their
     folder = tmp_path / checkpoint.latest_checkpoint(zero0["run"] / "checkpoints").name
     shutil.copytree(checkpoint.latest_checkpoint(zero0["run"] / "checkpoints"), folder)
     meta = checkpoint.read_meta(folder)
-    older = {k: v for k, v in meta.items() if k != "weights"}
+    older = {k: v for k, v in meta.items() if k != "phases"} | {"seq_len": 64}  # before phases and weights
     older["model"] = {k: v for k, v in meta["model"].items() if k != "mtp_layers"}
     (folder / checkpoint.META).write_text(json.dumps(older))
     checkpoint.check_compatible(folder, meta)  # mtp_layers: the default (0) it was trained with

@@ -66,7 +66,7 @@ def _launch(tmp: Path, run: Path, assets: Path, kill: str, *overrides: str, rank
     config.write_text(to_yaml(tiny_config(run, assets)), encoding="utf-8")
     driver.write_text(DRIVER, encoding="utf-8")
     env = without_rank_variables(os.environ)  # set by this process's own in-process runs
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))  # ours first
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))  # this checkout's ondol
     args = [str(driver), kill, str(config), *overrides]
     if ranks > 1:
         env["OMP_NUM_THREADS"] = "1"
@@ -110,6 +110,27 @@ def test_sigkill_mid_save_and_mid_run_then_resume_is_bit_exact(assets, tmp_path)
     assert ref_weights.keys() == weights.keys()
     assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights), f"killed at step {kill_step}"
     assert [p.name for p in checkpoint.complete_checkpoints(ckpts)] == ["step_00000015", "step_00000016"]
+
+
+@pytest.mark.slow  # in-process resumes across a phase switch: tests/test_phases.py
+def test_sigkill_mid_phase_and_after_a_phase_switch_then_resume_is_bit_exact(assets, tmp_path):
+    """A run in two phases (the second on ko_docs alone at twice the length, the rate decaying) killed with
+    SIGKILL mid-phase after its step-4 checkpoint, then one step after the switch at 6 past its step-8 checkpoint:
+    the resumed runs end with the losses and weights of the uninterrupted one."""
+    steps = ("train.steps=10", "train.save_every=4", "train.eval_every=5",
+             ("train.phases=[{name: pre, steps: 6}, {name: anneal, steps: 4, weights: {ko_docs: 1}, seq_len: 128, "
+              "lr_schedule: linear}]"))
+    reference = run_losses(tmp_path / "ref", assets, *steps)
+    run = tmp_path / "run"
+    assert _launch(tmp_path, run, assets, "step:5", *steps) == -9
+    assert checkpoint.latest_checkpoint(run / "checkpoints").name == "step_00000004"
+    assert _launch(tmp_path, run, assets, "step:9", *steps) == -9
+    assert checkpoint.latest_checkpoint(run / "checkpoints").name == "step_00000008"
+    assert _launch(tmp_path, run, assets, "none", *steps) == 0
+    assert _losses(run) == reference
+    ref_weights = load_file(tmp_path / "ref" / "model" / "model.safetensors")
+    weights = load_file(run / "model" / "model.safetensors")
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in ref_weights)
 
 
 RESHARD_STEPS = ("train.steps=10", "train.save_every=4", "train.eval_every=5")

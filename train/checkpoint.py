@@ -272,23 +272,37 @@ def model_changes(saved: dict, model: dict) -> list[str]:
     return changed
 
 
-def _weight_changes(saved: dict, weights: dict) -> list[str]:
-    """'data.sources[NAME].weight: old -> new' for each source whose mixture weight differs (0: left out)."""
-    return [f"data.sources[{name}].weight: {saved.get(name, 0)} -> {weights.get(name, 0)}"
-            for name in sorted(set(saved) | set(weights)) if saved.get(name, 0) != weights.get(name, 0)]
+def check_compatible(folder: Path, meta: dict, phases_declared: bool = False,
+                     allow_seq_len_change: bool = False) -> list[str]:
+    """Refuse a checkpoint whose model, tokenizer, data or past phases (train/phases.py: the mixture, sequence
+    length and rate of every step trained) differ from this run's, or whose layout (world size, expert-parallel
+    size, ZeRO stage) differs where no reshard can bridge it. Returns the deliberate changes it accepts, one line
+    each: the phases still ahead, and with `allow_seq_len_change` (or a phase ahead that needs it) a longer
+    context: data.seq_len and a larger model.max_seq_len."""
+    from ondol.train import phases
 
-
-def check_compatible(folder: Path, meta: dict) -> None:
-    """Refuse a checkpoint whose model, tokenizer, data, sequence length or mixture differs from this run's, or
-    whose layout (world size, expert-parallel size, ZeRO stage) differs where no reshard can bridge it."""
     saved = read_meta(folder)
-    changed = model_changes(saved["model"], meta["model"])
-    for key, what in (("tokenizer_fingerprint", "tokenizer fingerprint"), ("data_hash", "prepared data hash"),
-                      ("seq_len", "data.seq_len")):
+    step = int(saved.get("step", 0))
+    plan = [phases.Phase(**p) for p in meta["phases"]]
+    old_plan = phases.from_meta(saved, plan)
+    seq_len_changes, past = phases.past_changes(old_plan, plan, step, phases_declared)
+    accepted = []
+    longer = max((p.seq_len for p in plan if p.end > step), default=0) > saved["model"].get("max_seq_len", 0)
+    changed = []
+    for change in model_changes(saved["model"], meta["model"]):
+        old_max, new_max = saved["model"].get("max_seq_len"), meta["model"]["max_seq_len"]
+        if change.startswith("model.max_seq_len:") and new_max > old_max and (allow_seq_len_change or longer):
+            accepted.append(change)
+        else:
+            changed.append(change)
+    for key, what in (("tokenizer_fingerprint", "tokenizer fingerprint"), ("data_hash", "prepared data hash")):
         if saved.get(key) != meta.get(key):
             changed.append(f"{what}: {saved.get(key)!r} -> {meta.get(key)!r}")
-    if "weights" in saved:  # recorded since mixture weights apply at training time
-        changed += _weight_changes(saved["weights"], meta["weights"])
+    changed += past
+    if allow_seq_len_change:
+        accepted += seq_len_changes
+    else:
+        changed += seq_len_changes
     for key, what in RUN_KEYS:  # checkpoints from before they were recorded are not checked
         if key in saved and saved[key] != meta.get(key):
             changed.append(f"{what}: {saved[key]!r} -> {meta.get(key)!r}")
@@ -299,9 +313,14 @@ def check_compatible(folder: Path, meta: dict) -> None:
         if saved.get(key, 1 if key == "expert_parallel_size" else None) != meta.get(key) and not reshardable:
             changed.append(f"deepspeed.{key}: {saved.get(key)} -> {meta.get(key)}")
     if changed:
+        hint = (" (or set train.allow_seq_len_change=true to go on at the new length)" if seq_len_changes and
+                not allow_seq_len_change else "")
         raise IncompatibleCheckpoint(
-            f"cannot resume from {folder}: {'; '.join(changed)}. Restore the original setting, point "
+            f"cannot resume from {folder}: {'; '.join(changed)}. Restore the original setting{hint}, point "
             f"train.resume at a compatible checkpoint, or start over with train.resume=never")
+    if future := phases.future_change(old_plan, plan, step):
+        accepted.append(f"phases {future}")
+    return accepted
 
 
 def load(engine, folder: Path, rank: int, seed: int) -> dict:

@@ -63,6 +63,16 @@ def eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def average_command(args: argparse.Namespace) -> int:
+    """The mean weights of a run's last K checkpoints as a model folder (train/averaging.py)."""
+    from ondol.train.averaging import average
+
+    out = average(args.run_dir, args.last, args.out, verify=not args.no_verify)
+    print(f"averaged the last {args.last} checkpoints of {args.run_dir} -> {out} (ondol eval {args.run_dir} "
+          f"--checkpoint {out}; ondol generate {args.run_dir} --checkpoint {out}; ondol export hf {out} OUT)")
+    return 0
+
+
 def _positive(value: str) -> int:
     if not value.isdigit() or int(value) < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not '{value}'")
@@ -93,7 +103,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "run's context length (sliding windows beyond it): numbers that compare across tokenizers.")
     e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `ondol run` or `ondol train` "
                    "(every file is read from it), or the run's config YAML")
-    e.add_argument("--checkpoint", help="step_N: a checkpoint of the run instead of its final weights")
+    e.add_argument("--checkpoint", help="step_N or a checkpoint folder: a checkpoint of the run instead of its "
+                   "final weights; or a model folder such as one `ondol average` wrote")
     e.add_argument("--data", action="append", metavar="FILE", help="a .jsonl, .csv, .tsv or text file (also .gz, "
                    ".zst) to score instead of the validation split (repeat for several; each is a source named "
                    "after the file); streamed, with a progress bar on a terminal")
@@ -109,3 +120,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "without checking its bytes against the digests recorded when it was written")
     e.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT")
     e.set_defaults(func=eval_command)
+
+    a = sub.add_parser(
+        "average", help="average the weights of a run's last K checkpoints into a model folder",
+        description="The mean of the fp32 weights of RUN_DIR's last K complete checkpoints (each checked against "
+        "its recorded digests), written as a model folder: config.json, model.safetensors, SHA256SUMS and "
+        "average.json (which checkpoints). Evaluate it with `ondol eval RUN_DIR --checkpoint OUT`, continue "
+        "prompts with `ondol generate RUN_DIR --checkpoint OUT`, export it with `ondol export hf OUT HF_DIR` (OUT "
+        "inside RUN_DIR, as by default, finds the run's tokenizer).")
+    a.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with checkpoints (RUN_DIR/checkpoints)")
+    a.add_argument("--last", type=_positive, required=True, metavar="K", help="how many of the newest checkpoints "
+                   "(the run keeps train.keep_last of them)")
+    a.add_argument("--out", metavar="DIR", help="where to write the model folder (default RUN_DIR/model-average; "
+                   "an earlier average there is replaced)")
+    a.add_argument("--no-verify", action="store_true", help="read the checkpoints without checking their bytes "
+                   "against the digests in their meta.json")
+    a.set_defaults(func=average_command)

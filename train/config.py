@@ -106,6 +106,28 @@ def check_sequence_parallel(sp_size: int, model, seq_len: int) -> None:
           "instead, or set deepspeed.sequence_parallel_size=1")
 
 
+PHASE_LR_SCHEDULES = ("run", "constant", "linear", "cosine")
+
+
+@dataclass
+class PhaseConfig:
+    """One phase of train.phases: from its first step on, what the run trains on and how the rate moves. A key
+    left at its default keeps the previous phase's value (the first phase's: data.sources' weights,
+    data.seq_len); the phases' steps add up to train.steps."""
+
+    name: str = ""  # a label for logs and plots (default: phase1, phase2, ...)
+    steps: int = 0  # optimizer steps of this phase
+    # the whole mixture of this phase, source name -> weight; a source not named has weight 0 (it leaves the
+    # mixture); empty: the previous phase's mixture
+    weights: dict[str, float] = field(default_factory=dict)
+    seq_len: int = 0  # tokens per sequence; 0: the previous phase's
+    # run: the run-wide optim.schedule over train.steps goes on through this phase (no phases: the whole run);
+    # constant: lr; linear | cosine: from lr down to optim.lr * optim.min_lr_ratio at the phase's last step
+    lr_schedule: str = "run"
+    lr: float = 0.0  # the phase's starting (peak) rate; 0: the rate the previous phase ended at (first: optim.lr)
+    warmup_steps: int = 0  # the phase's first steps ramp linearly up to lr (optim.warmup_steps: the run's start)
+
+
 @dataclass
 class TrainConfig:
     steps: int = 200
@@ -142,6 +164,12 @@ class TrainConfig:
     # The count orders fp32 sums, so it is logged and kept in checkpoints, and a resume uses it again; set it to
     # repeat a run's losses bit for bit on another day.
     cpu_threads: int = 0
+    # Phases of the run, in order (empty: one phase, the whole run on data.sources at data.seq_len): a mixture,
+    # sequence length and learning-rate segment each, switching at their first step (README "Training in phases")
+    phases: list[PhaseConfig] = field(default_factory=list)
+    # a resume may continue at another data.seq_len (and a larger model.max_seq_len) than the checkpoint's run
+    # (context extension): the steps already trained keep the length they had
+    allow_seq_len_change: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.activation_checkpointing, bool):
@@ -161,6 +189,26 @@ class TrainConfig:
         _need(not bad, f"train.stop_signals: {bad} not among {', '.join(allowed)} (names without SIG)")
         _need(self.eval_bpb_tokens >= 0, "train.eval_bpb_tokens must be >= 0 (0 turns bits per byte off)")
         _need(self.cpu_threads >= 0, "train.cpu_threads must be >= 0 (0: auto)")
+        for i, phase in enumerate(self.phases):
+            key = f"train.phases[{i}]"
+            _need(phase.steps >= 1, f"{key}.steps must be >= 1, not {phase.steps}")
+            _need(phase.seq_len >= 0, f"{key}.seq_len must be >= 1 (0: the previous phase's), not {phase.seq_len}")
+            _need(phase.lr_schedule in PHASE_LR_SCHEDULES, f"{key}.lr_schedule must be "
+                  f"{', '.join(PHASE_LR_SCHEDULES)}, not '{phase.lr_schedule}'")
+            _need(phase.lr >= 0, f"{key}.lr must be >= 0 (0: the rate the previous phase ended at)")
+            _need(0 <= phase.warmup_steps < phase.steps, f"{key}.warmup_steps must lie in [0, {key}.steps)")
+            _need(phase.lr_schedule != "run" or (phase.lr == 0 and phase.warmup_steps == 0),
+                  f"{key}: lr and warmup_steps need lr_schedule constant, linear or cosine (run follows optim.*)")
+            bad = {name: w for name, w in phase.weights.items() if not w >= 0}
+            _need(not bad, f"{key}.weights: {bad} must be >= 0")
+            _need(not phase.weights or sum(phase.weights.values()) > 0,
+                  f"{key}.weights sum to 0: give at least one source a positive weight")
+        if self.phases:
+            total = sum(p.steps for p in self.phases)
+            _need(total == self.steps, f"train.phases: the phases' steps add up to {total}, train.steps is "
+                  f"{self.steps}: make them equal")
+            names = [p.name for p in self.phases if p.name]
+            _need(len(set(names)) == len(names), f"train.phases: names {names} repeat: give each phase its own")
 
 
 @dataclass

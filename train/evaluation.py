@@ -165,8 +165,9 @@ def load_tokenizer(cfg):
 
 
 def load_model(run_dir, checkpoint: str | None = None, verify: bool = True):
-    """The run's final weights (RUN_DIR/model), or those of checkpoint `step_N` (or its folder); unless `verify`
-    is off, a checkpoint whose bytes differ from the digests in its meta.json is refused."""
+    """The run's final weights (RUN_DIR/model), or those of checkpoint `step_N` (or its folder), or of a model
+    folder (config.json: one written by `ondol average`); unless `verify` is off, a checkpoint whose bytes
+    differ from the digests in its meta.json (a model folder: its SHA256SUMS) is refused."""
     from pathlib import Path
 
     from ondol.model.config import ModelConfig
@@ -178,6 +179,8 @@ def load_model(run_dir, checkpoint: str | None = None, verify: bool = True):
     if checkpoint is None:
         return load_pretrained(run_dir / "model", verify=verify)
     folder = Path(checkpoint) if Path(checkpoint).is_dir() else run_dir / "checkpoints" / _tag(checkpoint)
+    if (folder / "config.json").is_file() and not ckpt.is_complete(folder):
+        return load_pretrained(folder, verify=verify)
     if not ckpt.is_complete(folder):
         have = ", ".join(p.name for p in ckpt.complete_checkpoints(run_dir / "checkpoints")) or "none"
         raise ConfigError(f"--checkpoint {checkpoint}: no complete checkpoint at {folder} (complete ones in "
@@ -238,8 +241,10 @@ def evaluate_run(run_dir, checkpoint: str | None = None, data_files: list[str] |
     from tqdm import tqdm
 
     from ondol.configs import data_dir, load_run_config
+    from ondol.train.phases import final_seq_len
 
     cfg = load_run_config(run_dir)
+    context = final_seq_len(cfg)  # a run in phases may end at another length than data.seq_len
     tokenizer = load_tokenizer(cfg)
     model = load_model(cfg.run_dir, checkpoint, verify)
     if data_files:
@@ -250,9 +255,9 @@ def evaluate_run(run_dir, checkpoint: str | None = None, data_files: list[str] |
     total = max_docs * len(data_files) if data_files and max_docs and max_bytes is None else None
     with tqdm(desc="eval", unit=" docs", total=total, disable=None if progress else True, mininterval=0.5,
               dynamic_ncols=True) as bar:  # None: no bar off a terminal
-        rows = streamed_bits_per_byte(model, tokenizer, documents, cfg.data.seq_len, cfg.data.bos, batch_tokens,
+        rows = streamed_bits_per_byte(model, tokenizer, documents, context, cfg.data.bos, batch_tokens,
                                       names=names, progress=bar.update)
-    return {"run_dir": str(run_dir), "checkpoint": checkpoint or "final", "context": cfg.data.seq_len,
+    return {"run_dir": str(run_dir), "checkpoint": checkpoint or "final", "context": context,
             "tokenizer_fingerprint": tokenizer.fingerprint, "sources": rows}
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import itertools
 import json
 import resource
 import sys
@@ -223,7 +224,8 @@ def run_header(cfg, world_size: int, flops_per_token: float, peak_flops: float, 
 
 def plot_losses(metrics_path: Path, out_png: Path, title: str) -> Path:
     """Training and validation loss per step and, beside them when logged, held-out bits per byte with one line
-    per source, as a PNG (matplotlib's Agg backend, no display) titled `title` (also the PNG's Title text)."""
+    per source and, in a run of phases (train.phases), each source's token share of its phase so far with the
+    phase boundaries, as a PNG (matplotlib's Agg backend, no display) titled `title` (also the PNG's Title text)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,7 +235,9 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str) -> Path:
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     sources = sorted({k for r in records for k in r if k.startswith("bpb/")})
-    fig, axes = plt.subplots(1, 2 if sources else 1, figsize=(12 if sources else 7, 4), dpi=110, squeeze=False)
+    shares = sorted({k for r in records for k in r if k.startswith("share/")})
+    panels = 1 + bool(sources) + bool(shares)
+    fig, axes = plt.subplots(1, panels, figsize=(7 + 5 * (panels - 1), 4), dpi=110, squeeze=False)
     ax = axes[0, 0]
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1.2)
@@ -250,6 +254,21 @@ def plot_losses(metrics_path: Path, out_png: Path, title: str) -> Path:
                     label=key.removeprefix("bpb/").replace("all", "all sources"))
         ax.set_xlabel("step")
         ax.set_ylabel("held-out bits per byte (UTF-8)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if shares:
+        ax = axes[0, -1]
+        logged = [r for r in records if "phase" in r]
+        for key in shares:  # a source out of a phase's mixture has share 0 there
+            ax.step([r["step"] for r in logged], [r.get(key, 0.0) for r in logged], where="pre", lw=1.2,
+                    label=key.removeprefix("share/"))  # the value at s covers (s-1, s]
+        for before, after in itertools.pairwise(logged):
+            if after["phase"] != before["phase"]:
+                ax.axvline(before["step"], color="grey", ls="--", lw=0.8)
+                ax.annotate(f" phase {after['phase']}", (before["step"], 1.02), fontsize=8)
+        ax.set_xlabel("step")
+        ax.set_ylabel("token share of the phase so far")
+        ax.set_ylim(0, 1.08)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)

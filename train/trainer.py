@@ -23,13 +23,13 @@ import torch.distributed as dist
 from ondol.configs import RunConfig, config_dict, data_dir, model_dir, to_yaml, tokenizer_dir
 from ondol.errors import ConfigError, DataError, TrainError
 from ondol.files import LOCK, exclusive_lock, move_aside, write_atomic
-from ondol.train import checkpoint, expert_parallel, state_shards
+from ondol.train import checkpoint, expert_parallel, phases, state_shards
 from ondol.train.engine import build_engine, build_model, cpu_threads, deepspeed_zero_stage, init_distributed
 from ondol.train.evaluation import InLoopBitsPerByte
 from ondol.train.fast_paths import apply_compile_and_checkpointing, loss_chunk_tokens
 from ondol.train.metrics import MetricsSink, detect_peak_tflops, memory_gib, plot_losses, read_metrics
 from ondol.train.preemption import Preempted, StopRequest, stop_file
-from ondol.train.schedule import lr_at
+from ondol.train.schedule import phase_lr_at
 from ondol.train.sequence_parallel import apply_sequence_parallel, data_parallel
 
 
@@ -43,9 +43,8 @@ class NothingToTrain(TrainError):
 
 class Trainer:
     def __init__(self, cfg: RunConfig) -> None:
-        from ondol.data.loader import TokenLoader
+        from ondol.data.loader import MixPhase, TokenLoader
         from ondol.data.shards import check_tokenizer, read_manifest
-        from ondol.model.flops import train_flops_per_token
         from ondol.tokenizer.tokenizer import Tokenizer
 
         self.env = init_distributed(cfg)
@@ -75,35 +74,89 @@ class Trainer:
         self.moe_layers = self.engine.module.moe_layers()
         self.moe_layer_ids = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
         tr, env = cfg.train, self.env
-        weights = _mixture_weights(cfg, manifest)
-        chat = [e["name"] for e in manifest["sources"] if "chat" in e and (weights or manifest["weights"])[e["name"]]]
+        self.manifest = manifest
+        self.plan = phases.resolve(cfg, _mixture_weights(cfg, manifest) or manifest["weights"])
+        for i, phase in enumerate(self.plan):
+            if unknown := sorted(set(phase.weights) - set(manifest["weights"])):
+                raise DataError(f"train.phases[{i}].weights: {unknown} are not in {data_dir(cfg)} (prepared: "
+                                f"{sorted(manifest['weights'])}): add them to data.sources and re-run `ondol data "
+                                "prepare CONFIG`")
+        chat = sorted({e["name"] for e in manifest["sources"] if "chat" in e
+                       for p in self.plan if p.weights.get(e["name"], 0) > 0})
         if chat and not cfg.model.document_masking:
             raise ConfigError(f"chat sources {chat} are packed whole conversations that must not attend to each "
                               "other: set model.document_masking=true")
         # the ranks of a sequence-parallel group load the same rows and each keeps its shard of them
         dp_rank, dp_size = data_parallel(env.rank, env.world_size, cfg.deepspeed.sequence_parallel_size)
+        self.sequences_per_step = tr.micro_batch_size * tr.grad_accum * dp_size
         self.loader = TokenLoader(data_dir(cfg), "train", cfg.data.seq_len, tr.micro_batch_size, dp_rank, dp_size,
-                                  seed=cfg.seed, weights=weights)
-        self.val_loader = TokenLoader(data_dir(cfg), "val", cfg.data.seq_len, tr.micro_batch_size, dp_rank,
-                                      dp_size, seed=cfg.seed, weights=weights)
+                                  seed=cfg.seed,
+                                  phases=[MixPhase(p.start * self.sequences_per_step, p.weights, p.seq_len)
+                                          for p in self.plan])
         # what decides whether a checkpoint can continue this run (checkpoint.check_compatible)
         self.meta = {"model": config_dict(cfg.model), "tokenizer_fingerprint": tokenizer.fingerprint,
-                     "data_hash": manifest["hash"], "seq_len": cfg.data.seq_len, "weights": self.loader.weights,
+                     "data_hash": manifest["hash"], "phases": [p.to_dict() for p in self.plan], "plan_changes": [],
                      "zero_stage": deepspeed_zero_stage(cfg.deepspeed), "world_size": self.env.world_size,
                      "expert_parallel_size": cfg.deepspeed.expert_parallel_size,
                      "sequence_parallel_size": cfg.deepspeed.sequence_parallel_size,
                      "seed": cfg.seed, "precision": cfg.deepspeed.precision, "cpu_threads": self.threads[0],
                      "optimizer": cfg.optim.name}
-        self.tokens_per_step = tr.micro_batch_size * tr.grad_accum * dp_size * cfg.data.seq_len
-        self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         peak, self.peak_source = detect_peak_tflops(env.device, cfg.logging.peak_tflops, cfg.deepspeed.precision)
         self.peak_flops = self._sum_over_ranks(peak * 1e12)  # CPU ranks measured together: their shared cores
         self.bits_per_byte = (InLoopBitsPerByte(data_dir(cfg), tokenizer, tr.eval_bpb_tokens, cfg.data.seq_len,
                                                 manifest["bos"]) if tr.eval_bpb_tokens else None)
+        # every phase's validation mixture at its length, built now so a phase that cannot be read fails at start
+        self.val_loaders = [TokenLoader(data_dir(cfg), "val", p.seq_len, tr.micro_batch_size, dp_rank, dp_size,
+                                        seed=cfg.seed, weights=p.weights) for p in self.plan]
+        self.phase = -1
+        self._enter_phase(0)
+        self.accepted: list[str] = []  # deliberate changes a resume made (checkpoint.check_compatible)
         self.step = 0
         self.tokens_seen = 0  # summed per step, so it stays exact when a resume changes the batch
         self.nonfinite = {"total": 0, "in_a_row": 0}
         self._reset_interval()
+
+    # ---- phases ------------------------------------------------------------------------------------------
+    def _continue_loader(self, state: dict) -> None:
+        """The training loader where the checkpoint left it: the segments it drew from before its position are
+        the checkpoint's (as they ran, also where train.allow_seq_len_change lengthens data.seq_len now); the
+        rest are this plan's, placed from that position at this run's sequences per step (a resume may change
+        the batch or the number of ranks)."""
+        from ondol.data.loader import MixPhase, TokenLoader
+
+        position = int(state["position"])
+        drawn = [p for p in TokenLoader.saved_phases(state) if p.start < position]
+        ahead = [MixPhase(position + max(p.start - self.step, 0) * self.sequences_per_step, p.weights, p.seq_len)
+                 for p in self.plan if p.end > self.step]
+        self.loader.set_phases(drawn + ahead)
+        self.loader.load_state_dict(state)
+
+    def _enter_phase(self, index: int) -> None:
+        """Set what follows the phase (train/phases.py): the validation mixture and length, tokens and FLOPs
+        per step, the context of bits per byte. The training loader switches by itself, at its global index."""
+        from ondol.model.flops import train_flops_per_token
+
+        if index == self.phase:
+            return
+        self.phase, phase = index, self.plan[index]
+        self.val_loader = self.val_loaders[index]
+        self.tokens_per_step = self.sequences_per_step * phase.seq_len
+        self.flops_per_token = train_flops_per_token(self.cfg.model, phase.seq_len)
+        if self.bits_per_byte is not None:
+            self.bits_per_byte.context = phase.seq_len
+
+    def plan_lines(self) -> list[str]:
+        """The phase plan as the run header shows it: per phase its steps, length, rate and each source's
+        expected share of its sequences with the epochs over that source's train sequences it draws."""
+        from ondol.data.loader import planned_mix
+
+        lines = []
+        for i, p in enumerate(self.plan):
+            mix = planned_mix(self.manifest, p.weights, p.seq_len, p.steps * self.sequences_per_step)
+            shares = ", ".join(f"{n} {share:.1%} ({epochs:.2f} epochs)" for n, (share, epochs) in mix.items() if share)
+            lines.append(f"phase {i + 1}/{len(self.plan)} {p.name}: steps {p.start} -> {p.end}, seq_len "
+                         f"{p.seq_len}, lr {p.lr_text}; {shares}")
+        return lines
 
     # ---- state -------------------------------------------------------------------------------------------
     def _reset_interval(self) -> None:
@@ -149,7 +202,8 @@ class Trainer:
         if problem := checkpoint.damage(folder):
             raise checkpoint.IncompatibleCheckpoint(f"train.resume={mode}: {problem}: the checkpoint is damaged; "
                                                     f"point train.resume at another one under {self.ckpt_dir}")
-        checkpoint.check_compatible(folder, self.meta)
+        accepted = checkpoint.check_compatible(folder, self.meta, phases_declared=bool(self.cfg.train.phases),
+                                               allow_seq_len_change=self.cfg.train.allow_seq_len_change)
         saved = checkpoint.read_meta(folder)
         saved_step, steps = int(saved["step"]), self.cfg.train.steps
         if saved_step > steps or (saved_step == steps and not finished_ok):
@@ -163,7 +217,11 @@ class Trainer:
         self.step = int(state["step"])
         # checkpoints written before tokens_seen was kept: as counted then, at this run's batch
         self.tokens_seen = int(state.get("tokens_seen", self.step * self.tokens_per_step))
-        self.loader.load_state_dict(state["loader"])
+        self._continue_loader(state["loader"])
+        self._enter_phase(phases.phase_index(self.plan, self.step))
+        self.accepted = accepted
+        self.meta["plan_changes"] = [*saved.get("plan_changes", []), *({"step": self.step, "change": line}
+                                                                       for line in accepted)]
         self.nonfinite = dict(state["nonfinite"])
         if self.env.device.type == "cpu" and saved.get("cpu_threads"):  # auto repeats the saved run's count
             self.threads = cpu_threads(self.cfg.train.cpu_threads, saved["cpu_threads"])  # (the same fp32 sums)
@@ -224,6 +282,11 @@ class Trainer:
                                    config_dict(cfg))
                 sink.header(cfg, self.env.world_size, self.flops_per_token, self.peak_flops, self.peak_source,
                             self.step)
+                for line in self.plan_lines() if tr.phases else ():
+                    sink.log(line)
+                for line in self.accepted:
+                    sink.log(f"resumed at step {self.step} with a deliberate change (recorded in its checkpoints): "
+                             f"{line}")
                 if self.env.device.type == "cpu":
                     sink.log(f"cpu threads: {self.threads[0]} per rank ({self.threads[1]}; train.cpu_threads "
                              "sets it)")
@@ -271,7 +334,8 @@ class Trainer:
         self.save_final_weights()
 
     def train_step(self) -> None:
-        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.steps)
+        self._enter_phase(phases.phase_index(self.plan, self.step))
+        lr = phase_lr_at(self.step, self.plan, self.cfg.optim, self.cfg.train.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.applied = False
@@ -374,6 +438,9 @@ class Trainer:
         if self.peak_flops > 0:
             record["mfu"] = tokens_per_s * self.flops_per_token / self.peak_flops
         record.update({k: float(v) for k, v in self.last_metrics.items()})
+        if self.cfg.train.phases:  # which phase, and the token share of each source in it so far (closed form)
+            record["phase"] = self.phase + 1
+            record.update({f"share/{name}": share for name, share in self.loader.realised_shares()[1].items()})
         record.update(_load_stats(self.interval["loads"], self.moe_layer_ids))
         record.update(self.optimizer.update_rms())
         record.update(memory_gib(self.env.device))
