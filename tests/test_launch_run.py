@@ -1,6 +1,6 @@
 """Real launches through DeepSpeed's launcher on CPU (gloo workers): a failing rank stops the job with its
 error, the generated Slurm script runs one launcher per (stand-in) node, and 2 workers train the tiny
-config and write a checkpoint."""
+config, stop on SIGTERM with a checkpoint and resume."""
 
 from __future__ import annotations
 
@@ -221,40 +221,6 @@ def tiny_run(tmp_path, corpora) -> Path:
     return config
 
 
-def test_two_cpu_workers_train_the_tiny_config_and_write_a_checkpoint(tiny_run):
-    run = tiny_run.parent / "run"
-    result = _ondol(["launch", str(tiny_run)])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "preflight: global batch: train.micro_batch_size (2) x train.grad_accum (1) x data-parallel size (2) " \
-           "= 4 sequences" in result.stdout
-    assert "all ranks finished" in result.stdout
-    checkpoints = run / "checkpoints"
-    assert (checkpoints / "latest").read_text().strip() == "step_00000004"
-    meta = json.loads((checkpoints / "step_00000004" / "meta.json").read_text())
-    assert meta["world_size"] == 2 and meta["step"] == 4
-    assert sorted(p.name for p in (checkpoints / "step_00000004").glob("rng_rank*.pt")) == ["rng_rank0.pt",
-                                                                                           "rng_rank1.pt"]
-    for rank in (0, 1):
-        assert f"rank {rank}/2 on" in (run / "logs" / f"rank{rank}.log").read_text()
-        assert json.loads((run / "logs" / f"rank{rank}.exit").read_text())["exit_code"] == 0
-    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in steps if "loss" in m] == [1, 2, 3, 4]
-    # the final weights as one shard per rank plus their index (no rank gathers the whole model)
-    assert sorted(p.name for p in (run / "model").glob("model*")) == [
-        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.index.json"]
-    assert load_pretrained(run / "model").cfg.n_layers == 4
-
-    # A real trainer error on every rank (a checkpoint of another shape) stops the launch with that error.
-    started = time.monotonic()
-    result = _ondol(["launch", str(tiny_run), "model.n_layers=2"])
-    assert result.returncode != 0 and time.monotonic() - started < 180  # launch.watchdog_minutes=3
-    (summary,) = [x for x in result.stderr.splitlines() if x.startswith("ondol launch: rank")]
-    assert "failed with exit code 6" in summary and result.returncode == 6  # TrainError's code (ondol/errors.py)
-    assert f"python -m ondol.train: train error: cannot resume from {checkpoints.resolve() / 'step_00000004'}" in summary
-    # the failing rank's line once, with where its log is, not a traceback per rank
-    assert "Traceback" not in result.stderr and "  rank log: " in result.stderr
-
-
 FAKE_PDSH = """#!/bin/bash
 # stand-in for pdsh: run the remote command here once per -w host (in parallel), %n = the host's index
 hosts=""
@@ -335,9 +301,11 @@ def test_hostfile_launch_through_deepspeeds_openmpi_runner(tmp_path):
         assert f"rank {rank} world 2 sum 3 local {rank}" in (run / "logs" / f"rank{rank}.log").read_text()
 
 
-def test_sigterm_to_the_launch_saves_every_rank_leaves_no_process_and_resumes(tiny_run):
-    """SIGTERM to `ondol launch` (as Slurm or a user would send it): the supervisor writes the stop file, both
-    ranks save the same step and exit 75, nothing is left running; the same command then finishes the run."""
+def test_two_cpu_workers_stop_on_sigterm_resume_and_a_rank_error_stops_the_launch(tiny_run):
+    """Two gloo workers train the tiny config. SIGTERM to `ondol launch` (as Slurm or a user would send it): the
+    supervisor writes the stop file, both ranks save the same step and exit 75, nothing is left running; the same
+    command then finishes the run, with a checkpoint of both ranks and the final weights as one shard per rank.
+    A trainer error on every rank (a checkpoint of another shape) then stops the launch with that error."""
     run = tiny_run.parent / "run"
     steps = ["train.steps=40", "train.save_every=100", "train.eval_every=100"]
     proc = subprocess.Popen([sys.executable, "-m", "ondol.launch.cli", "launch", str(tiny_run), *steps],
@@ -359,13 +327,38 @@ def test_sigterm_to_the_launch_saves_every_rank_leaves_no_process_and_resumes(ti
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
     for r in (0, 1):
         assert json.loads((run / "logs" / f"rank{r}.exit").read_text())["exit_code"] == 75
-    stopped = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    checkpoints = run / "checkpoints"
+    stopped = int((checkpoints / "latest").read_text().strip().removeprefix("step_"))
     assert 3 <= stopped < 40
     assert not (run / "launch" / "stop").exists()  # the request was consumed
 
     result = _ondol(["launch", str(tiny_run), *steps])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"resumed from {(run / 'checkpoints').resolve() / f'step_{stopped:08d}'} at step {stopped}" in (
-        run / "logs" / "rank0.log").read_text()
+    assert "preflight: global batch: train.micro_batch_size (2) x train.grad_accum (1) x data-parallel size (2) " \
+           "= 4 sequences" in result.stdout
+    assert "all ranks finished" in result.stdout
+    assert f"resumed from {checkpoints.resolve() / f'step_{stopped:08d}'} at step {stopped}" in log.read_text()
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 41))
+    assert (checkpoints / "latest").read_text().strip() == "step_00000040"
+    meta = json.loads((checkpoints / "step_00000040" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 40
+    assert sorted(p.name for p in (checkpoints / "step_00000040").glob("rng_rank*.pt")) == ["rng_rank0.pt",
+                                                                                           "rng_rank1.pt"]
+    for rank in (0, 1):
+        assert f"rank {rank}/2 on" in (run / "logs" / f"rank{rank}.log").read_text()
+        assert json.loads((run / "logs" / f"rank{rank}.exit").read_text())["exit_code"] == 0
+    # the final weights as one shard per rank plus their index (no rank gathers the whole model)
+    assert sorted(p.name for p in (run / "model").glob("model*")) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.index.json"]
+    assert load_pretrained(run / "model").cfg.n_layers == 4
+
+    started = time.monotonic()
+    result = _ondol(["launch", str(tiny_run), *steps, "model.n_layers=2"])
+    assert result.returncode != 0 and time.monotonic() - started < 180  # launch.watchdog_minutes=3
+    (summary,) = [x for x in result.stderr.splitlines() if x.startswith("ondol launch: rank")]
+    assert "failed with exit code 6" in summary and result.returncode == 6  # TrainError's code (ondol/errors.py)
+    assert f"python -m ondol.train: train error: cannot resume from {checkpoints.resolve() / 'step_00000040'}" \
+        in summary
+    # the failing rank's line once, with where its log is, not a traceback per rank
+    assert "Traceback" not in result.stderr and "  rank log: " in result.stderr

@@ -163,17 +163,16 @@ def test_two_ranks_match_one_rank_and_resume_on_one_rank(assets, one_rank_losses
     assert _losses(run) == pytest.approx(reference, rel=1e-5)
 
 
-def test_sigterm_on_one_of_two_ranks_saves_that_step_everywhere_and_resumes(assets, tmp_path):
+def test_sigterm_on_one_of_two_ranks_saves_that_step_everywhere_and_resumes(assets, one_rank_losses, tmp_path):
     """Rank 0 alone is signalled; the ranks agree (one all-reduce per step), both save the same step and exit
     with 75, and the resumed run continues the losses of an uninterrupted run (1 rank x 4 = 2 ranks x 2).
     Bit-exact resume after a signal is test_train's (1 rank) and benchmarks/preemption.py's (2 ranks, repeated)."""
-    steps = ("train.steps=8", "train.save_every=100", "train.eval_every=4")
-    reference = run_losses(tmp_path / "ref", assets, *steps)
-    stop_at = random.Random().randint(1, 7)
+    stop_at = random.Random().randint(1, 9)
     run = tmp_path / "run"
-    assert _launch(tmp_path, run, assets, f"term:{stop_at}", *steps, "train.micro_batch_size=2", ranks=2) != 0
+    assert _launch(tmp_path, run, assets, f"term:{stop_at}", *RESHARD_STEPS, "train.micro_batch_size=2",
+                   ranks=2) != 0
     folder = checkpoint.latest_checkpoint(run / "checkpoints")
     assert folder.name == checkpoint.tag_for(stop_at)
     assert sorted(p.name for p in folder.glob("rng_rank*")) == ["rng_rank0.pt", "rng_rank1.pt"]
-    assert _launch(tmp_path, run, assets, "none", *steps, "train.micro_batch_size=2", ranks=2) == 0
-    assert _losses(run) == pytest.approx(reference[:8], rel=1e-5), f"stopped at step {stop_at}"
+    assert _launch(tmp_path, run, assets, "none", *RESHARD_STEPS, "train.micro_batch_size=2", ranks=2) == 0
+    assert _losses(run) == pytest.approx(one_rank_losses, rel=1e-5), f"stopped at step {stop_at}"
