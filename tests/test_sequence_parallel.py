@@ -139,16 +139,19 @@ GOLDEN_RUN = ("train.steps=50", *STABLE_OPTIM, "train.eval_bpb_tokens=0", "train
 def test_sp2_with_expert_parallel_and_zero2_trains_the_golden_losses(assets, tmp_path):
     """2 ranks, one sequence-parallel group (data-parallel 1, the golden run's batch of 4 rows) that is also the
     expert-parallel group, ZeRO 2: the first 11 steps give the golden losses of one rank within 1e-5 (the
-    2-rank tests' tolerance: summation order only). Killed after step 12, the run's last checkpoint is step 8
-    and records the sequence-parallel size."""
+    2-rank tests' tolerance: summation order only). Killed (SIGKILL) after step 12, the run's last checkpoint is
+    step 8 and records the sequence-parallel size; the same command resumes from it and repeats steps 9-11 bit for
+    bit."""
     run = tmp_path / "run"
-    code = _launch(tmp_path, run, assets, "step:12", *GOLDEN_RUN, "train.save_every=8",
-                   "deepspeed.sequence_parallel_size=2", "deepspeed.expert_parallel_size=2",
-                   "deepspeed.zero_stage=2", ranks=2)
-    assert code != 0
-    assert _losses(run) == pytest.approx(_golden(11), rel=1e-5)
+    layout = (*GOLDEN_RUN, "train.save_every=8", "deepspeed.sequence_parallel_size=2",
+              "deepspeed.expert_parallel_size=2", "deepspeed.zero_stage=2")
+    assert _launch(tmp_path, run, assets, "step:12", *layout, ranks=2) != 0
+    first = _losses(run)
+    assert first == pytest.approx(_golden(11), rel=1e-5)
     saved = checkpoint.read_meta(checkpoint.latest_checkpoint(run / "checkpoints"))
     assert (saved["step"], saved["sequence_parallel_size"], saved["world_size"]) == (8, 2, 2)
+    assert _launch(tmp_path, run, assets, "step:12", *layout, ranks=2) != 0
+    assert _losses(run) == first
 
 
 @pytest.mark.slow
