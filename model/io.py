@@ -92,6 +92,12 @@ def read_tensor(folder: str | Path, info: TensorInfo, name: str, rows: tuple[int
     return out
 
 
+def stored_dtype(folder: str | Path, info: TensorInfo, name: str) -> torch.dtype:
+    """The dtype tensor `name` is stored in, from its first piece's safetensors header (no data is read)."""
+    with safe_open(str(Path(folder) / info.pieces[0][0]), framework="pt") as f:
+        return {v: k for k, v in DTYPES.items()}[f.get_slice(name).get_dtype()]
+
+
 def load_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     """Every tensor of a folder, whole (for single-process use: evaluation, generation, tests)."""
     return {k: read_tensor(folder, info, k) for k, info in tensor_index(folder).items()}

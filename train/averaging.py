@@ -25,6 +25,7 @@ from ondol.model.io import (
     CONFIG,
     WEIGHTS,
     read_tensor,
+    stored_dtype,
     tensor_index,
     write_checksums,
     write_safetensors,
@@ -69,9 +70,8 @@ def average(run_dir: str | Path, last: int, out: str | Path | None = None, verif
     if any(list(index) != names or [i.shape for i in index.values()] != [i.shape for i in indexes[-1].values()]
            for index in indexes):
         raise ModelError(f"{run_dir}: the checkpoints {[p.name for p in chosen]} hold different tensors")
-    dtypes = {}
-    for name in names:  # the dtype each tensor is stored in (fp32 weights; any other dtype is kept as stored)
-        dtypes[name] = read_tensor(chosen[-1], indexes[-1][name], name).dtype
+    # the dtype each tensor is stored in (fp32 weights; any other dtype is kept as stored)
+    dtypes = {name: stored_dtype(chosen[-1], indexes[-1][name], name) for name in names}
 
     def mean(name: str) -> torch.Tensor:
         tensors = [read_tensor(folder, index[name], name) for folder, index in zip(chosen, indexes)]
