@@ -64,6 +64,12 @@ class RunConfig:
         if self.optim.name == "muon" and (self.deepspeed.extra.get("zero_optimization") or {}).get("offload_optimizer"):
             raise ValueError("optim.name=muon does not support deepspeed.extra.zero_optimization.offload_optimizer "
                              "(its step gathers momentum on the device): remove it or use optim.name=adamw")
+        if self.optim.qk_clip > 0 and self.deepspeed.zero_stage == 3:  # train/qk_clip.py: fp32 fragments
+            raise ValueError("optim.qk_clip supports deepspeed.zero_stage 0, 1 or 2, not 3: set "
+                             "deepspeed.zero_stage=2 or optim.qk_clip=0")
+        if self.optim.qk_clip > 0 and self.model.attn_backend == "flash":
+            raise ValueError("optim.qk_clip needs each head's largest attention logit, which flash-attn does not "
+                             "return: set model.attn_backend=auto (flex on CUDA) or optim.qk_clip=0")
         check_sequence_parallel(self.deepspeed.sequence_parallel_size, self.model, self.data.seq_len)
         names = {s.name for s in self.data.sources}
         for i, phase in enumerate(self.train.phases):

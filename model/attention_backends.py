@@ -3,7 +3,10 @@
 A backend turns a `MaskSpec` (sequence length, sliding window or None, document ids or None) into whatever mask
 object its kernel wants, once per forward and layer kind (`prepare`), and then computes causal attention for
 q [B, H, T, D] and k, v [B, Hkv, T, D] (`attend`), optionally with learned per-head sinks: a logit that joins
-every softmax denominator without contributing a value (gpt-oss).
+every softmax denominator without contributing a value (gpt-oss). `attend_and_max` also returns each query
+head's largest attention logit q.k / sqrt(D) over the keys it may see ([H], fp32; sinks not included), which
+QK-clip and the max-logit log read (train/qk_clip.py): FlexAttention's kernel writes it beside its output,
+SDPA's is computed apart; flash-attn returns none, so that backend has no `attend_and_max`.
 
 Window convention (transformers' `sliding_window`): a query at position i sees keys j with i - window < j <= i,
 i.e. `window` keys including itself. Document masking: a query sees only keys of its own document.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +50,26 @@ def dense_mask(spec: MaskSpec, device: torch.device) -> torch.Tensor:
     return allowed
 
 
+@torch.no_grad()
+def dense_max_logits(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None, chunk: int = 256
+                     ) -> torch.Tensor:
+    """Each query head's largest logit q.k / sqrt(D) over the keys `allowed` ([B or 1, 1, T, S] booleans, True =
+    may attend; None: causal) lets it see, [H] in fp32; -inf for a head that sees no key. `chunk` queries at a
+    time, so no [T, S] score matrix of all heads is held; GQA by broadcasting, without repeating the keys."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    if allowed is None:
+        allowed = dense_mask(MaskSpec(T, None, None), q.device)
+    keys = k.float().unsqueeze(2).mT  # [B, Hkv, 1, D, S]
+    best = torch.full((Hkv, H // Hkv), float("-inf"), device=q.device)
+    for start in range(0, T, chunk):
+        part = q[:, :, start:start + chunk].float().view(B, Hkv, H // Hkv, -1, D)
+        scores = (part @ keys) / math.sqrt(D)  # [B, Hkv, G, c, S]
+        scores = scores.masked_fill(~allowed[..., start:start + chunk, :].unsqueeze(1), float("-inf"))
+        best = torch.maximum(best, scores.amax(dim=(0, 3, 4)))
+    return best.view(H)
+
+
 def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """Rescale attention output [B, H, T, D] with log-sum-exp lse [B, H, T] as if sink logits joined the softmax."""
     dtype = torch.promote_types(out.dtype, torch.float32)
@@ -74,6 +98,11 @@ class SDPABackend:
         zero = k.new_zeros(k.shape[0], k.shape[1], 1, k.shape[3])
         return F.scaled_dot_product_attention(q, torch.cat([k, zero], 2), torch.cat([v, zero], 2),
                                               attn_mask=bias, enable_gqa=True)
+
+    def attend_and_max(self, q, k, v, mask: torch.Tensor | None, sinks: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`attend`, and the largest logit per head computed apart (one more QK^T, without gradient)."""
+        return self.attend(q, k, v, mask, sinks), dense_max_logits(q, k, mask)
 
 
 @functools.cache
@@ -117,6 +146,17 @@ class FlexBackend:
             return fn(q, k, v, block_mask=mask, enable_gqa=True)
         out, aux = fn(q, k, v, block_mask=mask, enable_gqa=True, return_aux=AuxRequest(lse=True))
         return apply_sinks(out, aux.lse, sinks)
+
+    def attend_and_max(self, q, k, v, mask: Any, sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`attend`, with the kernel's own running maximum of each row's scores (CUDA only: torch's CPU
+        FlexAttention does not return it, and has no backward to train with)."""
+        from torch.nn.attention.flex_attention import AuxRequest
+
+        out, aux = _compiled_flex()(q, k, v, block_mask=mask, enable_gqa=True,
+                                    return_aux=AuxRequest(lse=sinks is not None, max_scores=True))
+        if sinks is not None:
+            out = apply_sinks(out, aux.lse, sinks)
+        return out, aux.max_scores.float().amax(dim=(0, 2))
 
 
 @dataclass(frozen=True)

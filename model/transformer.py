@@ -41,6 +41,10 @@ class ModelOutput:
 
 
 class Attention(nn.Module):
+    """Grouped-query attention with optional QK-norm, RoPE (or none: NoPE global layers) and sinks. With
+    `track_max_logit` set (train/qk_clip.py sets it) a training forward also returns each head's largest logit,
+    which the transformer keeps in `max_logit` (the running maximum since the last reset)."""
+
     def __init__(self, cfg: ModelConfig, kind: str) -> None:
         super().__init__()
         self.head_dim = cfg.head_dim
@@ -52,9 +56,12 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.sinks = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sinks else None
+        self.track_max_logit = False
+        self.register_buffer("max_logit", torch.full((cfg.n_heads,), float("-inf")), persistent=False)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask, backend,
-                cache: LayerCache | None = None) -> torch.Tensor:
+                cache: LayerCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(output, each head's largest logit [H] when tracked, else None)."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2))
         k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2))
@@ -64,8 +71,18 @@ class Attention(nn.Module):
         if cache is not None:  # earlier positions' keys from the cache, with an explicit mask: SDPA
             k, v, mask = cache.update(k, v)
             backend = SDPA
-        out = backend.attend(q, k, v, mask, self.sinks)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        max_logit = None
+        if self.track_max_logit and self.training and cache is None:
+            out, max_logit = backend.attend_and_max(q, k, v, mask, self.sinks)
+        else:
+            out = backend.attend(q, k, v, mask, self.sinks)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), max_logit
+
+    @torch.no_grad()
+    def note_max_logit(self, max_logit: torch.Tensor) -> None:
+        """Fold a forward's largest logits (its returned ones) into `max_logit`. Called outside the block, as
+        MoE.count_load is: a checkpoint's recompute returns nothing, so each forward counts once."""
+        torch.maximum(self.max_logit, max_logit.float(), out=self.max_logit)
 
 
 class Block(nn.Module):
@@ -81,18 +98,34 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def forward(self, x, rope, masks, backend, cache: LayerCache | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(output, stats): the MoE layer's (aux_loss, load, ...) and, when tracked, the attention's
+        "max_logit"; empty for a dense block that tracks nothing."""
         mask = masks[self.kind]
         if self.pre_norm:
-            x = x + self.self_attn(self.attn_norm(x), rope, mask, backend, cache)
+            a, max_logit = self.self_attn(self.attn_norm(x), rope, mask, backend, cache)
+            x = x + a
             h, stats = self._mlp(self.mlp_norm(x))
-            return x + h, stats
-        x = x + self.attn_norm(self.self_attn(x, rope, mask, backend, cache))
-        h, stats = self._mlp(x)
-        return x + self.mlp_norm(h), stats
+        else:
+            a, max_logit = self.self_attn(x, rope, mask, backend, cache)
+            x = x + self.attn_norm(a)
+            h, stats = self._mlp(x)
+            h = self.mlp_norm(h)
+        if max_logit is not None:
+            stats["max_logit"] = max_logit
+        return x + h, stats
 
-    def _mlp(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        return self.mlp(x) if isinstance(self.mlp, MoE) else (self.mlp(x), None)
+    def _mlp(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.mlp(x) if isinstance(self.mlp, MoE) else (self.mlp(x), {})
+
+    def note_stats(self, stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fold a forward's tracked maximum logits and MoE loads into the block's buffers; the rest of the MoE
+        stats (aux_loss first), or an empty dict for a dense block."""
+        if "max_logit" in stats:
+            self.self_attn.note_max_logit(stats.pop("max_logit"))
+        if "load" in stats:
+            self.mlp.count_load(stats.pop("load"))
+        return stats
 
 
 class MTPDepth(nn.Module):
@@ -113,7 +146,9 @@ class MTPDepth(nn.Module):
 
     def forward(self, hidden, embedded, rope, masks, backend, cache: LayerCache | None = None) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(hidden)], dim=-1))
-        return self.block(x, rope, masks, backend, cache)[0]
+        x, stats = self.block(x, rope, masks, backend, cache)
+        self.block.note_stats(stats)
+        return x
 
 
 def _generator(seed: int, name: str, device: torch.device) -> torch.Generator:
@@ -178,13 +213,17 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
-        """The rotary frequencies (in fp32, cast to the buffer's dtype) and the MoE biases and load counts (0)."""
+        """The rotary frequencies (in fp32, cast to the buffer's dtype), the MoE biases and load counts (0) and
+        the attention's tracked maximum logits (-inf)."""
         if not self.inv_freq.is_meta:  # buffers too: materialising a meta build leaves them uninitialised
             self.inv_freq.copy_(self.rope_frequencies()[0])
         for moe in self.moe_layers():
             if not moe.expert_bias.is_meta:
                 moe.expert_bias.zero_()
                 moe.tokens_per_expert.zero_()
+        for attn in self.attention_layers():
+            if not attn.max_logit.is_meta:
+                attn.max_logit.fill_(float("-inf"))
 
     @torch.no_grad()
     def init_parameter(self, name: str, p: torch.Tensor, seed: int) -> None:
@@ -213,6 +252,10 @@ class Transformer(nn.Module):
         if cfg.rope_scaling == "yarn":
             return yarn_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_factor, cfg.rope_original_max_seq_len)
         return rope_inv_freq(cfg.head_dim, cfg.rope_theta), 1.0
+
+    def attention_layers(self) -> list[Attention]:
+        """Every attention module: the main layers', then the MTP blocks'."""
+        return [m for m in self.modules() if isinstance(m, Attention)]
 
     def moe_layers(self) -> list[MoE]:
         return [block.mlp for block in self.layers if isinstance(block.mlp, MoE)]
@@ -278,9 +321,9 @@ class Transformer(nn.Module):
         moe_stats: list[dict[str, torch.Tensor]] = []
         for i, block in enumerate(self.layers):
             x, stats = block(x, rope, masks, backend, None if cache is None else cache.layers[i])
-            if stats is not None:
+            stats = block.note_stats(stats)
+            if stats:
                 aux_loss = aux_loss + stats.pop("aux_loss")
-                block.mlp.count_load(stats.pop("load"))
                 moe_stats.append(stats)
         if cache is not None:
             cache.advance(T)

@@ -61,6 +61,7 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
     from ondol.train.config import TrainConfig
     from ondol.train.engine import skip_shared_memory_op
     from ondol.train.fast_paths import apply_compile_and_checkpointing
+    from ondol.train.qk_clip import QKClip
     from ondol.train.sequence_parallel import apply_sequence_parallel
 
     torch.set_num_threads(1)
@@ -76,8 +77,12 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
         if recompute is not None:
             apply_compile_and_checkpointing(model, TrainConfig(activation_checkpointing=recompute))
         shard = sp.shard(batch)
+        clip = QKClip(model, threshold=0.0)
+        clip.track(recompute is not None)  # the largest logits, on the backends that train (not CPU flex)
         with torch.set_grad_enabled(recompute is not None):
             whole = model(batch["input_ids"], labels=batch["labels"], doc_ids=batch["doc_ids"])
+            whole_logits = torch.stack([a.max_logit.clone() for a in model.attention_layers()])
+            clip.measure(world_size=1)  # resets them
             if recompute is not None:
                 (whole.loss + whole.aux_loss + whole.mtp_loss).backward()
                 reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -88,6 +93,11 @@ def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
                              next_labels=shard.get("next_labels"))
             loss, mtp_loss = sp.losses(part, shard)
         n = 64 // world
+        if recompute is not None:  # each rank measures its heads over whole rows, -inf for the others'
+            part_logits = torch.stack([a.max_logit for a in model.attention_layers()])
+            dist.all_reduce(part_logits, op=dist.ReduceOp.MAX)
+            gap = float(((part_logits - whole_logits) / whole_logits.abs().max()).abs().max())
+            report.setdefault("max_logit", {})[name] = gap
         mine = slice(sp.rank * n, (sp.rank + 1) * n)
         gap = (part.logits - whole.logits[:, mine]).abs().max() / whole.logits.abs().max()
         dist.all_reduce(gap, op=dist.ReduceOp.MAX)  # the worst rank's
@@ -125,6 +135,7 @@ def test_shards_give_the_whole_rows_loss_logits_and_gradients(assets, tmp_path):
         assert row["logits"] < 1e-5 and row["loss"] < 1e-6 and row.get("mtp_loss", 0) < 1e-6, (name, row)
         if recompute is not None:
             assert row["grad"] < 1e-5, (name, row)
+            assert report["max_logit"][name] < 1e-5, name
 
 
 # ----- training through the launcher entry, against the golden one-rank losses ------------------------------

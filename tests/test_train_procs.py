@@ -87,7 +87,12 @@ def _losses(run: Path) -> list[float]:
 
 
 def test_sigkill_mid_save_and_mid_run_then_resume_is_bit_exact(assets, tmp_path):
-    steps = ("train.steps=16", "train.save_every=5", "train.eval_every=8")
+    """SIGKILL while step 10 is being saved (the incomplete checkpoint is never taken), then at a random step
+    after it: the resumed run ends with the losses, validation losses and weights of the uninterrupted one. It
+    trains with Muon at ZeRO 2 and QK-clip, the optimizer state with the most to restore: Muon's momentum back
+    into DeepSpeed's flat partitions from its own files, AdamW's moments for the rest."""
+    steps = ("train.steps=16", "train.save_every=5", "train.eval_every=8", "optim.name=muon",
+             "deepspeed.zero_stage=2", "optim.qk_clip=3")
     reference = run_losses(tmp_path / "ref", assets, *steps)
     run = tmp_path / "run"
 

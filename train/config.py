@@ -27,11 +27,15 @@ class OptimConfig:
     adamw: str = "auto"  # auto (fused on CUDA, foreach elsewhere) | fused (one kernel for all tensors) | foreach
     muon_momentum: float = 0.95  # Muon's momentum (Nesterov)
     muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon update
+    # QK-clip (MuonClip): after each update, shrink the query/key scale of attention heads whose largest logit
+    # passed this value (Kimi K2 used 100); 0: off. Any optimizer; ZeRO 0-2, not attn_backend=flash (train/qk_clip.py)
+    qk_clip: float = 0.0
 
     def __post_init__(self) -> None:
         _need(self.name in ("adamw", "muon"), f"optim.name must be adamw or muon, not '{self.name}'")
         _need(0.0 <= self.muon_momentum < 1.0, "optim.muon_momentum must lie in [0, 1)")
         _need(self.muon_ns_steps >= 1, "optim.muon_ns_steps must be >= 1")
+        _need(self.qk_clip >= 0, "optim.qk_clip must be >= 0 (0 turns QK-clip off)")
         _need(self.adamw in ("auto", "fused", "foreach"), f"optim.adamw must be auto, fused or foreach, "
               f"not '{self.adamw}'")
         _need(self.schedule in ("cosine", "wsd", "constant"), "optim.schedule must be cosine, wsd or constant, "

@@ -271,8 +271,11 @@ def fused_adamw(setting: str, device: torch.device) -> bool:
 
 
 def _keep_fp32_buffers(model: torch.nn.Module) -> None:
-    """DeepSpeed casts every float tensor of the module to bf16; load counts and router biases must stay fp32
-    (bf16 counts stop being exact above 256, and 1e-3 bias steps vanish)."""
+    """DeepSpeed casts every float tensor of the module to bf16; load counts, router biases and the tracked
+    maximum logits must stay fp32 (bf16 counts stop being exact above 256, 1e-3 bias steps vanish, and QK-clip's
+    factor would carry bf16's 3 significant digits)."""
     for moe in model.moe_layers() if hasattr(model, "moe_layers") else []:
         moe.expert_bias.data = moe.expert_bias.data.float()
         moe.tokens_per_expert.data = moe.tokens_per_expert.data.float()
+    for attn in model.attention_layers() if hasattr(model, "attention_layers") else []:
+        attn.max_logit.data = attn.max_logit.data.float()

@@ -1,7 +1,7 @@
 """The trainer's speed switches, applied to the plain-PyTorch model from outside: regional torch.compile of each
 block (train.compile), activation checkpointing (train.activation_checkpointing, train.checkpointed_blocks)
-and the chunked loss (train.loss). MoE load counts leave the block in its outputs, so a checkpoint's recompute
-does not count them again (model/moe.py).
+and the chunked loss (train.loss). MoE load counts and the attention's tracked largest logits leave the block
+in its outputs, so a checkpoint's recompute does not count them again (model/moe.py, model/transformer.py).
 
 Full checkpointing keeps a block's input and reruns its whole forward in the backward: +1 forward (about a
 third of forward + backward), expert-parallel all-to-alls included. Selective checkpointing (torchtitan's

@@ -133,6 +133,8 @@ class GuardedAdamW(torch.optim.AdamW):
         # set by the trainer for a log step: `update_rms` then reports the step's update RMS per group kind
         self.track_updates = False
         self._update_sums: dict[str, torch.Tensor] = {}
+        # called after each update with the groups just stepped and found_inf (train/qk_clip.py), or None
+        self.after_update = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -148,6 +150,8 @@ class GuardedAdamW(torch.optim.AdamW):
                 return None
             self.found_inf = None
         loss = self._update(closure)
+        if self.after_update is not None:
+            self.after_update(self.param_groups, self.found_inf)
         self.applied = True if self.found_inf is None else self.found_inf == 0
         return loss
 

@@ -52,16 +52,32 @@ class UlyssesBackend:
         docs = None if spec.doc_ids is None else gather_sequence(spec.doc_ids, self.group)
         return self.inner.prepare(MaskSpec(spec.seq_len * self.size, spec.window, docs), device)
 
-    def attend(self, q, k, v, mask, sinks: torch.Tensor | None) -> torch.Tensor:
+    def attend(self, q, k, v, mask, sinks: torch.Tensor | None, want_max: bool = False) -> torch.Tensor:
         if self.kv_repeat > 1:
             k, v = k.repeat_interleave(self.kv_repeat, 1), v.repeat_interleave(self.kv_repeat, 1)
         local_sinks = None if sinks is None else sinks.view(self.size, -1)[self.rank]  # heads go in rank order
-        out = self.exchange(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, mask, local_sinks)
+        out = self.exchange(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, mask, local_sinks,
+                            want_max)
         return out.transpose(1, 2)
 
-    def _local_attention(self, q, k, v, mask, sinks):
-        """Whole rows [B, T, H/N, D] -> the inner backend's attention in the same layout."""
-        return self.inner.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, sinks).transpose(1, 2)
+    def attend_and_max(self, q, k, v, mask, sinks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`attend`, and the largest logit of each of the H query heads: the inner backend's for this rank's H/N,
+        -inf for the others (the trainer's maximum over ranks fills them in: train/qk_clip.py)."""
+        out = self.attend(q, k, v, mask, sinks, want_max=True)
+        heads = torch.full((self.size, q.shape[1] // self.size), float("-inf"), device=q.device)
+        heads[self.rank] = self.local_max
+        return out, heads.view(-1)
+
+    def _local_attention(self, q, k, v, mask, sinks, want_max: bool):
+        """Whole rows [B, T, H/N, D] -> the inner backend's attention in the same layout; with `want_max` the
+        inner backend's largest logit per local head is left in `local_max` (DistributedAttention passes one
+        tensor back)."""
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if want_max:
+            out, self.local_max = self.inner.attend_and_max(q, k, v, mask, sinks)
+        else:
+            out = self.inner.attend(q, k, v, mask, sinks)
+        return out.transpose(1, 2)
 
 
 def gather_sequence(x: torch.Tensor, group) -> torch.Tensor:

@@ -29,6 +29,7 @@ from ondol.train.evaluation import InLoopBitsPerByte
 from ondol.train.fast_paths import apply_compile_and_checkpointing, loss_chunk_tokens
 from ondol.train.metrics import MetricsSink, detect_peak_tflops, memory_gib, plot_losses, read_metrics
 from ondol.train.preemption import Preempted, StopRequest, stop_file
+from ondol.train.qk_clip import QKClip
 from ondol.train.schedule import phase_lr_at
 from ondol.train.sequence_parallel import apply_sequence_parallel, data_parallel
 
@@ -71,6 +72,13 @@ class Trainer:
         self.loss_kwargs = {"loss_chunk": loss_chunk_tokens(cfg.train, self.env.device, cfg.deepspeed.zero_stage),
                             "compile_loss": cfg.train.compile}
         self.engine, self.optimizer = build_engine(self.model, cfg, self.env)
+        # the attention's largest logit, logged (and with optim.qk_clip clipped); flash-attn does not return it
+        self.qk_clip = None
+        if cfg.model.attn_backend != "flash":
+            zero = None if self.engine.optimizer is self.optimizer else self.engine.optimizer
+            self.qk_clip = QKClip(self.engine.module, cfg.optim.qk_clip, zero)
+            if cfg.optim.qk_clip > 0:
+                self.optimizer.after_update = self.qk_clip.after_update
         self.moe_layers = self.engine.module.moe_layers()
         self.moe_layer_ids = [i for i in range(cfg.model.n_layers) if cfg.model.is_moe_layer(i)]
         tr, env = cfg.train, self.env
@@ -339,14 +347,22 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.applied = False
-        # the update RMS per kind of parameter is measured at log steps only
-        self.optimizer.track_updates = (self.step + 1) % self.cfg.train.log_every == 0 or \
-            self.step + 1 == self.cfg.train.steps
+        # the update RMS per kind of parameter and the largest attention logit are measured at log steps only;
+        # the logit at every step under QK-clip, which needs it, and never for compiled blocks without it (a
+        # switch at log steps would compile each block twice)
+        log_step = (self.step + 1) % self.cfg.train.log_every == 0 or self.step + 1 == self.cfg.train.steps
+        self.optimizer.track_updates = log_step
+        measure = self.qk_clip is not None and (self.qk_clip.threshold > 0 or
+                                                (log_step and not self.cfg.train.compile))
+        if self.qk_clip is not None:
+            self.qk_clip.track(measure)
         accum = self.cfg.train.grad_accum
         step_sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)
-        for _ in range(accum):
+        for i in range(accum):
             out, loss, mtp_loss = self._forward(next(self.loader))
             self.engine.backward(loss + out.aux_loss + mtp_loss)  # mtp_loss: 0 without MTP
+            if measure and i == accum - 1:  # before the step that updates (and clips)
+                out.metrics.update(self.qk_clip.measure(self.env.world_size))
             self.engine.step()
             step_sums[0] += loss.detach()
             step_sums[1] += out.aux_loss.detach()
