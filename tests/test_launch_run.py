@@ -307,7 +307,7 @@ def test_two_cpu_workers_stop_on_sigterm_resume_and_a_rank_error_stops_the_launc
     command then finishes the run, with a checkpoint of both ranks and the final weights as one shard per rank.
     A trainer error on every rank (a checkpoint of another shape) then stops the launch with that error."""
     run = tiny_run.parent / "run"
-    steps = ["train.steps=40", "train.save_every=100", "train.eval_every=100"]
+    steps = ["train.steps=16", "train.save_every=100", "train.eval_every=100"]
     proc = subprocess.Popen([sys.executable, "-m", "ondol.launch.cli", "launch", str(tiny_run), *steps],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = run / "logs" / "rank0.log"
@@ -329,7 +329,7 @@ def test_two_cpu_workers_stop_on_sigterm_resume_and_a_rank_error_stops_the_launc
         assert json.loads((run / "logs" / f"rank{r}.exit").read_text())["exit_code"] == 75
     checkpoints = run / "checkpoints"
     stopped = int((checkpoints / "latest").read_text().strip().removeprefix("step_"))
-    assert 3 <= stopped < 40
+    assert 3 <= stopped < 16
     assert not (run / "launch" / "stop").exists()  # the request was consumed
 
     result = _ondol(["launch", str(tiny_run), *steps])
@@ -339,11 +339,11 @@ def test_two_cpu_workers_stop_on_sigterm_resume_and_a_rank_error_stops_the_launc
     assert "all ranks finished" in result.stdout
     assert f"resumed from {checkpoints.resolve() / f'step_{stopped:08d}'} at step {stopped}" in log.read_text()
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 41))
-    assert (checkpoints / "latest").read_text().strip() == "step_00000040"
-    meta = json.loads((checkpoints / "step_00000040" / "meta.json").read_text())
-    assert meta["world_size"] == 2 and meta["step"] == 40
-    assert sorted(p.name for p in (checkpoints / "step_00000040").glob("rng_rank*.pt")) == ["rng_rank0.pt",
+    assert [m["step"] for m in metrics if "loss" in m] == list(range(1, 17))
+    assert (checkpoints / "latest").read_text().strip() == "step_00000016"
+    meta = json.loads((checkpoints / "step_00000016" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 16
+    assert sorted(p.name for p in (checkpoints / "step_00000016").glob("rng_rank*.pt")) == ["rng_rank0.pt",
                                                                                            "rng_rank1.pt"]
     for rank in (0, 1):
         assert f"rank {rank}/2 on" in (run / "logs" / f"rank{rank}.log").read_text()
@@ -358,7 +358,7 @@ def test_two_cpu_workers_stop_on_sigterm_resume_and_a_rank_error_stops_the_launc
     assert result.returncode != 0 and time.monotonic() - started < 180  # launch.watchdog_minutes=3
     (summary,) = [x for x in result.stderr.splitlines() if x.startswith("ondol launch: rank")]
     assert "failed with exit code 6" in summary and result.returncode == 6  # TrainError's code (ondol/errors.py)
-    assert f"python -m ondol.train: train error: cannot resume from {checkpoints.resolve() / 'step_00000040'}" \
+    assert f"python -m ondol.train: train error: cannot resume from {checkpoints.resolve() / 'step_00000016'}" \
         in summary
     # the failing rank's line once, with where its log is, not a traceback per rank
     assert "Traceback" not in result.stderr and "  rank log: " in result.stderr

@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 HANGUL = re.compile("[\uac00-\ud7a3]")
 # A shortened tiny-ko run: the same stages and code, fewer documents, shorter sequences and fewer steps.
-SHORT = ["data.sources.0.max_docs=6000", "data.seq_len=128", "train.steps=150", "train.eval_every=75",
+SHORT = ["data.sources.0.max_docs=6000", "data.seq_len=128", "train.steps=150", "train.eval_every=150",
          "train.eval_batches=4", "train.save_every=150", "train.log_every=10", "optim.warmup_steps=15",
          "generate.max_new_tokens=12"]
 
