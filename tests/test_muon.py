@@ -18,7 +18,7 @@ from test_train_procs import _launch, _losses
 
 from ondol.model.config import load_preset
 from ondol.model.transformer import Transformer
-from ondol.train.optim import muon_matrices, muon_updates, orthogonalise, param_groups
+from ondol.train.optim import matrix_exchange, muon_matrices, muon_updates, orthogonalise, param_groups
 
 # QK-clip at 3: the tiny model's largest logits are 2.9-3.8 in these steps, so some heads are clipped in most of
 # them (tests/test_qk_clip.py checks the clip itself; here it runs on DeepSpeed's partitions and through resumes)
@@ -133,15 +133,53 @@ def test_zero2_equals_zero0_and_update_rms_is_logged(muon_runs):
     assert all(r["qk_clip/clipped_heads"] == 0 or r["attn/max_logit"] > 3 for r in records)
 
 
-@pytest.mark.slow  # ~35 s idle: torchrun; the one-rank ZeRO 2 tests above take the same partition path
-def test_two_ranks_expert_parallel_equal_one_rank_and_resume_resharded(assets, tmp_path):
-    """2 ranks x micro-batch 2, EP 2 at ZeRO 2 (Muon's momentum all-gathered over each group's ranks) against
-    1 rank x 4; killed after step 6, resumed on 1 rank at ZeRO 1 from the resharded momentum shards."""
-    steps = MUON_RUN  # QK-clip on: at 2 ranks a rank's partition may cut a norm gain or a projection in two
+@pytest.mark.parametrize("world,size", [(2, 70), (3, 45), (4, 33), (6, 22), (9, 15)])
+def test_each_rank_rebuilds_the_matrices_it_overlaps_from_exactly_the_pieces_it_lacks(world, size):
+    """The ZeRO 1/2 exchange, simulated on one process: a rank's own pieces and what each peer sends it (the
+    peer's send list for it, in order, cut from the peer's partition) rebuild every matrix overlapping its
+    partition, matrices wider than a partition included, and nothing else travels."""
+    shapes = [(3, 5), (2, 2), (7, 4), (1, 9), (6, 6), (4, 3), (2, 11)]
+    offsets = [sum(a * b for a, b in shapes[:i]) for i in range(len(shapes))]
+    flat = torch.randn(world * size, generator=torch.Generator().manual_seed(world))  # the tail is padding
+    assert offsets[-1] + 22 <= flat.numel()
+    parts = flat.split(size)
+    mine = [[(off, shape) for off, shape in zip(offsets, shapes) if off < (r + 1) * size and
+             off + shape[0] * shape[1] > r * size] for r in range(world)]
+    plans = [matrix_exchange(mine[r], size, world, r) for r in range(world)]
+    for r in range(world):
+        whole = {off: torch.full((a * b,), float("nan")) for off, (a, b) in mine[r]}
+        for off, (a, b) in mine[r]:
+            lo, hi = max(off, r * size), min(off + a * b, (r + 1) * size)
+            whole[off][lo - off:hi - off] = parts[r][lo - r * size:hi - r * size]
+        moved = 0
+        for q in range(world):
+            sent = [parts[q][lo - q * size:hi - q * size] for _, lo, hi in plans[q][0][r]]
+            received = plans[r][1][q]
+            assert [len(x) for x in sent] == [hi - lo for _, lo, hi in received]
+            for x, (i, lo, hi) in zip(sent, received):
+                off = mine[r][i][0]
+                whole[off][lo - off:hi - off] = x
+                moved += hi - lo
+        for off, (a, b) in mine[r]:
+            assert torch.equal(whole[off], flat[off:off + a * b])
+        own = sum(min(off + a * b, (r + 1) * size) - max(off, r * size) for off, (a, b) in mine[r])
+        assert moved == sum(a * b for _, (a, b) in mine[r]) - own
+
+
+@pytest.mark.slow  # ~35 s idle each: torchrun; the exchange's plan is checked above, simulated on one process
+@pytest.mark.parametrize("ep", [1, 2])
+def test_two_ranks_equal_one_rank_and_resume_resharded(assets, tmp_path, ep):
+    """2 ranks x micro-batch 2 at ZeRO 2 against 1 rank x 4: matrices cut by the partition boundary exchanged
+    between the ranks (EP 1: the dense and the expert groups; EP 2: the dense group, each rank holding its
+    experts whole); killed after step 6, resumed on 1 rank at ZeRO 1 from the resharded momentum shards."""
+    # QK-clip on. A dense MLP of 320 and 6 experts: the tiny model's power-of-two sizes would put both groups'
+    # halfway points between matrices, leaving nothing to exchange; these cut a 128 x 128 dense matrix and a
+    # 256 x 128 expert matrix in two
+    steps = (*MUON_RUN, "model.ffn_hidden=320", "model.n_experts=6")
     reference = run_losses(tmp_path / "ref", assets, *steps)
     run = tmp_path / "run"
     assert _launch(tmp_path, run, assets, "step:6", *steps, "train.micro_batch_size=2",
-                   "deepspeed.expert_parallel_size=2", "deepspeed.zero_stage=2", ranks=2) != 0
+                   f"deepspeed.expert_parallel_size={ep}", "deepspeed.zero_stage=2", ranks=2) != 0
     assert _losses(run) == pytest.approx(reference[:5], rel=1e-5)
     assert _launch(tmp_path, run, assets, "none", *steps, "deepspeed.zero_stage=1") == 0
     assert _losses(run) == pytest.approx(reference, rel=1e-5)
@@ -172,10 +210,15 @@ def test_plan_counts_one_fp32_state_for_muons_matrices_and_two_for_the_rest():
     plain = plan_memory(cfg, RunShape("fp32", 0, 1, 1, 1, 64)).terms
     assert muon["AdamW moments (fp32)"] == 8 * adamw and muon["Muon momentum (fp32)"] == 4 * (total - adamw)
     assert plain["AdamW moments (fp32)"] == 8 * total and "Muon momentum (fp32)" not in plain
-    # ZeRO 2 on 4 ranks, EP 2: state sharded; the dense matrices gathered whole, experts too (2 ranks per group)
+    # ZeRO 2 on 4 ranks, EP 2: each group's partition plus two of its largest matrices, never more than the group
     z2 = plan_memory(cfg, RunShape("fp32", 2, 4, 2, 1, 64, optimizer="muon")).terms
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    assert z2["Muon gathered momentum (fp32)"] == 4 * (total - adamw - experts + experts // 2)
+    dense = total - adamw - experts
+    largest = max(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and n not in (
+        "embed_tokens.weight", "lm_head.weight") and not n.endswith("mlp.gate.weight"))
+    one_expert = max(p[0].numel() for n, p in model.named_parameters() if ".experts." in n)
+    expected = min(dense, dense / 4 + 2 * largest) + min(experts // 2, experts // 2 / 2 + 2 * one_expert)
+    assert z2["Muon gathered momentum (fp32)"] == int(4 * expected)
 
 
 def test_logged_update_rms_is_the_parameter_change_over_the_learning_rate():

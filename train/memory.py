@@ -21,8 +21,9 @@ W / EP: the expert-data-parallel size over which expert optimizer state is parti
               torch's AdamW updates the module's own weights; at ZeRO 0 nothing is partitioned (DeepSpeed's
               bf16 optimizer keeps a full fp32 copy), from ZeRO 1 on partitioned as gradients are
   step grads  the fp32 gradients the optimizer step reads, flattened (ZeRO >= 1, or bf16): 4 bytes a parameter of
-              the optimizer's share; with Muon at ZeRO 1/2 also the fp32 momentum of its matrices gathered whole
-              from the partitions of each group spread over more than one rank (GuardedMuon)
+              the optimizer's share; with Muon at ZeRO 1/2 also the fp32 momentum of the matrices overlapping
+              the partition, assembled whole, in each group spread over more than one rank: the partition's
+              share plus at most two of the group's largest matrices, those crossing its ends (GuardedMuon)
   buckets     gradient reduction buckets (DeepSpeed's reduce_bucket_size, and ZeRO 0's fixed all-reduce size:
               5e8 elements), at most the gradients they hold: during the backward from ZeRO 1 on, after it
               at ZeRO 0 (none on one rank); ZeRO 3's reduce-scatter adds an interleaved copy of its bucket
@@ -80,6 +81,8 @@ class ParamSplit:
     experts: int
     largest_module: int  # parameters of the module with the most directly owned parameters (ZeRO 3 gathers it)
     dense_adamw: int = 0  # dense parameters AdamW keeps under optim.name=muon (embeddings, LM head, routers, norms)
+    largest_dense_matrix: int = 0  # elements of the largest dense matrix Muon orthogonalises
+    largest_expert_matrix: int = 0  # elements of one routed expert's largest matrix
 
     @property
     def total(self) -> int:
@@ -104,8 +107,13 @@ def _param_split(key: tuple) -> ParamSplit:
     experts = sum(p.numel() for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    adamw = total - sum(p.numel() for p in muon_matrices(model))  # experts are all Muon's
-    return ParamSplit(dense=total - experts, experts=experts, largest_module=largest, dense_adamw=adamw)
+    matrices = muon_matrices(model)
+    adamw = total - sum(p.numel() for p in matrices)  # experts are all Muon's
+    expert_ids = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    size = lambda p: p.shape[-2] * p.shape[-1]  # one expert's slice of a stacked tensor
+    return ParamSplit(dense=total - experts, experts=experts, largest_module=largest, dense_adamw=adamw,
+                      largest_dense_matrix=max((size(p) for p in matrices if id(p) not in expert_ids), default=0),
+                      largest_expert_matrix=max((size(p) for p in matrices if id(p) in expert_ids), default=0))
 
 
 @dataclass(frozen=True)
@@ -279,9 +287,11 @@ def plan_memory(cfg: ModelConfig, shape: RunShape) -> MemoryPlan:
         adamw_share = params.dense_adamw if stage == 0 else params.dense_adamw / W
         terms["AdamW moments (fp32)"] = int(ADAM_BYTES * adamw_share)
         terms["Muon momentum (fp32)"] = int(FP32 * (share - adamw_share))
-        if stage in (1, 2):  # a group's matrices gathered whole where its partitions span several ranks
-            gathered = (params.dense - params.dense_adamw) * (W > 1) + params.experts // ep * (W // ep > 1)
-            terms["Muon gathered momentum (fp32)"] = FP32 * gathered
+        if stage in (1, 2):  # the matrices overlapping each partition assembled whole, where a group spans ranks
+            dense, experts = params.dense - params.dense_adamw, params.experts // ep
+            gathered = (min(dense, dense / W + 2 * params.largest_dense_matrix) if W > 1 else 0) + \
+                (min(experts, experts / (W // ep) + 2 * params.largest_expert_matrix) if W // ep > 1 else 0)
+            terms["Muon gathered momentum (fp32)"] = int(FP32 * gathered)
     else:
         terms["AdamW moments (fp32)"] = int(ADAM_BYTES * share)
     terms["fp32 step gradients"] = int(FP32 * share) if master else 0

@@ -95,6 +95,13 @@ def muon_scale(shape: torch.Size | tuple[int, ...]) -> float:
     return MUON_RMS * math.sqrt(max(shape[-2], shape[-1]))
 
 
+def _orthogonalised(offset: int, shape: tuple[int, ...]) -> list[tuple[int, tuple[int, int]]]:
+    """The matrices (offset, [A, B]) Muon orthogonalises one by one in a parameter of `shape` stored at `offset`
+    of a flat buffer: the parameter itself, or each [A, B] slice of a stacked [E, A, B] expert tensor."""
+    a, b = shape[-2:]
+    return [(offset + e * a * b, (a, b)) for e in range(math.prod(shape[:-2]))]
+
+
 def muon_updates(momenta: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
     """Scaled orthogonalised updates of whole matrices or stacks of them ([A, B] or [E, A, B]); matrices of the
     same shape go through the iteration together as one batch."""
@@ -203,11 +210,12 @@ class GuardedMuon(GuardedAdamW):
     The momentum is Keller Jordan's: m = beta m + (1 - beta) g, and the Nesterov blend (1 - beta) g + beta m is
     orthogonalised. Without ZeRO a group holds the module's own matrices. At ZeRO 1/2 DeepSpeed hands each group
     to the optimizer as one flat fp32 partition of the group's concatenated parameters, so a matrix may be split
-    between ranks: `use_zero_partitions` records the layout, the elementwise momentum stays partitioned (one
-    state, sharded as Adam's moments are), and each step all-gathers the group's blended momentum over its
-    data-parallel group (for experts, the expert-data-parallel group: every rank holds its experts whole) and
-    orthogonalises only the matrices that overlap this rank's partition. The all-gather moves as much as ZeRO's
-    parameter all-gather, and the step holds the whole group's momentum for it (`ondol plan` counts it); a matrix
+    between ranks: `use_zero_partitions` records the layout, and the elementwise momentum stays partitioned (one
+    state, sharded as Adam's moments are). Each step a rank orthogonalises the matrices that overlap its
+    partition (for experts, each expert's matrix), assembled whole: its own pieces, and for a matrix split with
+    other ranks of the group (the data-parallel group; for experts the expert-data-parallel one) their pieces,
+    exchanged in one all-to-all in which every rank sends exactly the pieces its peers lack. A rank thus holds
+    its partition plus at most the two matrices that cross its ends (`ondol plan` counts them), and a matrix
     split between ranks is orthogonalised on each of them.
     """
 
@@ -236,9 +244,12 @@ class GuardedMuon(GuardedAdamW):
             world = dist.get_world_size(group=pg)
             size = zero_optimizer.bit16_groups_flat[i].numel() // world
             params = zero_optimizer.round_robin_bit16_groups[i]
+            matrices = [m for p, off in zip(params, zero_optimizer.round_robin_bit16_offsets[i])
+                        for m in _orthogonalised(off, tuple(p.shape))]
             self.partitions[id(zero_optimizer.single_partition_of_fp32_groups[i])] = {
                 "group": pg, "world": world, "size": size, "start": dist.get_rank(group=pg) * size,
-                "matrices": [(off, tuple(p.shape)) for p, off in zip(params, zero_optimizer.round_robin_bit16_offsets[i])]}
+                "matrices": matrices, "split": any(off // size != (off + math.prod(shape) - 1) // size
+                                                   for off, shape in matrices)}
 
     def _update(self, closure):
         for group in self.param_groups:
@@ -276,16 +287,47 @@ class GuardedMuon(GuardedAdamW):
 
     def _partition_update(self, blend: torch.Tensor, layout: dict) -> torch.Tensor:
         """This rank's partition of the group's update, from its partition of the blended momentum."""
-        if layout["world"] > 1:
-            full = blend.new_empty(layout["size"] * layout["world"])
-            dist.all_gather(list(full.chunk(layout["world"])), blend, group=layout["group"])
-        else:
-            full = blend
-        start, end = layout["start"], layout["start"] + layout["size"]
+        start, size = layout["start"], layout["size"]
+        end = start + size
         mine = [(off, shape) for off, shape in layout["matrices"] if off < end and off + math.prod(shape) > start]
-        updates = muon_updates([full[off:off + math.prod(shape)].view(shape) for off, shape in mine], self.ns_steps)
+        whole = [blend.new_empty(math.prod(shape)) for _, shape in mine]
+        for w, (off, shape) in zip(whole, mine):  # this rank's own pieces
+            lo, hi = max(off, start), min(off + w.numel(), end)
+            w[lo - off:hi - off] = blend[lo - start:hi - start]
+        if layout["split"]:  # some matrix of the group crosses a partition boundary: every rank takes part
+            send, receive = matrix_exchange(mine, size, layout["world"], start // size)
+            out_sizes = [sum(hi - lo for _, lo, hi in pieces) for pieces in send]
+            in_sizes = [sum(hi - lo for _, lo, hi in pieces) for pieces in receive]
+            sent = [blend[lo - start:hi - start] for pieces in send for _, lo, hi in pieces]
+            received = blend.new_empty(sum(in_sizes))
+            dist.all_to_all_single(received, torch.cat(sent) if sent else blend.new_empty(0), in_sizes, out_sizes,
+                                   group=layout["group"])
+            at = 0
+            for pieces in receive:
+                for i, lo, hi in pieces:
+                    off = mine[i][0]
+                    whole[i][lo - off:hi - off] = received[at:at + hi - lo]
+                    at += hi - lo
+        updates = muon_updates([w.view(shape) for w, (_, shape) in zip(whole, mine)], self.ns_steps)
         out = torch.zeros_like(blend)
         for (off, shape), u in zip(mine, updates):
             lo, hi = max(off, start), min(off + math.prod(shape), end)
             out[lo - start:hi - start] = u.reshape(-1)[lo - off:hi - off]
         return out
+
+
+def matrix_exchange(mine: list[tuple[int, tuple[int, ...]]], size: int, world: int, rank: int
+                    ) -> tuple[list[list[tuple[int, int, int]]], list[list[tuple[int, int, int]]]]:
+    """(send, receive): for each rank q of the group, the pieces (index in `mine`, start, end in the group's flat
+    buffer) this rank sends to q and receives from q, in matrix order. `mine`: the matrices (offset, shape) that
+    overlap this rank's partition of `size` elements; a matrix is needed by every rank it overlaps, and each of
+    them holds the piece inside its partition."""
+    send: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]
+    receive: list[list[tuple[int, int, int]]] = [[] for _ in range(world)]
+    for i, (off, shape) in enumerate(mine):
+        end = off + math.prod(shape)
+        for q in range(off // size, min((end - 1) // size, world - 1) + 1):
+            if q != rank:
+                send[q].append((i, max(off, rank * size), min(end, (rank + 1) * size)))
+                receive[q].append((i, max(off, q * size), min(end, (q + 1) * size)))
+    return send, receive
