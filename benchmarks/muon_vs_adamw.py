@@ -34,9 +34,13 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "tiny-ko.yaml"
 K_EXAONE = ROOT / "configs" / "k-exaone-236b.yaml"
-# model overrides of configs/tiny-ko.yaml; moe-80m: 8 layers, d_model 512, 16 experts top-2 + 1 shared (83.1M)
+# model overrides of configs/tiny-ko.yaml; moe-13m: 6 layers, d_model 256, 8 experts top-2 + 1 shared (12.7M);
+# moe-80m: 8 layers, d_model 512, 16 experts top-2 + 1 shared (83.1M)
 PRESETS = {
     "tiny-ko": [],
+    "moe-13m": ["model.d_model=256", "model.n_layers=6", "model.attn_pattern=LLG", "model.n_heads=4",
+                "model.n_kv_heads=2", "model.head_dim=64", "model.ffn_hidden=768", "model.n_experts=8",
+                "model.expert_hidden=256", "model.window=128"],
     "moe-80m": ["model.d_model=512", "model.n_layers=8", "model.attn_pattern=LLLG", "model.n_heads=8",
                 "model.n_kv_heads=4", "model.head_dim=64", "model.ffn_hidden=1536", "model.n_experts=16",
                 "model.expert_hidden=384", "model.window=128"],
