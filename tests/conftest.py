@@ -6,6 +6,7 @@ import gzip
 import itertools
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,10 @@ def eval_run(tmp_path_factory) -> Path:
     run_losses(run, assets, "train.steps=4", "train.save_every=2", "train.eval_every=2")
     shutil.copytree(assets / "tokenizer", run / "tokenizer")
     return run
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -25,9 +24,9 @@ from ondol.train.config import DeepSpeedConfig
 from ondol.train.expert_parallel import check_expert_parallel, full_state_dict_from_checkpoint
 
 try:
-    from conftest import corpus_texts
+    from conftest import corpus_texts, free_port
 except ImportError:  # collected as the tests package
-    from tests.conftest import corpus_texts
+    from tests.conftest import corpus_texts, free_port
 
 STEPS, GLOBAL_BATCH, SEQ, CLIP = 20, 8, 32, 0.3
 CFG = {"vocab_size": 256, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "head_dim": 16,
@@ -258,12 +257,6 @@ def _worker(rank: int, world: int, port: int, names: list[str], root: str) -> No
                     "z3_build": z3_build},
                    out_dir / f"rank{rank}.pt")
         dist.barrier()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,13 @@ tests/test_train_procs.py."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import corpus_texts
+import torch.multiprocessing as mp
+from conftest import corpus_texts, free_port
 from golden import STABLE_OPTIM, build_assets, run_losses
 from safetensors.torch import load_file
 from test_exit_codes import TINY, ondol, one_line
@@ -18,7 +20,14 @@ from test_train_procs import _launch, _losses
 
 from ondol.model.config import load_preset
 from ondol.model.transformer import Transformer
-from ondol.train.optim import matrix_exchange, muon_matrices, muon_updates, orthogonalise, param_groups
+from ondol.train.optim import (
+    GuardedMuon,
+    matrix_exchange,
+    muon_matrices,
+    muon_updates,
+    orthogonalise,
+    param_groups,
+)
 
 # QK-clip at 3: the tiny model's largest logits are 2.9-3.8 in these steps, so some heads are clipped in most of
 # them (tests/test_qk_clip.py checks the clip itself; here it runs on DeepSpeed's partitions and through resumes)
@@ -164,6 +173,41 @@ def test_each_rank_rebuilds_the_matrices_it_overlaps_from_exactly_the_pieces_it_
             assert torch.equal(whole[off], flat[off:off + a * b])
         own = sum(min(off + a * b, (r + 1) * size) - max(off, r * size) for off, (a, b) in mine[r])
         assert moved == sum(a * b for _, (a, b) in mine[r]) - own
+
+
+# matrices of a flat Muon group: dense ones, and a stacked [3, 4, 6] expert tensor counted as its 3 experts
+EXCHANGE_SHAPES = [(3, 5), (2, 2), (7, 4), (4, 6), (4, 6), (4, 6), (1, 9), (6, 6), (2, 11)]
+
+
+def _exchange_worker(rank: int, world: int, port: int, size: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    offsets = [sum(a * b for a, b in EXCHANGE_SHAPES[:i]) for i in range(len(EXCHANGE_SHAPES))]
+    flat = torch.randn(world * size, generator=torch.Generator().manual_seed(0))  # the same on every rank
+    layout = {"group": None, "world": world, "size": size, "start": rank * size, "split": True,
+              "matrices": list(zip(offsets, EXCHANGE_SHAPES))}
+    muon = GuardedMuon([{"params": [torch.nn.Parameter(torch.zeros(1))], "muon": True}], owns_clipping=False,
+                       clip_norm=0.0, momentum=0.95, ns_steps=5, lr=0.1)
+    torch.save(muon._partition_update(flat[rank * size:(rank + 1) * size].clone(), layout),
+               os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_update_their_partitions_as_one_process_updates_the_whole_group(tmp_path):
+    """The ZeRO 1/2 step's exchange over gloo (2 ranks, a boundary inside a matrix): the partitions of the
+    update equal the whole matrices' orthogonalised updates, cut at the boundary (fp32 rounding: 1e-5)."""
+    world, size = 2, 100  # 186 elements: the boundary at 100 cuts the third expert's matrix
+    mp.spawn(_exchange_worker, args=(world, free_port(), size, str(tmp_path)), nprocs=world, join=True)
+    got = torch.cat([torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)])
+    flat = torch.randn(world * size, generator=torch.Generator().manual_seed(0))
+    expected, off = torch.zeros_like(flat), 0
+    for shape in EXCHANGE_SHAPES:
+        n = shape[0] * shape[1]
+        expected[off:off + n] = muon_updates([flat[off:off + n].view(shape)], 5)[0].flatten()
+        off += n
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow  # ~35 s idle each: torchrun; the exchange's plan is checked above, simulated on one process

@@ -8,12 +8,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 from golden import GOLDEN, STABLE_OPTIM, build_assets
 from test_train_procs import _launch, _losses
 
@@ -27,12 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> Path:
     return build_assets(tmp_path_factory.getbasetemp() / "train_assets")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----- one step against the whole-row model ------------------------------------------------------------------
@@ -128,7 +122,7 @@ def test_shards_give_the_whole_rows_loss_logits_and_gradients(assets, tmp_path):
     the world-averaged gradients (what DeepSpeed applies) equal the whole-row gradients, within fp32 rounding
     (a different summation order: relative 1e-5 of each tensor's largest gradient)."""
     out = tmp_path / "report.json"
-    mp.spawn(_worker, args=(2, _free_port(), str(assets / "data"), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(assets / "data"), str(out)), nprocs=2, join=True)
     report = json.loads(out.read_text())
     for name, _, recompute in CASES:
         row = report[name]
