@@ -51,13 +51,15 @@ def dense_mask(spec: MaskSpec, device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dense_max_logits(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None, chunk: int = 256
+def dense_max_logits(q: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None, chunk: int = 0
                      ) -> torch.Tensor:
     """Each query head's largest logit q.k / sqrt(D) over the keys `allowed` ([B or 1, 1, T, S] booleans, True =
     may attend; None: causal) lets it see, [H] in fp32; -inf for a head that sees no key. `chunk` queries at a
-    time, so no [T, S] score matrix of all heads is held; GQA by broadcasting, without repeating the keys."""
+    time (0: as many as keep one chunk's fp32 scores of all heads within 2^25 elements, 128 MiB), so no [T, S]
+    score matrix of all heads is held; GQA by broadcasting, without repeating the keys."""
     B, H, T, D = q.shape
-    Hkv = k.shape[1]
+    Hkv, S = k.shape[1], k.shape[2]
+    chunk = chunk or max(1, 2 ** 25 // (B * H * S))
     if allowed is None:
         allowed = dense_mask(MaskSpec(T, None, None), q.device)
     keys = k.float().unsqueeze(2).mT  # [B, Hkv, 1, D, S]
