@@ -65,19 +65,17 @@ def test_usr1_from_scancel_batch_reaches_the_script(slurm_cluster, tmp_path):
     assert (tmp_path / "usr1").read_text() == f"USR1 in {job}\n"
 
 
-@pytest.mark.parametrize("requeued_by", ["test", "job"])
-def test_requeue_runs_the_job_again_with_restart_count_1(slurm_cluster, tmp_path, requeued_by):
-    # "job": the batch script requeues itself, as ondol's sbatch script does after a USR1 stop.
-    job = sbatch(slurm_cluster, f"""\
-        echo "run ${{SLURM_RESTART_COUNT-unset}}" >> runs
+def test_requeue_runs_the_job_again_with_restart_count_1(slurm_cluster, tmp_path):
+    """`scontrol requeue` from outside; a script that requeues itself, as ondol's sbatch script does after a
+    USR1 stop, runs in tests/test_launch_slurm.py."""
+    job = sbatch(slurm_cluster, """\
+        echo "run ${SLURM_RESTART_COUNT-unset}" >> runs
         if [ -z "$SLURM_RESTART_COUNT" ]; then
-            {'scontrol requeue "$SLURM_JOB_ID"' if requeued_by == "job" else ""}
             sleep 300 & wait
         fi
         """, tmp_path)
     wait_for(tmp_path / "runs")
-    if requeued_by == "test":
-        run_slurm(slurm_cluster.env, "scontrol", "requeue", job)
+    run_slurm(slurm_cluster.env, "scontrol", "requeue", job)
     assert wait_job(job, slurm_cluster.env) == "COMPLETED"
     assert (tmp_path / "runs").read_text().splitlines() == ["run unset", "run 1"]
     assert job_record(job, slurm_cluster.env)["Restarts"] == "1"
