@@ -27,6 +27,7 @@ from ondol.train.optim import (
     muon_updates,
     orthogonalise,
     param_groups,
+    partition_layout,
 )
 
 # QK-clip at 3: the tiny model's largest logits are 2.9-3.8 in these steps, so some heads are clipped in most of
@@ -186,8 +187,8 @@ def _exchange_worker(rank: int, world: int, port: int, size: int, out: str) -> N
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     offsets = [sum(a * b for a, b in EXCHANGE_SHAPES[:i]) for i in range(len(EXCHANGE_SHAPES))]
     flat = torch.randn(world * size, generator=torch.Generator().manual_seed(0))  # the same on every rank
-    layout = {"group": None, "world": world, "size": size, "start": rank * size, "split": True,
-              "matrices": list(zip(offsets, EXCHANGE_SHAPES))}
+    layout = partition_layout(list(zip(offsets, EXCHANGE_SHAPES)), size, world, rank, None)
+    assert layout["split"]
     muon = GuardedMuon([{"params": [torch.nn.Parameter(torch.zeros(1))], "muon": True}], owns_clipping=False,
                        clip_norm=0.0, momentum=0.95, ns_steps=5, lr=0.1)
     torch.save(muon._partition_update(flat[rank * size:(rank + 1) * size].clone(), layout),

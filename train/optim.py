@@ -246,10 +246,8 @@ class GuardedMuon(GuardedAdamW):
             params = zero_optimizer.round_robin_bit16_groups[i]
             matrices = [m for p, off in zip(params, zero_optimizer.round_robin_bit16_offsets[i])
                         for m in _orthogonalised(off, tuple(p.shape))]
-            self.partitions[id(zero_optimizer.single_partition_of_fp32_groups[i])] = {
-                "group": pg, "world": world, "size": size, "start": dist.get_rank(group=pg) * size,
-                "matrices": matrices, "split": any(off // size != (off + math.prod(shape) - 1) // size
-                                                   for off, shape in matrices)}
+            self.partitions[id(zero_optimizer.single_partition_of_fp32_groups[i])] = partition_layout(
+                matrices, size, world, dist.get_rank(group=pg), pg)
 
     def _update(self, closure):
         for group in self.param_groups:
@@ -287,23 +285,18 @@ class GuardedMuon(GuardedAdamW):
 
     def _partition_update(self, blend: torch.Tensor, layout: dict) -> torch.Tensor:
         """This rank's partition of the group's update, from its partition of the blended momentum."""
-        start, size = layout["start"], layout["size"]
-        end = start + size
-        mine = [(off, shape) for off, shape in layout["matrices"] if off < end and off + math.prod(shape) > start]
+        start, end, mine = layout["start"], layout["start"] + layout["size"], layout["mine"]
         whole = [blend.new_empty(math.prod(shape)) for _, shape in mine]
         for w, (off, shape) in zip(whole, mine):  # this rank's own pieces
             lo, hi = max(off, start), min(off + w.numel(), end)
             w[lo - off:hi - off] = blend[lo - start:hi - start]
         if layout["split"]:  # some matrix of the group crosses a partition boundary: every rank takes part
-            send, receive = matrix_exchange(mine, size, layout["world"], start // size)
-            out_sizes = [sum(hi - lo for _, lo, hi in pieces) for pieces in send]
-            in_sizes = [sum(hi - lo for _, lo, hi in pieces) for pieces in receive]
-            sent = [blend[lo - start:hi - start] for pieces in send for _, lo, hi in pieces]
-            received = blend.new_empty(sum(in_sizes))
-            dist.all_to_all_single(received, torch.cat(sent) if sent else blend.new_empty(0), in_sizes, out_sizes,
-                                   group=layout["group"])
+            sent = [blend[lo - start:hi - start] for pieces in layout["send"] for _, lo, hi in pieces]
+            received = blend.new_empty(sum(layout["in_sizes"]))
+            dist.all_to_all_single(received, torch.cat(sent) if sent else blend.new_empty(0), layout["in_sizes"],
+                                   layout["out_sizes"], group=layout["group"])
             at = 0
-            for pieces in receive:
+            for pieces in layout["receive"]:
                 for i, lo, hi in pieces:
                     off = mine[i][0]
                     whole[i][lo - off:hi - off] = received[at:at + hi - lo]
@@ -314,6 +307,24 @@ class GuardedMuon(GuardedAdamW):
             lo, hi = max(off, start), min(off + math.prod(shape), end)
             out[lo - start:hi - start] = u.reshape(-1)[lo - off:hi - off]
         return out
+
+
+def partition_layout(matrices: list[tuple[int, tuple[int, int]]], size: int, world: int, rank: int,
+                     group) -> dict:
+    """What GuardedMuon's ZeRO 1/2 step needs of a group, derived once from where its matrices (offset, [A, B])
+    lie in the flat buffer cut into `world` partitions of `size` elements: this rank's partition, the matrices
+    overlapping it (`mine`), whether any matrix of the group crosses a boundary (`split`: then every rank of
+    `group` takes part in the exchange) and, if so, the exchange's pieces and sizes per peer."""
+    start = rank * size
+    mine = [(off, shape) for off, shape in matrices if off < start + size and off + math.prod(shape) > start]
+    layout = {"group": group, "world": world, "size": size, "start": start, "mine": mine,
+              "split": any(off // size != (off + math.prod(shape) - 1) // size for off, shape in matrices)}
+    if layout["split"]:
+        send, receive = matrix_exchange(mine, size, world, rank)
+        layout.update(send=send, receive=receive,
+                      out_sizes=[sum(hi - lo for _, lo, hi in pieces) for pieces in send],
+                      in_sizes=[sum(hi - lo for _, lo, hi in pieces) for pieces in receive])
+    return layout
 
 
 def matrix_exchange(mine: list[tuple[int, tuple[int, ...]]], size: int, world: int, rank: int

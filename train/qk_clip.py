@@ -41,7 +41,9 @@ class QKClip:
         self.layers = model.attention_layers()
         self.threshold = threshold
         self.zero = zero_optimizer
-        self.factors: torch.Tensor | None = None  # [layers, heads]: gamma of this step's logits, 1 where <= tau
+        # this step's clip: (fp32 fragment, its offset in the parameter, factor per row block, block length, id of
+        # the tensor the optimizer's group holds), set by `measure`, applied group by group by `after_update`
+        self.scalings: list[tuple[torch.Tensor, int, torch.Tensor, int, int]] = []
 
     def track(self, on: bool) -> None:
         """Whether the next training forwards measure their largest logits."""
@@ -61,23 +63,24 @@ class QKClip:
         metrics = {"attn/max_logit": logits.max()}
         if self.threshold > 0:
             over = torch.isfinite(logits) & (logits > self.threshold)
-            self.factors = torch.where(over, self.threshold / logits, 1.0)
+            factors = torch.where(over, self.threshold / logits, 1.0)
             metrics["qk_clip/clipped_heads"] = over.sum()
+            self.scalings = [(fragment, start, per_row, row_len, id(owner))
+                             for attn, gamma in zip(self.layers, factors)
+                             for param, per_row, row_len in _scalings(attn, gamma)
+                             for fragment, start, owner in self._fragments(param)]
         return metrics
 
     @torch.no_grad()
     def after_update(self, param_groups: list[dict], found_inf: torch.Tensor | None) -> None:
         """Scale the query and key weights that `param_groups` (the groups the optimizer just stepped) hold by this
         step's factors; a step skipped on the device (found_inf 1) scales nothing."""
-        if self.factors is None:
-            return
         owners = {id(p) for group in param_groups for p in group["params"]}
-        factors = self.factors if found_inf is None else torch.where(found_inf == 0, self.factors, 1.0)
-        for attn, gamma in zip(self.layers, factors):
-            for param, per_row, row_len in _scalings(attn, gamma):
-                for fragment, start, owner in self._fragments(param):
-                    if id(owner) in owners:
-                        scale_rows(fragment, start, per_row, row_len)
+        for fragment, start, per_row, row_len, owner in self.scalings:
+            if owner in owners:
+                if found_inf is not None:
+                    per_row = torch.where(found_inf == 0, per_row, 1.0)
+                scale_rows(fragment, start, per_row, row_len)
 
     def _fragments(self, param: torch.Tensor):
         """(flat fp32 tensor the optimizer steps, its offset in param's flattened elements, the tensor the
